@@ -1,0 +1,237 @@
+"""Write an `SDCheckpoint` in the layouts users load: kohya's `--save_model_as` values.
+
+- `ckpt`: `torch.save({"state_dict": ..., "epoch": e, "global_step": s})`, original (LDM) key names;
+- `safetensors`: original key names plus `modelspec.*` metadata (architecture, prediction type, resolution, ...);
+- `diffusers` / `diffusers_safetensors`: a StableDiffusionPipeline folder (`.bin` / `.safetensors` weights).
+
+Original-layout files have the key layout WebUI and ComfyUI expect for the family (SD 1.x text encoder under
+`cond_stage_model.transformer.text_model.*`, SD 2.x in the OpenCLIP layout with fused q/k/v). Diffusers folders
+store the text encoder with `text_model.`-prefixed keys, which transformers 4.x and 5.x both read.
+
+Safetensors outputs are streamed one tensor at a time (peak memory ~ one tensor); every output is written to a
+temporary name and renamed into place, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from library.atomic_files import atomic_directory, atomic_file
+from library.families import TextEncoderKind
+from library.key_maps import LDM_SCHEDULE_BUFFERS, join_diffusers
+from library.safetensors_io import TensorEntry, write_safetensors
+from library.sd_checkpoint import COMPONENTS, EXTRAS_FILE, SDCheckpoint
+from library.tensor_files import LazyTensor
+
+logger = logging.getLogger(__name__)
+
+MODELSPEC_VERSION = "1.0.1"
+# kohya writes this implementation id for SD-format (original layout) checkpoints.
+ORIGINAL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+class SaveFormat(enum.Enum):
+    CKPT = "ckpt"
+    SAFETENSORS = "safetensors"
+    DIFFUSERS = "diffusers"
+    DIFFUSERS_SAFETENSORS = "diffusers_safetensors"
+
+    @property
+    def is_diffusers(self) -> bool:
+        return self in (SaveFormat.DIFFUSERS, SaveFormat.DIFFUSERS_SAFETENSORS)
+
+    @classmethod
+    def from_path(cls, path: Path, *, use_safetensors: bool = False) -> "SaveFormat":
+        """kohya's convert tool infers the format from the output path: a file suffix, or a folder."""
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return cls.SAFETENSORS
+        if suffix in (".ckpt", ".pt", ".pth"):
+            return cls.CKPT
+        if suffix:
+            raise ValueError(f"{path}: cannot tell the output format from the suffix {suffix!r}; use .safetensors, "
+                             ".ckpt, or a folder name without a suffix for diffusers")
+        return cls.DIFFUSERS_SAFETENSORS if use_safetensors else cls.DIFFUSERS
+
+
+SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_save_precision(text: str | None) -> torch.dtype | None:
+    if text is None:
+        return None
+    try:
+        return SAVE_DTYPES[text]
+    except KeyError:
+        raise ValueError(f"--save_precision {text!r}: expected one of float, fp16, bf16") from None
+
+
+def _cast(lazy: LazyTensor, dtype: torch.dtype | None) -> LazyTensor:
+    if dtype is None or not lazy.dtype.is_floating_point or lazy.dtype == dtype:
+        return lazy
+    return LazyTensor(lazy.shape, dtype, lambda: lazy.load().to(dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Original layout
+
+
+def original_tensors(checkpoint: SDCheckpoint, dtype: torch.dtype | None = None) -> dict[str, LazyTensor]:
+    """Every tensor of the original layout, in table order, then the carried-over extras."""
+    out: dict[str, LazyTensor] = {}
+    for component, table in checkpoint.tables().items():
+        tensors = checkpoint.tensors[component]
+        for mapping in table.mappings:
+            parts = [tensors[name] for name in mapping.diffusers]
+            lazy = LazyTensor(mapping.original_shape, parts[0].dtype,
+                              lambda m=mapping, p=parts: join_diffusers(m, [x.load() for x in p]))
+            out[mapping.original] = _cast(lazy, dtype)
+    for key, lazy in checkpoint.extras.items():
+        # Schedule buffers keep their precision: they are constants, and fp16 would only lose digits.
+        out[key] = lazy if key in LDM_SCHEDULE_BUFFERS else _cast(lazy, dtype)
+    if checkpoint.family.text_encoder_kind is TextEncoderKind.OPENCLIP_H and not any(
+            k.endswith("text_projection") for k in out):
+        logger.info("SD 2.x text encoder written without the unused last layer and text_projection (the source "
+                    "had none); WebUI and ComfyUI load such files, they use the penultimate layer")
+    return out
+
+
+def modelspec_metadata(checkpoint: SDCheckpoint, *, title: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Source metadata carried over, with the modelspec keys that describe this model set anew."""
+    family = checkpoint.family
+    metadata = dict(checkpoint.metadata)
+    resolution = family.default_resolution
+    metadata.update({
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": ORIGINAL_IMPLEMENTATION,
+        "modelspec.prediction_type": checkpoint.prediction_type.modelspec_name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+    })
+    metadata.setdefault("modelspec.title", title)
+    metadata.update(extra or {})
+    return metadata
+
+
+def save_original(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None,
+                  epoch: int | None = None, global_step: int | None = None,
+                  metadata: dict[str, str] | None = None) -> None:
+    tensors = original_tensors(checkpoint, dtype)
+    if fmt is SaveFormat.SAFETENSORS:
+        entries = [TensorEntry(k, v.dtype, v.shape, v.load) for k, v in tensors.items()]
+        write_safetensors(dest, entries, modelspec_metadata(checkpoint, title=dest.stem, extra=metadata))
+        return
+    if fmt is not SaveFormat.CKPT:
+        raise ValueError(f"save_original cannot write {fmt.value}")
+    # torch.save needs the whole dict in memory; tensors from a pickle source are memory-mapped, so this costs
+    # about one copy of the model.
+    state_dict = {k: v.load() for k, v in tensors.items()}
+    values = dict(checkpoint.values)
+    values["epoch"] = epoch if epoch is not None else values.get("epoch", 0)
+    values["global_step"] = global_step if global_step is not None else values.get("global_step", 0)
+    with atomic_file(dest) as tmp:
+        torch.save({"state_dict": state_dict, **values}, tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diffusers folders
+
+
+def _model_index(checkpoint: SDCheckpoint) -> dict:
+    from diffusers import __version__ as diffusers_version
+
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers_version,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", checkpoint.configs.scheduler["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_config_folder(checkpoint: SDCheckpoint, folder: Path) -> None:
+    """Everything of a diffusers pipeline folder except the weights: model_index, configs, tokenizer.
+
+    Also what diffusers' `from_single_file(..., config=folder)` needs to read one of our single files offline."""
+    from diffusers import __version__ as diffusers_version
+    from transformers import CLIPTextConfig
+
+    from library.model_loading import load_tokenizer
+
+    _write_json(folder / "model_index.json", _model_index(checkpoint))
+    for part in ("unet", "vae"):
+        _write_json(folder / part / "config.json",
+                    dict(getattr(checkpoint.configs, part), _diffusers_version=diffusers_version))
+    _write_json(folder / "scheduler" / "scheduler_config.json",
+                dict(checkpoint.configs.scheduler, _diffusers_version=diffusers_version))
+    te_config = {k: v for k, v in checkpoint.configs.text_encoder.items() if not k.startswith("_")}
+    CLIPTextConfig(**te_config).save_pretrained(folder / "text_encoder")
+    from library.tokenizer import save_tokenizer
+
+    save_tokenizer(load_tokenizer(checkpoint.family), folder / "tokenizer")
+
+
+def _component_file(component: str, safetensors: bool) -> str:
+    if component == "text_encoder":
+        return "model.safetensors" if safetensors else "pytorch_model.bin"
+    return "diffusion_pytorch_model.safetensors" if safetensors else "diffusion_pytorch_model.bin"
+
+
+def save_diffusers(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None) -> None:
+    use_safetensors = fmt is SaveFormat.DIFFUSERS_SAFETENSORS
+    with atomic_directory(dest) as tmp:
+        write_config_folder(checkpoint, tmp)
+        for component in COMPONENTS:
+            tensors = {name: _cast(lazy, dtype) for name, lazy in checkpoint.tensors[component].items()}
+            if component == "text_encoder":
+                # transformers 4.x only reads `text_model.`-prefixed CLIPTextModel keys (5.x reads both).
+                tensors = {"text_model." + name: lazy for name, lazy in tensors.items()}
+            path = tmp / component / _component_file(component, use_safetensors)
+            _write_tensors(path, tensors, use_safetensors, metadata={"format": "pt"})
+        if checkpoint.extras:
+            extras = {k: (v if k in LDM_SCHEDULE_BUFFERS else _cast(v, dtype)) for k, v in checkpoint.extras.items()}
+            # Not part of any diffusers model: kept beside them so converting back to a single file restores them.
+            _write_tensors(tmp / EXTRAS_FILE, extras, True, metadata={
+                "format": "pt", "description": "original-layout tensors without a diffusers place "
+                                                "(restored when converting back to a single file)"})
+
+
+def _write_tensors(path: Path, tensors: dict[str, LazyTensor], use_safetensors: bool, metadata: dict[str, str]) -> None:
+    if use_safetensors:
+        write_safetensors(path, [TensorEntry(k, v.dtype, v.shape, v.load) for k, v in tensors.items()], metadata)
+    else:
+        torch.save({k: v.load().contiguous() for k, v in tensors.items()}, path)
+
+
+def save_checkpoint(checkpoint: SDCheckpoint, dest: str | Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None,
+                    epoch: int | None = None, global_step: int | None = None,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write `checkpoint` to `dest` in `fmt`; returns the path written. Check the path first with
+    `atomic_files.check_writable_output`."""
+    dest = Path(dest)
+    started = time.perf_counter()
+    if fmt.is_diffusers:
+        save_diffusers(checkpoint, dest, fmt, dtype=dtype)
+    else:
+        save_original(checkpoint, dest, fmt, dtype=dtype, epoch=epoch, global_step=global_step, metadata=metadata)
+    logger.info("wrote %s (%s) in %.1f s", dest, fmt.value, time.perf_counter() - started)
+    return dest

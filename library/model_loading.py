@@ -1,0 +1,172 @@
+"""Turn an `SDCheckpoint` into torch models (and back), and swap in a separate VAE (`--vae`).
+
+Models are created without allocating random weights (accelerate's `init_empty_weights`) and then receive the
+checkpoint's tensors with `load_state_dict(strict=True, assign=True)`: every key must be present and every shape
+must match, so a model is never half-loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from library import key_maps
+from library.families import ModelFamily, PredictionType, TextEncoderKind
+from library.key_maps import key_table, shape_compatible, split_original
+from library.sd_checkpoint import COMPONENTS, SDCheckpoint, _listing, _load_json, _open_component, _validated_component
+from library.tensor_files import CheckpointError, LazyTensor, open_tensor_file
+from library.tokenizer import PadStyle, load_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(family: ModelFamily):
+    # OpenCLIP-trained text encoders (SD 2.x) saw prompts padded with id 0, CLIP ViT-L (SD 1.x) with EOS.
+    pad = PadStyle.ZERO if family.text_encoder_kind is TextEncoderKind.OPENCLIP_H else PadStyle.EOS
+    return load_clip_tokenizer(pad)
+
+
+@dataclass
+class SDModels:
+    family: ModelFamily
+    prediction_type: PredictionType
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+
+
+def _empty_model(component: str, config: dict):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with init_empty_weights():  # parameters on the meta device; buffers (position_ids) stay real
+        if component == "unet":
+            return UNet2DConditionModel.from_config(config)
+        if component == "vae":
+            return AutoencoderKL.from_config(config)
+        return CLIPTextModel(CLIPTextConfig(**config))
+
+
+def instantiate_models(checkpoint: SDCheckpoint, *, dtype: torch.dtype = torch.float32,
+                       component_dtypes: dict[str, torch.dtype] | None = None) -> SDModels:
+    """Build the UNet, VAE and text encoder with the checkpoint's weights (in `dtype`, or per component)."""
+    models = {}
+    for component in COMPONENTS:
+        target = (component_dtypes or {}).get(component, dtype)
+        model = _empty_model(component, getattr(checkpoint.configs, component))
+        state = {k: v.load().to(target) for k, v in checkpoint.tensors[component].items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.eval()
+        models[component] = model
+    return SDModels(checkpoint.family, checkpoint.prediction_type, models["unet"], models["vae"],
+                    models["text_encoder"], load_tokenizer(checkpoint.family), dict(checkpoint.configs.scheduler))
+
+
+def checkpoint_from_models(models: SDModels, *, extras: dict[str, torch.Tensor] | None = None,
+                           metadata: dict[str, str] | None = None) -> SDCheckpoint:
+    """The inverse of `instantiate_models`: wrap live models so the writers can save them."""
+    from library.families import ModelConfigs
+
+    configs = ModelConfigs(
+        unet=_public_config(dict(models.unet.config), "UNet2DConditionModel"),
+        vae=_public_config(dict(models.vae.config), "AutoencoderKL"),
+        text_encoder=_text_encoder_config(models.text_encoder),
+        scheduler=dict(models.scheduler_config, prediction_type=models.prediction_type.value),
+    )
+    tensors = {
+        "unet": {k: LazyTensor.of(v) for k, v in models.unet.state_dict().items()},
+        "vae": {k: LazyTensor.of(v) for k, v in models.vae.state_dict().items()},
+        "text_encoder": {k: LazyTensor.of(v) for k, v in models.text_encoder.state_dict().items()
+                         if k != "embeddings.position_ids"},
+    }
+    return SDCheckpoint(models.family, models.prediction_type, configs, tensors,
+                        extras={k: LazyTensor.of(v) for k, v in (extras or {}).items()},
+                        metadata=dict(metadata or {}))
+
+
+def _public_config(config: dict, class_name: str) -> dict:
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+    out["_class_name"] = class_name
+    return out
+
+
+# The CLIPTextConfig fields that define the architecture and token ids (the rest are transformers defaults).
+_TEXT_ENCODER_FIELDS = ("attention_dropout", "dropout", "hidden_act", "hidden_size", "initializer_factor",
+                        "initializer_range", "intermediate_size", "layer_norm_eps", "max_position_embeddings",
+                        "num_attention_heads", "num_hidden_layers", "projection_dim", "vocab_size",
+                        "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _text_encoder_config(text_encoder) -> dict:
+    config = text_encoder.config.to_dict()
+    out = {k: config[k] for k in _TEXT_ENCODER_FIELDS if k in config}
+    out.update({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Separate VAE (--vae)
+
+
+def read_vae(path: str | Path, checkpoint: SDCheckpoint, *, allow_unsafe_pickle: bool = False) -> dict[str, LazyTensor]:
+    """VAE tensors (diffusers names) from a VAE file or folder, validated against `checkpoint`'s VAE config.
+
+    Accepts: an original VAE-only file (`encoder.*`, `decoder.*`, ... with or without `first_stage_model.`), a
+    full original SD checkpoint (its `first_stage_model.*` part), a diffusers AutoencoderKL folder, or a diffusers
+    pipeline folder (its `vae/`)."""
+    path = Path(path)
+    table = key_table("vae", checkpoint.configs.vae)
+    if path.is_dir():
+        folder = path / "vae" if (path / "model_index.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a diffusers VAE folder (no config.json); pass a VAE file or folder")
+        config = _load_json(folder / "config.json")
+        if config.get("block_out_channels") != checkpoint.configs.vae.get("block_out_channels"):
+            raise CheckpointError(f"{path}: VAE block_out_channels {config.get('block_out_channels')} do not match "
+                                  f"the model's {checkpoint.configs.vae.get('block_out_channels')}")
+        source = _open_component(folder, "vae")
+        checkpoint._open.append(source)
+        return _validated_component(source, table, "vae")
+    source = open_tensor_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    checkpoint._open.append(source)
+    tensors = source.tensors
+    if any(k.startswith(key_maps.VAE_PREFIX) for k in tensors):
+        tensors = {k: v for k, v in tensors.items() if k.startswith(key_maps.VAE_PREFIX)}
+    else:
+        # VAE-only releases (e.g. vae-ft-mse-840000) drop the prefix and may carry their training loss module.
+        ignored = [k for k in tensors if k.startswith(("loss.", "model_ema."))]
+        if ignored:
+            logger.info("%s: ignoring %d training-only tensors (loss.*, model_ema.*)", path, len(ignored))
+        tensors = {key_maps.VAE_PREFIX + k: v for k, v in tensors.items() if not k.startswith(("loss.", "model_ema."))}
+    out: dict[str, LazyTensor] = {}
+    missing, wrong = [], []
+    for mapping in table.mappings:
+        lazy = tensors.pop(mapping.original, None)
+        if lazy is None:
+            missing.append(mapping.original)
+        elif not shape_compatible(lazy.shape, mapping.original_shape):
+            wrong.append(f"{mapping.original}: {tuple(lazy.shape)} (expected {mapping.original_shape})")
+        else:
+            out[mapping.diffusers[0]] = LazyTensor(mapping.diffusers_shapes[0], lazy.dtype,
+                                                   lambda m=mapping, x=lazy: split_original(m, x.load())[0])
+    if missing or wrong or tensors:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing ({_listing(missing)})")
+        if wrong:
+            problems.append(f"{len(wrong)} with the wrong shape ({_listing(wrong, 3)})")
+        if tensors:
+            problems.append(f"{len(tensors)} unknown ({_listing(sorted(tensors))})")
+        raise CheckpointError(f"{path}: not a VAE for this model: " + "; ".join(problems))
+    return out
+
+
+def replace_vae(checkpoint: SDCheckpoint, vae_path: str | Path, *, allow_unsafe_pickle: bool = False) -> None:
+    checkpoint.tensors["vae"] = read_vae(vae_path, checkpoint, allow_unsafe_pickle=allow_unsafe_pickle)
+    logger.info("using the VAE from %s", vae_path)
