@@ -224,14 +224,45 @@ def _write_tensors(path: Path, tensors: dict[str, LazyTensor], use_safetensors: 
 
 def save_checkpoint(checkpoint: SDCheckpoint, dest: str | Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None,
                     epoch: int | None = None, global_step: int | None = None,
-                    metadata: dict[str, str] | None = None) -> Path:
+                    metadata: dict[str, str] | None = None, progress: bool = False) -> Path:
     """Write `checkpoint` to `dest` in `fmt`; returns the path written. Check the path first with
-    `atomic_files.check_writable_output`."""
+    `atomic_files.check_writable_output`. With `progress`, a bar with ETA counts the tensors written."""
     dest = Path(dest)
     started = time.perf_counter()
-    if fmt.is_diffusers:
-        save_diffusers(checkpoint, dest, fmt, dtype=dtype)
-    else:
-        save_original(checkpoint, dest, fmt, dtype=dtype, epoch=epoch, global_step=global_step, metadata=metadata)
+    with _ProgressTensors(checkpoint, enabled=progress, desc=f"writing {dest.name}") as counted:
+        if fmt.is_diffusers:
+            save_diffusers(counted, dest, fmt, dtype=dtype)
+        else:
+            save_original(counted, dest, fmt, dtype=dtype, epoch=epoch, global_step=global_step, metadata=metadata)
     logger.info("wrote %s (%s) in %.1f s", dest, fmt.value, time.perf_counter() - started)
     return dest
+
+
+class _ProgressTensors:
+    """A view of a checkpoint whose tensor loads tick a progress bar (the writers stay unaware of it)."""
+
+    def __init__(self, checkpoint: SDCheckpoint, *, enabled: bool, desc: str):
+        self.checkpoint, self.enabled, self.desc = checkpoint, enabled, desc
+        self.bar = None
+
+    def __enter__(self) -> SDCheckpoint:
+        if not self.enabled:
+            return self.checkpoint
+        from dataclasses import replace
+
+        from tqdm import tqdm
+
+        total = sum(len(t) for t in self.checkpoint.tensors.values()) + len(self.checkpoint.extras)
+        self.bar = tqdm(total=total, desc=self.desc, unit="tensor")
+        tick = lambda lazy: LazyTensor(lazy.shape, lazy.dtype, lambda: self._loaded(lazy.load()))  # noqa: E731
+        return replace(self.checkpoint,
+                       tensors={c: {k: tick(v) for k, v in t.items()} for c, t in self.checkpoint.tensors.items()},
+                       extras={k: tick(v) for k, v in self.checkpoint.extras.items()}, _open=[])
+
+    def _loaded(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bar.update(1)
+        return tensor
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

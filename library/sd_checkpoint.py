@@ -413,3 +413,16 @@ def family_by_name(name: str) -> ModelFamily:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def with_linear_projection(checkpoint: SDCheckpoint) -> SDCheckpoint:
+    """The same model with the UNet's transformer proj_in/proj_out as Linear layers (kohya's
+    `--unet_use_linear_projection`; stabilityai's SD 2.x diffusers configs use Linear)."""
+    if checkpoint.configs.unet.get("use_linear_projection"):
+        return checkpoint
+    unet_config = dict(checkpoint.configs.unet, use_linear_projection=True)
+    table = key_table("unet", unet_config).by_diffusers()
+    unet = {name: _reshaped(lazy, table[name].diffusers_shapes[0], name)
+            for name, lazy in checkpoint.tensors["unet"].items()}
+    return replace(checkpoint, configs=replace(checkpoint.configs, unet=unet_config),
+                   tensors=dict(checkpoint.tensors, unet=unet))

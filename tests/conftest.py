@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models of every family, built once per test session (no download ever)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from library.families import FAMILIES  # noqa: E402
+
+FAMILY_NAMES = list(FAMILIES)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints():
+    """family name -> SDCheckpoint of a tiny random model (SD 2.x with the original-only tensors)."""
+    from library.tiny_models import tiny_checkpoint
+
+    return {name: tiny_checkpoint(family, seed=i) for i, (name, family) in enumerate(FAMILIES.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory, tiny_checkpoints):
+    """family name -> {format name -> path} of the tiny models written in every format."""
+    from library.checkpoint_writer import SaveFormat, save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    files = {}
+    for name, checkpoint in tiny_checkpoints.items():
+        files[name] = {
+            "safetensors": save_checkpoint(checkpoint, root / f"{name}.safetensors", SaveFormat.SAFETENSORS),
+            "ckpt": save_checkpoint(checkpoint, root / f"{name}.ckpt", SaveFormat.CKPT),
+            "diffusers": save_checkpoint(checkpoint, root / f"{name}_diffusers", SaveFormat.DIFFUSERS),
+            "diffusers_safetensors": save_checkpoint(checkpoint, root / f"{name}_diffusers_st",
+                                                     SaveFormat.DIFFUSERS_SAFETENSORS),
+        }
+    return files
