@@ -180,7 +180,7 @@ def write_config_folder(checkpoint: SDCheckpoint, folder: Path) -> None:
     _write_json(folder / "model_index.json", _model_index(checkpoint))
     for part in ("unet", "vae"):
         _write_json(folder / part / "config.json",
-                    dict(getattr(checkpoint.configs, part), _diffusers_version=diffusers_version))
+                    dict(_complete_config(part, getattr(checkpoint.configs, part)), _diffusers_version=diffusers_version))
     _write_json(folder / "scheduler" / "scheduler_config.json",
                 dict(checkpoint.configs.scheduler, _diffusers_version=diffusers_version))
     te_config = {k: v for k, v in checkpoint.configs.text_encoder.items() if not k.startswith("_")}
@@ -188,6 +188,18 @@ def write_config_folder(checkpoint: SDCheckpoint, folder: Path) -> None:
     from library.tokenizer import save_tokenizer
 
     save_tokenizer(load_tokenizer(checkpoint.family), folder / "tokenizer")
+
+
+def _complete_config(component: str, config: dict) -> dict:
+    """The config with every default spelled out, as diffusers' own save_pretrained writes it, so a folder's
+    config does not depend on which layout the model came from."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
+    with torch.device("meta"):
+        full = dict(cls.from_config(config).config)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in full.items()
+            if not k.startswith("_") or k == "_class_name"}
 
 
 def _component_file(component: str, safetensors: bool) -> str:

@@ -1,0 +1,174 @@
+"""Wall time and peak memory of `tools/convert_diffusers20_original_sd.py` on an SD 1.5-size model.
+
+    . .venv/bin/activate && export HF_HUB_OFFLINE=1
+    python benchmarks/bench_conversion.py --size tiny   # smoke check, seconds
+    python benchmarks/bench_conversion.py               # full size: ~4.3 GB fp32 file, a few minutes, ~30 GB disk
+
+A model with the SD 1.5 architecture and random weights (no download) is written once as an original-layout
+fp32 `.safetensors` by a child process (so the benchmark process never holds the model). Then every step runs in
+a fresh child process: the real CLI tool, so interpreter start-up and imports are included (the "imports" rows
+give that fixed cost on its own). Peak RSS is the child's own `ru_maxrss`, from `os.wait4` on that child.
+
+The page cache cannot be dropped without root; the source file was just written, so it is most likely cached
+for every row alike. The copy row fsyncs its output, as the tool's atomic writes do. Results are checked at the
+end: the fp32 round trip must give the original tensors bit for bit, the fp16 one the original cast to fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = str(ROOT / "tools" / "convert_diffusers20_original_sd.py")
+# What the tool imports at start-up; writing a diffusers folder also imports diffusers and transformers.
+TOOL_IMPORTS = "import library.atomic_files, library.checkpoint_writer, library.sd_checkpoint, library.tensor_files"
+COPY = ("import os, shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2]); "
+        "fd = os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd)")
+
+
+def build_model(size: str, dest: Path) -> None:
+    """Child process: random-weight SD 1.5 models -> original-layout fp32 .safetensors."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from library.checkpoint_writer import SaveFormat, save_checkpoint
+    from library.families import FAMILIES, ModelSize
+    from library.model_loading import SDModels, checkpoint_from_models, load_tokenizer
+
+    family = FAMILIES["sd1"]
+    configs = family.configs(ModelSize(size))
+    torch.manual_seed(0)
+    models = SDModels(family, family.prediction_type, UNet2DConditionModel.from_config(configs.unet),
+                      AutoencoderKL.from_config(configs.vae), CLIPTextModel(CLIPTextConfig(**configs.text_encoder)),
+                      load_tokenizer(family), dict(configs.scheduler))
+    save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS)
+
+
+def run_child(argv: list[str], log: Path) -> tuple[float, float]:
+    """Run one step in a fresh process; (wall seconds, that process's peak RSS in MiB)."""
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(argv)}\n")
+        out.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone (RUSAGE_CHILDREN keeps the max)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(argv)}\n--- {log} (tail) ---\n{tail}")
+    return wall, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def tree_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def compare(original: Path, other: Path, cast=None) -> str:
+    """PASS if `other` has the same keys as `original` and each tensor equals the original (cast, if given)."""
+    import torch
+
+    from library.safetensors_io import SafetensorsReader
+
+    with SafetensorsReader(original) as a, SafetensorsReader(other) as b:
+        if set(a.keys()) != set(b.keys()):
+            return f"FAIL: key sets differ ({len(set(a.keys()) ^ set(b.keys()))} keys in only one file)"
+        for key in a.keys():
+            want, got = a.read(key), b.read(key)
+            if cast is not None and want.is_floating_point():
+                want = want.to(cast)
+            if want.dtype != got.dtype or want.shape != got.shape or not torch.equal(
+                    want.reshape(-1).view(torch.uint8), got.reshape(-1).view(torch.uint8)):
+                return f"FAIL: {key} differs ({want.dtype} {tuple(want.shape)} vs {got.dtype} {tuple(got.shape)})"
+        return f"PASS ({len(a)} tensors, byte-identical)"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--workdir", type=Path, default=None, help="where the files go (default: a new temp dir in /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (default: delete it at the end)")
+    p.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)  # internal: the model-building child
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.build_into:
+        build_model(args.size, args.build_into)
+        return 0
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_conversion_"))
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench.log"
+    py = sys.executable
+    src = work / "model.safetensors"
+    # No torch in this process until the measurements are done: a child's ru_maxrss starts at this process's
+    # peak RSS (subprocess uses vfork, and exec records the parent's high-water mark), so this one stays small.
+    print(f"machine: {platform.machine()}, nproc {os.cpu_count()}, "
+          f"RAM {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB; "
+          f"python {platform.python_version()}, torch {importlib.metadata.version('torch')}; work dir {work}")
+    print(f"benchmark process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+          "(a floor under every row)")
+    wall, rss = run_child([py, __file__, "--size", args.size, "--build-into", str(src)], log)
+    size = src.stat().st_size
+    print(f"built {args.size} model: {size / 2**20:.0f} MiB in {wall:.1f} s (build peak RSS {rss:.0f} MiB)")
+
+    # (label, argv, output, delete it once measured). The copy goes first: it also warms the page cache.
+    d32, d16 = work / "diffusers32", work / "diffusers16"
+    rt32, rt16 = work / "rt32.safetensors", work / "rt16.safetensors"
+    steps = [
+        ("copy .safetensors (shutil.copyfile + fsync)", [py, "-c", COPY, src, work / "copy.safetensors"],
+         work / "copy.safetensors", True),
+        ("python + tool imports only", [py, "-c", TOOL_IMPORTS], None, False),
+        ("python + tool imports + diffusers, transformers", [py, "-c", TOOL_IMPORTS + ", diffusers, transformers"],
+         None, False),
+        ("single file -> diffusers fp32", [py, TOOL, src, d32, "--use_safetensors"], d32, False),
+        ("diffusers fp32 -> single file fp32", [py, TOOL, d32, rt32], rt32, False),
+        ("single file fp32 -> diffusers fp16", [py, TOOL, src, d16, "--use_safetensors", "--fp16"], d16, False),
+        ("diffusers fp16 -> single file fp16", [py, TOOL, d16, rt16, "--fp16"], rt16, False),
+        ("single file -> .ckpt fp32 (torch.save, not streamed)", [py, TOOL, src, work / "model.ckpt"],
+         work / "model.ckpt", True),
+    ]
+    rows, copy_time = [], None
+    for label, argv, out, delete_after in steps:
+        wall, rss = run_child([str(a) for a in argv], log)
+        copy_time = copy_time or wall
+        written = tree_size(out) if out is not None else 0
+        if delete_after:
+            out.unlink()
+        rows.append((label, wall, rss, written))
+        print(f"  {label}: {wall:.1f} s, peak RSS {rss:.0f} MiB", flush=True)
+
+    print(f"\nmodel file: {size / 2**20:.0f} MiB ({args.size}, fp32, original layout)\n")
+    print("| step | wall s | peak RSS MiB | peak RSS / model file size | time / copy time | output MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, wall, rss, written in rows:
+        out_mib = f"{written / 2**20:.0f}" if written else "-"
+        print(f"| {label} | {wall:.2f} | {rss:.0f} | {rss * 2**20 / size:.2f} | {wall / copy_time:.1f} | {out_mib} |")
+
+    import torch
+
+    checks = [("fp32 round trip (single -> diffusers -> single)", compare(src, rt32)),
+              ("fp16 round trip (vs the original cast to fp16)", compare(src, rt16, torch.float16))]
+    print()
+    for what, verdict in checks:
+        print(f"{what}: {verdict}")
+    if args.keep:
+        print(f"kept {work} (log: {log})")
+    else:
+        shutil.rmtree(work)
+    return 0 if all(v.startswith("PASS") for _, v in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
