@@ -122,6 +122,8 @@ def read_vae(path: str | Path, checkpoint: SDCheckpoint, *, allow_unsafe_pickle:
     pipeline folder (its `vae/`)."""
     path = Path(path)
     table = key_table("vae", checkpoint.configs.vae)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such VAE file or folder (--vae). Check the path.")
     if path.is_dir():
         folder = path / "vae" if (path / "model_index.json").is_file() else path
         if not (folder / "config.json").is_file():
@@ -129,7 +131,8 @@ def read_vae(path: str | Path, checkpoint: SDCheckpoint, *, allow_unsafe_pickle:
         config = _load_json(folder / "config.json")
         if config.get("block_out_channels") != checkpoint.configs.vae.get("block_out_channels"):
             raise CheckpointError(f"{path}: VAE block_out_channels {config.get('block_out_channels')} do not match "
-                                  f"the model's {checkpoint.configs.vae.get('block_out_channels')}")
+                                  f"the model's {checkpoint.configs.vae.get('block_out_channels')}; pass a VAE made for this "
+                                  "model, or leave out --vae")
         source = _open_component(folder, "vae")
         checkpoint._open.append(source)
         return _validated_component(source, table, "vae")
@@ -163,7 +166,9 @@ def read_vae(path: str | Path, checkpoint: SDCheckpoint, *, allow_unsafe_pickle:
             problems.append(f"{len(wrong)} with the wrong shape ({_listing(wrong, 3)})")
         if tensors:
             problems.append(f"{len(tensors)} unknown ({_listing(sorted(tensors))})")
-        raise CheckpointError(f"{path}: not a VAE for this model: " + "; ".join(problems))
+        raise CheckpointError(f"{path}: not a VAE for this model: " + "; ".join(problems) + ". Pass a VAE made "
+                              f"for {checkpoint.family.description.split(' (')[0]} (an original VAE file, a full "
+                              "checkpoint, or a diffusers VAE folder), or leave out --vae.")
     return out
 
 

@@ -130,13 +130,15 @@ def _prediction_from_original(source: TensorSource) -> tuple[PredictionType | No
 def _detect_original_arch(keys: set[str], source: TensorSource) -> str:
     path = source.path
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(f"{path}: this is an SDXL checkpoint; SDXL is not supported yet (SD 1.x and 2.x are)")
+        raise CheckpointError(f"{path}: this is an SDXL checkpoint; SDXL is not supported yet (SD 1.x and 2.x are); "
+                              "use an SD 1.x / 2.x model")
     if "control_model.time_embed.0.weight" in keys or any(k.startswith("controlnet_cond_embedding.") for k in keys):
         raise CheckpointError(f"{path}: this is a ControlNet, not a Stable Diffusion checkpoint")
     conv_in = source.tensors.get(key_maps.UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
-        if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
-            raise CheckpointError(f"{path}: this is a LoRA file, not a Stable Diffusion checkpoint")
+        if _looks_like_lora(keys, source.metadata):
+            raise CheckpointError(f"{path}: this is a LoRA file, not a Stable Diffusion checkpoint. Pass the base "
+                                  "model here; a LoRA is applied on top of one (or used as a network to train).")
         raise CheckpointError(f"{path}: no Stable Diffusion UNet found (missing "
                               f"{key_maps.UNET_PREFIX}input_blocks.0.0.weight); is this a full SD 1.x/2.x "
                               "checkpoint? (A VAE-only file goes to --vae.)")
@@ -149,6 +151,15 @@ def _detect_original_arch(keys: set[str], source: TensorSource) -> str:
         return "sd1"
     raise CheckpointError(f"{path}: no text encoder found (neither cond_stage_model.transformer.* (SD 1.x) nor "
                           "cond_stage_model.model.* (SD 2.x)); the file is incomplete")
+
+
+_LORA_MARKERS = ("lora_down", "lora_up", "lora_A.", "lora_B.", ".lora.down.", ".lora.up.", "hada_w1", "lokr_w1")
+
+
+def _looks_like_lora(keys: set[str], metadata: dict[str, str]) -> bool:
+    # kohya (lora_unet_* / lora_te_*, LyCORIS hada_/lokr_), PEFT (lora_A / lora_B) and diffusers (.lora.down) layouts.
+    return ("ss_network_module" in metadata or any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
+            or any(marker in k for k in keys for marker in _LORA_MARKERS))
 
 
 def _normalize_original_keys(source: TensorSource) -> None:
@@ -304,15 +315,25 @@ EXTRAS_FILE = "original_extras.safetensors"
 
 def _load_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}. Fix the file "
+                              "or fetch the model again.") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not a text (UTF-8) JSON file ({e}); fetch the model again") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({{...}}), found a {type(data).__name__}; fix the "
+                              "file or fetch the model again")
+    return data
 
 
 def _read_diffusers(path: Path, hints: FamilyHints) -> SDCheckpoint:
     if not (path / "model_index.json").is_file():
-        if (path / "config.json").is_file() and (path / "diffusion_pytorch_model.safetensors").exists():
-            what = "a single diffusers model (e.g. a VAE or UNet folder)"
+        weight_files = {name for names in _WEIGHT_FILES.values() for name in names}
+        if (path / "config.json").is_file() and any((path / name).is_file() for name in weight_files):
+            what = "a single diffusers model (e.g. a VAE or UNet folder), not a whole pipeline"
+            if (path.parent / "model_index.json").is_file():
+                what += f"; the pipeline is probably its parent folder {path.parent}"
         else:
             what = "not a diffusers model folder"
         raise CheckpointError(f"{path}: {what}: there is no model_index.json. Point at the pipeline folder that "

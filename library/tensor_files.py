@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,9 @@ def _open_safetensors(path: Path) -> TensorSource:
     try:
         reader = SafetensorsReader(path)
     except SafetensorsFormatError as e:
-        raise CheckpointError(str(e)) from e
+        known = "fetch it again" in str(e) or "other kind of file" in str(e)
+        hint = "" if known else "; the file is damaged or not a safetensors file - fetch it again"
+        raise CheckpointError(f"{e}{hint}") from e
     tensors = {}
     for name in reader.keys():
         info = reader.info(name)
@@ -118,14 +121,23 @@ def _open_pickle(path: Path, allow_unsafe: bool) -> TensorSource:
     try:
         obj = _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower() and "weights_only" not in str(e).lower():
-            raise CheckpointError(f"{path}: not a valid PyTorch checkpoint ({e}). The file may be corrupt or not "
-                                  "a model file at all; fetch it again.") from e
+        # The safe loader fails both on pickles that ask for Python objects (possibly malicious) and on bytes
+        # that are no pickle at all (corrupt download, random data): only the former is an unsafe-pickle case.
+        wanted = _unsafe_globals(path, e)
         if not allow_unsafe:
-            raise UnsafePickleError(_unsafe_message(path, e)) from e
+            if wanted:
+                raise UnsafePickleError(_unsafe_message(path, wanted)) from e
+            raise CheckpointError(f"{path}: not a valid PyTorch checkpoint ({_unpickler_reason(e)}). The file is "
+                                  "corrupt or not a model file at all; fetch it again. (Only if it is a checkpoint "
+                                  "you trust in an unusual pickle format: --allow_unsafe_pickle reads it with the "
+                                  "full loader.)") from e
         logger.warning("%s: loading with the full pickle loader because --allow_unsafe_pickle was given; this "
                        "runs code stored in the file", path)
-        obj = _torch_load(path, weights_only=False)
+        try:
+            obj = _torch_load(path, weights_only=False)
+        except Exception as e2:
+            raise CheckpointError(f"{path}: not a valid PyTorch checkpoint, even for the full pickle loader "
+                                  f"({type(e2).__name__}: {e2}). Fetch the file again.") from e2
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, IndexError, KeyError) as e:
         raise CheckpointError(f"{path}: not a valid PyTorch checkpoint or truncated ({type(e).__name__}: {e}). "
                               "Fetch the file again.") from e
@@ -145,12 +157,26 @@ def _open_pickle(path: Path, allow_unsafe: bool) -> TensorSource:
     return TensorSource(path, tensors, {}, values)
 
 
-def _unsafe_message(path: Path, error: Exception) -> str:
+def _unsafe_globals(path: Path, error: Exception) -> list[str]:
+    """The Python objects (module.name) a pickle asks for beyond tensors, found without running it."""
     try:
-        wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # legacy (non-zip) format: torch cannot list them without loading
+        wanted = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy (non-zip) format or not a checkpoint: torch cannot list them without loading
         wanted = []
-    listed = ", ".join(wanted[:8]) + (" ..." if len(wanted) > 8 else "") if wanted else "(could not be listed)"
+    # The safe loader names the first object it refused ("Unsupported global: GLOBAL os.system ...").
+    for name in re.findall(r"GLOBAL ([\w.]+)", str(error)):
+        if name not in wanted:
+            wanted.append(name)
+    return wanted
+
+
+def _unpickler_reason(error: Exception) -> str:
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(error), re.S)
+    return match.group(1) if match else (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _unsafe_message(path: Path, wanted: list[str]) -> str:
+    listed = ", ".join(wanted[:8]) + (" ..." if len(wanted) > 8 else "")
     return (f"{path}: refused to load. This pickle asks for Python objects beyond tensors ({listed}); loading it "
             "would run code from the file, which is how malicious checkpoints attack. Nothing was executed. "
             "If you trust the file's origin, re-run with --allow_unsafe_pickle, or convert it once to "

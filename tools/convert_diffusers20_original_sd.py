@@ -76,7 +76,9 @@ def convert(args: argparse.Namespace) -> Path:
     source, dest = Path(args.model_to_load), Path(args.model_to_save)
     fmt = SaveFormat.from_path(dest, use_safetensors=args.use_safetensors)
     dtype = parse_save_precision(save_precision(args))
-    check_writable_output(dest, sources=[source])
+    inputs = [source] + ([Path(args.vae)] if args.vae else [])
+    check_writable_output(dest, sources=inputs)
+    check_no_overlap(dest, inputs)
     hints = FamilyHints(v2=True if args.v2 else (False if args.v1 else None),
                         v_parameterization=args.v_parameterization)
     with read_checkpoint(source, hints, extract_ema=args.extract_ema,
@@ -92,6 +94,21 @@ def convert(args: argparse.Namespace) -> Path:
             checkpoint = _with_reference_scheduler(checkpoint, Path(args.reference_model))
         return save_checkpoint(checkpoint, dest, fmt, dtype=dtype, epoch=args.epoch, global_step=args.global_step,
                                progress=True)
+
+
+def check_no_overlap(dest: Path, sources: list[Path]) -> None:
+    """Refuse an output that would replace or delete an input: a diffusers output folder replaces the whole folder
+    (everything inside it, the input file too), and writing into an input diffusers folder overwrites its files."""
+    def spellings(path: Path) -> set[Path]:
+        return {Path(os.path.normpath(os.path.abspath(path))), Path(os.path.realpath(path))}
+
+    for source in sources:
+        for d in spellings(dest):
+            for s in spellings(source):
+                if s.is_relative_to(d) or d.is_relative_to(s):
+                    where = "inside the input" if d.is_relative_to(s) else "a folder that contains the input"
+                    raise OutputPathError(f"output path {dest} is {where} {source}; writing it would destroy the "
+                                          "input - choose an output path outside it")
 
 
 def _with_reference_scheduler(checkpoint, reference: Path):
