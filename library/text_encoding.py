@@ -1,0 +1,64 @@
+"""Prompts -> text-encoder conditioning, as kohya and WebUI compute it: 75-token chunks and clip skip.
+
+`--max_token_length 150 / 225` lets a caption use 2 or 3 CLIP windows: the prompt is tokenized to 75*n tokens,
+cut into n windows of 75, each encoded as `<BOS> 75 tokens <EOS or PAD>` (77, what CLIP was trained on), and the
+outputs are joined back as `<BOS> n*75 middle states <last EOS/PAD>`: a sequence of 75*n + 2 states.
+
+`--clip_skip n` conditions on the n-th hidden state from the end, passed through the final layer norm (n = 1 is
+the normal output). Note diffusers' `clip_skip` argument counts one lower (its 1 is kohya's 2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK = 75  # tokens per CLIP window, without BOS/EOS
+
+
+def _chunks(max_token_length: int | None) -> int:
+    length = max_token_length or CHUNK
+    if length not in (75, 150, 225):
+        raise ValueError(f"--max_token_length {max_token_length}: use 75, 150 or 225")
+    return length // CHUNK
+
+
+def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None) -> torch.Tensor:
+    """Token ids [B, n_chunks, 77] for the captions (n_chunks = max_token_length / 75)."""
+    n = _chunks(max_token_length)
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=n * CHUNK + 2,
+                    return_tensors="pt").input_ids
+    if n == 1:
+        return ids[:, None, :]
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    chunks = []
+    for i in range(n):
+        middle = ids[:, 1 + i * CHUNK: 1 + (i + 1) * CHUNK]
+        chunk = torch.cat([ids[:, :1], middle, ids[:, -1:]], dim=1).clone()
+        chunk[:, 0] = bos
+        if pad != eos:
+            # Zero-padding tokenizers (SD 2.x): a window cut mid-prompt must still end with EOS, and an empty
+            # later window reads <BOS><EOS><PAD>... rather than all padding.
+            cut = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+            chunk[cut, -1] = eos
+            empty = chunk[:, 1] == pad
+            chunk[empty, 1] = eos
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1)
+
+
+def encode(text_encoder, input_ids: torch.Tensor, *, clip_skip: int | None = None) -> torch.Tensor:
+    """Conditioning [B, 75*n + 2, D] from token ids [B, n, 77]."""
+    b, n, length = input_ids.shape
+    flat = input_ids.reshape(b * n, length).to(text_encoder.device)
+    if clip_skip is None or clip_skip <= 1:
+        states = text_encoder(flat).last_hidden_state
+    else:
+        out = text_encoder(flat, output_hidden_states=True)
+        # transformers 5 CLIPTextModel exposes final_layer_norm directly (4.x had it under .text_model).
+        norm = getattr(text_encoder, "final_layer_norm", None) or text_encoder.text_model.final_layer_norm
+        states = norm(out.hidden_states[-clip_skip])
+    states = states.reshape(b, n, length, -1)
+    if n == 1:
+        return states[:, 0]
+    middle = [states[:, i, 1:-1] for i in range(n)]
+    return torch.cat([states[:, 0, :1], *middle, states[:, -1, -1:]], dim=1)

@@ -1,0 +1,79 @@
+"""Prompt encoding: parity with diffusers' own prompt encoder, long-prompt chunking, clip skip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from library.families import FAMILIES
+from library.text_encoding import encode, tokenize
+from library.tiny_models import build_tiny_models
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build_tiny_models(FAMILIES[name], seed=3) for name in ("sd1", "sd2-512")}
+
+
+def diffusers_embeds(m, prompt, clip_skip):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+                                   scheduler=__import__("diffusers").DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=clip_skip)
+    return embeds
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-512"])
+@pytest.mark.parametrize("clip_skip", [None, 1])
+def test_77_token_encoding_matches_diffusers(models, family, clip_skip):
+    m = models[family]
+    prompt = ["a photo of a cat, sitting on a red sofa"]
+    ours = encode(m.text_encoder, tokenize(m.tokenizer, prompt), clip_skip=clip_skip)
+    theirs = diffusers_embeds(m, prompt, None)
+    assert ours.shape == (1, 77, m.text_encoder.config.hidden_size)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-512"])
+def test_clip_skip_2_equals_a_text_encoder_without_its_last_layer(models, family):
+    """Independent reference: clip skip 2 is what a CLIP model one layer shorter outputs. (diffusers 0.42's own
+    `encode_prompt(clip_skip=...)` cannot serve: it reads `text_encoder.text_model`, gone in transformers 5.)"""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    m = models[family]
+    config = m.text_encoder.config.to_dict()
+    config["num_hidden_layers"] -= 1
+    shorter = CLIPTextModel(CLIPTextConfig(**config))
+    missing, unexpected = shorter.load_state_dict(m.text_encoder.state_dict(), strict=False)
+    assert not missing and all(".layers." in k for k in unexpected)
+    ids = tokenize(m.tokenizer, ["a photo of a cat, sitting on a red sofa"])
+    with torch.no_grad():
+        ours = encode(m.text_encoder, ids, clip_skip=2)
+        assert torch.allclose(ours, shorter(ids[:, 0]).last_hidden_state, atol=1e-6)
+        assert not torch.allclose(ours, encode(m.text_encoder, ids))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-512"])
+def test_long_prompt_chunks(models, family):
+    m = models[family]
+    words = " ".join(f"word{i}" for i in range(120))  # > 75 tokens
+    ids = tokenize(m.tokenizer, [words, "short"], max_token_length=225)
+    assert ids.shape == (2, 3, 77)
+    tok = m.tokenizer
+    assert (ids[:, :, 0] == tok.bos_token_id).all()
+    # Every window ends in EOS or padding; the short prompt's later windows are empty.
+    assert all(int(ids[0, c, -1]) in (tok.eos_token_id, tok.pad_token_id) for c in range(3))
+    flat = tok([words], padding="max_length", truncation=True, max_length=227, return_tensors="pt").input_ids[0]
+    assert torch.equal(ids[0, 0, 1:76], flat[1:76]) and torch.equal(ids[0, 1, 1:76], flat[76:151])
+    states = encode(m.text_encoder, ids)
+    assert states.shape == (2, 227, m.text_encoder.config.hidden_size)
+    # The first window's states are exactly a plain 77-token encoding of that window.
+    window0 = m.text_encoder(ids[:1, 0]).last_hidden_state
+    assert torch.allclose(states[0, :76], window0[0, :76], atol=1e-6)
+
+
+def test_bad_max_token_length(models):
+    with pytest.raises(ValueError, match="--max_token_length"):
+        tokenize(models["sd1"].tokenizer, ["x"], max_token_length=100)
