@@ -1,0 +1,96 @@
+"""Reading training images: every format and pixel mode users have, into RGB (+ optional alpha mask).
+
+- EXIF orientation is applied (phone photos are stored sideways with a rotation tag);
+- palette, grayscale, CMYK, 16-bit and alpha images become 8-bit RGB; transparency is composited onto white
+  (what a viewer shows), and the alpha channel is returned separately when `--alpha_mask` wants it;
+- zero-byte, truncated, corrupt, non-image and absurdly large files raise `ImageError` naming the file, instead of
+  a crash deep inside PIL or, worse, a silently half-grey training image.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# PIL's decompression-bomb guard is 89 MP (warning) / 179 MP (error); 16k x 16k is a generous ceiling for photos.
+MAX_PIXELS = 16384 * 16384
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used for training; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    rgb: Image.Image  # mode "RGB", orientation applied
+    alpha: np.ndarray | None  # float32 [H, W] in 0..1 when requested and present
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, reading only the header."""
+    with _open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    # Orientations 5-8 rotate by 90 degrees and swap the sides.
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty (0 bytes); remove it or copy it again")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError, OSError) as e:
+        raise ImageError(f"{path}: not a readable image ({e}); remove it from the dataset or re-save it as "
+                         "PNG/JPEG") from e
+    if image.size[0] * image.size[1] > MAX_PIXELS:
+        raise ImageError(f"{path}: {image.size[0]}x{image.size[1]} is too large to train on; downscale it first "
+                         f"(e.g. tools/resize_images_to_resolution.py) to at most {MAX_PIXELS} pixels")
+    return image
+
+
+def load_image(path: Path, *, want_alpha: bool = False) -> LoadedImage:
+    with _open(path) as image:
+        try:
+            image.load()  # decode now, so a truncated file fails here with its name
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{path}: the image data is corrupt or truncated ({e}); remove it or copy it "
+                             "again") from e
+        image = ImageOps.exif_transpose(image)
+        rgb, alpha = _to_rgb(image)
+    return LoadedImage(rgb, alpha if want_alpha else None)
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: PIL's convert("RGB") would clip at 255; scale the real range down instead.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB"), None
+    if mode == "P":
+        # Palette images may carry transparency in their info; going through RGBA keeps it.
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB"), alpha
+    if mode == "CMYK":
+        return image.convert("RGB"), None
+    return image.convert("RGB"), None
