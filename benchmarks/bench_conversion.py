@@ -1,8 +1,8 @@
 """Wall time and peak memory of `tools/convert_diffusers20_original_sd.py` on an SD 1.5-size model.
 
     . .venv/bin/activate && export HF_HUB_OFFLINE=1
-    python benchmarks/bench_conversion.py --size tiny   # smoke check, seconds
-    python benchmarks/bench_conversion.py               # full size: ~4.3 GB fp32 file, a few minutes, ~30 GB disk
+    python benchmarks/bench_conversion.py --size tiny   # smoke check, under a minute
+    python benchmarks/bench_conversion.py               # full size: ~4.3 GB fp32 file, ~3-4 minutes, ~25 GB disk
 
 A model with the SD 1.5 architecture and random weights (no download) is written once as an original-layout
 fp32 `.safetensors` by a child process (so the benchmark process never holds the model). Then every step runs in
