@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from library.atomic_files import atomic_directory, atomic_file
+from library.atomic_files import OutputPathError, atomic_directory, atomic_file
 from library.families import TextEncoderKind
 from library.key_maps import LDM_SCHEDULE_BUFFERS, join_diffusers
 from library.safetensors_io import TensorEntry, write_safetensors
@@ -210,6 +210,10 @@ def _component_file(component: str, safetensors: bool) -> str:
 
 def save_diffusers(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None) -> None:
     use_safetensors = fmt is SaveFormat.DIFFUSERS_SAFETENSORS
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / "model_index.json").is_file():
+        # The folder is replaced as a whole; never do that to a folder that is not a model we could have written.
+        raise OutputPathError(f"{dest}: refusing to replace this folder: it is not empty and not a diffusers model "
+                              "(no model_index.json). Choose a new folder name for the output.")
     with atomic_directory(dest) as tmp:
         write_config_folder(checkpoint, tmp)
         for component in COMPONENTS:

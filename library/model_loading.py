@@ -131,8 +131,8 @@ def read_vae(path: str | Path, checkpoint: SDCheckpoint, *, allow_unsafe_pickle:
         config = _load_json(folder / "config.json")
         if config.get("block_out_channels") != checkpoint.configs.vae.get("block_out_channels"):
             raise CheckpointError(f"{path}: VAE block_out_channels {config.get('block_out_channels')} do not match "
-                                  f"the model's {checkpoint.configs.vae.get('block_out_channels')}; pass a VAE made for this "
-                                  "model, or leave out --vae")
+                                  f"the model's {checkpoint.configs.vae.get('block_out_channels')}; pass a VAE "
+                                  "made for this model, or leave out --vae")
         source = _open_component(folder, "vae")
         checkpoint._open.append(source)
         return _validated_component(source, table, "vae")

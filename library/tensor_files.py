@@ -165,6 +165,7 @@ def _unsafe_globals(path: Path, error: Exception) -> list[str]:
         wanted = []
     # The safe loader names the first object it refused ("Unsupported global: GLOBAL os.system ...").
     for name in re.findall(r"GLOBAL ([\w.]+)", str(error)):
+        name = name if "." in name else f"builtins.{name}"  # torch prints builtins without their module
         if name not in wanted:
             wanted.append(name)
     return wanted

@@ -269,7 +269,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, sd1_tensors, cap
     marker = tmp_path / "MARKER"
     path = _evil_ckpt(tmp_path / "evil.ckpt", marker, sd1_tensors, legacy=legacy)
     # The offending globals: Path.touch is pickled as getattr(pathlib.Path, "touch").
-    needles = ["evil.ckpt", "refused to load", "getattr", "--allow_unsafe_pickle", "Nothing was executed"]
+    needles = ["evil.ckpt", "refused to load", "builtins.getattr", "--allow_unsafe_pickle", "Nothing was executed"]
     if not legacy:
         needles.append("pathlib.Path")  # the zip format lets torch list every global without loading
     raises_naming(UnsafePickleError, lambda: read_checkpoint(path), *needles)
@@ -590,3 +590,21 @@ def test_lora_passed_as_a_model(tmp_path, capsys, layout):
                   "Pass the base model")
     err = convert_fails(capsys, path, out=tmp_path / "out.safetensors")
     assert "LoRA" in err
+
+
+def test_diffusers_output_never_replaces_an_unrelated_folder(tiny_files, tmp_path):
+    from library.atomic_files import OutputPathError
+    from library.checkpoint_writer import SaveFormat, save_checkpoint
+    from library.sd_checkpoint import read_checkpoint
+
+    folder = tmp_path / "my_documents"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("precious")
+    with read_checkpoint(tiny_files["sd1"]["safetensors"]) as checkpoint:
+        with pytest.raises(OutputPathError, match="not a diffusers model"):
+            save_checkpoint(checkpoint, folder, SaveFormat.DIFFUSERS_SAFETENSORS)
+        assert (folder / "thesis.txt").read_text() == "precious"
+        # An existing model folder is replaced (the intended overwrite).
+        save_checkpoint(checkpoint, tmp_path / "model", SaveFormat.DIFFUSERS_SAFETENSORS)
+        save_checkpoint(checkpoint, tmp_path / "model", SaveFormat.DIFFUSERS_SAFETENSORS)
+        assert (tmp_path / "model" / "model_index.json").is_file()

@@ -1,0 +1,238 @@
+"""The one module that knows argparse: kohya-ss/sd-scripts' training flags, `--config_file` and `--output_config`.
+
+Entry scripts build a parser from the groups they support, call `parse_args`, and turn the namespace into typed
+config objects once (see `train_config.py`); nothing below the entry script ever sees the namespace.
+
+Flag names, defaults and meanings follow kohya (see ../shared/reference/kohya_sd_scripts.md section 2), with two
+deliberate differences: the model family is detected from the weights (`--v2` / `--v_parameterization` are checked
+against it), and flags this suite does not implement yet are refused by name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import toml
+
+logger = logging.getLogger(__name__)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="base model: WebUI .safetensors/.ckpt or a diffusers folder")
+    g.add_argument("--v2", action="store_true", help="SD 2.x model (detected from the weights; checked if given)")
+    g.add_argument("--v_parameterization", action="store_true",
+                   help="v-prediction model, when the file does not say so itself")
+    g.add_argument("--vae", default=None, help="replace the model's VAE with this file or folder")
+    g.add_argument("--allow_unsafe_pickle", action="store_true",
+                   help="load .ckpt files that need arbitrary Python objects (runs code from the file)")
+    g.add_argument("--tokenizer_cache_dir", default=None, help="accepted for compatibility; tokenizers are shipped")
+
+
+def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--train_data_dir", default=None,
+                   help="parent folder of '<repeats>_<identifier> <class>' image folders")
+    g.add_argument("--reg_data_dir", default=None, help="parent folder of '<repeats>_<class>' regularisation folders")
+    g.add_argument("--dataset_config", type=Path, default=None, help="dataset TOML/JSON (overrides the folder flags)")
+    g.add_argument("--caption_extension", default=".caption", help="caption file extension")
+    g.add_argument("--caption_extention", default=None, help=argparse.SUPPRESS)  # kohya's misspelled alias
+    g.add_argument("--resolution", default=None, help="training resolution: 'size' or 'width,height'")
+    g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
+    g.add_argument("--min_bucket_reso", type=int, default=256)
+    g.add_argument("--max_bucket_reso", type=int, default=1024)
+    g.add_argument("--bucket_reso_steps", type=int, default=64)
+    g.add_argument("--bucket_no_upscale", action="store_true")
+    g.add_argument("--shuffle_caption", action="store_true")
+    g.add_argument("--caption_separator", default=",")
+    g.add_argument("--keep_tokens", type=int, default=0)
+    g.add_argument("--keep_tokens_separator", default="")
+    g.add_argument("--secondary_separator", default=None)
+    g.add_argument("--enable_wildcard", action="store_true")
+    g.add_argument("--caption_prefix", default=None)
+    g.add_argument("--caption_suffix", default=None)
+    g.add_argument("--caption_dropout_rate", type=float, default=0.0)
+    g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0)
+    g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0)
+    g.add_argument("--token_warmup_min", type=int, default=1)
+    g.add_argument("--token_warmup_step", type=float, default=0)
+    g.add_argument("--color_aug", action="store_true")
+    g.add_argument("--flip_aug", action="store_true")
+    g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--alpha_mask", action="store_true", help="use PNG alpha as the loss mask")
+    g.add_argument("--cache_latents", action="store_true")
+    g.add_argument("--cache_latents_to_disk", action="store_true")
+    g.add_argument("--vae_batch_size", type=int, default=1)
+    g.add_argument("--skip_cache_check", action="store_true")
+    g.add_argument("--in_json", default=None, help="kohya metadata JSON/JSONL (fine-tune datasets)")
+    g.add_argument("--dataset_repeats", type=int, default=1)
+    g.add_argument("--debug_dataset", action="store_true")
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--output_name", default=None)
+    g.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default=None)
+    g.add_argument("--save_every_n_epochs", type=int, default=None)
+    g.add_argument("--save_every_n_steps", type=int, default=None)
+    g.add_argument("--save_last_n_epochs", type=int, default=None)
+    g.add_argument("--save_last_n_steps", type=int, default=None)
+    g.add_argument("--save_state", action="store_true")
+    g.add_argument("--save_state_on_train_end", action="store_true")
+    g.add_argument("--resume", default=None, help="state folder to resume from")
+    g.add_argument("--train_batch_size", type=int, default=1)
+    g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225])
+    g.add_argument("--max_train_steps", type=int, default=1600)
+    g.add_argument("--max_train_epochs", type=int, default=None)
+    g.add_argument("--max_data_loader_n_workers", type=int, default=0)
+    g.add_argument("--persistent_data_loader_workers", action="store_true")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--full_fp16", action="store_true")
+    g.add_argument("--full_bf16", action="store_true")
+    g.add_argument("--no_half_vae", action="store_true")
+    g.add_argument("--clip_skip", type=int, default=None)
+    g.add_argument("--xformers", action="store_true")
+    g.add_argument("--sdpa", action="store_true")
+    g.add_argument("--mem_eff_attn", action="store_true")
+    g.add_argument("--logging_dir", default=None)
+    g.add_argument("--log_with", choices=["tensorboard", "wandb", "all"], default=None)
+    g.add_argument("--log_prefix", default=None)
+    g.add_argument("--prior_loss_weight", type=float, default=1.0)
+    g.add_argument("--config_file", default=None, help="TOML of training arguments (command-line values win)")
+    g.add_argument("--output_config", action="store_true", help="write the arguments to --config_file and exit")
+
+
+def add_objective_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("noise and loss")
+    g.add_argument("--noise_offset", type=float, default=None)
+    g.add_argument("--noise_offset_random_strength", action="store_true")
+    g.add_argument("--adaptive_noise_scale", type=float, default=None)
+    g.add_argument("--multires_noise_iterations", type=int, default=None)
+    g.add_argument("--multires_noise_discount", type=float, default=0.3)
+    g.add_argument("--ip_noise_gamma", type=float, default=None)
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true")
+    g.add_argument("--zero_terminal_snr", action="store_true")
+    g.add_argument("--min_timestep", type=int, default=None)
+    g.add_argument("--max_timestep", type=int, default=None)
+    g.add_argument("--loss_type", choices=["l1", "l2", "huber", "smooth_l1"], default="l2")
+    g.add_argument("--huber_schedule", choices=["constant", "exponential", "snr"], default="snr")
+    g.add_argument("--huber_c", type=float, default=0.1)
+    g.add_argument("--huber_scale", type=float, default=1.0)
+    g.add_argument("--min_snr_gamma", type=float, default=None)
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true")
+    g.add_argument("--v_pred_like_loss", type=float, default=None)
+    g.add_argument("--debiased_estimation_loss", action="store_true")
+    g.add_argument("--weighted_captions", action="store_true")
+    g.add_argument("--masked_loss", action="store_true")
+
+
+def add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer_type", default="")
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--use_lion_optimizer", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=2e-6)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--optimizer_args", nargs="*", default=None)
+    g.add_argument("--lr_scheduler", default="constant")
+    g.add_argument("--lr_warmup_steps", default="0")
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--lr_scheduler_type", default="")
+    g.add_argument("--lr_scheduler_args", nargs="*", default=None)
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sample images")
+    g.add_argument("--sample_every_n_steps", type=int, default=None)
+    g.add_argument("--sample_every_n_epochs", type=int, default=None)
+    g.add_argument("--sample_at_first", action="store_true")
+    g.add_argument("--sample_prompts", default=None)
+    g.add_argument("--sample_sampler", default="ddim")
+
+
+# kohya flags users may bring that this suite does not implement yet. Setting one is an error that says so,
+# never a silent no-op (kohya's own dead flags, e.g. train_db's --no_token_padding, are a known trap).
+NOT_YET_IMPLEMENTED = (
+    "--face_crop_aug_range", "--torch_compile", "--fp8_base", "--deepspeed", "--huggingface_repo_id",
+    "--validation_split", "--cache_text_encoder_outputs", "--lowram", "--highvram", "--dataset_class",
+)
+
+
+def add_not_yet_implemented(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("not implemented yet (refused when given)")
+    for flag in NOT_YET_IMPLEMENTED:
+        g.add_argument(flag, default=None, nargs="?", const=True, help=argparse.SUPPRESS)
+
+
+def refuse_not_yet_implemented(args: argparse.Namespace) -> None:
+    given = [flag for flag in NOT_YET_IMPLEMENTED if getattr(args, flag[2:], None) not in (None, False)]
+    if given:
+        raise SystemExit(f"error: {', '.join(given)}: not implemented in this suite yet; remove the flag(s)")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, merging `--config_file` (kohya: every table's keys flattened, command line wins),
+    and handle `--output_config` (write the non-default arguments to --config_file, then exit)."""
+    args = parser.parse_args(argv)
+    if args.output_config:
+        if not args.config_file:
+            raise SystemExit("error: --output_config needs --config_file (where to write)")
+        defaults = vars(parser.parse_args(_required_only(parser, argv)))
+        chosen = {k: v for k, v in vars(args).items()
+                  if k not in ("config_file", "output_config") and v != defaults.get(k) and v is not None}
+        Path(args.config_file).write_text(toml.dumps({k: (str(v) if isinstance(v, Path) else v)
+                                                      for k, v in chosen.items()}))
+        print(f"wrote {args.config_file}")
+        raise SystemExit(0)
+    if args.config_file:
+        path = Path(args.config_file)
+        if path.suffix != ".toml":
+            path = path.with_suffix(".toml") if not path.exists() else path
+        try:
+            data = toml.loads(path.read_text())
+        except FileNotFoundError:
+            raise SystemExit(f"error: --config_file {path}: no such file") from None
+        except toml.TomlDecodeError as e:
+            raise SystemExit(f"error: --config_file {path}: invalid TOML: {e}") from None
+        flat: dict = {}
+        for key, value in data.items():
+            flat.update(value if isinstance(value, dict) else {key: value})
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise SystemExit(f"error: --config_file {path}: unknown argument(s) {', '.join(unknown)}")
+        # Command-line values win: parse again with the file's values as defaults.
+        parser.set_defaults(**flat)
+        required = [a for a in parser._actions if a.required and a.dest in flat]
+        for action in required:
+            action.required = False
+        args = parser.parse_args(argv)
+    if args.caption_extention and hasattr(args, "caption_extension"):
+        args.caption_extension = args.caption_extention
+    refuse_not_yet_implemented(args)
+    return args
+
+
+def _required_only(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
+    """The part of argv that satisfies required arguments, to compute defaults for --output_config."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    keep = []
+    required = {opt for a in parser._actions if a.required for opt in a.option_strings}
+    i = 0
+    while i < len(argv):
+        if argv[i] in required:
+            keep += argv[i:i + 2]
+            i += 2
+        else:
+            i += 1
+    return keep
