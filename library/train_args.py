@@ -181,58 +181,51 @@ def refuse_not_yet_implemented(args: argparse.Namespace) -> None:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line, merging `--config_file` (kohya: every table's keys flattened, command line wins),
     and handle `--output_config` (write the non-default arguments to --config_file, then exit)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config_file", default=None)
+    pre.add_argument("--output_config", action="store_true")
+    early, _ = pre.parse_known_args(argv)
+    if early.config_file and not early.output_config:
+        flat = _read_config_file(Path(early.config_file), parser)
+        # The file's values become defaults, so anything given on the command line wins.
+        parser.set_defaults(**flat)
+        for action in parser._actions:
+            if action.required and action.dest in flat:
+                action.required = False
     args = parser.parse_args(argv)
     if args.output_config:
-        if not args.config_file:
-            raise SystemExit("error: --output_config needs --config_file (where to write)")
-        defaults = vars(parser.parse_args(_required_only(parser, argv)))
-        chosen = {k: v for k, v in vars(args).items()
-                  if k not in ("config_file", "output_config") and v != defaults.get(k) and v is not None}
-        Path(args.config_file).write_text(toml.dumps({k: (str(v) if isinstance(v, Path) else v)
-                                                      for k, v in chosen.items()}))
-        print(f"wrote {args.config_file}")
+        _write_config_file(parser, args)
         raise SystemExit(0)
-    if args.config_file:
-        path = Path(args.config_file)
-        if path.suffix != ".toml":
-            path = path.with_suffix(".toml") if not path.exists() else path
-        try:
-            data = toml.loads(path.read_text())
-        except FileNotFoundError:
-            raise SystemExit(f"error: --config_file {path}: no such file") from None
-        except toml.TomlDecodeError as e:
-            raise SystemExit(f"error: --config_file {path}: invalid TOML: {e}") from None
-        flat: dict = {}
-        for key, value in data.items():
-            flat.update(value if isinstance(value, dict) else {key: value})
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(flat) - known)
-        if unknown:
-            raise SystemExit(f"error: --config_file {path}: unknown argument(s) {', '.join(unknown)}")
-        # Command-line values win: parse again with the file's values as defaults.
-        parser.set_defaults(**flat)
-        required = [a for a in parser._actions if a.required and a.dest in flat]
-        for action in required:
-            action.required = False
-        args = parser.parse_args(argv)
-    if args.caption_extention and hasattr(args, "caption_extension"):
+    if getattr(args, "caption_extention", None):
         args.caption_extension = args.caption_extention
     refuse_not_yet_implemented(args)
     return args
 
 
-def _required_only(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
-    """The part of argv that satisfies required arguments, to compute defaults for --output_config."""
-    import sys
+def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
+    if not path.exists() and path.suffix != ".toml":
+        path = path.with_suffix(".toml")  # kohya allows leaving out the suffix
+    try:
+        data = toml.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"error: --config_file {path}: no such file") from None
+    except toml.TomlDecodeError as e:
+        raise SystemExit(f"error: --config_file {path}: invalid TOML: {e}") from None
+    flat: dict = {}
+    for key, value in data.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise SystemExit(f"error: --config_file {path}: unknown argument(s) {', '.join(unknown)}")
+    return flat
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    keep = []
-    required = {opt for a in parser._actions if a.required for opt in a.option_strings}
-    i = 0
-    while i < len(argv):
-        if argv[i] in required:
-            keep += argv[i:i + 2]
-            i += 2
-        else:
-            i += 1
-    return keep
+
+def _write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.config_file:
+        raise SystemExit("error: --output_config needs --config_file (where to write)")
+    defaults = {a.dest: a.default for a in parser._actions}
+    chosen = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("config_file", "output_config") and v is not None and v != defaults.get(k)}
+    Path(args.config_file).write_text(toml.dumps(chosen))
+    print(f"wrote {args.config_file}")

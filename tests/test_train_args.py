@@ -1,0 +1,81 @@
+"""kohya-compatible argument parsing: --config_file merging (command line wins), --output_config, refusals."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import toml
+
+from library import train_args
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    train_args.add_model_arguments(p)
+    train_args.add_dataset_arguments(p)
+    train_args.add_training_arguments(p)
+    train_args.add_objective_arguments(p)
+    train_args.add_optimizer_arguments(p)
+    train_args.add_sample_arguments(p)
+    train_args.add_not_yet_implemented(p)
+    return p
+
+
+REQUIRED = ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", "out"]
+
+
+def test_defaults_follow_kohya():
+    args = train_args.parse_args(parser(), REQUIRED)
+    assert args.caption_extension == ".caption" and args.max_train_steps == 1600 and args.learning_rate == 2e-6
+    assert args.min_bucket_reso == 256 and args.max_bucket_reso == 1024 and args.bucket_reso_steps == 64
+    assert args.lr_scheduler == "constant" and args.loss_type == "l2" and args.huber_schedule == "snr"
+
+
+def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "train.toml"
+    config.write_text(toml.dumps({
+        "model": {"pretrained_model_name_or_path": "from_file.safetensors"},
+        "training": {"output_dir": "file_out", "max_train_steps": 10, "learning_rate": 1e-4},
+        "seed": 42,
+    }))
+    args = train_args.parse_args(parser(), ["--config_file", str(config), "--max_train_steps", "20"])
+    assert args.pretrained_model_name_or_path == "from_file.safetensors"
+    assert (args.max_train_steps, args.learning_rate, args.seed) == (20, 1e-4, 42)
+
+
+def test_config_file_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_train_steps = = 3")
+    with pytest.raises(SystemExit, match="invalid TOML"):
+        train_args.parse_args(parser(), REQUIRED + ["--config_file", str(bad)])
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("learning_rat = 1.0\n")
+    with pytest.raises(SystemExit, match="learning_rat"):
+        train_args.parse_args(parser(), REQUIRED + ["--config_file", str(unknown)])
+    with pytest.raises(SystemExit, match="no such file"):
+        train_args.parse_args(parser(), REQUIRED + ["--config_file", str(tmp_path / "missing.toml")])
+
+
+def test_output_config_writes_the_non_default_arguments(tmp_path):
+    config = tmp_path / "out.toml"
+    with pytest.raises(SystemExit) as info:
+        train_args.parse_args(parser(), REQUIRED + ["--learning_rate", "1e-4", "--config_file", str(config),
+                                                    "--output_config"])
+    assert info.value.code == 0
+    written = toml.loads(config.read_text())
+    assert written == {"pretrained_model_name_or_path": "m.safetensors", "output_dir": "out", "learning_rate": 1e-4}
+    args = train_args.parse_args(parser(), ["--config_file", str(config)])
+    assert args.learning_rate == 1e-4 and args.output_dir == "out"
+
+
+def test_unimplemented_kohya_flags_are_refused_by_name():
+    with pytest.raises(SystemExit, match="--face_crop_aug_range"):
+        train_args.parse_args(parser(), REQUIRED + ["--face_crop_aug_range", "2.0,4.0"])
+    with pytest.raises(SystemExit, match="--lowram"):
+        train_args.parse_args(parser(), REQUIRED + ["--lowram"])
+
+
+def test_misspelled_caption_extension_alias():
+    args = train_args.parse_args(parser(), REQUIRED + ["--caption_extention", ".txt"])
+    assert args.caption_extension == ".txt"
