@@ -1,0 +1,446 @@
+"""LoRA and LoCon for SD 1.x / 2.x with kohya-ss/sd-scripts' file format and `--network_module` interface.
+
+A file written here loads in kohya, WebUI, ComfyUI and diffusers, and their files load here, because we keep
+kohya's contract exactly:
+- module discovery: every nn.Linear / nn.Conv2d inside the U-Net's `Transformer2DModel`s (attention LoRA), plus
+  inside `ResnetBlock2D` / `Downsample2D` / `Upsample2D` when LoCon (`conv_dim`) is on; in the text encoder,
+  inside `CLIPAttention` and `CLIPMLP`;
+- names: `lora_unet_<diffusers path>` and `lora_te_text_model_<path>`, with "." -> "_";
+- tensors: `<name>.lora_down.weight` [r, in(, k, k)], `<name>.lora_up.weight` [out, r(, 1, 1)], `<name>.alpha`
+  (scalar; scale = alpha / r);
+- math: y = W x + up(down(x)) * multiplier * alpha / r, down kaiming-uniform and up zero at init.
+
+The LoRA is injected by swapping the wrapped module's `forward` (as kohya does), not by replacing the module, so
+the base model's state_dict keys never change; `restore()` undoes the swap exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.atomic_files import atomic_file
+from library.safetensors_io import save_tensors
+from library.tensor_files import open_tensor_file
+
+logger = logging.getLogger(__name__)
+
+PREFIX_UNET = "lora_unet"
+PREFIX_TEXT_ENCODER = "lora_te"
+# Matched by class name, like kohya: these are the blocks whose layers kohya's files target.
+UNET_ATTENTION_CONTAINERS = ("Transformer2DModel",)
+UNET_CONV_CONTAINERS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+# transformers 4 had per-backend attention classes; transformers 5 has only CLIPAttention.
+TEXT_ENCODER_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+_NO_FORWARD = object()  # marks "the wrapped module had no instance-level forward before apply_to"
+
+
+class LoRAModule(nn.Module):
+    """A low-rank update of one nn.Linear or nn.Conv2d: ΔW = up @ down * alpha / rank."""
+
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
+                 alpha: float | torch.Tensor | None = 1.0, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None):
+        super().__init__()
+        self.lora_name = lora_name
+        self.lora_dim = int(lora_dim)
+        if isinstance(org_module, nn.Conv2d):
+            if org_module.groups != 1 or org_module.dilation != (1, 1):
+                raise ValueError(f"{lora_name}: grouped or dilated convolutions are not supported")
+            # The down conv carries the kernel, stride and padding; the up conv is 1x1, so the pair is one conv.
+            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
+                                       org_module.stride, org_module.padding, bias=False)
+            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
+        elif isinstance(org_module, nn.Linear):
+            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False)
+            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False)
+        else:
+            raise TypeError(f"{lora_name}: LoRA wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
+        # kohya: alpha 0 / None means "no scaling" (alpha = rank). Saved in files, so a buffer.
+        self.register_buffer("alpha", torch.tensor(float(alpha or 0) or float(self.lora_dim), dtype=torch.float32))
+        self.scale = float(self.alpha) / self.lora_dim
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as microsoft/LoRA and kohya
+        nn.init.zeros_(self.lora_up.weight)  # so a fresh network changes nothing
+
+        self.multiplier = multiplier
+        self.dropout = dropout or None  # 0 means off (and then draws no random numbers)
+        self.rank_dropout, self.module_dropout = rank_dropout or None, module_dropout or None
+        # A list keeps the wrapped module out of this module's children (and out of the LoRA state_dict).
+        self._org = [org_module]
+        self._org_forward, self._saved_forward = None, _NO_FORWARD
+
+    org_module = property(lambda self: self._org[0])
+
+    @property
+    def is_applied(self) -> bool:
+        return self._org_forward is not None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # kohya fixes `scale` at construction, so loading a file with another alpha left the forward using the
+        # old one; we recompute it from whatever alpha was loaded (load_weights, resume, load_state_dict).
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.scale = float(self.alpha) / self.lora_dim
+
+    def apply_to(self) -> None:
+        if self.is_applied:
+            raise RuntimeError(f"{self.lora_name} is already applied")
+        module = self.org_module
+        self._saved_forward = module.__dict__.get("forward", _NO_FORWARD)
+        self._org_forward = module.forward
+        module.forward = self.forward
+
+    def restore(self) -> None:
+        """Put the wrapped module's original forward back (a no-op if not applied)."""
+        if not self.is_applied:
+            return
+        module = self.org_module
+        if self._saved_forward is _NO_FORWARD:
+            del module.forward  # back to the class's forward, as if we had never touched it
+        else:
+            module.forward = self._saved_forward
+        self._org_forward, self._saved_forward = None, _NO_FORWARD
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._org_forward(x)
+        if self.training and self.module_dropout is not None and torch.rand(1) < self.module_dropout:
+            return out  # module dropout: skip the whole LoRA branch for this step
+        lx = self.lora_down(x)
+        scale = self.scale
+        if self.training and self.dropout is not None:
+            lx = F.dropout(lx, p=self.dropout)
+        if self.training and self.rank_dropout is not None:
+            # One keep/drop decision per (sample, rank), shared over tokens / pixels.
+            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            if lx.dim() == 3:  # [B, tokens, r]
+                mask = mask.unsqueeze(1)
+            elif lx.dim() == 4:  # [B, r, H, W]
+                mask = mask[:, :, None, None]
+            lx = lx * mask
+            scale = scale / (1.0 - self.rank_dropout)  # keep the expected update unchanged
+        return out + self.lora_up(lx) * self.multiplier * scale
+
+    def merged_weight_delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """ΔW (fp32, without the multiplier) in the wrapped module's weight shape.
+
+        up.flatten(1) @ down.flatten(1) covers Linear, 1x1 and kxk convs alike: a 1x1 conv after a kxk conv
+        with the same stride/padding is one kxk conv whose kernel mixes the down kernels by the up matrix."""
+        up = self.lora_up.weight.to(device=device, dtype=torch.float32).flatten(1)
+        down = self.lora_down.weight.to(device=device, dtype=torch.float32).flatten(1)
+        return (up @ down).reshape(self.org_module.weight.shape) * self.scale
+
+    @torch.no_grad()
+    def merge_to_base(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """W += multiplier * ΔW, computed in fp32 on `device`, rounded through `dtype` (kohya's merge_to)."""
+        weight = self.org_module.weight
+        device = device if device is not None else weight.device
+        merged = weight.to(device=device, dtype=torch.float32) + self.multiplier * self.merged_weight_delta(device)
+        weight.copy_(merged.to(dtype or weight.dtype))
+
+
+def find_targets(root: nn.Module, containers: tuple[str, ...], prefix: str,
+                 path_prefix: str = "") -> dict[str, nn.Module]:
+    """kohya's discovery: lora name -> every Linear / Conv2d inside a module whose class name is in `containers`.
+
+    isinstance (not kohya's exact class-name test) so that subclasses such as old diffusers' LoRACompatibleConv
+    are still found."""
+    found: dict[str, nn.Module] = {}
+    for path, container in root.named_modules():
+        if type(container).__name__ not in containers:
+            continue
+        for child_path, child in container.named_modules():
+            if isinstance(child, (nn.Linear, nn.Conv2d)):
+                full_path = ".".join(p for p in (path_prefix + path, child_path) if p)
+                name = f"{prefix}_{full_path.replace('.', '_')}"
+                if name in found and found[name] is not child:
+                    raise ValueError(f"two modules map to the LoRA name {name}")
+                found[name] = child
+    return found
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one U-Net + text encoder. The modules are registered under their kohya names, so
+    `state_dict()` keys are exactly the file's keys."""
+
+    def __init__(self, text_encoder: nn.Module | None, unet: nn.Module | None, *, multiplier: float = 1.0,
+                 lora_dim: int = 4, alpha: float | None = 1.0, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None,
+                 conv_lora_dim: int | None = None, conv_alpha: float | None = None,
+                 modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None):
+        super().__init__()
+        self.multiplier = multiplier
+
+        def dim_alpha(name: str, module: nn.Module):
+            if modules_dim is not None:  # from a file: exactly the modules (and ranks) it has
+                return modules_dim.get(name), modules_alpha.get(name)
+            # kohya: 3x3 convs get conv_dim/conv_alpha; Linear and 1x1 convs (even time_emb_proj and
+            # conv_shortcut inside ResNet blocks) get network_dim/network_alpha.
+            is_kxk = isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+            return (conv_lora_dim, conv_alpha) if is_kxk else (lora_dim, alpha)
+
+        def build(targets: dict[str, nn.Module]) -> list[LoRAModule]:
+            loras = []
+            for name, module in targets.items():
+                dim, a = dim_alpha(name, module)
+                if not dim:
+                    continue
+                lora = LoRAModule(name, module, multiplier, dim, a, dropout, rank_dropout, module_dropout)
+                self.add_module(name, lora)
+                loras.append(lora)
+            return loras
+
+        te_targets, unet_targets = {}, {}
+        if text_encoder is not None:
+            # Every kohya/WebUI/ComfyUI/diffusers file names TE modules `lora_te_text_model_encoder_...`:
+            # transformers 4's CLIPTextModel has that `text_model.` level, transformers 5's does not: add it back.
+            te_path = "" if hasattr(text_encoder, "text_model") else "text_model."
+            te_targets = find_targets(text_encoder, TEXT_ENCODER_CONTAINERS, PREFIX_TEXT_ENCODER, te_path)
+        if unet is not None:
+            containers = UNET_ATTENTION_CONTAINERS
+            if conv_lora_dim or modules_dim is not None:
+                containers += UNET_CONV_CONTAINERS
+            unet_targets = find_targets(unet, containers, PREFIX_UNET)
+        if modules_dim is not None:
+            unknown = sorted(set(modules_dim) - set(te_targets) - set(unet_targets))
+            if unknown:
+                raise ValueError(f"{len(unknown)} LoRA module(s) in the weights match no layer of these models "
+                                 f"(wrong base model family, or LDM/SDXL-style names?): {', '.join(unknown[:20])}")
+        self.text_encoder_loras = build(te_targets)
+        self.unet_loras = build(unet_targets)
+        self._models = [text_encoder, unet]  # kept out of the module tree; used to check apply_to's arguments
+        logger.info("LoRA: %d text-encoder modules, %d U-Net modules", len(self.text_encoder_loras),
+                    len(self.unet_loras))
+
+    @property
+    def loras(self) -> list[LoRAModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    def _drop(self, loras: list[LoRAModule]) -> None:
+        for lora in loras:
+            lora.restore()
+            delattr(self, lora.lora_name)
+        loras.clear()
+
+    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Inject into the models. A part not applied is discarded (as in kohya): neither trained nor saved."""
+        # Catches a network built on one model instance and applied to a copy (it would silently do nothing).
+        pairs = zip((_single_text_encoder(text_encoder), unet), self._models, ("text encoder", "U-Net"))
+        for given, built, what in pairs:
+            if given is not None and built is not None and given is not built:
+                raise ValueError(f"apply_to: this network was built for another {what} instance")
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+        if not apply_unet:
+            self._drop(self.unet_loras)
+        for lora in self.loras:
+            lora.apply_to()
+
+    def restore(self) -> None:
+        """Undo apply_to: every wrapped module gets its original forward back."""
+        for lora in reversed(self.loras):
+            lora.restore()
+
+    def remove_from(self, text_encoder=None, unet=None) -> None:  # kohya-style alias of restore()
+        self.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self.loras:
+            lora.multiplier = multiplier
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def merge_to(self, text_encoder=None, unet=None, weights_sd: dict[str, torch.Tensor] | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """Add multiplier * ΔW into the base weights. With `weights_sd`, merge those weights (only the parts,
+        text encoder / U-Net, that it has keys for); otherwise merge the network's current weights."""
+        if any(lora.is_applied for lora in self.loras):
+            raise RuntimeError("merge_to on an applied network would count the LoRA twice; call restore() first")
+        if weights_sd is not None:
+            if not any(k.startswith(PREFIX_TEXT_ENCODER) for k in weights_sd):
+                self._drop(self.text_encoder_loras)
+            if not any(k.startswith(PREFIX_UNET) for k in weights_sd):
+                self._drop(self.unet_loras)
+            info = self._load_checked(weights_sd, "weights_sd")
+            if info.missing_keys:
+                raise ValueError(f"merge_to: weights_sd lacks {len(info.missing_keys)} key(s): "
+                                 f"{', '.join(info.missing_keys[:20])}")
+        for lora in self.loras:
+            lora.merge_to_base(dtype=dtype, device=device)
+        logger.info("merged %d LoRA modules into the base weights", len(self.loras))
+
+    def prepare_optimizer_params(self, text_encoder_lr: float | None, unet_lr: float | None,
+                                 default_lr: float | None) -> tuple[list[dict], list[str]]:
+        """Param groups "textencoder" and "unet" (kohya's names, used for TensorBoard lr/<name>). A part whose
+        learning rate is None (after falling back to default_lr) or 0 gets no group and is frozen."""
+        if not any(lora.is_applied for lora in self.loras):
+            raise RuntimeError("prepare_optimizer_params: call apply_to() first")
+        self.requires_grad_(True)
+        groups, descriptions = [], []
+        for description, loras, lr in (("textencoder", self.text_encoder_loras, text_encoder_lr),
+                                       ("unet", self.unet_loras, unet_lr)):
+            lr = default_lr if lr is None else lr
+            if not loras:
+                continue
+            if not lr:
+                logger.info("%s LoRA: learning rate %s, not trained", description, lr)
+                for lora in loras:
+                    lora.requires_grad_(False)  # no gradients computed for a part nobody updates
+                continue
+            groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
+            descriptions.append(description)
+        return groups, descriptions
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        pass  # nothing to checkpoint in a LoRA branch; kohya's trainer calls it
+
+    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
+        self.train()
+
+    # ------------------------------------------------------------------ files
+
+    def _load_checked(self, weights_sd: dict[str, torch.Tensor], source: str):
+        own = self.state_dict()
+        unexpected = sorted(set(weights_sd) - set(own))
+        wrong_shapes = [f"{k}: {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the network"
+                        for k, v in weights_sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if unexpected or wrong_shapes:
+            lines = [f"{source} does not fit this network:"]
+            if unexpected:
+                lines.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:20])}")
+            lines += wrong_shapes[:20]
+            raise ValueError("\n  ".join(lines))
+        info = self.load_state_dict(weights_sd, strict=False)
+        if info.missing_keys:
+            logger.warning("%s lacks %d key(s) (kept at their initial values): %s", source,
+                           len(info.missing_keys), ", ".join(info.missing_keys[:20]))
+        return info
+
+    def load_weights(self, file: str | Path):
+        """Load a LoRA file into this network: shapes must match and no key may be unknown. Returns torch's
+        (missing_keys, unexpected_keys) info; missing keys keep their current values, as in kohya."""
+        return self._load_checked(read_weights(file), str(file))
+
+    def save_weights(self, file: str | Path, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
+        """Write the network atomically: .safetensors with string metadata, anything else with torch.save."""
+        state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                 for k, v in self.state_dict().items()}
+        if Path(file).suffix.lower() == ".safetensors":
+            save_tensors(file, state, metadata or None)
+        else:
+            with atomic_file(file) as tmp:
+                torch.save(state, tmp)
+
+
+def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
+    with open_tensor_file(file) as source:
+        return {name: lazy.load() for name, lazy in source.tensors.items()}
+
+
+# ---------------------------------------------------------------------- kohya's module-level interface
+
+# Keys kohya's networks.lora accepts that we do not implement yet: refused loudly rather than ignored, so a run
+# never silently trains something other than what was asked for.
+NOT_IMPLEMENTED_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                        "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
+                        "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+_ARG_TYPES = {"conv_dim": int, "conv_alpha": float, "dropout": float, "rank_dropout": float, "module_dropout": float}
+
+
+class NetworkArgs(NamedTuple):
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    dropout: float | None = None
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
+
+
+def parse_network_args(kwargs: dict[str, object], neuron_dropout: float | None = None) -> NetworkArgs:
+    """Typed values from `--network_args` (strings, key=value)."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    unknown = sorted(set(kwargs) - set(_ARG_TYPES) - set(NOT_IMPLEMENTED_ARGS))
+    if unknown:
+        raise ValueError(f"--network_args: unknown key(s) for networks.lora: {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(_ARG_TYPES))})")
+    pending = sorted(set(kwargs) & set(NOT_IMPLEMENTED_ARGS))
+    if pending:
+        raise NotImplementedError(f"--network_args {', '.join(pending)}: accepted by kohya's networks.lora but not "
+                                  "implemented here yet (block-wise dims/learning rates, LoRA+); remove them")
+    values = {}
+    for key, value in kwargs.items():
+        try:
+            values[key] = _ARG_TYPES[key](str(value).strip())
+        except ValueError:
+            raise ValueError(f"--network_args {key}={value!r}: expected {_ARG_TYPES[key].__name__}") from None
+    for key in ("dropout", "rank_dropout", "module_dropout"):
+        if not 0.0 <= values.get(key, 0.0) < 1.0:
+            raise ValueError(f"--network_args {key}={values[key]}: must be in [0, 1)")
+    if neuron_dropout is not None:  # --network_dropout; the trainer may also pass it again as dropout=
+        if "dropout" in values and values["dropout"] != neuron_dropout:
+            raise ValueError(f"--network_dropout {neuron_dropout} conflicts with --network_args "
+                             f"dropout={values['dropout']}")
+        values["dropout"] = neuron_dropout
+    if "conv_dim" in values and values.get("conv_alpha") is None:
+        values["conv_alpha"] = 1.0  # kohya's default
+    return NetworkArgs(**values)
+
+
+def _single_text_encoder(text_encoder):
+    if isinstance(text_encoder, (list, tuple)):
+        if len(text_encoder) != 1:
+            raise NotImplementedError("networks.lora here supports one text encoder (SD 1.x / 2.x), not SDXL")
+        return text_encoder[0]
+    return text_encoder
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
+                   unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
+    args = parse_network_args(kwargs, neuron_dropout)
+    return LoRANetwork(
+        _single_text_encoder(text_encoder), unet, multiplier=multiplier,
+        lora_dim=4 if network_dim is None else network_dim,  # kohya's defaults
+        alpha=1.0 if network_alpha is None else network_alpha,
+        dropout=args.dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
+        conv_lora_dim=args.conv_dim, conv_alpha=args.conv_alpha)
+
+
+def dims_from_weights(weights_sd: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
+    """Per-module rank (from lora_down's first dimension) and alpha (alpha = rank when a file has none)."""
+    odd = sorted(k for k in weights_sd if "." not in k or not k.endswith(KEY_SUFFIXES))
+    if odd:
+        raise ValueError(f"not a plain kohya LoRA (LyCORIS / DoRA / other keys?): {', '.join(odd[:20])}")
+    dims = {k[:-len(".lora_down.weight")]: v.shape[0] for k, v in weights_sd.items()
+            if k.endswith(".lora_down.weight")}
+    alphas = {name: float(weights_sd[f"{name}.alpha"].float()) if f"{name}.alpha" in weights_sd else float(dim)
+              for name, dim in dims.items()}
+    return dims, alphas
+
+
+def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet,
+                                weights_sd: dict[str, torch.Tensor] | None = None, for_inference: bool = False,
+                                **kwargs) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+    """A network shaped like a file (modules, ranks, alphas), weights not loaded (kohya: the caller loads or
+    merges them). `--network_args` dims are ignored, since the file decides them; dropouts apply to training."""
+    args = parse_network_args(kwargs)
+    if weights_sd is None:
+        weights_sd = read_weights(file)
+    dims, alphas = dims_from_weights(weights_sd)
+    dropouts = {} if for_inference else dict(dropout=args.dropout, rank_dropout=args.rank_dropout,
+                                              module_dropout=args.module_dropout)
+    network = LoRANetwork(_single_text_encoder(text_encoder), unet, multiplier=multiplier,
+                          modules_dim=dims, modules_alpha=alphas, **dropouts)
+    return network, weights_sd
