@@ -229,3 +229,101 @@ def _write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace
               if k not in ("config_file", "output_config") and v is not None and v != defaults.get(k)}
     Path(args.config_file).write_text(toml.dumps(chosen))
     print(f"wrote {args.config_file}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Namespace -> typed config (done once, in the entry script)
+
+
+def parse_resolution(text: str | None, default: int) -> tuple[int, int]:
+    if text is None:
+        return (default, default)
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise SystemExit(f"error: --resolution {text!r}: expected 'size' or 'width,height'") from None
+    if len(values) == 1:
+        return (values[0], values[0])
+    if len(values) == 2:
+        return (values[0], values[1])
+    raise SystemExit(f"error: --resolution {text!r}: expected 'size' or 'width,height'")
+
+
+def caption_options(args: argparse.Namespace):
+    from library.captions import CaptionOptions
+
+    try:
+        return CaptionOptions(
+            shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
+            keep_tokens_separator=args.keep_tokens_separator, caption_separator=args.caption_separator,
+            secondary_separator=args.secondary_separator, enable_wildcard=args.enable_wildcard,
+            caption_prefix=args.caption_prefix, caption_suffix=args.caption_suffix,
+            caption_dropout_rate=args.caption_dropout_rate,
+            caption_dropout_every_n_epochs=args.caption_dropout_every_n_epochs,
+            caption_tag_dropout_rate=args.caption_tag_dropout_rate, token_warmup_min=args.token_warmup_min,
+            token_warmup_step=args.token_warmup_step)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def objective_config(args: argparse.Namespace, prediction_type):
+    from library.diffusion_objective import HuberSchedule, LossType, ObjectiveConfig
+
+    return ObjectiveConfig(
+        prediction_type=prediction_type,
+        min_timestep=args.min_timestep if args.min_timestep is not None else 0,
+        max_timestep=args.max_timestep if args.max_timestep is not None else 1000,
+        zero_terminal_snr=args.zero_terminal_snr, noise_offset=args.noise_offset,
+        noise_offset_random_strength=args.noise_offset_random_strength,
+        adaptive_noise_scale=args.adaptive_noise_scale, multires_noise_iterations=args.multires_noise_iterations,
+        multires_noise_discount=args.multires_noise_discount, ip_noise_gamma=args.ip_noise_gamma,
+        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength, loss_type=LossType(args.loss_type),
+        huber_schedule=HuberSchedule(args.huber_schedule), huber_c=args.huber_c, huber_scale=args.huber_scale,
+        min_snr_gamma=args.min_snr_gamma, scale_v_pred_loss_like_noise_pred=args.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=args.v_pred_like_loss, debiased_estimation_loss=args.debiased_estimation_loss)
+
+
+def optimizer_config(args: argparse.Namespace):
+    from library.optimizers import OptimizerConfig, parse_optimizer_args, resolve_optimizer_type
+
+    try:
+        return OptimizerConfig(
+            optimizer_type=resolve_optimizer_type(args.optimizer_type, use_8bit_adam=args.use_8bit_adam,
+                                                  use_lion_optimizer=args.use_lion_optimizer),
+            learning_rate=args.learning_rate, optimizer_args=parse_optimizer_args(args.optimizer_args),
+            max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
+            lr_scheduler_num_cycles=args.lr_scheduler_num_cycles, lr_scheduler_power=args.lr_scheduler_power)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_training_flags(args: argparse.Namespace) -> None:
+    """kohya's cross-flag rules (verify_training_args), with the flags named."""
+    problems = []
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        problems.append("--full_fp16 requires --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        problems.append("--full_bf16 requires --mixed_precision bf16")
+    if (args.cache_latents or args.cache_latents_to_disk) and (args.color_aug or args.random_crop):
+        problems.append("--cache_latents cannot be combined with --color_aug or --random_crop (they change the "
+                        "pixels every epoch); drop one of them")
+    if args.color_aug:
+        problems.append("--color_aug is not implemented in this suite yet")
+    if args.weighted_captions:
+        problems.append("--weighted_captions is not implemented in this suite yet")
+    if args.dataset_config or args.in_json:
+        problems.append("--dataset_config / --in_json are not implemented in this suite yet; use --train_data_dir")
+    if args.max_token_length not in (None, 75, 150, 225):
+        problems.append("--max_token_length must be 75, 150 or 225")
+    if args.gradient_accumulation_steps < 1:
+        problems.append("--gradient_accumulation_steps must be >= 1")
+    if args.train_batch_size < 1:
+        problems.append("--train_batch_size must be >= 1")
+    if args.sample_prompts or args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first:
+        problems.append("sample images during training (--sample_prompts ...) are not implemented in this suite yet")
+    if args.xformers:
+        logger.warning("--xformers: not used; attention runs through PyTorch SDPA (same memory savings, and "
+                       "xformers cannot run on CPU)")
+    if problems:
+        raise SystemExit("error: " + "\n       ".join(problems))

@@ -7,6 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models are overhead-bound: one thread is as fast, and it keeps results bit-reproducible when other
+# processes compete for the cores (multi-threaded CPU kernels may then split reductions differently).
+torch.set_num_threads(1)
 
 from library.families import FAMILIES  # noqa: E402
 

@@ -1,0 +1,174 @@
+"""VAE latents computed once before training (`--cache_latents`, `--cache_latents_to_disk`).
+
+An entry is keyed by everything that determines it: the image file (size + mtime), its crop plan (resize, crop,
+bucket), the flip, the VAE's weights (a digest) and the dtype. On disk each image gets
+`<stem>_sd_latents.safetensors` beside it holding the key in its metadata; an entry whose key differs (edited
+image, other resolution or bucket settings, other VAE, other dtype) is recomputed and rewritten, never reused.
+`--skip_cache_check` skips only the image-file part of the check (for datasets on slow storage) and says so.
+
+Latents are stored unscaled (the VAE's sample); the training step multiplies by the family's scale factor.
+The sample is drawn with a generator seeded from the key, so a cache rebuilt from the same inputs is identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from library.safetensors_io import SafetensorsFormatError, SafetensorsReader, save_tensors
+from library.train_dataset import Item, TrainingDataset, file_fingerprint, tensor_fingerprint
+
+logger = logging.getLogger(__name__)
+
+DISK_SUFFIX = "_sd_latents.safetensors"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    to_disk: bool = False
+    batch_size: int = 1  # --vae_batch_size
+    skip_cache_check: bool = False
+
+
+class LatentCache:
+    def __init__(self, vae: torch.nn.Module, settings: CacheSettings, *, dtype: torch.dtype = torch.float32):
+        self.vae = vae
+        self.settings = settings
+        self.dtype = dtype
+        self.vae_id = tensor_fingerprint(vae)
+        self._latents: dict[tuple[str, bool], torch.Tensor] = {}
+        self._masks: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def key(self, dataset: TrainingDataset, item: Item) -> dict:
+        plan = dataset.plan(item, None)
+        key = {"plan": [list(plan.resized_size), plan.crop_left, plan.crop_top, list(plan.bucket)],
+               "vae": self.vae_id, "dtype": str(self.dtype), "version": 1}
+        if not self.settings.skip_cache_check:
+            key["file"] = file_fingerprint(item.record.path)
+        return key
+
+    def build(self, dataset: TrainingDataset) -> None:
+        """Fill the cache for every image of the dataset (and its flip when flip_aug is on)."""
+        for item in dataset.items:
+            if item.record.subset.random_crop or item.record.subset.color_aug:
+                raise ValueError(f"{item.record.subset.image_dir}: --cache_latents cannot be used with random_crop "
+                                 "or color_aug (each epoch needs new pixels); turn one of them off")
+        unique = {item.record.path: item for item in dataset.items}
+        todo, reused, stale = [], 0, 0
+        for path, item in unique.items():
+            key = self.key(dataset, item)
+            loaded = self._load_disk(item, key) if self.settings.to_disk else None
+            if loaded == "stale":
+                stale += 1
+            if isinstance(loaded, dict):
+                reused += 1
+                self._store(item, loaded)
+            else:
+                todo.append((item, key))
+        if stale:
+            logger.info("latent cache: %d entries were stale (image, resolution, VAE or dtype changed) and are "
+                        "recomputed", stale)
+        if self.settings.skip_cache_check and reused:
+            logger.warning("--skip_cache_check: reused %d cached latents without checking the image files", reused)
+        self._compute(dataset, todo)
+        dataset.latent_cache = self
+
+    def _compute(self, dataset: TrainingDataset, todo: list[tuple[Item, dict]]) -> None:
+        # Encode images of the same bucket together, --vae_batch_size at a time.
+        todo.sort(key=lambda entry: (entry[0].bucket, str(entry[0].record.path)))
+        batches, current = [], []
+        for entry in todo:
+            if current and (current[-1][0].bucket != entry[0].bucket or len(current) == self.settings.batch_size):
+                batches.append(current)
+                current = []
+            current.append(entry)
+        if current:
+            batches.append(current)
+        device = next(self.vae.parameters()).device
+        with torch.no_grad(), tqdm(total=len(todo), desc="caching latents", unit="image",
+                                   disable=not todo) as bar:
+            for batch in batches:
+                pixels, masks, flips = [], [], []
+                for item, _ in batch:
+                    image, mask = dataset.load_pixels(item, None, flip=False)
+                    pixels.append(image)
+                    masks.append(mask)
+                    flips.append(item.record.subset.flip_aug)
+                stack = torch.stack(pixels).to(device, self.dtype)
+                plain = self._encode(stack, "plain")
+                flipped = self._encode(stack.flip(-1), "flipped") if any(flips) else None
+                for i, (item, key) in enumerate(batch):
+                    entry = {"latents": plain[i]}
+                    if flips[i]:
+                        entry["latents_flipped"] = flipped[i]
+                    if masks[i] is not None:
+                        entry["alpha_mask"] = masks[i]
+                    self._store(item, entry)
+                    if self.settings.to_disk:
+                        self._save_disk(item, key, entry)
+                bar.update(len(batch))
+
+    def _encode(self, pixels: torch.Tensor, variant: str) -> torch.Tensor:
+        dist = self.vae.encode(pixels).latent_dist
+        # The sample's noise is seeded per image from its pixels: the same image gives the same cached latents
+        # wherever the dataset lives and whatever --vae_batch_size is.
+        noise = []
+        for image in pixels:
+            digest = hashlib.sha256(image.float().cpu().numpy().tobytes() + variant.encode()).hexdigest()
+            noise.append(torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(digest[:15], 16))))
+        sample = dist.mean + dist.std * torch.stack(noise).to(dist.mean)
+        if torch.isnan(sample).any():
+            raise FloatingPointError("NaN in VAE latents; the VAE overflows in this precision: use --no_half_vae")
+        return sample.float().cpu()
+
+    def _store(self, item: Item, entry: dict) -> None:
+        path = str(item.record.path)
+        self._latents[(path, False)] = entry["latents"]
+        if "latents_flipped" in entry:
+            self._latents[(path, True)] = entry["latents_flipped"]
+        if "alpha_mask" in entry:
+            self._masks[(path, False)] = entry["alpha_mask"]
+            self._masks[(path, True)] = entry["alpha_mask"].flip(-1)
+
+    def get(self, item: Item, flip: bool) -> torch.Tensor:
+        return self._latents[(str(item.record.path), flip)]
+
+    def get_mask(self, item: Item, flip: bool) -> torch.Tensor | None:
+        return self._masks.get((str(item.record.path), flip))
+
+    # Disk -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def disk_path(item: Item):
+        path = item.record.path
+        return path.with_name(path.stem + DISK_SUFFIX)
+
+    def _load_disk(self, item: Item, key: dict):
+        path = self.disk_path(item)
+        if not path.exists():
+            return None
+        try:
+            with SafetensorsReader(path) as reader:
+                if json.loads(reader.metadata.get("cache_key", "null")) != key:
+                    return "stale"
+                entry = {name: reader.read(name) for name in reader.keys()}
+        except (SafetensorsFormatError, json.JSONDecodeError):
+            return "stale"
+        if item.record.subset.flip_aug and "latents_flipped" not in entry:
+            return "stale"
+        if item.record.subset.alpha_mask and "alpha_mask" not in entry:
+            return "stale"
+        return entry
+
+    def _save_disk(self, item: Item, key: dict, entry: dict) -> None:
+        path = self.disk_path(item)
+        try:
+            save_tensors(path, {k: v.contiguous() for k, v in entry.items()}, {"cache_key": json.dumps(key)})
+        except OSError as e:
+            raise OSError(f"{path}: cannot write the latent cache next to the image ({e}); make the folder "
+                          "writable or use --cache_latents without --cache_latents_to_disk") from e

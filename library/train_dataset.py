@@ -1,0 +1,159 @@
+"""The training dataset: one item per call, every random choice a function of (seed, epoch, step, index).
+
+Images are expanded by their repeats into *items*; each item has a bucket and a crop plan (buckets.py). The
+bucket batch sampler groups items of one bucket; `EpochBatches` turns its batches into `SampleKey`s that carry
+the epoch and the optimizer step, so that `__getitem__` can seed caption shuffling, flips and random crops from
+the key alone. A resumed run therefore sees exactly the samples the uninterrupted run saw, and DataLoader workers
+need no shared state.
+
+Latents come from the `LatentCache` when caching is on (computed before training), otherwise the VAE encodes
+the pixels in the training step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from library.buckets import BucketAssigner, BucketBatchSampler, CropPlan, apply_plan_to_image, plan_resize_and_crop
+from library.captions import process_caption
+from library.dataset_sources import ImageRecord
+from library.images import load_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleKey:
+    epoch: int  # 1-based, as kohya counts for caption dropout
+    step: int  # optimizer step at which the sample is used (token warmup)
+    index: int  # item index
+
+
+@dataclass(frozen=True)
+class Item:
+    record: ImageRecord
+    bucket: tuple[int, int]
+    loss_weight: float
+
+
+def _rng(seed: int, *parts: object) -> random.Random:
+    # String seeding is stable across processes and Python runs (hash() of a tuple is not).
+    return random.Random(":".join(str(p) for p in (seed, *parts)))
+
+
+def pixels_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    def __init__(self, records_with_repeats: list[tuple[ImageRecord, int]], assigner: BucketAssigner, *, seed: int,
+                 prior_loss_weight: float = 1.0, max_train_steps: int = 0):
+        self.seed = seed
+        self.assigner = assigner
+        self.max_train_steps = max_train_steps
+        self.items: list[Item] = []
+        self._choices = {}
+        for record, repeats in records_with_repeats:
+            choice = assigner.assign(record.size)
+            self._choices[record.path] = choice
+            weight = prior_loss_weight if record.subset.is_reg else 1.0
+            self.items += [Item(record, choice.bucket, weight)] * repeats
+        self.latent_cache = None  # set by LatentCache.attach
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def plan(self, item: Item, rng: random.Random | None) -> CropPlan:
+        return plan_resize_and_crop(item.record.size, self._choices[item.record.path],
+                                    random_crop=item.record.subset.random_crop, rng=rng)
+
+    def flips(self, item: Item, key: SampleKey) -> bool:
+        return item.record.subset.flip_aug and _rng(self.seed, "flip", key.epoch, key.index).random() < 0.5
+
+    def __getitem__(self, key: SampleKey) -> dict:
+        item = self.items[key.index]
+        subset = item.record.subset
+        flip = self.flips(item, key)
+        out = {"loss_weight": item.loss_weight, "path": str(item.record.path)}
+        if self.latent_cache is not None:
+            out["latents"] = self.latent_cache.get(item, flip)
+            mask = self.latent_cache.get_mask(item, flip) if subset.alpha_mask else None
+        else:
+            out["pixels"], mask = self.load_pixels(item, key, flip)
+        if subset.alpha_mask:
+            out["mask"] = mask if mask is not None else torch.ones(1, *item.bucket[::-1])
+        rng = _rng(self.seed, "caption", key.epoch, key.index)
+        out["caption"] = process_caption(item.record.caption, subset.caption, rng=rng, epoch=key.epoch,
+                                         step=key.step, max_train_steps=self.max_train_steps)
+        return out
+
+    def load_pixels(self, item: Item, key: SampleKey | None, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pixels [3, H, W] of the item's bucket size (and its alpha mask [1, H, W] through the same crop plan)."""
+        subset = item.record.subset
+        rng = _rng(self.seed, "crop", key.epoch, key.index) if subset.random_crop and key else None
+        plan = self.plan(item, rng)
+        loaded = load_image(item.record.path, want_alpha=subset.alpha_mask)
+        image = apply_plan_to_image(loaded.rgb, plan)
+        mask = None
+        if loaded.alpha is not None:
+            alpha = Image.fromarray((loaded.alpha * 255).round().astype(np.uint8), "L")
+            mask = torch.from_numpy(np.asarray(apply_plan_to_image(alpha, plan), dtype=np.float32) / 255.0)[None]
+        pixels = pixels_to_tensor(image)
+        if flip:
+            pixels = pixels.flip(-1)
+            mask = mask.flip(-1) if mask is not None else None
+        return pixels, mask
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {"caption": [s["caption"] for s in samples], "path": [s["path"] for s in samples],
+             "loss_weight": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32)}
+    for key in ("latents", "pixels", "mask"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    return batch
+
+
+class EpochBatches:
+    """Batches of `SampleKey`s for one process, a pure function of (seed, epoch): resumable at any step."""
+
+    def __init__(self, dataset: TrainingDataset, batch_size: int, seed: int, *, num_processes: int = 1,
+                 process_index: int = 0):
+        from library.buckets import shard
+
+        self.sampler = BucketBatchSampler([item.bucket for item in dataset.items], batch_size, seed)
+        self.num_processes, self.process_index = num_processes, process_index
+        self._shard = shard
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        batches = self.sampler.batches(epoch)
+        if self.num_processes > 1:
+            batches = self._shard(batches, self.num_processes, self.process_index)
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.batches(1))
+
+
+def file_fingerprint(path) -> str:
+    """Identity of an image file's content for cache keys: size + mtime (cheap; an edit changes them)."""
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def tensor_fingerprint(module: torch.nn.Module) -> str:
+    """A digest of a module's weights, so a cache made with another VAE is never reused."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,291 @@
+"""The training loop every trainer shares: batches -> conditioning -> noise -> UNet -> loss -> optimizer step,
+with periodic saves, training state for exact resume, a progress bar and logs.
+
+What a trainer trains and saves is a `TrainingTask` (LoRA network, full UNet, ...); everything else is here once.
+
+Exact resume: the data order, caption randomness, noise and timesteps are pure functions of (seed, epoch, step)
+(see train_dataset.py and diffusion_objective.py), so a state needs only the trainable weights, the optimizer and
+scheduler states and three counters. `train_state.json` stores the *global* step, so resuming a resumed run
+continues counting instead of over-training (kohya #2171).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from tqdm import tqdm
+
+from library.atomic_files import atomic_directory
+from library.diffusion_objective import DiffusionObjective
+from library.text_encoding import encode, tokenize
+from library.train_dataset import EpochBatches, SampleKey, TrainingDataset, collate
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+
+
+class TrainingTask(Protocol):
+    """What differs between trainers."""
+
+    train_text_encoder: bool
+
+    def trainable_state(self) -> dict[str, torch.Tensor]: ...
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
+    def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path: ...
+    def model_file_suffix(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    output_dir: Path
+    output_name: str
+    max_train_steps: int
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    max_token_length: int | None = None
+    clip_skip: int | None = None
+    vae_scale_factor: float = 0.18215
+    save_every_n_steps: int | None = None
+    save_every_n_epochs: int | None = None
+    save_last_n_steps: int | None = None
+    save_last_n_epochs: int | None = None
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    logging_dir: Path | None = None
+    data_loader_workers: int = 0
+    stop_after_steps: int | None = None  # testing aid: stop early as if killed (no final save)
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    epoch: int = 1  # 1-based
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    run_fingerprint: dict | None = None
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def micro_step_seed(seed: int, global_step: int, micro: int, process: int) -> int:
+    return (seed * 1_000_003 + global_step * 1_009 + micro * 17 + process) % (2 ** 63)
+
+
+class Trainer:
+    def __init__(self, *, task: TrainingTask, unet, text_encoder, vae, tokenizer, dataset: TrainingDataset,
+                 batches: EpochBatches, objective: DiffusionObjective, optimizer, lr_scheduler, config: LoopConfig,
+                 accelerator, run_fingerprint: dict, trainable_parameters: list[torch.nn.Parameter],
+                 weight_dtype: torch.dtype = torch.float32, on_log: Callable[[dict], None] | None = None):
+        self.task, self.unet, self.text_encoder, self.vae, self.tokenizer = task, unet, text_encoder, vae, tokenizer
+        self.dataset, self.batches, self.objective = dataset, batches, objective
+        self.optimizer, self.lr_scheduler, self.config = optimizer, lr_scheduler, config
+        self.accelerator = accelerator
+        self.run_fingerprint = run_fingerprint
+        self.trainable_parameters = trainable_parameters
+        self.weight_dtype = weight_dtype
+        self.on_log = on_log
+        self.state = TrainState(run_fingerprint=run_fingerprint)
+        self.writer = None
+        self.loss_history: list[tuple[int, float]] = []
+
+    # ------------------------------------------------------------------------------------------------------
+    # Resume
+
+    def save_state(self, folder: Path) -> None:
+        with atomic_directory(folder) as tmp:
+            torch.save(self.task.trainable_state(), tmp / "trainable.pt")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+        logger.info("saved training state to %s (step %d)", folder, self.state.global_step)
+
+    def load_state(self, folder: Path) -> None:
+        state_file = folder / STATE_FILE
+        if not state_file.is_file():
+            raise ValueError(f"--resume {folder}: not a training state folder (no {STATE_FILE})")
+        saved = TrainState(**json.loads(state_file.read_text()))
+        differences = {k: (saved.run_fingerprint or {}).get(k, "<missing>") for k, v in self.run_fingerprint.items()
+                       if (saved.run_fingerprint or {}).get(k, "<missing>") != v}
+        if differences:
+            shown = "; ".join(f"{k}: state has {v!r}, this run {self.run_fingerprint[k]!r}"
+                              for k, v in differences.items())
+            raise ValueError(f"--resume {folder}: the state comes from a different run configuration ({shown}). "
+                             "Resume with the original settings, or start a new run.")
+        self.task.load_trainable_state(torch.load(folder / "trainable.pt", weights_only=True))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        self.state = saved
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, saved.global_step, saved.epoch,
+                    saved.batch_in_epoch)
+
+    # ------------------------------------------------------------------------------------------------------
+    # One step
+
+    def _conditioning(self, captions: list[str]) -> torch.Tensor:
+        ids = tokenize(self.tokenizer, captions, self.config.max_token_length)
+        with torch.set_grad_enabled(self.task.train_text_encoder):
+            return encode(self.text_encoder, ids, clip_skip=self.config.clip_skip)
+
+    def _latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        if "latents" in batch:
+            latents = batch["latents"]
+        else:
+            with torch.no_grad():
+                pixels = batch["pixels"].to(self.vae.device, self.vae.dtype)
+                dist = self.vae.encode(pixels).latent_dist
+                noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+                latents = (dist.mean + dist.std * noise).float()
+        return latents * self.config.vae_scale_factor
+
+    def _loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        device = self.accelerator.device
+        latents = self._latents(batch, generator).to(device)
+        cond = self._conditioning(batch["caption"])
+        noised = self.objective.noised(latents, generator)
+        with self.accelerator.autocast():
+            prediction = self.unet(noised.noisy_latents.to(self.weight_dtype), noised.timesteps.to(device),
+                                   cond.to(self.weight_dtype)).sample
+        return self.objective.loss(prediction, noised.target, noised.timesteps.to(device),
+                                   loss_weights=batch["loss_weight"].to(device), mask=batch.get("mask"))
+
+    # ------------------------------------------------------------------------------------------------------
+    # The loop
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.batches) / self.config.gradient_accumulation_steps)
+
+    def run(self, resume: Path | None = None) -> TrainState:
+        c = self.config
+        if resume:
+            self.load_state(resume)
+        if c.logging_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(c.logging_dir))
+        accum = c.gradient_accumulation_steps
+        bar = tqdm(total=c.max_train_steps, initial=self.state.global_step, desc="steps", unit="step",
+                   disable=not self.accelerator.is_main_process)
+        started, steps_this_run = time.perf_counter(), 0
+        while self.state.global_step < c.max_train_steps:
+            epoch_batches = self.batches.batches(self.state.epoch)
+            first = self.state.batch_in_epoch
+            group: list[int] = []
+            for b in range(first, len(epoch_batches)):
+                group.append(b)
+                last_in_epoch = b == len(epoch_batches) - 1
+                if len(group) < accum and not last_in_epoch:
+                    continue
+                loss = self._optimizer_step(epoch_batches, group)
+                group = []
+                self.state.batch_in_epoch = b + 1
+                self.state.global_step += 1
+                steps_this_run += 1
+                self._log(loss, bar)
+                if c.save_every_n_steps and self.state.global_step % c.save_every_n_steps == 0 \
+                        and self.state.global_step < c.max_train_steps:
+                    self._save(f"{c.output_name}-step{self.state.global_step:08d}", "step")
+                if c.stop_after_steps is not None and steps_this_run >= c.stop_after_steps:
+                    bar.close()
+                    return self.state
+                if self.state.global_step >= c.max_train_steps:
+                    break
+            if self.state.batch_in_epoch >= len(epoch_batches):
+                finished = self.state.epoch
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+                if c.save_every_n_epochs and finished % c.save_every_n_epochs == 0 \
+                        and self.state.global_step < c.max_train_steps:
+                    self._save(f"{c.output_name}-{finished:06d}", "epoch")
+        bar.close()
+        self.task.save_model(c.output_dir / c.output_name, epoch=self.state.epoch, global_step=self.state.global_step)
+        if c.save_state or c.save_state_on_train_end:
+            self.save_state(c.output_dir / f"{c.output_name}-state")
+        if self.writer:
+            self.writer.close()
+        logger.info("trained %d steps in %.1f s", steps_this_run, time.perf_counter() - started)
+        return self.state
+
+    def _optimizer_step(self, epoch_batches: list[list[int]], group: list[int]) -> float:
+        step = self.state.global_step
+        total = 0.0
+        for micro, b in enumerate(group):
+            keys = [SampleKey(self.state.epoch, step, i) for i in epoch_batches[b]]
+            batch = collate([self.dataset[k] for k in keys])
+            seed = micro_step_seed(self.config.seed, step, micro, self.accelerator.process_index)
+            torch.manual_seed(seed)  # LoRA / network dropout draws from torch's global generator
+            generator = torch.Generator().manual_seed(seed)
+            loss = self._loss(batch, generator)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss became {loss.item()} at step {step + 1} (epoch {self.state.epoch}, images "
+                    f"{', '.join(batch['path'][:3])}); stopping. The last saved model/state is intact. Lower the "
+                    "learning rate, use --no_half_vae, or train in fp32/bf16.")
+            # Scaled so that accumulated gradients are a mean over the micro-batches (as accelerate does).
+            self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
+            total += loss.item()
+        if self.config.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(group)
+
+    def _log(self, loss: float, bar) -> None:
+        step = self.state.global_step
+        self.loss_history.append((step, loss))
+        recent = [l for _, l in self.loss_history[-50:]]
+        lrs = self.lr_scheduler.get_last_lr()
+        bar.set_postfix(loss=f"{loss:.4f}", avg=f"{sum(recent) / len(recent):.4f}", lr=f"{lrs[0]:.2e}")
+        bar.update(1)
+        record = {"step": step, "epoch": self.state.epoch, "loss": loss, "lr": lrs}
+        if self.writer:
+            self.writer.add_scalar("loss/current", loss, step)
+            self.writer.add_scalar("loss/average", sum(recent) / len(recent), step)
+            for i, lr in enumerate(lrs):
+                self.writer.add_scalar(f"lr/group{i}", lr, step)
+        if self.on_log:
+            self.on_log(record)
+
+    def _save(self, stem: str, kind: str) -> None:
+        c = self.config
+        self.task.save_model(c.output_dir / stem, epoch=self.state.epoch, global_step=self.state.global_step)
+        if c.save_state:
+            self.save_state(c.output_dir / f"{stem}-state")
+        self._prune(kind)
+
+    def _prune(self, kind: str) -> None:
+        """kohya's retention: --save_last_n_epochs keeps the newest N epoch saves; --save_last_n_steps keeps the
+        step saves made within the last N steps (a window, not a count). States go with their model files."""
+        import re
+        import shutil
+
+        c = self.config
+        suffix = self.task.model_file_suffix()
+        if kind == "step" and c.save_last_n_steps:
+            pattern, number = re.compile(rf"^{re.escape(c.output_name)}-step(\d{{8}}){re.escape(suffix)}$"), None
+            number = lambda n: n < self.state.global_step - c.save_last_n_steps  # noqa: E731
+        elif kind == "epoch" and c.save_last_n_epochs:
+            pattern = re.compile(rf"^{re.escape(c.output_name)}-(\d{{6}}){re.escape(suffix)}$")
+            epochs = sorted(int(m.group(1)) for p in c.output_dir.iterdir() if (m := pattern.match(p.name)))
+            doomed = set(epochs[:-c.save_last_n_epochs])
+            number = lambda n: n in doomed  # noqa: E731
+        else:
+            return
+        for path in c.output_dir.iterdir():
+            match = pattern.match(path.name)
+            if match and number(int(match.group(1))):
+                path.unlink() if path.is_file() else shutil.rmtree(path)
+                state = path.with_name(path.name[: -len(suffix)] + "-state")
+                if state.is_dir():
+                    shutil.rmtree(state)

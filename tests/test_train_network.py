@@ -1,0 +1,129 @@
+"""Recipe tests: run the real train_network.py on a tiny model and synthetic images.
+
+Golden losses pin the numbers (a change in data order, noise, loss or optimizer shows up here); resume tests
+prove that stopping and resuming (twice) ends with weights identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from library.safetensors_io import SafetensorsReader
+
+GOLDEN = Path(__file__).parent / "golden" / "train_network_losses.json"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from tools.make_synthetic_dataset import write_dataset
+    from tools.make_tiny_model import main as make_model
+
+    root = tmp_path_factory.mktemp("train_network")
+    write_dataset(root / "data", images=6, size=64, seed=0, folder="3_sks shape")
+    write_dataset(root / "reg", images=4, size=64, seed=1, folder="1_shape", prefix="shape, ")
+    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
+    assert make_model(["--family", "sd2-768-v", str(root / "sd2v.safetensors")]) == 0
+    return root
+
+
+def base_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]:
+    return ["--pretrained_model_name_or_path", str(root / model), "--train_data_dir", str(root / "data"),
+            "--output_dir", str(root / out), "--output_name", "lora", "--resolution", "64", "--enable_bucket",
+            "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
+            "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3", "--seed", "7",
+            "--train_batch_size", "2", "--max_data_loader_n_workers", "0", "--logging_dir", str(root / out / "logs")]
+
+
+def run(argv: list[str], stop_after: int | None = None) -> None:
+    import train_network
+
+    if stop_after:
+        os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
+    try:
+        assert train_network.main(argv) == 0
+    finally:
+        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
+
+
+def logged_losses(log_root: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        values.update({e.step: e.value for e in events.Scalars("loss/current")})
+    return [values[s] for s in sorted(values)]
+
+
+def read_lora(path: Path) -> dict[str, torch.Tensor]:
+    with SafetensorsReader(path) as reader:
+        return {k: reader.read(k) for k in reader.keys()}
+
+
+CASES = {
+    "sd1_cached": ["--cache_latents", "--max_train_steps", "6"],
+    "sd1_uncached_reg_flip_accum": ["--reg_data_dir", "{root}/reg", "--flip_aug", "--gradient_accumulation_steps", "2",
+                                    "--max_train_steps", "4", "--shuffle_caption", "--keep_tokens", "1",
+                                    "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"],
+    "sd1_locon_minsnr_offset": ["--cache_latents", "--network_args", "conv_dim=4", "conv_alpha=1", "--min_snr_gamma",
+                                "5", "--noise_offset", "0.05", "--max_train_steps", "4", "--optimizer_type",
+                                "AdamW8bit"],
+    "sd2v_unet_only": ["--cache_latents", "--network_train_unet_only", "--max_train_steps", "4"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_losses(case, workspace):
+    root = workspace
+    model = "sd2v.safetensors" if case.startswith("sd2v") else "sd1.safetensors"
+    extra = [a.replace("{root}", str(root)) for a in CASES[case]]
+    run(base_args(root, f"golden_{case}", model) + extra)
+    losses = logged_losses(root / f"golden_{case}" / "logs")
+    lora = read_lora(root / f"golden_{case}" / "lora.safetensors")
+    if os.environ.get("UPDATE_GOLDEN"):
+        data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+        data[case] = losses
+        GOLDEN.write_text(json.dumps(data, indent=1) + "\n")
+    expected = json.loads(GOLDEN.read_text())[case]
+    assert losses == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert all(torch.isfinite(t).all() for t in lora.values())
+    if "unet_only" in case:
+        assert not any(k.startswith("lora_te_") for k in lora)
+
+
+def test_resume_reproduces_the_uninterrupted_run(workspace):
+    root = workspace
+    common = ["--cache_latents", "--max_train_steps", "7", "--save_every_n_steps", "2", "--save_state",
+              "--flip_aug", "--shuffle_caption", "--lr_scheduler", "cosine"]
+    run(base_args(root, "straight") + common)
+    straight = read_lora(root / "straight" / "lora.safetensors")
+
+    # Killed after step 2 (state saved at step 2), resumed, killed again after 2 more steps, resumed to the end.
+    out = root / "resumed"
+    run(base_args(root, "resumed") + common, stop_after=2)
+    assert (out / "lora-step00000002-state").is_dir() and not (out / "lora.safetensors").exists()
+    run(base_args(root, "resumed") + common + ["--resume", str(out / "lora-step00000002-state")], stop_after=2)
+    state = json.loads((out / "lora-step00000004-state" / "train_state.json").read_text())
+    assert state["global_step"] == 4
+    run(base_args(root, "resumed") + common + ["--resume", str(out / "lora-step00000004-state")])
+    resumed = read_lora(out / "lora.safetensors")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+    # The resumed run's losses continue the straight run's, step for step.
+    assert logged_losses(out / "logs") == logged_losses(root / "straight" / "logs")
+
+
+def test_resume_refuses_a_state_from_another_configuration(workspace):
+    root = workspace
+    common = ["--cache_latents", "--max_train_steps", "2", "--save_every_n_steps", "1", "--save_state"]
+    run(base_args(root, "cfg_a") + common)
+    with pytest.raises(SystemExit, match="different run configuration.*network_dim"):
+        run(base_args(root, "cfg_b") + common[:-3] + ["--network_dim", "8", "--resume",
+                                                      str(root / "cfg_a" / "lora-step00000001-state")])

@@ -1,0 +1,357 @@
+"""Train a LoRA / LoCon network for Stable Diffusion 1.x / 2.x (kohya-ss/sd-scripts' interface).
+
+    accelerate launch train_network.py --pretrained_model_name_or_path model.safetensors \\
+        --train_data_dir data --output_dir out --output_name my_lora \\
+        --resolution 512 --network_dim 16 --network_alpha 8 --learning_rate 1e-4 --max_train_epochs 10
+
+The recipe: parse config -> load models -> build data -> cache latents -> create network -> train -> save.
+The data pipeline, training step, saving and resume are the shared ones in `library/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from library import train_args  # noqa: E402
+from library.buckets import BucketAssigner, BucketConfig, bucket_report, format_bucket_table  # noqa: E402
+from library.captions import tag_frequency  # noqa: E402
+from library.dataset_sources import DatasetError, Subset, balance_regularization, dreambooth_subsets, scan_subset  # noqa: E402
+from library.diffusion_objective import DiffusionObjective  # noqa: E402
+from library.images import ImageError  # noqa: E402
+from library.latent_cache import CacheSettings, LatentCache  # noqa: E402
+from library.model_loading import instantiate_models, replace_vae  # noqa: E402
+from library.optimizers import build_optimizer, build_scheduler  # noqa: E402
+from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
+from library.tensor_files import CheckpointError  # noqa: E402
+from library.train_dataset import EpochBatches, TrainingDataset  # noqa: E402
+from library.training_loop import LoopConfig, Trainer  # noqa: E402
+
+logger = logging.getLogger("train_network")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_args.add_model_arguments(p)
+    train_args.add_dataset_arguments(p)
+    train_args.add_training_arguments(p)
+    train_args.add_objective_arguments(p)
+    train_args.add_optimizer_arguments(p)
+    train_args.add_sample_arguments(p)
+    train_args.add_not_yet_implemented(p)
+    g = p.add_argument_group("network")
+    g.add_argument("--network_module", default="networks.lora")
+    g.add_argument("--network_dim", type=int, default=None, help="rank (networks.lora default: 4)")
+    g.add_argument("--network_alpha", type=float, default=1.0, help="scale = alpha / dim (kohya default 1)")
+    g.add_argument("--network_dropout", type=float, default=None)
+    g.add_argument("--network_args", nargs="*", default=None, help="key=value options, e.g. conv_dim=4")
+    g.add_argument("--network_weights", default=None, help="start from these LoRA weights")
+    g.add_argument("--dim_from_weights", action="store_true", help="take ranks from --network_weights")
+    g.add_argument("--unet_lr", type=float, default=None)
+    g.add_argument("--text_encoder_lr", type=float, nargs="*", default=None)
+    g.add_argument("--network_train_unet_only", action="store_true")
+    g.add_argument("--network_train_text_encoder_only", action="store_true")
+    g.add_argument("--save_model_as", choices=["safetensors", "ckpt", "pt"], default="safetensors")
+    g.add_argument("--no_metadata", action="store_true")
+    g.add_argument("--training_comment", default=None)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def build_dataset(args, family, seed: int, max_train_steps: int) -> TrainingDataset:
+    if not args.train_data_dir:
+        raise SystemExit("error: --train_data_dir is required (the parent of '<repeats>_<class>' image folders)")
+    template = Subset(image_dir=Path("."), caption_extension=args.caption_extension,
+                      caption=train_args.caption_options(args), flip_aug=args.flip_aug, color_aug=args.color_aug,
+                      random_crop=args.random_crop, alpha_mask=args.alpha_mask)
+    subsets = dreambooth_subsets(Path(args.train_data_dir), is_reg=False, template=template)
+    if args.reg_data_dir:
+        subsets += dreambooth_subsets(Path(args.reg_data_dir), is_reg=True, template=template)
+    train, reg, problems = [], [], []
+    for subset in subsets:
+        records, bad = scan_subset(subset)
+        problems += bad
+        (reg if subset.is_reg else train).extend(records)
+    if problems:
+        raise SystemExit("error: unreadable images (remove or fix them):\n  " + "\n  ".join(problems))
+    if not train:
+        raise SystemExit(f"error: --train_data_dir {args.train_data_dir}: no training images found")
+    train_samples = sum(r.subset.num_repeats for r in train)
+    reg_repeats = balance_regularization(train_samples, [r.subset.num_repeats for r in reg])
+    if reg and 0 in reg_repeats:
+        logger.warning("%d regularisation images are not used: there are more reg samples than train samples",
+                       reg_repeats.count(0))
+    records = [(r, r.subset.num_repeats) for r in train] + [(r, n) for r, n in zip(reg, reg_repeats) if n]
+    bucket_config = BucketConfig(
+        resolution=train_args.parse_resolution(args.resolution, family.default_resolution),
+        enable_bucket=args.enable_bucket, min_bucket_reso=args.min_bucket_reso,
+        max_bucket_reso=args.max_bucket_reso, bucket_reso_steps=args.bucket_reso_steps,
+        bucket_no_upscale=args.bucket_no_upscale)
+    try:
+        for warning in bucket_config.validate(family_step=family.bucket_reso_step):
+            logger.warning(warning)
+        assigner = BucketAssigner(bucket_config)
+        dataset = TrainingDataset(records, assigner, seed=seed, prior_loss_weight=args.prior_loss_weight,
+                                  max_train_steps=max_train_steps)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    report = bucket_report(assigner, [(r.size, n) for r, n in records])
+    logger.info("%d train images (%d samples with repeats), %d reg images; buckets:\n%s", len(train), train_samples,
+                len(reg), format_bucket_table(report.rows, report.mean_aspect_error))
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The network as a training task
+
+
+class LoRATask:
+    def __init__(self, network, *, train_text_encoder: bool, save_dtype, save_model_as: str, metadata: dict):
+        self.network = network
+        self.train_text_encoder = train_text_encoder
+        self.save_dtype = save_dtype
+        self.save_model_as = save_model_as
+        self.metadata = metadata
+
+    def trainable_state(self):
+        return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+
+    def load_trainable_state(self, state):
+        self.network.load_state_dict(state)
+
+    def model_file_suffix(self) -> str:
+        return "." + self.save_model_as
+
+    def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path:
+        path = path_stem.with_name(path_stem.name + self.model_file_suffix())
+        metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
+                        ss_training_finished_at=str(time.time()))
+        self.network.save_weights(path, self.save_dtype,
+                                  metadata if self.save_model_as == "safetensors" else None)
+        logger.info("saved %s", path)
+        return path
+
+
+def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed: int, max_train_steps: int,
+                  network_args: dict) -> dict[str, str]:
+    """kohya's ss_* training metadata (all strings) plus modelspec for the LoRA."""
+    v = prediction_type.value == "v_prediction"
+    base = {
+        "ss_network_module": args.network_module, "ss_network_dim": str(args.network_dim or 4),
+        "ss_network_alpha": str(args.network_alpha), "ss_network_args": json.dumps(network_args),
+        "ss_v2": str(family.is_v2), "ss_base_model_version": family.ss_base_model_version + ("" if not v or
+                                                                                              family.is_v2 else "_v"),
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": family.modelspec_architecture + "/lora",
+        "modelspec.implementation": "diffusers", "modelspec.prediction_type": prediction_type.modelspec_name,
+        "modelspec.title": args.output_name or "last",
+        "modelspec.resolution": "{}x{}".format(*train_args.parse_resolution(args.resolution, family.default_resolution)),
+    }
+    if args.no_metadata:
+        return base
+    records = {str(item.record.path): item.record for item in dataset.items}.values()
+    by_dir: dict[str, list[str]] = {}
+    for record in records:
+        by_dir.setdefault(record.subset.image_dir.name, []).append(record.caption)
+    base.update({
+        "ss_session_id": str(random.randint(0, 2 ** 32)), "ss_training_started_at": str(time.time()),
+        "ss_output_name": args.output_name or "last", "ss_learning_rate": str(args.learning_rate),
+        "ss_unet_lr": str(args.unet_lr), "ss_text_encoder_lr": str(args.text_encoder_lr),
+        "ss_num_train_images": str(sum(1 for r in records if not r.subset.is_reg)),
+        "ss_num_reg_images": str(sum(1 for r in records if r.subset.is_reg)),
+        "ss_max_train_steps": str(max_train_steps), "ss_seed": str(seed), "ss_lr_scheduler": args.lr_scheduler,
+        "ss_lr_warmup_steps": str(args.lr_warmup_steps), "ss_optimizer": args.optimizer_type or "AdamW",
+        "ss_mixed_precision": args.mixed_precision, "ss_full_fp16": str(args.full_fp16),
+        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_batch_size_per_device": str(args.train_batch_size), "ss_resolution": base["modelspec.resolution"],
+        "ss_clip_skip": str(args.clip_skip), "ss_max_token_length": str(args.max_token_length),
+        "ss_cache_latents": str(args.cache_latents), "ss_enable_bucket": str(args.enable_bucket),
+        "ss_min_bucket_reso": str(args.min_bucket_reso), "ss_max_bucket_reso": str(args.max_bucket_reso),
+        "ss_bucket_no_upscale": str(args.bucket_no_upscale), "ss_flip_aug": str(args.flip_aug),
+        "ss_random_crop": str(args.random_crop), "ss_shuffle_caption": str(args.shuffle_caption),
+        "ss_keep_tokens": str(args.keep_tokens), "ss_noise_offset": str(args.noise_offset),
+        "ss_min_snr_gamma": str(args.min_snr_gamma), "ss_prior_loss_weight": str(args.prior_loss_weight),
+        "ss_loss_type": args.loss_type, "ss_zero_terminal_snr": str(args.zero_terminal_snr),
+        "ss_network_dropout": str(args.network_dropout), "ss_training_comment": str(args.training_comment),
+        "ss_sd_model_name": Path(args.pretrained_model_name_or_path).name,
+        "ss_tag_frequency": json.dumps({d: tag_frequency(c) for d, c in by_dir.items()}),
+        "ss_dataset_dirs": json.dumps({d: {"n_repeats": next(r.subset.num_repeats for r in records
+                                                              if r.subset.image_dir.name == d),
+                                           "img_count": len(c)} for d, c in by_dir.items()}),
+    })
+    return base
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> Path:
+    train_args.check_training_flags(args)
+    seed = args.seed if args.seed is not None else random.randint(0, 2 ** 31 - 1)
+    logger.info("seed %d", seed)
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise SystemExit("error: --network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    output_name = args.output_name or "last"
+
+    # Models
+    hints = FamilyHints(v2=True if args.v2 else None, v_parameterization=args.v_parameterization)
+    try:
+        checkpoint = read_checkpoint(args.pretrained_model_name_or_path, hints,
+                                     allow_unsafe_pickle=args.allow_unsafe_pickle)
+        if args.vae:
+            replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    family, prediction = checkpoint.family, checkpoint.prediction_type
+    logger.info("%s", family.description)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
+    with checkpoint:
+        models = instantiate_models(checkpoint, dtype=weight_dtype, component_dtypes={"vae": vae_dtype})
+    unet, text_encoder, vae = (m.to(accelerator.device) for m in (models.unet, models.text_encoder, models.vae))
+    for model in (unet, text_encoder, vae):
+        model.requires_grad_(False)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # diffusers only checkpoints in training mode; dropout is 0 in SD's UNet
+
+    # Data
+    try:
+        dataset = build_dataset(args, family, seed, args.max_train_steps)
+    except (DatasetError, ImageError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    batches = EpochBatches(dataset, args.train_batch_size, seed, num_processes=accelerator.num_processes,
+                           process_index=accelerator.process_index)
+    steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps
+    if args.max_train_epochs:
+        max_train_steps = args.max_train_epochs * steps_per_epoch
+    logger.info("%d steps per epoch, %d steps (%.1f epochs)", steps_per_epoch, max_train_steps,
+                max_train_steps / steps_per_epoch)
+    dataset.max_train_steps = max_train_steps
+    if args.cache_latents or args.cache_latents_to_disk:
+        cache = LatentCache(vae, CacheSettings(to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
+                                               skip_cache_check=args.skip_cache_check), dtype=vae_dtype)
+        try:
+            cache.build(dataset)
+        except (ValueError, OSError, ImageError) as e:
+            raise SystemExit(f"error: {e}") from None
+
+    # Network (its initial weights come from torch's global generator: seed it so runs repeat exactly)
+    torch.manual_seed(seed)
+    module = importlib.import_module(args.network_module)
+    network_kwargs = dict(kv.split("=", 1) for kv in (args.network_args or []))
+    try:
+        if args.dim_from_weights:
+            if not args.network_weights:
+                raise SystemExit("error: --dim_from_weights needs --network_weights")
+            network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
+                                                            **network_kwargs)
+        else:
+            network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
+                                            neuron_dropout=args.network_dropout, **network_kwargs)
+        network.apply_to(text_encoder, unet, apply_text_encoder=not args.network_train_unet_only,
+                         apply_unet=not args.network_train_text_encoder_only)
+        if args.network_weights:
+            logger.info("loaded network weights %s: %s", args.network_weights, network.load_weights(args.network_weights))
+    except (ValueError, NotImplementedError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    network.to(accelerator.device)
+    te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
+    param_groups, _ = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+    # A text-encoder LoRA with learning rate 0 stays applied but frozen (prepare_optimizer_params decides).
+    train_text_encoder = any(p.requires_grad for lora in network.text_encoder_loras for p in lora.parameters())
+    if train_text_encoder and args.gradient_checkpointing:
+        text_encoder.gradient_checkpointing_enable()
+        text_encoder.train()
+
+    # Optimizer
+    opt_config = train_args.optimizer_config(args)
+    try:
+        optimizer = build_optimizer(opt_config, param_groups)
+        lr_scheduler = build_scheduler(opt_config, optimizer, max_train_steps)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    network, optimizer = accelerator.prepare(network, optimizer)
+
+    save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_precision)
+    metadata = lora_metadata(args, family, prediction, dataset, seed, max_train_steps, network_kwargs)
+    task = LoRATask(accelerator.unwrap_model(network), train_text_encoder=train_text_encoder, save_dtype=save_dtype,
+                    save_model_as=args.save_model_as, metadata=metadata)
+    fingerprint = run_fingerprint(args, family, dataset, seed)
+    loop_config = LoopConfig(
+        output_dir=output_dir, output_name=output_name, max_train_steps=max_train_steps,
+        batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps, seed=seed,
+        max_grad_norm=opt_config.max_grad_norm, max_token_length=args.max_token_length, clip_skip=args.clip_skip,
+        vae_scale_factor=family.vae_scale_factor, save_every_n_steps=args.save_every_n_steps,
+        save_every_n_epochs=args.save_every_n_epochs, save_last_n_steps=args.save_last_n_steps,
+        save_last_n_epochs=args.save_last_n_epochs, save_state=args.save_state,
+        save_state_on_train_end=args.save_state_on_train_end,
+        logging_dir=_logging_dir(args), stop_after_steps=_stop_after_steps())
+    trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=models.tokenizer,
+                      dataset=dataset, batches=batches, objective=DiffusionObjective(
+                          train_args.objective_config(args, prediction)),
+                      optimizer=optimizer, lr_scheduler=lr_scheduler, config=loop_config, accelerator=accelerator,
+                      run_fingerprint=fingerprint, trainable_parameters=[p for g in param_groups for p in g["params"]],
+                      weight_dtype=weight_dtype)
+    try:
+        trainer.run(resume=Path(args.resume) if args.resume else None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return output_dir / (output_name + task.model_file_suffix())
+
+
+def run_fingerprint(args, family, dataset: TrainingDataset, seed: int) -> dict:
+    """Settings a resumed run must share with the run that saved the state, or it would silently diverge."""
+    items = hashlib.sha256("\n".join(f"{i.record.path}|{i.bucket}|{i.loss_weight}" for i in dataset.items)
+                           .encode()).hexdigest()[:16]
+    return {"family": family.name, "seed": seed, "dataset_items": items, "train_batch_size": args.train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "network_module": args.network_module,
+            "network_dim": args.network_dim, "network_alpha": args.network_alpha,
+            "network_args": args.network_args or [], "optimizer_type": args.optimizer_type or "AdamW",
+            "learning_rate": args.learning_rate}
+
+
+def _logging_dir(args) -> Path | None:
+    if not args.logging_dir:
+        return None
+    prefix = args.log_prefix or ""
+    return Path(args.logging_dir) / (prefix + time.strftime("%Y%m%d%H%M%S"))
+
+
+def _stop_after_steps() -> int | None:
+    # Testing aid for the resume tests: simulate a run killed after N steps (no final save).
+    value = os.environ.get("SDTRAIN_STOP_AFTER_STEPS")
+    return int(value) if value else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = train_args.parse_args(setup_parser(), argv)
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
