@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fresh-machine quickstart: set up .venv, then run the main job on a bundled tiny model.
-# Today's main job is a checkpoint conversion round trip (WebUI single file -> diffusers folder -> single file),
-# checked bit for bit. Outputs go to quickstart_output/.
+# Fresh-machine quickstart: set up .venv, then train a LoRA on a bundled tiny model and synthetic images.
+# Also shows the checkpoint round trip (WebUI single file -> diffusers -> single file, checked bit for bit).
+# Everything is written to quickstart_output/.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
@@ -9,9 +9,28 @@ export HF_HUB_OFFLINE=1
 py=.venv/bin/python
 out=quickstart_output
 rm -rf "$out" && mkdir -p "$out"
+
+# 1. A tiny SD 1.x model (random weights, real block structure) and 8 synthetic captioned images.
 $py tools/make_tiny_model.py --family sd1 "$out/tiny_sd1.safetensors"
+$py tools/make_synthetic_dataset.py "$out/train_data" --images 8 --size 64
+
+# 2. Train a LoRA (kohya flags; on a GPU machine use `accelerate launch train_network.py ...`).
+$py train_network.py \
+  --pretrained_model_name_or_path "$out/tiny_sd1.safetensors" --train_data_dir "$out/train_data" \
+  --output_dir "$out/lora" --output_name tiny_lora --resolution 64 --enable_bucket --min_bucket_reso 32 \
+  --max_bucket_reso 128 --bucket_reso_steps 32 --network_dim 4 --network_alpha 2 --learning_rate 1e-3 \
+  --max_train_steps 30 --train_batch_size 2 --cache_latents --seed 42 --save_every_n_steps 10 \
+  --logging_dir "$out/logs" --max_data_loader_n_workers 0
+$py tools/show_metadata.py --model "$out/lora/tiny_lora.safetensors"
+
+# 3. Checkpoint conversion round trip.
 $py tools/convert_diffusers20_original_sd.py "$out/tiny_sd1.safetensors" "$out/tiny_sd1_diffusers" --use_safetensors
 $py tools/convert_diffusers20_original_sd.py "$out/tiny_sd1_diffusers" "$out/tiny_sd1_roundtrip.safetensors"
 $py tools/compare_models.py "$out/tiny_sd1.safetensors" "$out/tiny_sd1_roundtrip.safetensors"
-$py tools/show_metadata.py --model "$out/tiny_sd1_roundtrip.safetensors"
-echo "Done. Outputs in $out/: tiny_sd1.safetensors (WebUI layout), tiny_sd1_diffusers/ (diffusers), tiny_sd1_roundtrip.safetensors"
+
+echo
+echo "Done. In $out/:"
+echo "  lora/tiny_lora.safetensors            the trained LoRA (kohya format: loads in WebUI, ComfyUI, diffusers)"
+echo "  lora/tiny_lora-step000000{10,20}.*    periodic saves"
+echo "  logs/                                 TensorBoard logs (tensorboard --logdir $out/logs)"
+echo "  tiny_sd1_diffusers/, tiny_sd1_roundtrip.safetensors   the conversion round trip"
