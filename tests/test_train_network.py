@@ -127,3 +127,40 @@ def test_resume_refuses_a_state_from_another_configuration(workspace):
     with pytest.raises(SystemExit, match="different run configuration.*network_dim"):
         run(base_args(root, "cfg_b") + common[:-3] + ["--network_dim", "8", "--resume",
                                                       str(root / "cfg_a" / "lora-step00000001-state")])
+
+
+@pytest.mark.parametrize("network_args", [[], ["--network_args", "conv_dim=4", "conv_alpha=1"]])
+def test_trained_lora_gives_the_same_outputs_in_diffusers(workspace, network_args):
+    """The file train_network.py writes, loaded by diffusers' load_lora_weights, computes what our network
+    computed in training (U-Net and text encoder, fp32)."""
+    from diffusers import StableDiffusionPipeline
+
+    import networks.lora as lora
+    from library.checkpoint_writer import SaveFormat, save_checkpoint
+    from library.model_loading import instantiate_models
+    from library.sd_checkpoint import read_checkpoint
+
+    root = workspace
+    out = f"to_diffusers_{len(network_args)}"
+    run(base_args(root, out) + ["--cache_latents", "--max_train_steps", "3"] + network_args)
+    lora_file = root / out / "lora.safetensors"
+    with read_checkpoint(root / "sd1.safetensors") as checkpoint:
+        models = instantiate_models(checkpoint)
+        folder = save_checkpoint(checkpoint, root / out / "base_diffusers", SaveFormat.DIFFUSERS_SAFETENSORS)
+    network, weights = lora.create_network_from_weights(1.0, str(lora_file), None, models.text_encoder, models.unet)
+    network.apply_to(models.text_encoder, models.unet)
+    network.load_weights(lora_file)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.load_lora_weights(str(root / out), weight_name="lora.safetensors")
+    ids = models.tokenizer(["sks shape, red circle"], padding="max_length", max_length=77,
+                           return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours_te, theirs_te = models.text_encoder(ids).last_hidden_state, pipe.text_encoder(ids).last_hidden_state
+        assert (ours_te - theirs_te).abs().max() <= 1e-5
+        ours = models.unet(latents, 300, ours_te).sample
+        theirs = pipe.unet(latents, 300, ours_te).sample
+        assert (ours - theirs).abs().max() <= 1e-5
+        # ...and the LoRA really changes the model (the comparison is not vacuous).
+        network.restore()
+        assert (models.unet(latents, 300, ours_te).sample - ours).abs().max() > 1e-4
