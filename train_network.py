@@ -225,6 +225,10 @@ def train(args: argparse.Namespace) -> Path:
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > 1:
+        # Gradients of the network would not be all-reduced yet: each process would train its own copy.
+        raise SystemExit("error: multi-process training (accelerate --num_processes > 1) is not implemented in "
+                         "this suite yet; launch with one process")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
     with checkpoint:
@@ -308,7 +312,8 @@ def train(args: argparse.Namespace) -> Path:
         save_every_n_epochs=args.save_every_n_epochs, save_last_n_steps=args.save_last_n_steps,
         save_last_n_epochs=args.save_last_n_epochs, save_state=args.save_state,
         save_state_on_train_end=args.save_state_on_train_end,
-        logging_dir=_logging_dir(args), stop_after_steps=_stop_after_steps())
+        logging_dir=_logging_dir(args), data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+        stop_after_steps=_stop_after_steps())
     trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=models.tokenizer,
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
                           train_args.objective_config(args, prediction)),

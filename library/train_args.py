@@ -88,7 +88,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225])
     g.add_argument("--max_train_steps", type=int, default=1600)
     g.add_argument("--max_train_epochs", type=int, default=None)
-    g.add_argument("--max_data_loader_n_workers", type=int, default=0)
+    g.add_argument("--max_data_loader_n_workers", type=int, default=8,
+                   help="image-loading worker processes (capped at the CPU count; 0 = main process)")
     g.add_argument("--persistent_data_loader_workers", action="store_true")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -322,6 +323,13 @@ def check_training_flags(args: argparse.Namespace) -> None:
         problems.append("--train_batch_size must be >= 1")
     if args.sample_prompts or args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first:
         problems.append("sample images during training (--sample_prompts ...) are not implemented in this suite yet")
+    for flag, on in (("--full_fp16", args.full_fp16), ("--full_bf16", args.full_bf16),
+                     ("--debug_dataset", args.debug_dataset), ("--log_with wandb", args.log_with in ("wandb", "all")),
+                     ("--masked_loss (masks from conditioning images; --alpha_mask works)", args.masked_loss)):
+        if on:
+            problems.append(f"{flag}: not implemented in this suite yet")
+    if args.log_with == "tensorboard" and not args.logging_dir:
+        problems.append("--log_with tensorboard needs --logging_dir (where to write the logs)")
     if args.xformers:
         logger.warning("--xformers: not used; attention runs through PyTorch SDPA (same memory savings, and "
                        "xformers cannot run on CPU)")

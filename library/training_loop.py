@@ -179,16 +179,14 @@ class Trainer:
         started, steps_this_run = time.perf_counter(), 0
         while self.state.global_step < c.max_train_steps:
             epoch_batches = self.batches.batches(self.state.epoch)
-            first = self.state.batch_in_epoch
-            group: list[int] = []
-            for b in range(first, len(epoch_batches)):
-                group.append(b)
-                last_in_epoch = b == len(epoch_batches) - 1
-                if len(group) < accum and not last_in_epoch:
-                    continue
-                loss = self._optimizer_step(epoch_batches, group)
-                group = []
-                self.state.batch_in_epoch = b + 1
+            n, first = len(epoch_batches), self.state.batch_in_epoch
+            # Optimizer steps of the rest of this epoch: `accum` batches each (the epoch's last may be shorter).
+            groups = [list(range(s, min(s + accum, n))) for s in range(first, n, accum)]
+            loader = iter(self._loader(epoch_batches, groups))
+            for g, group in enumerate(groups):
+                micro_batches = [next(loader) for _ in group]
+                loss = self._optimizer_step(micro_batches)
+                self.state.batch_in_epoch = group[-1] + 1
                 self.state.global_step += 1
                 steps_this_run += 1
                 self._log(loss, bar)
@@ -200,6 +198,7 @@ class Trainer:
                     return self.state
                 if self.state.global_step >= c.max_train_steps:
                     break
+            del loader
             if self.state.batch_in_epoch >= len(epoch_batches):
                 finished = self.state.epoch
                 self.state.epoch += 1
@@ -216,12 +215,19 @@ class Trainer:
         logger.info("trained %d steps in %.1f s", steps_this_run, time.perf_counter() - started)
         return self.state
 
-    def _optimizer_step(self, epoch_batches: list[list[int]], group: list[int]) -> float:
+    def _loader(self, epoch_batches: list[list[int]], groups: list[list[int]]):
+        """Batches of the given optimizer-step groups, loaded (and collated) by DataLoader workers; each sample
+        is addressed by its SampleKey, so workers need no shared state."""
+        keys = [[SampleKey(self.state.epoch, self.state.global_step + g, i) for i in epoch_batches[b]]
+                for g, group in enumerate(groups) for b in group]
+        workers = self.config.data_loader_workers
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, collate_fn=collate, num_workers=workers,
+                                           persistent_workers=False, prefetch_factor=2 if workers else None)
+
+    def _optimizer_step(self, micro_batches: list[dict]) -> float:
         step = self.state.global_step
         total = 0.0
-        for micro, b in enumerate(group):
-            keys = [SampleKey(self.state.epoch, step, i) for i in epoch_batches[b]]
-            batch = collate([self.dataset[k] for k in keys])
+        for micro, batch in enumerate(micro_batches):
             seed = micro_step_seed(self.config.seed, step, micro, self.accelerator.process_index)
             torch.manual_seed(seed)  # LoRA / network dropout draws from torch's global generator
             generator = torch.Generator().manual_seed(seed)
@@ -239,7 +245,7 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(group)
+        return total / len(micro_batches)
 
     def _log(self, loss: float, bar) -> None:
         step = self.state.global_step

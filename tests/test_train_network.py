@@ -164,3 +164,16 @@ def test_trained_lora_gives_the_same_outputs_in_diffusers(workspace, network_arg
         # ...and the LoRA really changes the model (the comparison is not vacuous).
         network.restore()
         assert (models.unet(latents, 300, ours_te).sample - ours).abs().max() > 1e-4
+
+
+def test_data_loader_workers_do_not_change_the_result(workspace):
+    """Samples are addressed by (epoch, step, index): loading them in worker processes gives the same run."""
+    root = workspace
+    common = ["--max_train_steps", "3", "--flip_aug", "--shuffle_caption", "--random_crop"]
+    results = {}
+    for workers in ("0", "2"):
+        argv = base_args(root, f"workers_{workers}") + common
+        argv[argv.index("--max_data_loader_n_workers") + 1] = workers
+        run(argv)
+        results[workers] = read_lora(root / f"workers_{workers}" / "lora.safetensors")
+    assert all(torch.equal(results["0"][k], results["2"][k]) for k in results["0"])
