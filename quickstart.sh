@@ -14,13 +14,16 @@ rm -rf "$out" && mkdir -p "$out"
 $py tools/make_tiny_model.py --family sd1 "$out/tiny_sd1.safetensors"
 $py tools/make_synthetic_dataset.py "$out/train_data" --images 8 --size 64
 
+printf 'sks shape, red circle --d 1 --s 20\nsks shape, blue square --n blurry --d 2 --s 20 --ss euler_a\n' > "$out/prompts.txt"
+
 # 2. Train a LoRA (kohya flags; on a GPU machine use `accelerate launch train_network.py ...`).
 $py train_network.py \
   --pretrained_model_name_or_path "$out/tiny_sd1.safetensors" --train_data_dir "$out/train_data" \
   --output_dir "$out/lora" --output_name tiny_lora --resolution 64 --enable_bucket --min_bucket_reso 32 \
   --max_bucket_reso 128 --bucket_reso_steps 32 --network_dim 4 --network_alpha 2 --learning_rate 1e-3 \
   --max_train_steps 30 --train_batch_size 2 --cache_latents --seed 42 --save_every_n_steps 10 \
-  --logging_dir "$out/logs" --max_data_loader_n_workers 0
+  --logging_dir "$out/logs" --max_data_loader_n_workers 0 \
+  --sample_prompts "$out/prompts.txt" --sample_every_n_steps 10 --sample_at_first
 $py tools/show_metadata.py --model "$out/lora/tiny_lora.safetensors"
 
 # 3. Checkpoint conversion round trip.
@@ -32,5 +35,6 @@ echo
 echo "Done. In $out/:"
 echo "  lora/tiny_lora.safetensors            the trained LoRA (kohya format: loads in WebUI, ComfyUI, diffusers)"
 echo "  lora/tiny_lora-step000000{10,20}.*    periodic saves"
-echo "  logs/                                 TensorBoard logs (tensorboard --logdir $out/logs)"
+echo "  lora/sample/*.png                     sample images at steps 0, 10, 20, 30 (WebUI PNG Info reads them)"
+echo "  logs/                                 TensorBoard logs: loss, lr, samples (tensorboard --logdir $out/logs)"
 echo "  tiny_sd1_diffusers/, tiny_sd1_roundtrip.safetensors   the conversion round trip"

@@ -34,7 +34,7 @@ from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.images import ImageError  # noqa: E402
 from library.latent_cache import CacheSettings, LatentCache  # noqa: E402
 from library.model_loading import instantiate_models, replace_vae  # noqa: E402
-from library.optimizers import build_optimizer, build_scheduler  # noqa: E402
+from library.optimizers import build_optimizer, build_scheduler, optimizer_class  # noqa: E402
 from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
 from library.tensor_files import CheckpointError  # noqa: E402
 from library.train_dataset import EpochBatches, TrainingDataset  # noqa: E402
@@ -206,7 +206,20 @@ def train(args: argparse.Namespace) -> Path:
     seed = args.seed if args.seed is not None else random.randint(0, 2 ** 31 - 1)
     logger.info("seed %d", seed)
     if args.network_train_unet_only and args.network_train_text_encoder_only:
-        raise SystemExit("error: --network_train_unet_only and --network_train_text_encoder_only exclude each other")
+        raise SystemExit("error: --network_train_unet_only and --network_train_text_encoder_only exclude each other; "
+                         "give at most one (with neither, both the U-Net and the text encoder are trained)")
+    # Flag errors that need no model: reported before minutes of model loading and latent caching.
+    if args.dim_from_weights and not args.network_weights:
+        raise SystemExit("error: --dim_from_weights takes the ranks from --network_weights: give --network_weights "
+                         "FILE, or drop --dim_from_weights")
+    if args.network_weights and not Path(args.network_weights).is_file():
+        raise SystemExit(f"error: --network_weights {args.network_weights}: no such file; check the path")
+    network_kwargs = network_kwargs_from(args.network_args)
+    opt_config = train_args.optimizer_config(args)
+    try:
+        optimizer_class(opt_config.optimizer_type)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     output_name = args.output_name or "last"
@@ -259,26 +272,30 @@ def train(args: argparse.Namespace) -> Path:
                                                skip_cache_check=args.skip_cache_check), dtype=vae_dtype)
         try:
             cache.build(dataset)
-        except (ValueError, OSError, ImageError) as e:
+        except (ValueError, OSError, ImageError, FloatingPointError) as e:
             raise SystemExit(f"error: {e}") from None
 
     # Network (its initial weights come from torch's global generator: seed it so runs repeat exactly)
     torch.manual_seed(seed)
     module = importlib.import_module(args.network_module)
-    network_kwargs = dict(kv.split("=", 1) for kv in (args.network_args or []))
     try:
         if args.dim_from_weights:
-            if not args.network_weights:
-                raise SystemExit("error: --dim_from_weights needs --network_weights")
-            network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
-                                                            **network_kwargs)
+            try:
+                network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
+                                                                **network_kwargs)
+            except ValueError as e:
+                raise _weights_error(args, e) from None
         else:
             network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
                                             neuron_dropout=args.network_dropout, **network_kwargs)
         network.apply_to(text_encoder, unet, apply_text_encoder=not args.network_train_unet_only,
                          apply_unet=not args.network_train_text_encoder_only)
         if args.network_weights:
-            logger.info("loaded network weights %s: %s", args.network_weights, network.load_weights(args.network_weights))
+            try:
+                info = network.load_weights(args.network_weights)
+            except ValueError as e:
+                raise _weights_error(args, e) from None
+            logger.info("loaded network weights %s: %s", args.network_weights, info)
     except (ValueError, NotImplementedError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     network.to(accelerator.device)
@@ -291,9 +308,13 @@ def train(args: argparse.Namespace) -> Path:
         text_encoder.train()
 
     # Optimizer
-    opt_config = train_args.optimizer_config(args)
     try:
         optimizer = build_optimizer(opt_config, param_groups)
+    except (ValueError, TypeError) as e:  # torch's own checks, e.g. an unexpected keyword from --optimizer_args
+        given = f" with --optimizer_args {' '.join(args.optimizer_args)}" if args.optimizer_args else ""
+        raise SystemExit(f"error: --optimizer_type {opt_config.optimizer_type}{given}: the optimizer refused its "
+                         f"arguments ({e}); check the argument names and values (and --learning_rate)") from None
+    try:
         lr_scheduler = build_scheduler(opt_config, optimizer, max_train_steps)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -312,19 +333,60 @@ def train(args: argparse.Namespace) -> Path:
         save_every_n_epochs=args.save_every_n_epochs, save_last_n_steps=args.save_last_n_steps,
         save_last_n_epochs=args.save_last_n_epochs, save_state=args.save_state,
         save_state_on_train_end=args.save_state_on_train_end,
-        logging_dir=_logging_dir(args), data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+        sample_every_n_steps=args.sample_every_n_steps, sample_every_n_epochs=args.sample_every_n_epochs,
+        sample_at_first=args.sample_at_first, logging_dir=_logging_dir(args),
+        data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         stop_after_steps=_stop_after_steps())
+    sampler = None
+    if args.sample_prompts:
+        from library.sampling import PromptFileError, SamplePrompt, TrainingSampler, load_prompts
+
+        width, height = train_args.parse_resolution(args.resolution, family.default_resolution)
+        try:
+            prompts = load_prompts(args.sample_prompts, SamplePrompt("", width=width, height=height))
+            sampler = TrainingSampler(
+                prompts, models=models, default_sampler=args.sample_sampler, prediction_type=prediction.value,
+                output_dir=output_dir, output_name=output_name, seed=seed, clip_skip=args.clip_skip,
+                max_token_length=args.max_token_length, vae_scale_factor=family.vae_scale_factor,
+                zero_terminal_snr=args.zero_terminal_snr, model_name=Path(args.pretrained_model_name_or_path).stem)
+        except (PromptFileError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
     trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=models.tokenizer,
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
                           train_args.objective_config(args, prediction)),
                       optimizer=optimizer, lr_scheduler=lr_scheduler, config=loop_config, accelerator=accelerator,
                       run_fingerprint=fingerprint, trainable_parameters=[p for g in param_groups for p in g["params"]],
-                      weight_dtype=weight_dtype)
+                      weight_dtype=weight_dtype, sampler=sampler, sample_trainable=task.network)
     try:
         trainer.run(resume=Path(args.resume) if args.resume else None)
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:  # FloatingPointError: NonFiniteLossError (names the step)
         raise SystemExit(f"error: {e}") from None
     return output_dir / (output_name + task.model_file_suffix())
+
+
+def network_kwargs_from(pairs: list[str] | None) -> dict[str, str]:
+    """`--network_args key=value ...` as a dict of strings (the network module types and checks the values)."""
+    kwargs = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --network_args {pair!r}: expected key=value (e.g. conv_dim=4)")
+        kwargs[key.strip()] = value
+    return kwargs
+
+
+def _weights_error(args, error: Exception) -> SystemExit:
+    """--network_weights that do not fit the network: the loader's message (keys and shapes) and what to do."""
+    if args.dim_from_weights:
+        advice = ("With --dim_from_weights the ranks already come from the file, so its layers do not match this "
+                  "base model: it is a LoRA for another base model family (e.g. SD 2.x vs SD 1.x). Train on that "
+                  "base model, or start without --network_weights.")
+    else:
+        advice = ("If it is a LoRA for this base model with another rank, add --dim_from_weights (or give the "
+                  "--network_dim / --network_args conv_dim it was trained with); a LoRA for another base model "
+                  "family (e.g. SD 2.x vs SD 1.x) cannot be loaded: use the matching "
+                  "--pretrained_model_name_or_path, or start without --network_weights.")
+    return SystemExit(f"error: --network_weights {args.network_weights}: {error}\n  {advice}")
 
 
 def run_fingerprint(args, family, dataset: TrainingDataset, seed: int) -> dict:

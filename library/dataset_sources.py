@@ -76,11 +76,21 @@ def dreambooth_subsets(parent: Path, *, is_reg: bool, template: Subset) -> list[
         logger.warning("%s: ignoring folder %r: its name does not start with '<repeats>_' (e.g. '10_%s')",
                        flag, name, name)
     if not subsets:
-        hint = (f" It holds {len(direct_images)} image(s) directly ({', '.join(direct_images[:3])}...): "
-                f"{flag} must be the PARENT of the image folders." if direct_images else "")
-        found = f" Found folders: {', '.join(skipped[:5])}." if skipped else ""
-        raise DatasetError(f"{flag} {parent}: no '<repeats>_<identifier> <class>' folders (e.g. "
-                           f"'{parent}/10_sks dog/').{hint}{found}")
+        example = f"'{parent / '10_sks dog'}'"
+        if direct_images:
+            shown = ", ".join(direct_images[:3]) + (", ..." if len(direct_images) > 3 else "")
+            hint = (f" It holds {len(direct_images)} image(s) directly ({shown}), but {flag} must be the PARENT of "
+                    "'<repeats>_<class>' folders, not the image folder itself: ")
+            if _FOLDER_NAME.match(parent.name):
+                hint += f"use {flag} {parent.parent}"
+            else:
+                hint += f"move the images into a folder such as {example} (10 = repeats per epoch)"
+        elif skipped:
+            hint = (f" Found folder(s) without a '<repeats>_' prefix: {', '.join(map(repr, skipped[:5]))}"
+                    f"{', ...' if len(skipped) > 5 else ''}; rename them, e.g. '10_{skipped[0]}'")
+        else:
+            hint = f" Put the images into a folder such as {example} (10 = repeats per epoch)"
+        raise DatasetError(f"{flag} {parent}: no '<repeats>_<identifier> <class>' folders inside.{hint}.")
     if direct_images:
         logger.warning("%s %s: ignoring %d image(s) directly in the parent folder; only images inside "
                        "'<repeats>_<class>' folders are used", flag, parent, len(direct_images))

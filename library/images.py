@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,15 @@ def is_image_file(path: Path) -> bool:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, reading only the header."""
+    """(width, height) after EXIF orientation, reading only the header (PIL decodes a PNG to find its EXIF, so
+    a corrupt or truncated PNG fails here, with its name)."""
     with _open(path) as image:
         width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+            raise ImageError(f"{path}: the image data is corrupt or truncated ({e}); remove it or copy it "
+                             "again") from e
     # Orientations 5-8 rotate by 90 degrees and swap the sides.
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
@@ -58,7 +64,7 @@ def _open(path: Path) -> Image.Image:
                          "PNG/JPEG") from e
     if image.size[0] * image.size[1] > MAX_PIXELS:
         raise ImageError(f"{path}: {image.size[0]}x{image.size[1]} is too large to train on; downscale it first "
-                         f"(e.g. tools/resize_images_to_resolution.py) to at most {MAX_PIXELS} pixels")
+                         f"to at most {MAX_PIXELS} pixels (width x height) with any image editor, or remove it")
     return image
 
 

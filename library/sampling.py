@@ -212,3 +212,50 @@ def save_png(image, path: Path, parameters: str) -> Path:
     with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return path
+
+
+class TrainingSampler:
+    """Sample images during training: every prompt of the prompt file, saved as
+    `<output_dir>/sample/<name>_<e000005|000500>_<idx>_<time>_<seed>.png` (kohya's names) and sent to
+    TensorBoard. Prompts without `--d` get the seed (run seed + index), so samples are comparable across saves."""
+
+    def __init__(self, prompts: list[SamplePrompt], *, models, default_sampler: str, prediction_type: str,
+                 output_dir: Path, output_name: str, seed: int, clip_skip: int | None, max_token_length: int | None,
+                 vae_scale_factor: float, zero_terminal_snr: bool = False, model_name: str = ""):
+        self.prompts, self.models = prompts, models
+        self.default_sampler = sampler_name(default_sampler)
+        self.prediction_type, self.zero_terminal_snr = prediction_type, zero_terminal_snr
+        self.output_dir, self.output_name, self.seed = Path(output_dir), output_name, seed
+        self.clip_skip, self.max_token_length, self.vae_scale_factor = clip_skip, max_token_length, vae_scale_factor
+        self.model_name = model_name
+
+    def __call__(self, *, epoch: int | None, step: int, writer=None, trainable=None) -> list[Path]:
+        import time
+
+        tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        was_training = trainable.training if trainable is not None else False
+        if trainable is not None:
+            trainable.eval()  # no dropout while sampling
+        paths = []
+        try:
+            for index, prompt in enumerate(self.prompts):
+                seed = prompt.seed if prompt.seed is not None else self.seed + index
+                name = prompt.sampler or self.default_sampler
+                image = generate(prompt, unet=self.models.unet, vae=self.models.vae,
+                                 text_encoder=self.models.text_encoder, tokenizer=self.models.tokenizer,
+                                 scheduler=make_scheduler(name, self.prediction_type,
+                                                          zero_terminal_snr=self.zero_terminal_snr),
+                                 seed=seed, clip_skip=self.clip_skip, max_token_length=self.max_token_length,
+                                 vae_scale_factor=self.vae_scale_factor)
+                path = self.output_dir / "sample" / f"{self.output_name}_{tag}_{index:02d}_{stamp}_{seed}.png"
+                paths.append(save_png(image, path, webui_parameters(prompt, sampler=name, seed=seed,
+                                                                    model_name=self.model_name)))
+                if writer is not None:
+                    import numpy as np
+
+                    writer.add_image(f"sample/{index:02d}", np.asarray(image), step, dataformats="HWC")
+        finally:
+            if trainable is not None and was_training:
+                trainable.train()
+        return paths

@@ -156,7 +156,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample_every_n_epochs", type=int, default=None)
     g.add_argument("--sample_at_first", action="store_true")
     g.add_argument("--sample_prompts", default=None)
-    g.add_argument("--sample_sampler", default="ddim")
+    g.add_argument("--sample_sampler", default="ddim",
+                   help="ddim, pndm, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver, dpmsolver++, dpmsingle, k_*")
 
 
 # kohya flags users may bring that this suite does not implement yet. Setting one is an error that says so,
@@ -321,8 +322,8 @@ def check_training_flags(args: argparse.Namespace) -> None:
         problems.append("--gradient_accumulation_steps must be >= 1")
     if args.train_batch_size < 1:
         problems.append("--train_batch_size must be >= 1")
-    if args.sample_prompts or args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first:
-        problems.append("sample images during training (--sample_prompts ...) are not implemented in this suite yet")
+    if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:
+        problems.append("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first need --sample_prompts")
     for flag, on in (("--full_fp16", args.full_fp16), ("--full_bf16", args.full_bf16),
                      ("--debug_dataset", args.debug_dataset), ("--log_with wandb", args.log_with in ("wandb", "all")),
                      ("--masked_loss (masks from conditioning images; --alpha_mask works)", args.masked_loss)):

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from library.buckets import BucketAssigner, BucketBatchSampler, CropPlan, apply_plan_to_image, plan_resize_and_crop
+from library.buckets import (BucketAssigner, BucketBatchSampler, CropPlan, ImageTooSmallError, apply_plan_to_image,
+                             plan_resize_and_crop)
 from library.captions import process_caption
 from library.dataset_sources import ImageRecord
 from library.images import load_image
@@ -63,7 +64,12 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.items: list[Item] = []
         self._choices = {}
         for record, repeats in records_with_repeats:
-            choice = assigner.assign(record.size)
+            try:
+                choice = assigner.assign(record.size)
+            except ImageTooSmallError as e:
+                advice = ("; remove or enlarge the image, or train without --bucket_no_upscale (small images are "
+                          "then upscaled to a bucket)" if assigner.config.bucket_no_upscale else "")
+                raise ImageTooSmallError(f"{record.path}: {e}{advice}") from None
             self._choices[record.path] = choice
             weight = prior_loss_weight if record.subset.is_reg else 1.0
             self.items += [Item(record, choice.bucket, weight)] * repeats

@@ -63,6 +63,9 @@ class LoopConfig:
     save_state_on_train_end: bool = False
     logging_dir: Path | None = None
     data_loader_workers: int = 0
+    sample_every_n_steps: int | None = None
+    sample_every_n_epochs: int | None = None  # overrides sample_every_n_steps (kohya)
+    sample_at_first: bool = False
     stop_after_steps: int | None = None  # testing aid: stop early as if killed (no final save)
 
 
@@ -86,7 +89,8 @@ class Trainer:
     def __init__(self, *, task: TrainingTask, unet, text_encoder, vae, tokenizer, dataset: TrainingDataset,
                  batches: EpochBatches, objective: DiffusionObjective, optimizer, lr_scheduler, config: LoopConfig,
                  accelerator, run_fingerprint: dict, trainable_parameters: list[torch.nn.Parameter],
-                 weight_dtype: torch.dtype = torch.float32, on_log: Callable[[dict], None] | None = None):
+                 weight_dtype: torch.dtype = torch.float32, on_log: Callable[[dict], None] | None = None,
+                 sampler: Callable[..., object] | None = None, sample_trainable: torch.nn.Module | None = None):
         self.task, self.unet, self.text_encoder, self.vae, self.tokenizer = task, unet, text_encoder, vae, tokenizer
         self.dataset, self.batches, self.objective = dataset, batches, objective
         self.optimizer, self.lr_scheduler, self.config = optimizer, lr_scheduler, config
@@ -95,6 +99,7 @@ class Trainer:
         self.trainable_parameters = trainable_parameters
         self.weight_dtype = weight_dtype
         self.on_log = on_log
+        self.sampler, self.sample_trainable = sampler, sample_trainable
         self.state = TrainState(run_fingerprint=run_fingerprint)
         self.writer = None
         self.loss_history: list[tuple[int, float]] = []
@@ -177,6 +182,8 @@ class Trainer:
         bar = tqdm(total=c.max_train_steps, initial=self.state.global_step, desc="steps", unit="step",
                    disable=not self.accelerator.is_main_process)
         started, steps_this_run = time.perf_counter(), 0
+        if c.sample_at_first and self.state.global_step == 0:
+            self._sample(epoch=None)
         while self.state.global_step < c.max_train_steps:
             epoch_batches = self.batches.batches(self.state.epoch)
             n, first = len(epoch_batches), self.state.batch_in_epoch
@@ -193,6 +200,9 @@ class Trainer:
                 if c.save_every_n_steps and self.state.global_step % c.save_every_n_steps == 0 \
                         and self.state.global_step < c.max_train_steps:
                     self._save(f"{c.output_name}-step{self.state.global_step:08d}", "step")
+                if c.sample_every_n_steps and not c.sample_every_n_epochs \
+                        and self.state.global_step % c.sample_every_n_steps == 0:
+                    self._sample(epoch=None)
                 if c.stop_after_steps is not None and steps_this_run >= c.stop_after_steps:
                     bar.close()
                     return self.state
@@ -206,6 +216,8 @@ class Trainer:
                 if c.save_every_n_epochs and finished % c.save_every_n_epochs == 0 \
                         and self.state.global_step < c.max_train_steps:
                     self._save(f"{c.output_name}-{finished:06d}", "epoch")
+                if c.sample_every_n_epochs and finished % c.sample_every_n_epochs == 0:
+                    self._sample(epoch=finished)
         bar.close()
         self.task.save_model(c.output_dir / c.output_name, epoch=self.state.epoch, global_step=self.state.global_step)
         if c.save_state or c.save_state_on_train_end:
@@ -262,6 +274,13 @@ class Trainer:
                 self.writer.add_scalar(f"lr/group{i}", lr, step)
         if self.on_log:
             self.on_log(record)
+
+    def _sample(self, *, epoch: int | None) -> None:
+        if self.sampler is None or not self.accelerator.is_main_process:
+            return
+        paths = self.sampler(epoch=epoch, step=self.state.global_step, writer=self.writer,
+                             trainable=self.sample_trainable)
+        logger.info("sample images: %s", ", ".join(p.name for p in paths))
 
     def _save(self, stem: str, kind: str) -> None:
         c = self.config

@@ -177,3 +177,24 @@ def test_data_loader_workers_do_not_change_the_result(workspace):
         run(argv)
         results[workers] = read_lora(root / f"workers_{workers}" / "lora.safetensors")
     assert all(torch.equal(results["0"][k], results["2"][k]) for k in results["0"])
+
+
+def test_sample_images_during_training(workspace):
+    from PIL import Image
+
+    root = workspace
+    prompts = root / "prompts.txt"
+    prompts.write_text("sks shape, red circle --d 3 --s 3\nsks shape --s 2 --ss euler_a --w 96\n")
+    run(base_args(root, "samples") + ["--cache_latents", "--max_train_steps", "4", "--sample_prompts", str(prompts),
+                                      "--sample_every_n_steps", "2", "--sample_at_first", "--sample_sampler", "ddim"])
+    files = sorted(p.name for p in (root / "samples" / "sample").iterdir())
+    # At first (step 0), after step 2 and after step 4; two prompts each; the seed ends the name.
+    assert len(files) == 6
+    assert sum(f.startswith("lora_000000_00_") and f.endswith("_3.png") for f in files) == 1
+    assert sum(f.startswith("lora_000004_01_") for f in files) == 1
+    image = Image.open(next((root / "samples" / "sample").glob("lora_000002_01_*.png")))
+    assert image.size == (96, 64) and "Sampler: euler_a" in image.text["parameters"]
+    # Sampling does not change training: the weights equal a run without samples.
+    run(base_args(root, "no_samples") + ["--cache_latents", "--max_train_steps", "4"])
+    a, b = read_lora(root / "samples" / "lora.safetensors"), read_lora(root / "no_samples" / "lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
