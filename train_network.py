@@ -237,11 +237,7 @@ def train(args: argparse.Namespace) -> Path:
     logger.info("%s", family.description)
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-    if accelerator.num_processes > 1:
-        # Gradients of the network would not be all-reduced yet: each process would train its own copy.
-        raise SystemExit("error: multi-process training (accelerate --num_processes > 1) is not implemented in "
-                         "this suite yet; launch with one process")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
     with checkpoint:
@@ -318,11 +314,12 @@ def train(args: argparse.Namespace) -> Path:
         lr_scheduler = build_scheduler(opt_config, optimizer, max_train_steps)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    network, optimizer = accelerator.prepare(network, optimizer)
+    # The network is not wrapped for DDP (it is applied by patching the base models, never called itself); the
+    # training loop averages its gradients across processes explicitly.
 
     save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_precision)
     metadata = lora_metadata(args, family, prediction, dataset, seed, max_train_steps, network_kwargs)
-    task = LoRATask(accelerator.unwrap_model(network), train_text_encoder=train_text_encoder, save_dtype=save_dtype,
+    task = LoRATask(network, train_text_encoder=train_text_encoder, save_dtype=save_dtype,
                     save_model_as=args.save_model_as, metadata=metadata)
     fingerprint = run_fingerprint(args, family, dataset, seed)
     loop_config = LoopConfig(

@@ -119,7 +119,8 @@ def scan_subset(subset: Subset) -> tuple[list[ImageRecord], list[str]]:
                        subset.caption_extension, fallback, ", ".join(uncaptioned[:5]),
                        " ..." if len(uncaptioned) > 5 else "")
     if not records and not problems:
-        raise DatasetError(f"{subset.image_dir}: no images (looked for .png, .jpg, .jpeg, .webp, .bmp)")
+        raise DatasetError(f"{subset.image_dir}: no images (looked for .png, .jpg, .jpeg, .webp, .bmp); put the "
+                           "images in it, or remove the empty folder")
     return records, problems
 
 

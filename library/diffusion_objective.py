@@ -137,18 +137,35 @@ class DiffusionObjective:
                 break
         return noise / noise.std()
 
-    def noised(self, latents: torch.Tensor, generator: torch.Generator) -> NoisedBatch:
-        """Timesteps, noise, the noisy UNet input and the training target for a batch of latents."""
+    def _draw(self, latent: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Timestep, noise and UNet-input noise of one sample [1, C, H, W]."""
         c = self.config
-        timesteps = self.sample_timesteps(latents.shape[0], generator)
-        noise = self.sample_noise(latents, generator)
+        timestep = self.sample_timesteps(1, generator)
+        noise = self.sample_noise(latent, generator)
         input_noise = noise
         if c.ip_noise_gamma:
             # Input perturbation: the UNet sees extra noise that the target does not contain.
             gamma = c.ip_noise_gamma
             if c.ip_noise_gamma_random_strength:
                 gamma = torch.rand(1, generator=generator).item() * gamma
-            input_noise = noise + gamma * torch.randn(latents.shape, generator=generator).to(latents)
+            input_noise = noise + gamma * torch.randn(latent.shape, generator=generator).to(latent)
+        return timestep, noise, input_noise
+
+    def noised(self, latents: torch.Tensor, generators: torch.Generator | list[torch.Generator]) -> NoisedBatch:
+        """Timesteps, noise, the noisy UNet input and the training target for a batch of latents.
+
+        Each sample draws from its own generator (one per sample, or one shared generator used in turn), so a
+        sample's noise does not depend on which other samples share its batch or process: a run split over
+        several processes draws what the one-process run draws."""
+        if isinstance(generators, torch.Generator):
+            generators = [generators] * latents.shape[0]
+        if len(generators) != latents.shape[0]:
+            raise ValueError(f"{len(generators)} generators for a batch of {latents.shape[0]}")
+        draws = [self._draw(latents[i:i + 1], g) for i, g in enumerate(generators)]
+        timesteps = torch.cat([d[0] for d in draws])
+        noise = torch.cat([d[1] for d in draws])
+        input_noise = torch.cat([d[2] for d in draws])
+        c = self.config
         noisy = self.scheduler.add_noise(latents, input_noise, timesteps)
         if c.prediction_type is PredictionType.V_PREDICTION:
             target = self.scheduler.get_velocity(latents, noise, timesteps)

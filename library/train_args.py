@@ -14,7 +14,9 @@ import argparse
 import logging
 from pathlib import Path
 
-import toml
+import tomllib
+
+import toml  # writes --output_config; reading uses the strict tomllib (toml.loads reads "x = [4" as x = [])
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_state_on_train_end", action="store_true")
     g.add_argument("--resume", default=None, help="state folder to resume from")
     g.add_argument("--train_batch_size", type=int, default=1)
-    g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225])
+    # 75 / 150 / 225 is checked in check_training_flags, also for values from --config_file
+    g.add_argument("--max_token_length", type=int, default=None)
     g.add_argument("--max_train_steps", type=int, default=1600)
     g.add_argument("--max_train_epochs", type=int, default=None)
     g.add_argument("--max_data_loader_n_workers", type=int, default=8,
@@ -208,19 +211,48 @@ def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
     if not path.exists() and path.suffix != ".toml":
         path = path.with_suffix(".toml")  # kohya allows leaving out the suffix
     try:
-        data = toml.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SystemExit(f"error: --config_file {path}: no such file") from None
-    except toml.TomlDecodeError as e:
-        raise SystemExit(f"error: --config_file {path}: invalid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: --config_file {path}: cannot be read ({e}); it must be a UTF-8 TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SystemExit(f"error: --config_file {path}: invalid TOML: {e}; fix the file (strings need quotes, "
+                         "lists need their closing bracket)") from None
     flat: dict = {}
     for key, value in data.items():
         flat.update(value if isinstance(value, dict) else {key: value})
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(flat) - known)
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(set(flat) - set(actions))
     if unknown:
-        raise SystemExit(f"error: --config_file {path}: unknown argument(s) {', '.join(unknown)}")
+        raise SystemExit(f"error: --config_file {path}: unknown argument(s) {', '.join(unknown)}; keys are the "
+                         "flag names without '--': fix the spelling or remove them")
+    problems = []
+    for key, value in flat.items():
+        problem, flat[key] = _config_value(actions[key], value)
+        if problem:
+            problems.append(f"{key} = {value!r}: {problem}")
+    if problems:
+        raise SystemExit(f"error: --config_file {path}: " + "\n       ".join(problems))
     return flat
+
+
+def _config_value(action: argparse.Action, value):
+    """(problem or None, value) for a --config_file value: it becomes a default, which argparse does not check."""
+    if isinstance(value, dict):
+        return "tables nest one level at most ([section] then key = value)", value
+    if action.nargs == 0:  # store_true
+        return (None if isinstance(value, bool) else "expected true or false (no quotes)"), value
+    if action.nargs in ("*", "+") and not isinstance(value, list):
+        value = [value]  # network_args = "conv_dim=4" means a one-element list
+    if action.type in (int, float) and action.nargs is None and not isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (action.type is int and not isinstance(value, int)):
+            return f"expected {'an integer' if action.type is int else 'a number'}", value
+        value = action.type(value)
+    if action.choices is not None and value not in action.choices:
+        return f"expected one of {', '.join(map(str, action.choices))}", value
+    return None, value
 
 
 def _write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -317,7 +349,8 @@ def check_training_flags(args: argparse.Namespace) -> None:
     if args.dataset_config or args.in_json:
         problems.append("--dataset_config / --in_json are not implemented in this suite yet; use --train_data_dir")
     if args.max_token_length not in (None, 75, 150, 225):
-        problems.append("--max_token_length must be 75, 150 or 225")
+        problems.append(f"--max_token_length {args.max_token_length}: must be 75, 150 or 225 (whole 75-token CLIP "
+                        "chunks); leave it out for 75")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be >= 1")
     if args.train_batch_size < 1:

@@ -35,6 +35,7 @@ class SampleKey:
     epoch: int  # 1-based, as kohya counts for caption dropout
     step: int  # optimizer step at which the sample is used (token warmup)
     index: int  # item index
+    slot: int = 0  # position in the global (all-process) batch: seeds the sample's noise
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         item = self.items[key.index]
         subset = item.record.subset
         flip = self.flips(item, key)
-        out = {"loss_weight": item.loss_weight, "path": str(item.record.path)}
+        out = {"loss_weight": item.loss_weight, "path": str(item.record.path), "slot": key.slot}
         if self.latent_cache is not None:
             out["latents"] = self.latent_cache.get(item, flip)
             mask = self.latent_cache.get_mask(item, flip) if subset.alpha_mask else None
@@ -122,6 +123,7 @@ class TrainingDataset(torch.utils.data.Dataset):
 
 def collate(samples: list[dict]) -> dict:
     batch = {"caption": [s["caption"] for s in samples], "path": [s["path"] for s in samples],
+             "slot": [s["slot"] for s in samples],
              "loss_weight": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32)}
     for key in ("latents", "pixels", "mask"):
         if key in samples[0]:
@@ -130,24 +132,32 @@ def collate(samples: list[dict]) -> dict:
 
 
 class EpochBatches:
-    """Batches of `SampleKey`s for one process, a pure function of (seed, epoch): resumable at any step."""
+    """One process's share of each global batch, as (item index, slot) pairs: a pure function of (seed, epoch),
+    so training can resume at any step.
+
+    The bucket sampler makes global batches of `batch_size * num_processes` items; process i takes items
+    [i*batch_size, (i+1)*batch_size) of each. The slot (an item's position in its global batch) seeds the item's
+    noise, so N processes with batch B draw exactly what one process with batch N*B draws. When a bucket's last
+    global batch is too short to give every process an item, a process without one repeats the batch's last
+    item (its gradient then counts twice in that step), so all processes run the same number of steps."""
 
     def __init__(self, dataset: TrainingDataset, batch_size: int, seed: int, *, num_processes: int = 1,
                  process_index: int = 0):
-        from library.buckets import shard
+        self.batch_size, self.num_processes, self.process_index = batch_size, num_processes, process_index
+        self.sampler = BucketBatchSampler([item.bucket for item in dataset.items], batch_size * num_processes, seed)
 
-        self.sampler = BucketBatchSampler([item.bucket for item in dataset.items], batch_size, seed)
-        self.num_processes, self.process_index = num_processes, process_index
-        self._shard = shard
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        batches = self.sampler.batches(epoch)
-        if self.num_processes > 1:
-            batches = self._shard(batches, self.num_processes, self.process_index)
-        return batches
+    def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        out = []
+        for global_batch in self.sampler.batches(epoch):
+            start = self.process_index * self.batch_size
+            part = list(enumerate(global_batch))[start:start + self.batch_size]
+            if not part:
+                part = [(len(global_batch) - 1, global_batch[-1])]
+            out.append([(index, slot) for slot, index in part])
+        return out
 
     def __len__(self) -> int:
-        return len(self.batches(1))
+        return self.sampler.num_batches()
 
 
 def file_fingerprint(path) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from library.train_dataset import EpochBatches, SampleKey, TrainingDataset, coll
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
+STATE_TENSOR_FILES = ("trainable.pt", "optimizer.pt", "scheduler.pt")
 
 
 class TrainingTask(Protocol):
@@ -81,6 +83,24 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+def _loading_error(error: ValueError, step: int) -> ValueError:
+    """A batch that failed to load (e.g. an ImageError for a truncated JPEG), as the same error type with the
+    original message (without torch's "Caught ... in DataLoader worker process N. Original Traceback ..."
+    wrapper, whose last line is the original message) and the step."""
+    text = str(error)
+    if text.startswith("Caught ") and "Traceback" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+        for name in (f"{type(error).__module__}.{type(error).__qualname__}", type(error).__qualname__):
+            if text.startswith(name + ": "):
+                text = text[len(name) + 2:]
+                break
+    text += f" (while loading the batches of step {step}; the last saved model/state is intact)"
+    try:
+        return type(error)(text)
+    except TypeError:  # an error type with another constructor (UnicodeDecodeError, ...)
+        return ValueError(text)
+
+
 def micro_step_seed(seed: int, global_step: int, micro: int, process: int) -> int:
     return (seed * 1_000_003 + global_step * 1_009 + micro * 17 + process) % (2 ** 63)
 
@@ -118,8 +138,18 @@ class Trainer:
     def load_state(self, folder: Path) -> None:
         state_file = folder / STATE_FILE
         if not state_file.is_file():
-            raise ValueError(f"--resume {folder}: not a training state folder (no {STATE_FILE})")
-        saved = TrainState(**json.loads(state_file.read_text()))
+            raise ValueError(f"--resume {folder}: not a training state folder "
+                             f"({'no such folder' if not folder.exists() else 'no ' + STATE_FILE}); give a "
+                             "'<output_name>-...-state' folder written with --save_state")
+        try:
+            saved = TrainState(**json.loads(state_file.read_text()))
+        except (ValueError, TypeError) as e:  # not JSON, not an object, or unknown / missing fields
+            raise ValueError(f"--resume {folder}: {STATE_FILE} is damaged or from another version of this suite "
+                             f"({e}); resume from another state folder, or start a new run") from None
+        missing = [name for name in STATE_TENSOR_FILES if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"--resume {folder}: incomplete state folder (no {', '.join(missing)}); resume from "
+                             "another state folder, or start a new run")
         differences = {k: (saved.run_fingerprint or {}).get(k, "<missing>") for k, v in self.run_fingerprint.items()
                        if (saved.run_fingerprint or {}).get(k, "<missing>") != v}
         if differences:
@@ -127,9 +157,13 @@ class Trainer:
                               for k, v in differences.items())
             raise ValueError(f"--resume {folder}: the state comes from a different run configuration ({shown}). "
                              "Resume with the original settings, or start a new run.")
-        self.task.load_trainable_state(torch.load(folder / "trainable.pt", weights_only=True))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        try:
+            self.task.load_trainable_state(torch.load(folder / "trainable.pt", weights_only=True))
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+            raise ValueError(f"--resume {folder}: the state files cannot be loaded ({e}); resume from another "
+                             "state folder, or start a new run") from None
         self.state = saved
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, saved.global_step, saved.epoch,
                     saved.batch_in_epoch)
@@ -142,22 +176,22 @@ class Trainer:
         with torch.set_grad_enabled(self.task.train_text_encoder):
             return encode(self.text_encoder, ids, clip_skip=self.config.clip_skip)
 
-    def _latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def _latents(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
         if "latents" in batch:
             latents = batch["latents"]
         else:
             with torch.no_grad():
                 pixels = batch["pixels"].to(self.vae.device, self.vae.dtype)
                 dist = self.vae.encode(pixels).latent_dist
-                noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-                latents = (dist.mean + dist.std * noise).float()
+                noise = torch.cat([torch.randn((1, *dist.mean.shape[1:]), generator=g) for g in generators])
+                latents = (dist.mean + dist.std * noise.to(dist.mean)).float()
         return latents * self.config.vae_scale_factor
 
-    def _loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def _loss(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
         device = self.accelerator.device
-        latents = self._latents(batch, generator).to(device)
+        latents = self._latents(batch, generators).to(device)
         cond = self._conditioning(batch["caption"])
-        noised = self.objective.noised(latents, generator)
+        noised = self.objective.noised(latents, generators)
         with self.accelerator.autocast():
             prediction = self.unet(noised.noisy_latents.to(self.weight_dtype), noised.timesteps.to(device),
                                    cond.to(self.weight_dtype)).sample
@@ -191,7 +225,10 @@ class Trainer:
             groups = [list(range(s, min(s + accum, n))) for s in range(first, n, accum)]
             loader = iter(self._loader(epoch_batches, groups))
             for g, group in enumerate(groups):
-                micro_batches = [next(loader) for _ in group]
+                try:
+                    micro_batches = [next(loader) for _ in group]
+                except ValueError as e:  # an image that fails to load mid-run (ImageError), maybe in a worker
+                    raise _loading_error(e, self.state.global_step + 1) from None
                 loss = self._optimizer_step(micro_batches)
                 self.state.batch_in_epoch = group[-1] + 1
                 self.state.global_step += 1
@@ -219,9 +256,12 @@ class Trainer:
                 if c.sample_every_n_epochs and finished % c.sample_every_n_epochs == 0:
                     self._sample(epoch=finished)
         bar.close()
-        self.task.save_model(c.output_dir / c.output_name, epoch=self.state.epoch, global_step=self.state.global_step)
-        if c.save_state or c.save_state_on_train_end:
-            self.save_state(c.output_dir / f"{c.output_name}-state")
+        if self.accelerator.is_main_process:  # every process holds the same weights: one writes
+            self.task.save_model(c.output_dir / c.output_name, epoch=self.state.epoch,
+                                 global_step=self.state.global_step)
+            if c.save_state or c.save_state_on_train_end:
+                self.save_state(c.output_dir / f"{c.output_name}-state")
+        self.accelerator.wait_for_everyone()
         if self.writer:
             self.writer.close()
         logger.info("trained %d steps in %.1f s", steps_this_run, time.perf_counter() - started)
@@ -230,8 +270,8 @@ class Trainer:
     def _loader(self, epoch_batches: list[list[int]], groups: list[list[int]]):
         """Batches of the given optimizer-step groups, loaded (and collated) by DataLoader workers; each sample
         is addressed by its SampleKey, so workers need no shared state."""
-        keys = [[SampleKey(self.state.epoch, self.state.global_step + g, i) for i in epoch_batches[b]]
-                for g, group in enumerate(groups) for b in group]
+        keys = [[SampleKey(self.state.epoch, self.state.global_step + g, index, slot)
+                 for index, slot in epoch_batches[b]] for g, group in enumerate(groups) for b in group]
         workers = self.config.data_loader_workers
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, collate_fn=collate, num_workers=workers,
                                            persistent_workers=False, prefetch_factor=2 if workers else None)
@@ -240,10 +280,12 @@ class Trainer:
         step = self.state.global_step
         total = 0.0
         for micro, batch in enumerate(micro_batches):
-            seed = micro_step_seed(self.config.seed, step, micro, self.accelerator.process_index)
-            torch.manual_seed(seed)  # LoRA / network dropout draws from torch's global generator
-            generator = torch.Generator().manual_seed(seed)
-            loss = self._loss(batch, generator)
+            torch.manual_seed(micro_step_seed(self.config.seed, step, micro, self.accelerator.process_index))
+            # ^ LoRA / network dropout draws from torch's global generator. Noise and timesteps come from one
+            # generator per sample, seeded by its slot in the global batch (the same on any process count).
+            generators = [torch.Generator().manual_seed(micro_step_seed(self.config.seed, step, micro, 1000 + slot))
+                          for slot in batch["slot"]]
+            loss = self._loss(batch, generators)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss became {loss.item()} at step {step + 1} (epoch {self.state.epoch}, images "
@@ -252,12 +294,33 @@ class Trainer:
             # Scaled so that accumulated gradients are a mean over the micro-batches (as accelerate does).
             self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
             total += loss.item()
+        if self.accelerator.num_processes > 1:
+            self._average_gradients()
         if self.config.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro_batches)
+        mean_loss = torch.tensor(total / len(micro_batches))
+        if self.accelerator.num_processes > 1:
+            mean_loss = self.accelerator.reduce(mean_loss, reduction="mean")
+        return mean_loss.item()
+
+    def _average_gradients(self) -> None:
+        """All-reduce the trainable gradients (mean over processes). The network is applied by patching the base
+        models' forward, not called through a DDP wrapper, so the averaging is done here explicitly."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def _log(self, loss: float, bar) -> None:
         step = self.state.global_step
@@ -284,10 +347,12 @@ class Trainer:
 
     def _save(self, stem: str, kind: str) -> None:
         c = self.config
-        self.task.save_model(c.output_dir / stem, epoch=self.state.epoch, global_step=self.state.global_step)
-        if c.save_state:
-            self.save_state(c.output_dir / f"{stem}-state")
-        self._prune(kind)
+        if self.accelerator.is_main_process:
+            self.task.save_model(c.output_dir / stem, epoch=self.state.epoch, global_step=self.state.global_step)
+            if c.save_state:
+                self.save_state(c.output_dir / f"{stem}-state")
+            self._prune(kind)
+        self.accelerator.wait_for_everyone()
 
     def _prune(self, kind: str) -> None:
         """kohya's retention: --save_last_n_epochs keeps the newest N epoch saves; --save_last_n_steps keeps the

@@ -57,6 +57,7 @@ def test_noise_offset_adds_a_per_channel_shift_drawn_after_the_noise():
     g = gen(6)
     base = torch.randn(latents.shape, generator=g)
     shift = torch.randn((2, 4, 1, 1), generator=g)
+    # (sample_noise draws for the whole tensor it is given; noised() calls it per sample)
     assert torch.allclose(noise, base + 0.1 * shift)
     adaptive = DiffusionObjective(ObjectiveConfig(noise_offset=0.1, adaptive_noise_scale=0.5)).sample_noise(latents, gen(6))
     scale = 0.1 + 0.5 * latents.mean(dim=(2, 3), keepdim=True).abs()
@@ -70,10 +71,21 @@ def test_multires_noise_is_unit_std_and_differs_from_plain_noise():
     assert not torch.allclose(noise, torch.randn(latents.shape, generator=gen(7)))
 
 
+def test_each_sample_draws_from_its_own_generator():
+    """A sample's noise and timestep depend only on its generator, not on its batch mates."""
+    objective = DiffusionObjective(ObjectiveConfig(noise_offset=0.05, ip_noise_gamma=0.1))
+    latents = torch.randn(3, 4, 8, 8, generator=gen(12))
+    together = objective.noised(latents, [gen(20), gen(21), gen(22)])
+    alone = objective.noised(latents[1:2], [gen(21)])
+    assert torch.equal(together.timesteps[1:2], alone.timesteps)
+    assert torch.equal(together.noisy_latents[1:2], alone.noisy_latents)
+    assert torch.equal(together.target[1:2], alone.target)
+
+
 def test_input_perturbation_changes_the_input_not_the_target():
     latents = torch.randn(2, 4, 8, 8, generator=gen(8))
-    plain = DiffusionObjective(ObjectiveConfig()).noised(latents, gen(9))
-    perturbed = DiffusionObjective(ObjectiveConfig(ip_noise_gamma=0.1)).noised(latents, gen(9))
+    plain = DiffusionObjective(ObjectiveConfig()).noised(latents, [gen(9), gen(10)])
+    perturbed = DiffusionObjective(ObjectiveConfig(ip_noise_gamma=0.1)).noised(latents, [gen(9), gen(10)])
     assert torch.equal(plain.target, perturbed.target)
     assert not torch.allclose(plain.noisy_latents, perturbed.noisy_latents)
 

@@ -198,3 +198,39 @@ def test_sample_images_during_training(workspace):
     run(base_args(root, "no_samples") + ["--cache_latents", "--max_train_steps", "4"])
     a, b = read_lora(root / "samples" / "lora.safetensors"), read_lora(root / "no_samples" / "lora.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
+    """accelerate launch with 2 CPU processes (gloo) x batch 1 == 1 process x batch 2, within float tolerance.
+
+    SGD without clipping keeps the comparison about the gradients themselves (Adam turns float-level noise in
+    near-zero gradients into lr-sized steps, which is not what this test is about)."""
+    import subprocess
+    import sys
+
+    root = workspace
+    common = ["--cache_latents", "--max_train_steps", "4", "--flip_aug", "--shuffle_caption", "--optimizer_type",
+              "SGD", "--learning_rate", "0.01", "--max_grad_norm", "0"]
+
+    def with_batch(argv, batch):
+        argv = list(argv)
+        argv[argv.index("--train_batch_size") + 1] = str(batch)
+        return argv
+
+    run(with_batch(base_args(root, "one_process") + common, 2))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(Path(__file__).parent.parent / "train_network.py")]
+    result = subprocess.run(launch + with_batch(base_args(root, "two_processes") + common, 1), env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = read_lora(root / "one_process" / "lora.safetensors")
+    two = read_lora(root / "two_processes" / "lora.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), key
+    assert logged_losses(root / "two_processes" / "logs") == pytest.approx(
+        logged_losses(root / "one_process" / "logs"), rel=1e-5)
+    # ...and training actually moved the weights, so the comparison is not vacuous.
+    assert max(t.abs().max().item() for k, t in one.items() if "lora_up" in k) > 1e-4
