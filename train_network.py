@@ -27,9 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from library import train_args  # noqa: E402
-from library.buckets import BucketAssigner, BucketConfig, bucket_report, format_bucket_table  # noqa: E402
 from library.captions import tag_frequency  # noqa: E402
-from library.dataset_sources import DatasetError, Subset, balance_regularization, dreambooth_subsets, scan_subset  # noqa: E402
+from library.dataset_config import (DatasetConfigError, build_groups, load_dataset_config, specs_from_config,  # noqa: E402
+                                    specs_from_flags)
+from library.dataset_sources import DatasetError  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.images import ImageError  # noqa: E402
 from library.latent_cache import CacheSettings, LatentCache  # noqa: E402
@@ -74,47 +75,20 @@ def setup_parser() -> argparse.ArgumentParser:
 # Data
 
 
-def build_dataset(args, family, seed: int, max_train_steps: int) -> TrainingDataset:
-    if not args.train_data_dir:
-        raise SystemExit("error: --train_data_dir is required (the parent of '<repeats>_<class>' image folders)")
-    template = Subset(image_dir=Path("."), caption_extension=args.caption_extension,
-                      caption=train_args.caption_options(args), flip_aug=args.flip_aug, color_aug=args.color_aug,
-                      random_crop=args.random_crop, alpha_mask=args.alpha_mask)
-    subsets = dreambooth_subsets(Path(args.train_data_dir), is_reg=False, template=template)
-    if args.reg_data_dir:
-        subsets += dreambooth_subsets(Path(args.reg_data_dir), is_reg=True, template=template)
-    train, reg, problems = [], [], []
-    for subset in subsets:
-        records, bad = scan_subset(subset)
-        problems += bad
-        (reg if subset.is_reg else train).extend(records)
-    if problems:
-        raise SystemExit("error: unreadable images (remove or fix them):\n  " + "\n  ".join(problems))
-    if not train:
-        raise SystemExit(f"error: --train_data_dir {args.train_data_dir}: no training images found")
-    train_samples = sum(r.subset.num_repeats for r in train)
-    reg_repeats = balance_regularization(train_samples, [r.subset.num_repeats for r in reg])
-    if reg and 0 in reg_repeats:
-        logger.warning("%d regularisation images are not used: there are more reg samples than train samples",
-                       reg_repeats.count(0))
-    records = [(r, r.subset.num_repeats) for r in train] + [(r, n) for r, n in zip(reg, reg_repeats) if n]
-    bucket_config = BucketConfig(
-        resolution=train_args.parse_resolution(args.resolution, family.default_resolution),
-        enable_bucket=args.enable_bucket, min_bucket_reso=args.min_bucket_reso,
-        max_bucket_reso=args.max_bucket_reso, bucket_reso_steps=args.bucket_reso_steps,
-        bucket_no_upscale=args.bucket_no_upscale)
+def build_dataset(args, family, seed: int, max_train_steps: int) -> tuple[TrainingDataset, dict]:
+    cli = train_args.dataset_cli_values(args, family.default_resolution)
     try:
-        for warning in bucket_config.validate(family_step=family.bucket_reso_step):
-            logger.warning(warning)
-        assigner = BucketAssigner(bucket_config)
-        dataset = TrainingDataset(records, assigner, seed=seed, prior_loss_weight=args.prior_loss_weight,
+        if args.dataset_config:
+            config_path = Path(args.dataset_config)
+            specs = specs_from_config(load_dataset_config(config_path), cli, config_path.parent)
+        else:
+            specs = specs_from_flags(cli)
+        groups, summary = build_groups(specs, family_step=family.bucket_reso_step)
+        dataset = TrainingDataset(groups, seed=seed, prior_loss_weight=args.prior_loss_weight,
                                   max_train_steps=max_train_steps)
-    except ValueError as e:
+    except (DatasetError, DatasetConfigError, ImageError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    report = bucket_report(assigner, [(r.size, n) for r, n in records])
-    logger.info("%d train images (%d samples with repeats), %d reg images; buckets:\n%s", len(train), train_samples,
-                len(reg), format_bucket_table(report.rows, report.mean_aspect_error))
-    return dataset
+    return dataset, summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,7 +123,7 @@ class LoRATask:
 
 
 def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed: int, max_train_steps: int,
-                  network_args: dict) -> dict[str, str]:
+                  network_args: dict, data_summary: dict) -> dict[str, str]:
     """kohya's ss_* training metadata (all strings) plus modelspec for the LoRA."""
     v = prediction_type.value == "v_prediction"
     base = {
@@ -172,8 +146,10 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
         "ss_session_id": str(random.randint(0, 2 ** 32)), "ss_training_started_at": str(time.time()),
         "ss_output_name": args.output_name or "last", "ss_learning_rate": str(args.learning_rate),
         "ss_unet_lr": str(args.unet_lr), "ss_text_encoder_lr": str(args.text_encoder_lr),
-        "ss_num_train_images": str(sum(1 for r in records if not r.subset.is_reg)),
-        "ss_num_reg_images": str(sum(1 for r in records if r.subset.is_reg)),
+        "ss_num_train_images": str(data_summary["num_train_images"]),
+        "ss_num_reg_images": str(data_summary["num_reg_images"]),
+        "ss_datasets": json.dumps(data_summary["datasets"]),
+        "ss_bucket_info": json.dumps(data_summary["datasets"][0]["bucket_info"]) if data_summary["datasets"] else "",
         "ss_max_train_steps": str(max_train_steps), "ss_seed": str(seed), "ss_lr_scheduler": args.lr_scheduler,
         "ss_lr_warmup_steps": str(args.lr_warmup_steps), "ss_optimizer": args.optimizer_type or "AdamW",
         "ss_mixed_precision": args.mixed_precision, "ss_full_fp16": str(args.full_fp16),
@@ -250,11 +226,8 @@ def train(args: argparse.Namespace) -> Path:
         unet.train()  # diffusers only checkpoints in training mode; dropout is 0 in SD's UNet
 
     # Data
-    try:
-        dataset = build_dataset(args, family, seed, args.max_train_steps)
-    except (DatasetError, ImageError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    batches = EpochBatches(dataset, args.train_batch_size, seed, num_processes=accelerator.num_processes,
+    dataset, data_summary = build_dataset(args, family, seed, args.max_train_steps)
+    batches = EpochBatches(dataset, seed, num_processes=accelerator.num_processes,
                            process_index=accelerator.process_index)
     steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps
@@ -318,7 +291,7 @@ def train(args: argparse.Namespace) -> Path:
     # training loop averages its gradients across processes explicitly.
 
     save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_precision)
-    metadata = lora_metadata(args, family, prediction, dataset, seed, max_train_steps, network_kwargs)
+    metadata = lora_metadata(args, family, prediction, dataset, seed, max_train_steps, network_kwargs, data_summary)
     task = LoRATask(network, train_text_encoder=train_text_encoder, save_dtype=save_dtype,
                     save_model_as=args.save_model_as, metadata=metadata)
     fingerprint = run_fingerprint(args, family, dataset, seed)

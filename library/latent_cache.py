@@ -2,12 +2,13 @@
 
 An entry is keyed by everything that determines it: the image file (size + mtime), its crop plan (resize, crop,
 bucket), the flip, the VAE's weights (a digest) and the dtype. On disk each image gets
-`<stem>_sd_latents.safetensors` beside it holding the key in its metadata; an entry whose key differs (edited
-image, other resolution or bucket settings, other VAE, other dtype) is recomputed and rewritten, never reused.
+`<stem>_<W>x<H>_sd_latents.safetensors` (W x H: the bucket) beside it holding the key in its metadata; an entry
+whose key differs (edited image, other resolution or bucket settings, other VAE, other dtype) is recomputed and
+rewritten, never reused.
 `--skip_cache_check` skips only the image-file part of the check (for datasets on slow storage) and says so.
 
 Latents are stored unscaled (the VAE's sample); the training step multiplies by the family's scale factor.
-The sample is drawn with a generator seeded from the key, so a cache rebuilt from the same inputs is identical.
+The sample is drawn with a generator seeded from the pixels, so a cache rebuilt from the same inputs is identical.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class LatentCache:
         self.settings = settings
         self.dtype = dtype
         self.vae_id = tensor_fingerprint(vae)
-        self._latents: dict[tuple[str, bool], torch.Tensor] = {}
-        self._masks: dict[tuple[str, bool], torch.Tensor] = {}
+        self._latents: dict[tuple[tuple[str, int], bool], torch.Tensor] = {}
+        self._masks: dict[tuple[tuple[str, int], bool], torch.Tensor] = {}
 
     def key(self, dataset: TrainingDataset, item: Item) -> dict:
         plan = dataset.plan(item, None)
@@ -58,7 +59,7 @@ class LatentCache:
             if item.record.subset.random_crop or item.record.subset.color_aug:
                 raise ValueError(f"{item.record.subset.image_dir}: --cache_latents cannot be used with random_crop "
                                  "or color_aug (each epoch needs new pixels); turn one of them off")
-        unique = {item.record.path: item for item in dataset.items}
+        unique = {item.cache_id: item for item in dataset.items}
         todo, reused, stale = [], 0, 0
         for path, item in unique.items():
             key = self.key(dataset, item)
@@ -127,26 +128,27 @@ class LatentCache:
         return sample.float().cpu()
 
     def _store(self, item: Item, entry: dict) -> None:
-        path = str(item.record.path)
-        self._latents[(path, False)] = entry["latents"]
+        key = item.cache_id
+        self._latents[(key, False)] = entry["latents"]
         if "latents_flipped" in entry:
-            self._latents[(path, True)] = entry["latents_flipped"]
+            self._latents[(key, True)] = entry["latents_flipped"]
         if "alpha_mask" in entry:
-            self._masks[(path, False)] = entry["alpha_mask"]
-            self._masks[(path, True)] = entry["alpha_mask"].flip(-1)
+            self._masks[(key, False)] = entry["alpha_mask"]
+            self._masks[(key, True)] = entry["alpha_mask"].flip(-1)
 
     def get(self, item: Item, flip: bool) -> torch.Tensor:
-        return self._latents[(str(item.record.path), flip)]
+        return self._latents[(item.cache_id, flip)]
 
     def get_mask(self, item: Item, flip: bool) -> torch.Tensor | None:
-        return self._masks.get((str(item.record.path), flip))
+        return self._masks.get((item.cache_id, flip))
 
     # Disk -------------------------------------------------------------------------------------------------
 
     @staticmethod
     def disk_path(item: Item):
+        # The bucket size is part of the name, so datasets at several resolutions keep separate entries.
         path = item.record.path
-        return path.with_name(path.stem + DISK_SUFFIX)
+        return path.with_name(f"{path.stem}_{item.bucket[0]}x{item.bucket[1]}{DISK_SUFFIX}")
 
     def _load_disk(self, item: Item, key: dict):
         path = self.disk_path(item)

@@ -70,6 +70,8 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae_batch_size", type=int, default=1)
     g.add_argument("--skip_cache_check", action="store_true")
     g.add_argument("--in_json", default=None, help="kohya metadata JSON/JSONL (fine-tune datasets)")
+    g.add_argument("--caption_column", default="text",
+                   help="caption column of a diffusers imagefolder metadata.jsonl / metadata.csv")
     g.add_argument("--dataset_repeats", type=int, default=1)
     g.add_argument("--debug_dataset", action="store_true")
 
@@ -301,6 +303,21 @@ def caption_options(args: argparse.Namespace):
         raise SystemExit(f"error: {e}") from None
 
 
+def dataset_cli_values(args: argparse.Namespace, default_resolution: int) -> dict:
+    """The dataset options given on the command line, under kohya's dataset-config names (the fallbacks of a
+    --dataset_config, or the whole dataset without one)."""
+    options = {name: getattr(args, name) for name in (
+        "train_data_dir", "reg_data_dir", "in_json", "dataset_repeats", "enable_bucket", "min_bucket_reso",
+        "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension", "flip_aug", "color_aug",
+        "random_crop", "alpha_mask", "caption_column", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
+        "caption_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
+        "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
+        "token_warmup_step")}
+    options["batch_size"] = args.train_batch_size
+    options["resolution"] = parse_resolution(args.resolution, default_resolution)
+    return options
+
+
 def objective_config(args: argparse.Namespace, prediction_type):
     from library.diffusion_objective import HuberSchedule, LossType, ObjectiveConfig
 
@@ -346,8 +363,6 @@ def check_training_flags(args: argparse.Namespace) -> None:
         problems.append("--color_aug is not implemented in this suite yet")
     if args.weighted_captions:
         problems.append("--weighted_captions is not implemented in this suite yet")
-    if args.dataset_config or args.in_json:
-        problems.append("--dataset_config / --in_json are not implemented in this suite yet; use --train_data_dir")
     if args.max_token_length not in (None, 75, 150, 225):
         problems.append(f"--max_token_length {args.max_token_length}: must be 75, 150 or 225 (whole 75-token CLIP "
                         "chunks); leave it out for 75")

@@ -43,6 +43,21 @@ class Item:
     record: ImageRecord
     bucket: tuple[int, int]
     loss_weight: float
+    group: int = 0  # which dataset group ([[datasets]] entry) the item belongs to
+
+    @property
+    def cache_id(self) -> tuple[str, int]:
+        # The same image may appear in several groups at different resolutions (multi-resolution training).
+        return (str(self.record.path), self.group)
+
+
+@dataclass(frozen=True)
+class DatasetGroup:
+    """One kohya `[[datasets]]` entry: its images (with repeats), bucketing and batch size."""
+
+    records_with_repeats: list[tuple[ImageRecord, int]]
+    assigner: BucketAssigner
+    batch_size: int = 1
 
 
 def _rng(seed: int, *parts: object) -> random.Random:
@@ -56,31 +71,38 @@ def pixels_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def assign_bucket(assigner: BucketAssigner, record: ImageRecord):
+    """The record's bucket choice; an image too small for any bucket is an error naming the file."""
+    try:
+        return assigner.assign(record.size)
+    except ImageTooSmallError as e:
+        advice = ("; remove or enlarge the image, or train without --bucket_no_upscale (small images are then "
+                  "upscaled to a bucket)" if assigner.config.bucket_no_upscale else "")
+        raise ImageTooSmallError(f"{record.path}: {e}{advice}") from None
+
+
 class TrainingDataset(torch.utils.data.Dataset):
-    def __init__(self, records_with_repeats: list[tuple[ImageRecord, int]], assigner: BucketAssigner, *, seed: int,
-                 prior_loss_weight: float = 1.0, max_train_steps: int = 0):
+    def __init__(self, groups: list[DatasetGroup], *, seed: int, prior_loss_weight: float = 1.0,
+                 max_train_steps: int = 0):
         self.seed = seed
-        self.assigner = assigner
+        self.groups = groups
         self.max_train_steps = max_train_steps
         self.items: list[Item] = []
         self._choices = {}
-        for record, repeats in records_with_repeats:
-            try:
-                choice = assigner.assign(record.size)
-            except ImageTooSmallError as e:
-                advice = ("; remove or enlarge the image, or train without --bucket_no_upscale (small images are "
-                          "then upscaled to a bucket)" if assigner.config.bucket_no_upscale else "")
-                raise ImageTooSmallError(f"{record.path}: {e}{advice}") from None
-            self._choices[record.path] = choice
-            weight = prior_loss_weight if record.subset.is_reg else 1.0
-            self.items += [Item(record, choice.bucket, weight)] * repeats
-        self.latent_cache = None  # set by LatentCache.attach
+        for g, group in enumerate(groups):
+            for record, repeats in group.records_with_repeats:
+                choice = assign_bucket(group.assigner, record)
+                weight = prior_loss_weight if record.subset.is_reg else 1.0
+                item = Item(record, choice.bucket, weight, g)
+                self._choices[item.cache_id] = choice
+                self.items += [item] * repeats
+        self.latent_cache = None  # set by LatentCache.build
 
     def __len__(self) -> int:
         return len(self.items)
 
     def plan(self, item: Item, rng: random.Random | None) -> CropPlan:
-        return plan_resize_and_crop(item.record.size, self._choices[item.record.path],
+        return plan_resize_and_crop(item.record.size, self._choices[item.cache_id],
                                     random_crop=item.record.subset.random_crop, rng=rng)
 
     def flips(self, item: Item, key: SampleKey) -> bool:
@@ -135,29 +157,39 @@ class EpochBatches:
     """One process's share of each global batch, as (item index, slot) pairs: a pure function of (seed, epoch),
     so training can resume at any step.
 
-    The bucket sampler makes global batches of `batch_size * num_processes` items; process i takes items
-    [i*batch_size, (i+1)*batch_size) of each. The slot (an item's position in its global batch) seeds the item's
-    noise, so N processes with batch B draw exactly what one process with batch N*B draws. When a bucket's last
-    global batch is too short to give every process an item, a process without one repeats the batch's last
-    item (its gradient then counts twice in that step), so all processes run the same number of steps."""
+    Each dataset group has its own bucket sampler making global batches of `batch_size * num_processes` items; the
+    groups' batches are interleaved in a seeded order. Process i takes items [i*batch_size, (i+1)*batch_size) of
+    each global batch. The slot (an item's position in its global batch) seeds the item's noise, so N processes
+    with batch B draw exactly what one process with batch N*B draws. When a bucket's last global batch is too short
+    to give every process an item, a process without one repeats the batch's last item (its gradient then counts
+    twice in that step), so all processes run the same number of steps."""
 
-    def __init__(self, dataset: TrainingDataset, batch_size: int, seed: int, *, num_processes: int = 1,
-                 process_index: int = 0):
-        self.batch_size, self.num_processes, self.process_index = batch_size, num_processes, process_index
-        self.sampler = BucketBatchSampler([item.bucket for item in dataset.items], batch_size * num_processes, seed)
+    def __init__(self, dataset: TrainingDataset, seed: int, *, num_processes: int = 1, process_index: int = 0):
+        self.seed, self.num_processes, self.process_index = seed, num_processes, process_index
+        self.samplers = []
+        for g, group in enumerate(dataset.groups):
+            indices = [i for i, item in enumerate(dataset.items) if item.group == g]
+            sampler = BucketBatchSampler([dataset.items[i].bucket for i in indices],
+                                         group.batch_size * num_processes, seed + g)
+            self.samplers.append((indices, group.batch_size, sampler))
 
     def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        global_batches = []
+        for indices, batch_size, sampler in self.samplers:
+            global_batches += [([indices[i] for i in batch], batch_size) for batch in sampler.batches(epoch)]
+        if len(self.samplers) > 1:
+            _rng(self.seed, "group-order", epoch).shuffle(global_batches)
         out = []
-        for global_batch in self.sampler.batches(epoch):
-            start = self.process_index * self.batch_size
-            part = list(enumerate(global_batch))[start:start + self.batch_size]
+        for global_batch, batch_size in global_batches:
+            start = self.process_index * batch_size
+            part = list(enumerate(global_batch))[start:start + batch_size]
             if not part:
                 part = [(len(global_batch) - 1, global_batch[-1])]
             out.append([(index, slot) for slot, index in part])
         return out
 
     def __len__(self) -> int:
-        return self.sampler.num_batches()
+        return sum(sampler.num_batches() for _, _, sampler in self.samplers)
 
 
 def file_fingerprint(path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,41 @@ def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
         logged_losses(root / "one_process" / "logs"), rel=1e-5)
     # ...and training actually moved the weights, so the comparison is not vacuous.
     assert max(t.abs().max().item() for k, t in one.items() if "lora_up" in k) > 1e-4
+
+
+def test_dataset_config_and_metadata_sources(workspace):
+    """--dataset_config with two datasets (multi-resolution), and a fine-tune --in_json dataset, both train."""
+    root = workspace
+    config = root / "datasets.toml"
+    config.write_text(f"""
+[general]
+caption_extension = ".caption"
+[[datasets]]
+resolution = 64
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = "{root / 'data' / '3_sks shape'}"
+  num_repeats = 2
+[[datasets]]
+resolution = [96, 64]
+batch_size = 1
+  [[datasets.subsets]]
+  image_dir = "{root / 'reg' / '1_shape'}"
+  class_tokens = "shape"
+""")
+    argv = base_args(root, "toml_run") + ["--cache_latents_to_disk", "--max_train_steps", "3", "--dataset_config",
+                                           str(config)]
+    run(argv)
+    meta = json.loads(SafetensorsReader(root / "toml_run" / "lora.safetensors").metadata["ss_datasets"])
+    assert [d["resolution"] for d in meta] == [[64, 64], [96, 64]]
+    # Disk cache entries are named by bucket (so one image at two resolutions keeps two files).
+    cached = [p.name for p in (root / "reg" / "1_shape").glob("*_sd_latents.safetensors")]
+    assert len(cached) == 4 and all(re.fullmatch(r"\d{3}_\d+x\d+_sd_latents.safetensors", n) for n in cached)
+
+    metadata = root / "meta.json"
+    metadata.write_text(json.dumps({p.stem: {"caption": "sks shape", "tags": "red"}
+                                    for p in (root / "data" / "3_sks shape").glob("*.png")}))
+    argv = base_args(root, "json_run") + ["--cache_latents", "--max_train_steps", "2", "--in_json", str(metadata)]
+    argv[argv.index("--train_data_dir") + 1] = str(root / "data" / "3_sks shape")
+    run(argv)
+    assert (root / "json_run" / "lora.safetensors").exists()
