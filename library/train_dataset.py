@@ -132,6 +132,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         plan = self.plan(item, rng)
         loaded = load_image(item.record.path, want_alpha=subset.alpha_mask)
         image = apply_plan_to_image(loaded.rgb, plan)
+        if subset.color_aug and key is not None:
+            image = color_augment(image, _rng(self.seed, "color", key.epoch, key.index))
         mask = None
         if loaded.alpha is not None:
             alpha = Image.fromarray((loaded.alpha * 255).round().astype(np.uint8), "L")
@@ -141,6 +143,22 @@ class TrainingDataset(torch.utils.data.Dataset):
             pixels = pixels.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
         return pixels, mask
+
+
+def color_augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """kohya's --color_aug: with probability 1/3, either shift the hue by up to +-8 (OpenCV's 0..180 hue scale,
+    i.e. +-16 degrees) or apply a gamma in [0.95, 1.05], each half of the time. The gamma is applied to values in
+    0..1 (kohya raises 0..255 values to the power, which clips the highlights: a bug we do not copy)."""
+    if rng.random() > 1 / 3:
+        return image
+    if rng.random() < 0.5:
+        shift = round(rng.uniform(-8, 8) / 180 * 256)  # PIL's hue channel runs 0..255
+        hsv = np.asarray(image.convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256
+        return Image.fromarray(hsv, "HSV").convert("RGB")
+    gamma = rng.uniform(0.95, 1.05)
+    values = np.asarray(image, dtype=np.float32) / 255.0
+    return Image.fromarray(np.clip(np.round(values ** gamma * 255.0), 0, 255).astype(np.uint8), "RGB")
 
 
 def collate(samples: list[dict]) -> dict:

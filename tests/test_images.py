@@ -81,3 +81,21 @@ def test_bad_files_raise_with_the_file_name(tmp_path, monkeypatch):
     big = save(tmp_path, "big.png", Image.new("RGB", (20, 20)))
     with pytest.raises(ImageError, match="too large"):
         load_image(big)
+
+
+def test_color_augmentation_is_small_seeded_and_sometimes_identity():
+    import random
+
+    from library.train_dataset import color_augment
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB")
+    outcomes = [color_augment(image, random.Random(seed)) for seed in range(300)]
+    unchanged = sum(np.array_equal(np.asarray(o), np.asarray(image)) for o in outcomes)
+    assert 150 < unchanged < 250  # about 2/3 of the time nothing happens
+    changed = [np.asarray(o, dtype=np.int16) - np.asarray(image, dtype=np.int16) for o in outcomes
+               if not np.array_equal(np.asarray(o), np.asarray(image))]
+    assert changed and all(np.abs(d).mean() < 40 for d in changed)  # a mild change, never a wreck
+    assert np.array_equal(np.asarray(color_augment(image, random.Random(7))),
+                          np.asarray(color_augment(image, random.Random(7))))
+    white = Image.new("RGB", (4, 4), (255, 255, 255))
+    assert all(np.asarray(color_augment(white, random.Random(s))).min() >= 250 for s in range(50))  # no clipping
