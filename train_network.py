@@ -67,6 +67,11 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_train_text_encoder_only", action="store_true")
     g.add_argument("--save_model_as", choices=["safetensors", "ckpt", "pt"], default="safetensors")
     g.add_argument("--no_metadata", action="store_true")
+    g.add_argument("--scale_weight_norms", type=float, default=None,
+                   help="max-norm regularisation of each LoRA module's delta W (1.0 is a common choice)")
+    g.add_argument("--base_weights", nargs="*", default=None,
+                   help="LoRA files merged into the base model before training (differential LoRA)")
+    g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None)
     g.add_argument("--training_comment", default=None)
     return p
 
@@ -96,12 +101,21 @@ def build_dataset(args, family, seed: int, max_train_steps: int) -> tuple[Traini
 
 
 class LoRATask:
-    def __init__(self, network, *, train_text_encoder: bool, save_dtype, save_model_as: str, metadata: dict):
+    def __init__(self, network, *, train_text_encoder: bool, save_dtype, save_model_as: str, metadata: dict,
+                 scale_weight_norms: float | None = None):
         self.network = network
         self.train_text_encoder = train_text_encoder
         self.save_dtype = save_dtype
         self.save_model_as = save_model_as
         self.metadata = metadata
+        self.scale_weight_norms = scale_weight_norms
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        """--scale_weight_norms: max-norm regularisation after each step (logged as kohya does)."""
+        if not self.scale_weight_norms:
+            return {}
+        scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(self.scale_weight_norms)
+        return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm}
 
     def trainable_state(self):
         return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
@@ -116,10 +130,27 @@ class LoRATask:
         path = path_stem.with_name(path_stem.name + self.model_file_suffix())
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
                         ss_training_finished_at=str(time.time()))
+        if self.save_model_as == "safetensors":
+            metadata.update(additional_networks_hashes(self.network, self.save_dtype, metadata))
         self.network.save_weights(path, self.save_dtype,
                                   metadata if self.save_model_as == "safetensors" else None)
         logger.info("saved %s", path)
         return path
+
+
+def additional_networks_hashes(network, dtype, metadata: dict[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` / `sshs_legacy_hash`, the hashes sd-webui-additional-networks (and kohya) store: computed on
+    the file as it would be with only the ss_* metadata, so editing other metadata later does not change them."""
+    import hashlib
+
+    import safetensors.torch
+
+    tensors = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+               for k, v in network.state_dict().items()}
+    data = safetensors.torch.save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[8 + header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
 
 
 def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed: int, max_train_steps: int,
@@ -244,6 +275,9 @@ def train(args: argparse.Namespace) -> Path:
         except (ValueError, OSError, ImageError, FloatingPointError) as e:
             raise SystemExit(f"error: {e}") from None
 
+    if args.base_weights:
+        merge_base_weights(args, vae, text_encoder, unet)
+
     # Network (its initial weights come from torch's global generator: seed it so runs repeat exactly)
     torch.manual_seed(seed)
     module = importlib.import_module(args.network_module)
@@ -268,6 +302,8 @@ def train(args: argparse.Namespace) -> Path:
     except (ValueError, NotImplementedError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     network.to(accelerator.device)
+    if args.full_bf16:
+        network.to(torch.bfloat16)  # trainable weights in bf16 too (the optimizer then steps bf16 tensors)
     te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
     param_groups, _ = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
     # A text-encoder LoRA with learning rate 0 stays applied but frozen (prepare_optimizer_params decides).
@@ -293,7 +329,8 @@ def train(args: argparse.Namespace) -> Path:
     save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_precision)
     metadata = lora_metadata(args, family, prediction, dataset, seed, max_train_steps, network_kwargs, data_summary)
     task = LoRATask(network, train_text_encoder=train_text_encoder, save_dtype=save_dtype,
-                    save_model_as=args.save_model_as, metadata=metadata)
+                    save_model_as=args.save_model_as, metadata=metadata,
+                    scale_weight_norms=args.scale_weight_norms)
     fingerprint = run_fingerprint(args, family, dataset, seed)
     loop_config = LoopConfig(
         output_dir=output_dir, output_name=output_name, max_train_steps=max_train_steps,
@@ -357,6 +394,24 @@ def _weights_error(args, error: Exception) -> SystemExit:
                   "family (e.g. SD 2.x vs SD 1.x) cannot be loaded: use the matching "
                   "--pretrained_model_name_or_path, or start without --network_weights.")
     return SystemExit(f"error: --network_weights {args.network_weights}: {error}\n  {advice}")
+
+
+def merge_base_weights(args, vae, text_encoder, unet) -> None:
+    import networks.lora as lora
+
+    multipliers = args.base_weights_multiplier or []
+    if len(multipliers) not in (0, 1, len(args.base_weights)):
+        raise SystemExit(f"error: --base_weights_multiplier: give one value, or one per --base_weights file "
+                         f"({len(args.base_weights)})")
+    for i, file in enumerate(args.base_weights):
+        multiplier = multipliers[i] if len(multipliers) > 1 else (multipliers[0] if multipliers else 1.0)
+        try:
+            network, weights = lora.create_network_from_weights(multiplier, file, vae, text_encoder, unet,
+                                                                for_inference=True)
+            network.merge_to(text_encoder, unet, weights)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --base_weights {file}: {e}") from None
+        logger.info("merged %s into the base model (multiplier %s)", file, multiplier)
 
 
 def run_fingerprint(args, family, dataset: TrainingDataset, seed: int) -> dict:

@@ -370,7 +370,7 @@ def check_training_flags(args: argparse.Namespace) -> None:
         problems.append("--train_batch_size must be >= 1")
     if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:
         problems.append("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first need --sample_prompts")
-    for flag, on in (("--full_fp16", args.full_fp16), ("--full_bf16", args.full_bf16),
+    for flag, on in (("--full_fp16 (needs a GPU loss-scaling path; --full_bf16 works)", args.full_fp16),
                      ("--debug_dataset", args.debug_dataset), ("--log_with wandb", args.log_with in ("wandb", "all")),
                      ("--masked_loss (masks from conditioning images; --alpha_mask works)", args.masked_loss)):
         if on:

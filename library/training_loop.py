@@ -43,6 +43,7 @@ class TrainingTask(Protocol):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
     def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path: ...
     def model_file_suffix(self) -> str: ...
+    # Optional: `after_optimizer_step() -> dict[str, float]` (e.g. max-norm regularisation), logged with the step.
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Trainer:
         self.weight_dtype = weight_dtype
         self.on_log = on_log
         self.sampler, self.sample_trainable = sampler, sample_trainable
+        self._extra_logs: dict[str, float] = {}
         self.state = TrainState(run_fingerprint=run_fingerprint)
         self.writer = None
         self.loss_history: list[tuple[int, float]] = []
@@ -301,6 +303,8 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        after = getattr(self.task, "after_optimizer_step", None)
+        self._extra_logs = after() if after else {}  # e.g. --scale_weight_norms statistics
         mean_loss = torch.tensor(total / len(micro_batches))
         if self.accelerator.num_processes > 1:
             mean_loss = self.accelerator.reduce(mean_loss, reduction="mean")
@@ -330,7 +334,10 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", avg=f"{sum(recent) / len(recent):.4f}", lr=f"{lrs[0]:.2e}")
         bar.update(1)
         record = {"step": step, "epoch": self.state.epoch, "loss": loss, "lr": lrs}
+        record.update(self._extra_logs)
         if self.writer:
+            for name, value in self._extra_logs.items():
+                self.writer.add_scalar(name, value, step)
             self.writer.add_scalar("loss/current", loss, step)
             self.writer.add_scalar("loss/average", sum(recent) / len(recent), step)
             for i, lr in enumerate(lrs):

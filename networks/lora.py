@@ -299,6 +299,23 @@ class LoRANetwork(nn.Module):
             descriptions.append(description)
         return groups, descriptions
 
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float, device=None) -> tuple[int, float, float]:
+        """kohya's --scale_weight_norms: scale each module's up and down weights by sqrt(r) so that the norm of
+        its delta W (with alpha/rank) is at most `max_norm`. Returns (modules scaled, mean norm, max norm) after."""
+        scaled, norms = 0, []
+        for lora in self.loras:
+            norm = lora.merged_weight_delta(device).float().norm()
+            # kohya clamps the norm from below at max_norm / 2 before taking the ratio (avoids blowing up tiny ones)
+            norm_for_ratio = norm.clamp(min=max_norm / 2)
+            ratio = (torch.clamp(norm_for_ratio, max=max_norm) / norm_for_ratio).item()
+            if ratio != 1.0:
+                scaled += 1
+                lora.lora_up.weight.mul_(ratio ** 0.5)
+                lora.lora_down.weight.mul_(ratio ** 0.5)
+            norms.append(norm.item() * ratio)
+        return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+
     def get_trainable_params(self):
         return self.parameters()
 

@@ -41,7 +41,12 @@ def base_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]
 
 
 def run(argv: list[str], stop_after: int | None = None) -> None:
+    from accelerate.state import AcceleratorState
+
     import train_network
+
+    # accelerate keeps its state (mixed precision...) in a process-wide singleton; each run here is a new "process".
+    AcceleratorState._reset_state(reset_partial_state=True)
 
     if stop_after:
         os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
@@ -273,3 +278,44 @@ batch_size = 1
     argv[argv.index("--train_data_dir") + 1] = str(root / "data" / "3_sks shape")
     run(argv)
     assert (root / "json_run" / "lora.safetensors").exists()
+
+
+def test_kohya_extras_scale_weight_norms_base_weights_bf16_and_hashes(workspace):
+    import hashlib
+
+    import safetensors.torch
+
+    root = workspace
+    run(base_args(root, "norms") + ["--cache_latents", "--max_train_steps", "3", "--scale_weight_norms", "0.05",
+                                    "--learning_rate", "5e-2"])
+    lora_file = root / "norms" / "lora.safetensors"
+    weights = read_lora(lora_file)
+    # Every module's delta W (with alpha / rank) respects the max norm after the last step.
+    for key in [k for k in weights if k.endswith("lora_down.weight")]:
+        up, down = weights[key.replace("lora_down", "lora_up")], weights[key]
+        alpha = weights[key.replace("lora_down.weight", "alpha")]
+        delta = up.flatten(1) @ down.flatten(1) if down.ndim == 2 else None
+        if delta is not None:
+            assert (delta * alpha / down.shape[0]).norm() <= 0.05 * (1 + 1e-4), key
+    events = logged_losses(root / "norms" / "logs")
+    assert len(events) == 3
+
+    # sshs hashes equal sd-webui-additional-networks' definition, recomputed independently from the file.
+    reader = SafetensorsReader(lora_file)
+    ss_only = {k: v for k, v in reader.metadata.items() if k.startswith("ss_")}
+    serialized = safetensors.torch.save(weights, ss_only)
+    header = int.from_bytes(serialized[:8], "little")
+    assert reader.metadata["sshs_model_hash"] == hashlib.sha256(serialized[8 + header:]).hexdigest()
+    assert reader.metadata["sshs_legacy_hash"] == hashlib.sha256(serialized[0x100000:0x110000]).hexdigest()[:8]
+
+    # --base_weights merges a LoRA into the base first: same seed, different losses than without it.
+    run(base_args(root, "based") + ["--cache_latents", "--max_train_steps", "2", "--base_weights", str(lora_file),
+                                    "--base_weights_multiplier", "1.0"])
+    run(base_args(root, "unbased") + ["--cache_latents", "--max_train_steps", "2"])
+    assert logged_losses(root / "based" / "logs") != logged_losses(root / "unbased" / "logs")
+
+    # --full_bf16 with bf16 mixed precision trains the network in bf16.
+    run(base_args(root, "bf16") + ["--cache_latents", "--max_train_steps", "2", "--mixed_precision", "bf16",
+                                   "--full_bf16"])
+    with SafetensorsReader(root / "bf16" / "lora.safetensors") as r:
+        assert r.info("lora_unet_mid_block_attentions_0_proj_in.lora_up.weight").dtype == torch.bfloat16
