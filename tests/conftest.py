@@ -42,3 +42,13 @@ def tiny_files(tmp_path_factory, tiny_checkpoints):
                                                      SaveFormat.DIFFUSERS_SAFETENSORS),
         }
     return files
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps its state (mixed precision, process group) in a process-wide singleton; tests that run a
+    trainer in-process each act as a new process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield

@@ -45,8 +45,7 @@ def run(argv: list[str], stop_after: int | None = None) -> None:
 
     import train_network
 
-    # accelerate keeps its state (mixed precision...) in a process-wide singleton; each run here is a new "process".
-    AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # several runs per test (see conftest)
 
     if stop_after:
         os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
