@@ -62,3 +62,60 @@ def encode(text_encoder, input_ids: torch.Tensor, *, clip_skip: int | None = Non
         return states[:, 0]
     middle = [states[:, i, 1:-1] for i in range(n)]
     return torch.cat([states[:, 0, :1], *middle, states[:, -1, -1:]], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weighted prompts: `(word:1.2)`, `[word]`, `BREAK`, as WebUI reads them (--weighted_captions, gen_img prompts)
+
+
+def tokenize_weighted(tokenizer, captions: list[str], max_token_length: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and per-token weights, both [B, n_chunks, 77]. Each weighted segment is tokenized on its own (so a
+    weight covers exactly its words), `BREAK` pads to the next 75-token chunk, and the prompt is cut at 75*n
+    tokens. BOS, EOS and padding get weight 1."""
+    from library.captions import BREAK, BREAK_WEIGHT, parse_prompt_weights
+
+    n = _chunks(max_token_length)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    all_ids, all_weights = [], []
+    for caption in captions:
+        tokens: list[int] = []
+        weights: list[float] = []
+        for text, weight in parse_prompt_weights(caption):
+            if text == BREAK and weight == BREAK_WEIGHT:
+                filler = (-len(tokens)) % CHUNK or (CHUNK if tokens else 0)
+                tokens += [eos] + [pad] * (filler - 1) if filler else []
+                weights += [1.0] * filler
+                continue
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            tokens += ids
+            weights += [weight] * len(ids)
+        tokens, weights = tokens[: n * CHUNK], weights[: n * CHUNK]
+        ids_chunks, weight_chunks = [], []
+        for c in range(n):
+            part = tokens[c * CHUNK:(c + 1) * CHUNK]
+            part_w = weights[c * CHUNK:(c + 1) * CHUNK]
+            filler = CHUNK - len(part)
+            # Like the plain tokenizer: EOS right after the text, then padding (EOS or 0 by family).
+            ids_chunks.append([bos] + part + ([eos] + [pad] * (filler - 1) if filler else []) + [eos])
+            weight_chunks.append([1.0] + part_w + [1.0] * filler + [1.0])
+        all_ids.append(ids_chunks)
+        all_weights.append(weight_chunks)
+    return torch.tensor(all_ids), torch.tensor(all_weights, dtype=torch.float32)
+
+
+def encode_weighted(text_encoder, input_ids: torch.Tensor, weights: torch.Tensor, *,
+                    clip_skip: int | None = None) -> torch.Tensor:
+    """Conditioning with per-token emphasis, as WebUI computes it: the hidden states are scaled by their token's
+    weight, then the whole is rescaled so its mean equals the unweighted mean."""
+    states = encode(text_encoder, input_ids, clip_skip=clip_skip)
+    b, n, length = weights.shape
+    if n == 1:
+        flat = weights[:, 0]
+    else:
+        flat = torch.cat([weights[:, 0, :1], *[weights[:, i, 1:-1] for i in range(n)], weights[:, -1, -1:]], dim=1)
+    flat = flat.to(states)
+    original_mean = states.float().mean(dim=(-2, -1), keepdim=True)
+    weighted = states * flat.unsqueeze(-1)
+    new_mean = weighted.float().mean(dim=(-2, -1), keepdim=True)
+    return (weighted.float() * (original_mean / new_mean)).to(states.dtype)

@@ -359,8 +359,6 @@ def check_training_flags(args: argparse.Namespace) -> None:
     if (args.cache_latents or args.cache_latents_to_disk) and (args.color_aug or args.random_crop):
         problems.append("--cache_latents cannot be combined with --color_aug or --random_crop (they change the "
                         "pixels every epoch); drop one of them")
-    if args.weighted_captions:
-        problems.append("--weighted_captions is not implemented in this suite yet")
     if args.max_token_length not in (None, 75, 150, 225):
         problems.append(f"--max_token_length {args.max_token_length}: must be 75, 150 or 225 (whole 75-token CLIP "
                         "chunks); leave it out for 75")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from library.atomic_files import atomic_directory
 from library.diffusion_objective import DiffusionObjective
-from library.text_encoding import encode, tokenize
+from library.text_encoding import encode, encode_weighted, tokenize, tokenize_weighted
 from library.train_dataset import EpochBatches, SampleKey, TrainingDataset, collate
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class LoopConfig:
     max_grad_norm: float = 1.0
     max_token_length: int | None = None
     clip_skip: int | None = None
+    weighted_captions: bool = False
     vae_scale_factor: float = 0.18215
     save_every_n_steps: int | None = None
     save_every_n_epochs: int | None = None
@@ -174,8 +175,11 @@ class Trainer:
     # One step
 
     def _conditioning(self, captions: list[str]) -> torch.Tensor:
-        ids = tokenize(self.tokenizer, captions, self.config.max_token_length)
         with torch.set_grad_enabled(self.task.train_text_encoder):
+            if self.config.weighted_captions:
+                ids, weights = tokenize_weighted(self.tokenizer, captions, self.config.max_token_length)
+                return encode_weighted(self.text_encoder, ids, weights, clip_skip=self.config.clip_skip)
+            ids = tokenize(self.tokenizer, captions, self.config.max_token_length)
             return encode(self.text_encoder, ids, clip_skip=self.config.clip_skip)
 
     def _latents(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:

@@ -77,3 +77,29 @@ def test_long_prompt_chunks(models, family):
 def test_bad_max_token_length(models):
     with pytest.raises(ValueError, match="--max_token_length"):
         tokenize(models["sd1"].tokenizer, ["x"], max_token_length=100)
+
+
+def test_weighted_prompts(models):
+    from library.text_encoding import encode_weighted, tokenize_weighted
+
+    m = models["sd1"]
+    tok = m.tokenizer
+    plain_ids = tokenize(tok, ["a red cat"])
+    ids, weights = tokenize_weighted(tok, ["a red cat"])
+    assert torch.equal(ids, plain_ids) and torch.all(weights == 1)  # no emphasis: the plain encoding
+    assert torch.allclose(encode_weighted(m.text_encoder, ids, weights), encode(m.text_encoder, ids), atol=1e-6)
+
+    ids, weights = tokenize_weighted(tok, ["a (red:1.5) cat, [dog]"])
+    assert torch.equal(ids, tokenize(tok, ["a red cat, dog"]))  # same tokens, the syntax is gone
+    words = tok("a red cat, dog", add_special_tokens=False).input_ids
+    red, dog = words.index(tok.convert_tokens_to_ids("red</w>")), words.index(tok.convert_tokens_to_ids("dog</w>"))
+    assert weights[0, 0, 1 + red].item() == pytest.approx(1.5)
+    assert weights[0, 0, 1 + dog].item() == pytest.approx(1 / 1.1)
+    states = encode_weighted(m.text_encoder, ids, weights)
+    plain = encode(m.text_encoder, ids)
+    assert states.mean().item() == pytest.approx(plain.mean().item(), rel=1e-4)  # mean kept, as WebUI does
+    ratio = (states[0, 1 + red] / plain[0, 1 + red]).median().item()
+    assert ratio > 1.3  # the emphasised token's states are scaled up
+
+    ids, _ = tokenize_weighted(tok, ["first part BREAK second part"], max_token_length=150)
+    assert ids[0, 1, 1] == tok.convert_tokens_to_ids("second</w>")  # BREAK starts the next chunk

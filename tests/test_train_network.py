@@ -80,6 +80,8 @@ CASES = {
                                 "5", "--noise_offset", "0.05", "--max_train_steps", "4", "--optimizer_type",
                                 "AdamW8bit"],
     "sd2v_unet_only": ["--cache_latents", "--network_train_unet_only", "--max_train_steps", "4"],
+    "sd1_weighted_color_long": ["--weighted_captions", "--caption_prefix", "(sks:1.3)", "--color_aug",
+                                "--max_token_length", "150", "--clip_skip", "2", "--max_train_steps", "3"],
 }
 
 
