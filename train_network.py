@@ -305,7 +305,7 @@ def train(args: argparse.Namespace) -> Path:
     if args.full_bf16:
         network.to(torch.bfloat16)  # trainable weights in bf16 too (the optimizer then steps bf16 tensors)
     te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
-    param_groups, _ = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+    param_groups, group_names = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
     # A text-encoder LoRA with learning rate 0 stays applied but frozen (prepare_optimizer_params decides).
     train_text_encoder = any(p.requires_grad for lora in network.text_encoder_loras for p in lora.parameters())
     if train_text_encoder and args.gradient_checkpointing:
@@ -364,7 +364,8 @@ def train(args: argparse.Namespace) -> Path:
                           train_args.objective_config(args, prediction)),
                       optimizer=optimizer, lr_scheduler=lr_scheduler, config=loop_config, accelerator=accelerator,
                       run_fingerprint=fingerprint, trainable_parameters=[p for g in param_groups for p in g["params"]],
-                      weight_dtype=weight_dtype, sampler=sampler, sample_trainable=task.network)
+                      weight_dtype=weight_dtype, sampler=sampler, sample_trainable=task.network,
+                      lr_names=group_names)
     try:
         trainer.run(resume=Path(args.resume) if args.resume else None)
     except (ValueError, FloatingPointError) as e:  # FloatingPointError: NonFiniteLossError (names the step)

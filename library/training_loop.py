@@ -112,7 +112,8 @@ class Trainer:
                  batches: EpochBatches, objective: DiffusionObjective, optimizer, lr_scheduler, config: LoopConfig,
                  accelerator, run_fingerprint: dict, trainable_parameters: list[torch.nn.Parameter],
                  weight_dtype: torch.dtype = torch.float32, on_log: Callable[[dict], None] | None = None,
-                 sampler: Callable[..., object] | None = None, sample_trainable: torch.nn.Module | None = None):
+                 sampler: Callable[..., object] | None = None, sample_trainable: torch.nn.Module | None = None,
+                 lr_names: list[str] | None = None):
         self.task, self.unet, self.text_encoder, self.vae, self.tokenizer = task, unet, text_encoder, vae, tokenizer
         self.dataset, self.batches, self.objective = dataset, batches, objective
         self.optimizer, self.lr_scheduler, self.config = optimizer, lr_scheduler, config
@@ -123,6 +124,7 @@ class Trainer:
         self.on_log = on_log
         self.sampler, self.sample_trainable = sampler, sample_trainable
         self._extra_logs: dict[str, float] = {}
+        self.lr_names = lr_names  # TensorBoard names of the param groups' learning rates (kohya: lr/unet ...)
         self.state = TrainState(run_fingerprint=run_fingerprint)
         self.writer = None
         self.loss_history: list[tuple[int, float]] = []
@@ -345,7 +347,8 @@ class Trainer:
             self.writer.add_scalar("loss/current", loss, step)
             self.writer.add_scalar("loss/average", sum(recent) / len(recent), step)
             for i, lr in enumerate(lrs):
-                self.writer.add_scalar(f"lr/group{i}", lr, step)
+                name = self.lr_names[i] if self.lr_names and i < len(self.lr_names) else f"group{i}"
+                self.writer.add_scalar(f"lr/{name}", lr, step)
         if self.on_log:
             self.on_log(record)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -173,9 +174,13 @@ class LoRANetwork(nn.Module):
                  lora_dim: int = 4, alpha: float | None = 1.0, dropout: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None,
                  conv_lora_dim: int | None = None, conv_alpha: float | None = None,
-                 modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None):
+                 modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None,
+                 block_dims: list[int] | None = None, block_alphas: list[float] | None = None,
+                 conv_block_dims: list[int] | None = None, conv_block_alphas: list[float] | None = None):
         super().__init__()
         self.multiplier = multiplier
+        self.block_lr_weights: list[float] | None = None  # set_block_lr_weight
+        self.loraplus_ratios = (None, None)  # (unet, text encoder): set_loraplus_lr_ratio
 
         def dim_alpha(name: str, module: nn.Module):
             if modules_dim is not None:  # from a file: exactly the modules (and ranks) it has
@@ -183,6 +188,11 @@ class LoRANetwork(nn.Module):
             # kohya: 3x3 convs get conv_dim/conv_alpha; Linear and 1x1 convs (even time_emb_proj and
             # conv_shortcut inside ResNet blocks) get network_dim/network_alpha.
             is_kxk = isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+            block = unet_block_index(name) if name.startswith(PREFIX_UNET) else -1
+            if block >= 0 and is_kxk and conv_block_dims is not None:
+                return conv_block_dims[block], conv_block_alphas[block]
+            if block >= 0 and not is_kxk and block_dims is not None:
+                return block_dims[block], block_alphas[block]
             return (conv_lora_dim, conv_alpha) if is_kxk else (lora_dim, alpha)
 
         def build(targets: dict[str, nn.Module]) -> list[LoRAModule]:
@@ -204,7 +214,7 @@ class LoRANetwork(nn.Module):
             te_targets = find_targets(text_encoder, TEXT_ENCODER_CONTAINERS, PREFIX_TEXT_ENCODER, te_path)
         if unet is not None:
             containers = UNET_ATTENTION_CONTAINERS
-            if conv_lora_dim or modules_dim is not None:
+            if conv_lora_dim or conv_block_dims or modules_dim is not None:
                 containers += UNET_CONV_CONTAINERS
             unet_targets = find_targets(unet, containers, PREFIX_UNET)
         if modules_dim is not None:
@@ -285,8 +295,19 @@ class LoRANetwork(nn.Module):
             raise RuntimeError("prepare_optimizer_params: call apply_to() first")
         self.requires_grad_(True)
         groups, descriptions = [], []
-        for description, loras, lr in (("textencoder", self.text_encoder_loras, text_encoder_lr),
-                                       ("unet", self.unet_loras, unet_lr)):
+        unet_ratio, te_ratio = self.loraplus_ratios
+        parts = [("textencoder", self.text_encoder_loras, text_encoder_lr, te_ratio)]
+        if self.block_lr_weights is None:
+            parts.append(("unet", self.unet_loras, unet_lr, unet_ratio))
+        else:
+            base = default_lr if unet_lr is None else unet_lr
+            by_block: dict[int, list[LoRAModule]] = {}
+            for lora in self.unet_loras:
+                by_block.setdefault(unet_block_index(lora.lora_name), []).append(lora)
+            for block, loras in sorted(by_block.items()):
+                weight = 1.0 if block < 0 else self.block_lr_weights[block]
+                parts.append((f"unet_block{block}", loras, (base or 0.0) * weight, unet_ratio))
+        for description, loras, lr, ratio in parts:
             lr = default_lr if lr is None else lr
             if not loras:
                 continue
@@ -295,9 +316,23 @@ class LoRANetwork(nn.Module):
                 for lora in loras:
                     lora.requires_grad_(False)  # no gradients computed for a part nobody updates
                 continue
-            groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
-            descriptions.append(description)
+            if ratio:
+                # LoRA+: the up projections learn `ratio` times faster (the paper suggests 16).
+                groups.append({"params": [lora.lora_down.weight for lora in loras], "lr": lr})
+                groups.append({"params": [lora.lora_up.weight for lora in loras], "lr": lr * ratio})
+                descriptions += [description, f"{description} plus"]
+            else:
+                groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
+                descriptions.append(description)
         return groups, descriptions
+
+    def set_block_lr_weight(self, weights: list[float] | None) -> None:
+        """Per-U-Net-block learning-rate multipliers (25 entries, kohya's block indices; see unet_block_index)."""
+        self.block_lr_weights = weights
+
+    def set_loraplus_lr_ratio(self, ratio: float | None, unet_ratio: float | None = None,
+                              text_encoder_ratio: float | None = None) -> None:
+        self.loraplus_ratios = (unet_ratio or ratio, text_encoder_ratio or ratio)
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm: float, device=None) -> tuple[int, float, float]:
@@ -368,14 +403,68 @@ def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
         return {name: lazy.load() for name, lazy in source.tensors.items()}
 
 
+# ---------------------------------------------------------------------- kohya's U-Net block indices
+
+NUM_BLOCKS = 25  # 0: not a block (conv_in, time embedding); 1-11: down; 12: mid; 13-24: up (SD 1.x / 2.x)
+_BLOCK_NAME = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)")
+
+
+def unet_block_index(lora_name: str) -> int:
+    """kohya's block index of a U-Net LoRA module (-1 for modules outside the 25 blocks). Three slots per level:
+    resnet/attention j, then the down/upsampler."""
+    match = _BLOCK_NAME.search(lora_name)
+    if match:
+        side, level, kind, j = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+        slot = 3 * level + (2 if kind in ("upsamplers", "downsamplers") else j)
+        return 1 + slot if side == "down" else 13 + slot
+    return 12 if "mid_block_" in lora_name else -1
+
+
+def block_lr_weights(down: str | None, mid: str | None, up: str | None, zero_threshold: float = 0.0
+                     ) -> list[float] | None:
+    """The 25 per-block learning-rate multipliers from kohya's down/mid/up_lr_weight (12 values each, comma
+    separated, or a preset: cosine, sine, linear, reverse_linear, zeros, optionally "+base", e.g. "sine+.5")."""
+    if down is None and mid is None and up is None:
+        return None
+
+    def twelve(spec: str | None, name: str) -> list[float]:
+        if spec is None:
+            return [1.0] * 12
+        preset, _, base = str(spec).partition("+")
+        curve = {"cosine": [math.sin(math.pi * (i / 11) / 2) for i in reversed(range(12))],
+                 "sine": [math.sin(math.pi * (i / 11) / 2) for i in range(12)],
+                 "linear": [i / 11 for i in range(12)], "reverse_linear": [i / 11 for i in reversed(range(12))],
+                 "zeros": [0.0] * 12}.get(preset.strip())
+        try:
+            if curve is not None:
+                return [w + (float(base) if base else 0.0) for w in curve]
+            values = [float(v) for v in str(spec).split(",")]
+        except ValueError:
+            raise ValueError(f"--network_args {name}={spec!r}: 12 comma-separated numbers or a preset (cosine, sine, "
+                             "linear, reverse_linear, zeros, optionally +base)") from None
+        if len(values) != 12:
+            raise ValueError(f"--network_args {name}: expected 12 values, got {len(values)}")
+        return values
+
+    try:
+        mid_value = 1.0 if mid is None else float(mid)
+    except ValueError:
+        raise ValueError(f"--network_args mid_lr_weight={mid!r}: expected a number") from None
+    weights = [1.0] + twelve(down, "down_lr_weight")[1:] + [mid_value] + twelve(up, "up_lr_weight")
+    # kohya's list index 0 of down_lr_weight is block 0, which holds no module; keep the list 25 long.
+    weights = weights[:NUM_BLOCKS]
+    return [0.0 if w <= zero_threshold else w for w in weights]
+
+
 # ---------------------------------------------------------------------- kohya's module-level interface
 
 # Keys kohya's networks.lora accepts that we do not implement yet: refused loudly rather than ignored, so a run
 # never silently trains something other than what was asked for.
-NOT_IMPLEMENTED_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-                        "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
-                        "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-_ARG_TYPES = {"conv_dim": int, "conv_alpha": float, "dropout": float, "rank_dropout": float, "module_dropout": float}
+NOT_IMPLEMENTED_ARGS: tuple[str, ...] = ()
+_ARG_TYPES = {"conv_dim": int, "conv_alpha": float, "dropout": float, "rank_dropout": float, "module_dropout": float,
+              "block_dims": str, "block_alphas": str, "conv_block_dims": str, "conv_block_alphas": str,
+              "down_lr_weight": str, "mid_lr_weight": str, "up_lr_weight": str, "block_lr_zero_threshold": float,
+              "loraplus_lr_ratio": float, "loraplus_unet_lr_ratio": float, "loraplus_text_encoder_lr_ratio": float}
 
 
 class NetworkArgs(NamedTuple):
@@ -384,6 +473,31 @@ class NetworkArgs(NamedTuple):
     dropout: float | None = None
     rank_dropout: float | None = None
     module_dropout: float | None = None
+    block_dims: str | None = None
+    block_alphas: str | None = None
+    conv_block_dims: str | None = None
+    conv_block_alphas: str | None = None
+    down_lr_weight: str | None = None
+    mid_lr_weight: str | None = None
+    up_lr_weight: str | None = None
+    block_lr_zero_threshold: float = 0.0
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+
+
+def _block_list(spec: str | None, name: str, cast, default) -> list | None:
+    """25 per-block values (kohya's block_dims / block_alphas...), or `default` for each block when not given."""
+    if spec is None:
+        return None if default is None else [default] * NUM_BLOCKS
+    try:
+        values = [cast(v) for v in str(spec).split(",")]
+    except ValueError:
+        raise ValueError(f"--network_args {name}={spec!r}: expected {NUM_BLOCKS} comma-separated numbers") from None
+    if len(values) != NUM_BLOCKS:
+        raise ValueError(f"--network_args {name}: expected {NUM_BLOCKS} values (one per U-Net block), got "
+                         f"{len(values)}")
+    return values
 
 
 def parse_network_args(kwargs: dict[str, object], neuron_dropout: float | None = None) -> NetworkArgs:
@@ -427,12 +541,28 @@ def _single_text_encoder(text_encoder):
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
                    unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
     args = parse_network_args(kwargs, neuron_dropout)
-    return LoRANetwork(
-        _single_text_encoder(text_encoder), unet, multiplier=multiplier,
-        lora_dim=4 if network_dim is None else network_dim,  # kohya's defaults
-        alpha=1.0 if network_alpha is None else network_alpha,
+    lora_dim = 4 if network_dim is None else network_dim  # kohya's defaults
+    alpha = 1.0 if network_alpha is None else network_alpha
+    block_dims = _block_list(args.block_dims, "block_dims", int, None)
+    block_alphas = _block_list(args.block_alphas, "block_alphas", float, alpha) if block_dims else None
+    conv_block_dims = _block_list(args.conv_block_dims, "conv_block_dims", int, None)
+    conv_block_alphas = (_block_list(args.conv_block_alphas, "conv_block_alphas", float, args.conv_alpha or 1.0)
+                         if conv_block_dims else None)
+    lr_weights = block_lr_weights(args.down_lr_weight, args.mid_lr_weight, args.up_lr_weight,
+                                  args.block_lr_zero_threshold)
+    if lr_weights is not None:
+        # kohya: a block whose learning rate is 0 gets no module at all.
+        block_dims = [0 if w == 0 else d for w, d in zip(lr_weights, block_dims or [lora_dim] * NUM_BLOCKS)]
+        block_alphas = block_alphas or [alpha] * NUM_BLOCKS
+    network = LoRANetwork(
+        _single_text_encoder(text_encoder), unet, multiplier=multiplier, lora_dim=lora_dim, alpha=alpha,
         dropout=args.dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
-        conv_lora_dim=args.conv_dim, conv_alpha=args.conv_alpha)
+        conv_lora_dim=args.conv_dim, conv_alpha=args.conv_alpha, block_dims=block_dims, block_alphas=block_alphas,
+        conv_block_dims=conv_block_dims, conv_block_alphas=conv_block_alphas)
+    network.set_block_lr_weight(lr_weights)
+    network.set_loraplus_lr_ratio(args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio,
+                                  args.loraplus_text_encoder_lr_ratio)
+    return network
 
 
 def dims_from_weights(weights_sd: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:

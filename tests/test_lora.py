@@ -481,3 +481,63 @@ def test_dropouts_keep_the_expected_update(kind, layer):
     relative = max_diff(averaged, exact) / exact.abs().max().item()
     assert relative < 0.05
     assert not math.isclose(relative, 0.0)  # it did drop something
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block-wise ranks / learning rates and LoRA+ (kohya's --network_args)
+
+
+def test_unet_block_indices_follow_kohya():
+    from networks.lora import unet_block_index
+
+    cases = {"lora_unet_down_blocks_0_attentions_0_proj_in": 1, "lora_unet_down_blocks_0_resnets_1_conv1": 2,
+             "lora_unet_down_blocks_0_downsamplers_0_conv": 3, "lora_unet_down_blocks_3_resnets_1_conv2": 11,
+             "lora_unet_mid_block_attentions_0_proj_out": 12, "lora_unet_up_blocks_0_resnets_0_conv1": 13,
+             "lora_unet_up_blocks_0_upsamplers_0_conv": 15, "lora_unet_up_blocks_3_attentions_2_proj_out": 24,
+             "lora_unet_conv_in": -1}
+    assert {name: unet_block_index(name) for name in cases} == cases
+
+
+def test_block_dims_lr_weights_and_loraplus():
+    from library.families import SD1
+    from library.tiny_models import build_tiny_models
+    from networks.lora import create_network, unet_block_index
+
+    m = build_tiny_models(SD1, seed=9)
+    dims = ",".join(str(d) for d in [0] + [2] * 11 + [3] + [4] * 12)
+    network = create_network(1.0, 8, 8, None, m.text_encoder, m.unet, block_dims=dims,
+                             down_lr_weight="zeros", loraplus_lr_ratio="16")
+    network.apply_to(m.text_encoder, m.unet)
+    by_block = {unet_block_index(l.lora_name): l.lora_dim for l in network.unet_loras}
+    # Down blocks have lr weight 0: kohya then creates no module there.
+    # (Attention LoRA lives in down blocks 1-8, mid 12 and up blocks 16-24: up_blocks.0 has no attention.)
+    assert not any(1 <= b <= 11 for b in by_block) and by_block[12] == 3 and by_block[16] == 4
+    assert all(l.lora_dim == 8 for l in network.text_encoder_loras)  # the text encoder is not block-wise
+    groups, names = network.prepare_optimizer_params(1e-5, 1e-4, 1e-4)
+    lrs = dict(zip(names, (g["lr"] for g in groups)))
+    assert lrs["textencoder"] == 1e-5 and lrs["textencoder plus"] == pytest.approx(1.6e-4)
+    assert lrs["unet_block12"] == 1e-4 and lrs["unet_block12 plus"] == pytest.approx(1.6e-3)
+    plus = next(g for g, n in zip(groups, names) if n == "unet_block16 plus")
+    assert all(p.shape[1] == 4 for p in plus["params"])  # the up projections [out, rank]
+
+    sine = create_network(1.0, 4, 4, None, m.text_encoder, m.unet, up_lr_weight="sine+.5", mid_lr_weight="2")
+    sine.apply_to(m.text_encoder, m.unet)
+    groups, names = sine.prepare_optimizer_params(None, 1.0, 1.0)
+    lrs = dict(zip(names, (g["lr"] for g in groups)))
+    assert lrs["unet_block12"] == 2.0 and lrs["unet_block16"] == pytest.approx(math.sin(math.pi * 3 / 11 / 2) + 0.5)
+    assert lrs["unet_block24"] == pytest.approx(1.5) and lrs["unet_block1"] == 1.0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(block_dims="1,2,3"), "expected 25 values"),
+    (dict(down_lr_weight="1,2"), "expected 12 values"),
+    (dict(up_lr_weight="wavy"), "preset"),
+])
+def test_block_args_are_validated(kwargs, message):
+    from library.families import SD1
+    from library.tiny_models import build_tiny_models
+    from networks.lora import create_network
+
+    m = build_tiny_models(SD1, seed=9)
+    with pytest.raises(ValueError, match=message):
+        create_network(1.0, 4, 4, None, m.text_encoder, m.unet, **kwargs)
