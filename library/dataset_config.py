@@ -32,10 +32,11 @@ DATASET_LEVEL = {"batch_size": int, "resolution": (int, list), "enable_bucket": 
 CAPTION_OPTIONS = {f.name: f.type for f in fields(CaptionOptions)}
 SUBSET_ANY_LEVEL = {"num_repeats": int, "caption_extension": str, "class_tokens": str, "flip_aug": bool,
                     "color_aug": bool, "random_crop": bool, **{k: object for k in CAPTION_OPTIONS}}
-SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "alpha_mask": bool, "metadata_file": str, "caption_column": str}
+SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "alpha_mask": bool, "metadata_file": str, "caption_column": str,
+               "conditioning_data_dir": str}
 # kohya keys users may have that this suite does not implement yet: refused by name, never silently ignored.
 NOT_YET = {"network_multiplier", "validation_split", "validation_seed", "face_crop_aug_range", "cache_info",
-           "custom_attributes", "conditioning_data_dir", "resize_interpolation"}
+           "custom_attributes", "resize_interpolation"}
 
 
 class DatasetConfigError(ValueError):
@@ -145,7 +146,15 @@ def _subset(options: dict, where: str, base: Path) -> Subset:
                   flip_aug=bool(options.get("flip_aug", False)), color_aug=bool(options.get("color_aug", False)),
                   random_crop=bool(options.get("random_crop", False)),
                   alpha_mask=bool(options.get("alpha_mask", False)), metadata_file=metadata,
-                  caption_column=options.get("caption_column", "text"))
+                  caption_column=options.get("caption_column", "text"),
+                  conditioning_dir=_path(options.get("conditioning_data_dir"), base))
+
+
+def _path(value: str | None, base: Path) -> Path | None:
+    if not value:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else base / path
 
 
 def _buckets(options: dict, where: str) -> BucketConfig:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from library.captions import CaptionOptions, caption_path_for, read_caption_file
@@ -44,6 +44,7 @@ class Subset:
     alpha_mask: bool = False
     metadata_file: Path | None = None  # fine-tune subsets: captions from kohya metadata JSON / JSONL
     caption_column: str = "text"  # diffusers imagefolder metadata.jsonl / metadata.csv
+    conditioning_dir: Path | None = None  # same-stem companion images (loss masks, ControlNet conditions)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ImageRecord:
     size: tuple[int, int]  # (width, height) after EXIF orientation
     caption: str  # raw: before prefix/shuffle/dropout, which happen per sample
     subset: Subset
+    conditioning: Path | None = None  # the companion image from the subset's conditioning_dir
 
 
 def dreambooth_subsets(parent: Path, *, is_reg: bool, template: Subset) -> list[Subset]:
@@ -123,7 +125,34 @@ def scan_subset(subset: Subset) -> tuple[list[ImageRecord], list[str]]:
     if not records and not problems:
         raise DatasetError(f"{subset.image_dir}: no images (looked for .png, .jpg, .jpeg, .webp, .bmp); put the "
                            "images in it, or remove the empty folder")
+    if subset.conditioning_dir is not None:
+        records = pair_conditioning(records, subset.conditioning_dir)
     return records, problems
+
+
+def pair_conditioning(records: list[ImageRecord], folder: Path) -> list[ImageRecord]:
+    """Give each record its same-stem image from `folder`; a missing or an extra counterpart is an error naming
+    them (a silently unpaired image would train on the wrong target)."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: no such conditioning folder")
+    by_stem: dict[str, Path] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p)):
+        if path.stem in by_stem:
+            raise DatasetError(f"{folder}: two conditioning images for '{path.stem}': {by_stem[path.stem].name}, "
+                               f"{path.name}")
+        by_stem[path.stem] = path
+    missing = [r.path.name for r in records if r.path.stem not in by_stem]
+    extra = sorted(set(by_stem) - {r.path.stem for r in records})
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} image(s) without a conditioning image: {', '.join(missing[:5])}")
+        if extra:
+            names = ", ".join(by_stem[stem].name for stem in extra[:5])
+            parts.append(f"{len(extra)} conditioning image(s) without an image: {names}")
+        raise DatasetError(f"{folder}: every image needs exactly one same-stem conditioning image; "
+                           + "; ".join(parts))
+    return [replace(r, conditioning=by_stem[r.path.stem]) for r in records]
 
 
 def balance_regularization(train_samples: int, reg_repeats: list[int]) -> list[int]:

@@ -51,6 +51,8 @@ class LatentCache:
                "vae": self.vae_id, "dtype": str(self.dtype), "version": 1}
         if not self.settings.skip_cache_check:
             key["file"] = file_fingerprint(item.record.path)
+            if item.record.conditioning is not None:  # the loss mask is cached too
+                key["mask_file"] = file_fingerprint(item.record.conditioning)
         return key
 
     def build(self, dataset: TrainingDataset) -> None:
@@ -163,7 +165,8 @@ class LatentCache:
             return "stale"
         if item.record.subset.flip_aug and "latents_flipped" not in entry:
             return "stale"
-        if item.record.subset.alpha_mask and "alpha_mask" not in entry:
+        wants_mask = item.record.subset.alpha_mask or item.record.conditioning is not None
+        if wants_mask != ("alpha_mask" in entry):
             return "stale"
         return entry
 

@@ -136,7 +136,10 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--v_pred_like_loss", type=float, default=None)
     g.add_argument("--debiased_estimation_loss", action="store_true")
     g.add_argument("--weighted_captions", action="store_true")
-    g.add_argument("--masked_loss", action="store_true")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="weight the loss by a mask: the R channel of same-stem images in --conditioning_data_dir")
+    g.add_argument("--conditioning_data_dir", default=None,
+                   help="folder of same-stem mask images for --masked_loss")
 
 
 def add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
@@ -312,7 +315,7 @@ def dataset_cli_values(args: argparse.Namespace, default_resolution: int) -> dic
         "random_crop", "alpha_mask", "caption_column", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
         "caption_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
         "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
-        "token_warmup_step")}
+        "token_warmup_step", "conditioning_data_dir")}
     options["batch_size"] = args.train_batch_size
     options["resolution"] = parse_resolution(args.resolution, default_resolution)
     return options
@@ -369,10 +372,12 @@ def check_training_flags(args: argparse.Namespace) -> None:
     if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:
         problems.append("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first need --sample_prompts")
     for flag, on in (("--full_fp16 (needs a GPU loss-scaling path; --full_bf16 works)", args.full_fp16),
-                     ("--debug_dataset", args.debug_dataset), ("--log_with wandb", args.log_with in ("wandb", "all")),
-                     ("--masked_loss (masks from conditioning images; --alpha_mask works)", args.masked_loss)):
+                     ("--debug_dataset", args.debug_dataset), ("--log_with wandb", args.log_with in ("wandb", "all"))):
         if on:
             problems.append(f"{flag}: not implemented in this suite yet")
+    if args.masked_loss != bool(args.conditioning_data_dir):
+        problems.append("--masked_loss and --conditioning_data_dir go together (the masks are the R channel of "
+                        "same-stem images in that folder; for PNG alpha use --alpha_mask)")
     if args.log_with == "tensorboard" and not args.logging_dir:
         problems.append("--log_with tensorboard needs --logging_dir (where to write the logs)")
     if args.xformers:

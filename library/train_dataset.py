@@ -115,10 +115,10 @@ class TrainingDataset(torch.utils.data.Dataset):
         out = {"loss_weight": item.loss_weight, "path": str(item.record.path), "slot": key.slot}
         if self.latent_cache is not None:
             out["latents"] = self.latent_cache.get(item, flip)
-            mask = self.latent_cache.get_mask(item, flip) if subset.alpha_mask else None
+            mask = self.latent_cache.get_mask(item, flip)
         else:
             out["pixels"], mask = self.load_pixels(item, key, flip)
-        if subset.alpha_mask:
+        if subset.alpha_mask or item.record.conditioning is not None:
             out["mask"] = mask if mask is not None else torch.ones(1, *item.bucket[::-1])
         rng = _rng(self.seed, "caption", key.epoch, key.index)
         out["caption"] = process_caption(item.record.caption, subset.caption, rng=rng, epoch=key.epoch,
@@ -138,6 +138,15 @@ class TrainingDataset(torch.utils.data.Dataset):
         if loaded.alpha is not None:
             alpha = Image.fromarray((loaded.alpha * 255).round().astype(np.uint8), "L")
             mask = torch.from_numpy(np.asarray(apply_plan_to_image(alpha, plan), dtype=np.float32) / 255.0)[None]
+        if item.record.conditioning is not None:
+            # --masked_loss: the mask is the R channel of the same-stem conditioning image, through the same crop
+            # plan as the photo (kohya stretches it to the bucket instead, which misaligns it).
+            companion = load_image(item.record.conditioning).rgb.getchannel("R")
+            try:
+                cropped = apply_plan_to_image(companion, plan)
+            except ValueError as e:
+                raise ValueError(f"{item.record.conditioning}: {e} ({item.record.path.name})") from None
+            mask = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)[None]
         pixels = pixels_to_tensor(image)
         if flip:
             pixels = pixels.flip(-1)

@@ -27,6 +27,14 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_network")
     write_dataset(root / "data", images=6, size=64, seed=0, folder="3_sks shape")
     write_dataset(root / "reg", images=4, size=64, seed=1, folder="1_shape", prefix="shape, ")
+    from PIL import Image
+
+    (root / "masks").mkdir()
+    for image in (root / "data" / "3_sks shape").glob("*.png"):
+        size = Image.open(image).size
+        mask = Image.new("RGB", size, (0, 0, 0))
+        mask.paste((255, 255, 255), (0, 0, size[0] // 2, size[1]))  # learn the left half only
+        mask.save(root / "masks" / image.name)
     assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
     assert make_model(["--family", "sd2-768-v", str(root / "sd2v.safetensors")]) == 0
     return root
@@ -80,6 +88,8 @@ CASES = {
                                 "5", "--noise_offset", "0.05", "--max_train_steps", "4", "--optimizer_type",
                                 "AdamW8bit"],
     "sd2v_unet_only": ["--cache_latents", "--network_train_unet_only", "--max_train_steps", "4"],
+    "sd1_masked_loss_cached": ["--masked_loss", "--conditioning_data_dir", "{root}/masks", "--cache_latents",
+                               "--max_train_steps", "3"],
     "sd1_weighted_color_long": ["--weighted_captions", "--caption_prefix", "(sks:1.3)", "--color_aug",
                                 "--max_token_length", "150", "--clip_skip", "2", "--max_train_steps", "3"],
 }
