@@ -281,17 +281,20 @@ def train(args: argparse.Namespace) -> Path:
     # Network (its initial weights come from torch's global generator: seed it so runs repeat exactly)
     torch.manual_seed(seed)
     module = importlib.import_module(args.network_module)
+    # External kohya-interface modules (e.g. lycoris.kohya) name text-encoder modules from the model's own module
+    # paths; transformers 5 dropped the `text_model.` level that every LoRA loader expects in those names.
+    network_te = text_encoder if args.network_module == "networks.lora" else TextModelShim(text_encoder)
     try:
         if args.dim_from_weights:
             try:
-                network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, unet,
+                network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, network_te, unet,
                                                                 **network_kwargs)
             except ValueError as e:
                 raise _weights_error(args, e) from None
         else:
-            network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, unet,
+            network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, network_te, unet,
                                             neuron_dropout=args.network_dropout, **network_kwargs)
-        network.apply_to(text_encoder, unet, apply_text_encoder=not args.network_train_unet_only,
+        network.apply_to(network_te, unet, apply_text_encoder=not args.network_train_unet_only,
                          apply_unet=not args.network_train_text_encoder_only)
         if args.network_weights:
             try:
@@ -396,6 +399,15 @@ def _weights_error(args, error: Exception) -> SystemExit:
                   "family (e.g. SD 2.x vs SD 1.x) cannot be loaded: use the matching "
                   "--pretrained_model_name_or_path, or start without --network_weights.")
     return SystemExit(f"error: --network_weights {args.network_weights}: {error}\n  {advice}")
+
+
+class TextModelShim(torch.nn.Module):
+    """The text encoder seen through a `text_model` attribute, as transformers 4 laid CLIPTextModel out, so that
+    module-path-based names come out as `lora_te_text_model_encoder_...`. Holds the same modules (no copy)."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_model = getattr(text_encoder, "text_model", text_encoder)
 
 
 def merge_base_weights(args, vae, text_encoder, unet) -> None:

@@ -330,3 +330,28 @@ def test_kohya_extras_scale_weight_norms_base_weights_bf16_and_hashes(workspace)
                                    "--full_bf16"])
     with SafetensorsReader(root / "bf16" / "lora.safetensors") as r:
         assert r.info("lora_unet_mid_block_attentions_0_proj_in.lora_up.weight").dtype == torch.bfloat16
+
+
+def test_external_network_module_lycoris(workspace):
+    """kohya's --network_module interface with LyCORIS; text-encoder names get the `text_model` level that
+    transformers 5 dropped, so the file loads in WebUI / ComfyUI / diffusers."""
+    pytest.importorskip("lycoris.kohya")
+    from diffusers import StableDiffusionPipeline
+
+    from library.checkpoint_writer import SaveFormat, save_checkpoint
+    from library.sd_checkpoint import read_checkpoint
+
+    root = workspace
+    run(base_args(root, "lycoris") + ["--cache_latents", "--max_train_steps", "2", "--network_module",
+                                      "lycoris.kohya", "--network_args", "algo=locon", "preset=attn-mlp"])
+    weights = read_lora(root / "lycoris" / "lora.safetensors")
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in weights
+    with read_checkpoint(root / "sd1.safetensors") as checkpoint:
+        folder = save_checkpoint(checkpoint, root / "lycoris" / "base", SaveFormat.DIFFUSERS_SAFETENSORS)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    ids = pipe.tokenizer(["sks shape"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids).last_hidden_state
+        pipe.load_lora_weights(str(root / "lycoris"), weight_name="lora.safetensors")
+        after = pipe.text_encoder(ids).last_hidden_state
+    assert (after - before).abs().max() > 1e-6  # the text-encoder part was found and applied
