@@ -11,6 +11,7 @@ continues counting instead of over-training (kohya #2171).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -103,8 +104,11 @@ def _loading_error(error: ValueError, step: int) -> ValueError:
         return ValueError(text)
 
 
-def micro_step_seed(seed: int, global_step: int, micro: int, process: int) -> int:
-    return (seed * 1_000_003 + global_step * 1_009 + micro * 17 + process) % (2 ** 63)
+def micro_step_seed(seed: int, global_step: int, micro: int, stream: str) -> int:
+    """A seed for one random stream of one micro-step, from the run seed and its position only (never from what
+    ran before), so resumed and multi-process runs draw the same numbers. Hashing keeps streams independent."""
+    digest = hashlib.sha256(f"{seed}:{global_step}:{micro}:{stream}".encode()).hexdigest()
+    return int(digest[:15], 16)
 
 
 class Trainer:
@@ -288,10 +292,10 @@ class Trainer:
         step = self.state.global_step
         total = 0.0
         for micro, batch in enumerate(micro_batches):
-            torch.manual_seed(micro_step_seed(self.config.seed, step, micro, self.accelerator.process_index))
+            torch.manual_seed(micro_step_seed(self.config.seed, step, micro, f"process{self.accelerator.process_index}"))
             # ^ LoRA / network dropout draws from torch's global generator. Noise and timesteps come from one
             # generator per sample, seeded by its slot in the global batch (the same on any process count).
-            generators = [torch.Generator().manual_seed(micro_step_seed(self.config.seed, step, micro, 1000 + slot))
+            generators = [torch.Generator().manual_seed(micro_step_seed(self.config.seed, step, micro, f"slot{slot}"))
                           for slot in batch["slot"]]
             loss = self._loss(batch, generators)
             if not torch.isfinite(loss):
