@@ -260,6 +260,9 @@ def train(args: argparse.Namespace) -> Path:
     dataset, data_summary = build_dataset(args, family, seed, args.max_train_steps)
     batches = EpochBatches(dataset, seed, num_processes=accelerator.num_processes,
                            process_index=accelerator.process_index)
+    if args.debug_dataset:
+        show_dataset(dataset, batches)
+        return output_dir / (output_name + "." + args.save_model_as)
     steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps
     if args.max_train_epochs:
@@ -408,6 +411,27 @@ class TextModelShim(torch.nn.Module):
     def __init__(self, text_encoder: torch.nn.Module):
         super().__init__()
         self.text_model = getattr(text_encoder, "text_model", text_encoder)
+
+
+def show_dataset(dataset: TrainingDataset, batches: EpochBatches, limit: int = 20) -> None:
+    """--debug_dataset: print what the first batches of epoch 1 hold (image, bucket, crop, flip, processed caption)
+    and stop before training."""
+    from library.train_dataset import SampleKey
+
+    shown = 0
+    for b, batch in enumerate(batches.batches(1)):
+        for index, slot in batch:
+            item = dataset.items[index]
+            key = SampleKey(1, b, index, slot)
+            plan = dataset.plan(item, None)
+            sample_caption = dataset[key]["caption"]  # loads the sample as training would (bad images show up)
+            print(f"batch {b} item {index}: {item.record.path.name} {item.record.size[0]}x{item.record.size[1]} -> "
+                  f"bucket {item.bucket[0]}x{item.bucket[1]} (resized {plan.resized_size[0]}x{plan.resized_size[1]},"
+                  f" crop {plan.crop_left},{plan.crop_top}) flip={dataset.flips(item, key)} "
+                  f"loss_weight={item.loss_weight}\n    caption: {sample_caption!r}")
+            shown += 1
+            if shown >= limit:
+                return
 
 
 def merge_base_weights(args, vae, text_encoder, unet) -> None:

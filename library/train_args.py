@@ -372,7 +372,7 @@ def check_training_flags(args: argparse.Namespace) -> None:
     if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:
         problems.append("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first need --sample_prompts")
     for flag, on in (("--full_fp16 (needs a GPU loss-scaling path; --full_bf16 works)", args.full_fp16),
-                     ("--debug_dataset", args.debug_dataset), ("--log_with wandb", args.log_with in ("wandb", "all"))):
+                     ("--log_with wandb", args.log_with in ("wandb", "all"))):
         if on:
             problems.append(f"{flag}: not implemented in this suite yet")
     if args.masked_loss != bool(args.conditioning_data_dir):

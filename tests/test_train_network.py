@@ -364,3 +364,11 @@ def test_external_network_module_lycoris(workspace):
         pipe.load_lora_weights(str(root / "lycoris"), weight_name="lora.safetensors")
         after = pipe.text_encoder(ids).last_hidden_state
     assert (after - before).abs().max() > 1e-6  # the text-encoder part was found and applied
+
+
+def test_debug_dataset_shows_samples_and_trains_nothing(workspace, capsys):
+    root = workspace
+    run(base_args(root, "debug") + ["--debug_dataset", "--shuffle_caption", "--flip_aug"])
+    out = capsys.readouterr().out
+    assert "bucket" in out and "caption: '" in out and "flip=" in out
+    assert not (root / "debug" / "lora.safetensors").exists()
