@@ -27,18 +27,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from library import train_args  # noqa: E402
-from library.captions import tag_frequency  # noqa: E402
-from library.dataset_config import (DatasetConfigError, build_groups, load_dataset_config, specs_from_config,  # noqa: E402
-                                    specs_from_flags)
+from library.dataset_config import DatasetConfigError, build_training_dataset  # noqa: E402
 from library.dataset_sources import DatasetError  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.images import ImageError  # noqa: E402
 from library.latent_cache import CacheSettings, LatentCache  # noqa: E402
-from library.model_loading import instantiate_models, replace_vae  # noqa: E402
+from library.model_loading import TextModelShim, instantiate_models, replace_vae  # noqa: E402
+from library.network_metadata import additional_networks_hashes, dataset_metadata  # noqa: E402
 from library.optimizers import build_optimizer, build_scheduler, optimizer_class  # noqa: E402
 from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
 from library.tensor_files import CheckpointError  # noqa: E402
-from library.train_dataset import EpochBatches, TrainingDataset  # noqa: E402
+from library.train_dataset import EpochBatches, TrainingDataset, describe_samples  # noqa: E402
 from library.training_loop import LoopConfig, Trainer  # noqa: E402
 
 logger = logging.getLogger("train_network")
@@ -80,20 +79,14 @@ def setup_parser() -> argparse.ArgumentParser:
 # Data
 
 
-def build_dataset(args, family, seed: int, max_train_steps: int) -> tuple[TrainingDataset, dict]:
+def build_dataset(args, family, seed: int) -> tuple[TrainingDataset, dict]:
     cli = train_args.dataset_cli_values(args, family.default_resolution)
     try:
-        if args.dataset_config:
-            config_path = Path(args.dataset_config)
-            specs = specs_from_config(load_dataset_config(config_path), cli, config_path.parent)
-        else:
-            specs = specs_from_flags(cli)
-        groups, summary = build_groups(specs, family_step=family.bucket_reso_step)
-        dataset = TrainingDataset(groups, seed=seed, prior_loss_weight=args.prior_loss_weight,
-                                  max_train_steps=max_train_steps)
+        return build_training_dataset(cli, Path(args.dataset_config) if args.dataset_config else None,
+                                      family_step=family.bucket_reso_step, seed=seed,
+                                      prior_loss_weight=args.prior_loss_weight, max_train_steps=args.max_train_steps)
     except (DatasetError, DatasetConfigError, ImageError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    return dataset, summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,26 +124,11 @@ class LoRATask:
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
                         ss_training_finished_at=str(time.time()))
         if self.save_model_as == "safetensors":
-            metadata.update(additional_networks_hashes(self.network, self.save_dtype, metadata))
+            metadata.update(additional_networks_hashes(self.network.state_dict(), self.save_dtype, metadata))
         self.network.save_weights(path, self.save_dtype,
                                   metadata if self.save_model_as == "safetensors" else None)
         logger.info("saved %s", path)
         return path
-
-
-def additional_networks_hashes(network, dtype, metadata: dict[str, str]) -> dict[str, str]:
-    """`sshs_model_hash` / `sshs_legacy_hash`, the hashes sd-webui-additional-networks (and kohya) store: computed on
-    the file as it would be with only the ss_* metadata, so editing other metadata later does not change them."""
-    import hashlib
-
-    import safetensors.torch
-
-    tensors = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
-               for k, v in network.state_dict().items()}
-    data = safetensors.torch.save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    header = int.from_bytes(data[:8], "little")
-    return {"sshs_model_hash": hashlib.sha256(data[8 + header:]).hexdigest(),
-            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
 
 
 def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed: int, max_train_steps: int,
@@ -169,18 +147,11 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
     }
     if args.no_metadata:
         return base
-    records = {str(item.record.path): item.record for item in dataset.items}.values()
-    by_dir: dict[str, list[str]] = {}
-    for record in records:
-        by_dir.setdefault(record.subset.image_dir.name, []).append(record.caption)
+    base.update(dataset_metadata(dataset, data_summary))
     base.update({
         "ss_session_id": str(random.randint(0, 2 ** 32)), "ss_training_started_at": str(time.time()),
         "ss_output_name": args.output_name or "last", "ss_learning_rate": str(args.learning_rate),
         "ss_unet_lr": str(args.unet_lr), "ss_text_encoder_lr": str(args.text_encoder_lr),
-        "ss_num_train_images": str(data_summary["num_train_images"]),
-        "ss_num_reg_images": str(data_summary["num_reg_images"]),
-        "ss_datasets": json.dumps(data_summary["datasets"]),
-        "ss_bucket_info": json.dumps(data_summary["datasets"][0]["bucket_info"]) if data_summary["datasets"] else "",
         "ss_max_train_steps": str(max_train_steps), "ss_seed": str(seed), "ss_lr_scheduler": args.lr_scheduler,
         "ss_lr_warmup_steps": str(args.lr_warmup_steps), "ss_optimizer": args.optimizer_type or "AdamW",
         "ss_mixed_precision": args.mixed_precision, "ss_full_fp16": str(args.full_fp16),
@@ -197,10 +168,6 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
         "ss_loss_type": args.loss_type, "ss_zero_terminal_snr": str(args.zero_terminal_snr),
         "ss_network_dropout": str(args.network_dropout), "ss_training_comment": str(args.training_comment),
         "ss_sd_model_name": Path(args.pretrained_model_name_or_path).name,
-        "ss_tag_frequency": json.dumps({d: tag_frequency(c) for d, c in by_dir.items()}),
-        "ss_dataset_dirs": json.dumps({d: {"n_repeats": next(r.subset.num_repeats for r in records
-                                                              if r.subset.image_dir.name == d),
-                                           "img_count": len(c)} for d, c in by_dir.items()}),
     })
     return base
 
@@ -257,11 +224,11 @@ def train(args: argparse.Namespace) -> Path:
         unet.train()  # diffusers only checkpoints in training mode; dropout is 0 in SD's UNet
 
     # Data
-    dataset, data_summary = build_dataset(args, family, seed, args.max_train_steps)
+    dataset, data_summary = build_dataset(args, family, seed)
     batches = EpochBatches(dataset, seed, num_processes=accelerator.num_processes,
                            process_index=accelerator.process_index)
     if args.debug_dataset:
-        show_dataset(dataset, batches)
+        print("\n".join(describe_samples(dataset, batches)))
         return output_dir / (output_name + "." + args.save_model_as)
     steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps
@@ -279,7 +246,7 @@ def train(args: argparse.Namespace) -> Path:
             raise SystemExit(f"error: {e}") from None
 
     if args.base_weights:
-        merge_base_weights(args, vae, text_encoder, unet)
+        merge_base_weights(args, text_encoder, unet)
 
     # Network (its initial weights come from torch's global generator: seed it so runs repeat exactly)
     torch.manual_seed(seed)
@@ -404,52 +371,13 @@ def _weights_error(args, error: Exception) -> SystemExit:
     return SystemExit(f"error: --network_weights {args.network_weights}: {error}\n  {advice}")
 
 
-class TextModelShim(torch.nn.Module):
-    """The text encoder seen through a `text_model` attribute, as transformers 4 laid CLIPTextModel out, so that
-    module-path-based names come out as `lora_te_text_model_encoder_...`. Holds the same modules (no copy)."""
-
-    def __init__(self, text_encoder: torch.nn.Module):
-        super().__init__()
-        self.text_model = getattr(text_encoder, "text_model", text_encoder)
-
-
-def show_dataset(dataset: TrainingDataset, batches: EpochBatches, limit: int = 20) -> None:
-    """--debug_dataset: print what the first batches of epoch 1 hold (image, bucket, crop, flip, processed caption)
-    and stop before training."""
-    from library.train_dataset import SampleKey
-
-    shown = 0
-    for b, batch in enumerate(batches.batches(1)):
-        for index, slot in batch:
-            item = dataset.items[index]
-            key = SampleKey(1, b, index, slot)
-            plan = dataset.plan(item, None)
-            sample_caption = dataset[key]["caption"]  # loads the sample as training would (bad images show up)
-            print(f"batch {b} item {index}: {item.record.path.name} {item.record.size[0]}x{item.record.size[1]} -> "
-                  f"bucket {item.bucket[0]}x{item.bucket[1]} (resized {plan.resized_size[0]}x{plan.resized_size[1]},"
-                  f" crop {plan.crop_left},{plan.crop_top}) flip={dataset.flips(item, key)} "
-                  f"loss_weight={item.loss_weight}\n    caption: {sample_caption!r}")
-            shown += 1
-            if shown >= limit:
-                return
-
-
-def merge_base_weights(args, vae, text_encoder, unet) -> None:
+def merge_base_weights(args, text_encoder, unet) -> None:
     import networks.lora as lora
 
-    multipliers = args.base_weights_multiplier or []
-    if len(multipliers) not in (0, 1, len(args.base_weights)):
-        raise SystemExit(f"error: --base_weights_multiplier: give one value, or one per --base_weights file "
-                         f"({len(args.base_weights)})")
-    for i, file in enumerate(args.base_weights):
-        multiplier = multipliers[i] if len(multipliers) > 1 else (multipliers[0] if multipliers else 1.0)
-        try:
-            network, weights = lora.create_network_from_weights(multiplier, file, vae, text_encoder, unet,
-                                                                for_inference=True)
-            network.merge_to(text_encoder, unet, weights)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: --base_weights {file}: {e}") from None
-        logger.info("merged %s into the base model (multiplier %s)", file, multiplier)
+    try:
+        lora.merge_weight_files(args.base_weights, args.base_weights_multiplier, text_encoder, unet)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --base_weights: {e}") from None
 
 
 def run_fingerprint(args, family, dataset: TrainingDataset, seed: int) -> dict:

@@ -234,3 +234,18 @@ def build_groups(specs: list[DatasetSpec], *, family_step: int) -> tuple[list[Da
     if problems:
         raise DatasetError("unreadable images (remove or fix them):\n  " + "\n  ".join(problems))
     return groups, summary
+
+
+def build_training_dataset(cli: dict, dataset_config: Path | None, *, family_step: int, seed: int,
+                           prior_loss_weight: float, max_train_steps: int):
+    """The training dataset described by a dataset config (or, without one, by the command-line flags) and a
+    summary for the metadata."""
+    from library.train_dataset import TrainingDataset
+
+    if dataset_config is not None:
+        specs = specs_from_config(load_dataset_config(dataset_config), cli, dataset_config.parent)
+    else:
+        specs = specs_from_flags(cli)
+    groups, summary = build_groups(specs, family_step=family_step)
+    dataset = TrainingDataset(groups, seed=seed, prior_loss_weight=prior_loss_weight, max_train_steps=max_train_steps)
+    return dataset, summary

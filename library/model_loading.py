@@ -29,6 +29,16 @@ def load_tokenizer(family: ModelFamily):
     return load_clip_tokenizer(pad)
 
 
+class TextModelShim(torch.nn.Module):
+    """The text encoder seen through a `text_model` attribute, as transformers 4 laid CLIPTextModel out, so that
+    module-path-based names (external LoRA modules) come out as `lora_te_text_model_encoder_...`, the names every
+    loader expects. Holds the same modules (no copy)."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_model = getattr(text_encoder, "text_model", text_encoder)
+
+
 @dataclass
 class SDModels:
     family: ModelFamily

@@ -154,6 +154,25 @@ class TrainingDataset(torch.utils.data.Dataset):
         return pixels, mask
 
 
+def describe_samples(dataset: "TrainingDataset", batches: "EpochBatches", limit: int = 20) -> list[str]:
+    """--debug_dataset: what the first batches of epoch 1 hold (image, bucket, crop, flip, processed caption).
+    Each sample is loaded as training would load it, so a bad image shows up here too."""
+    lines = []
+    for b, batch in enumerate(batches.batches(1)):
+        for index, slot in batch:
+            if len(lines) >= limit:
+                return lines
+            item = dataset.items[index]
+            key = SampleKey(1, b, index, slot)
+            plan = dataset.plan(item, None)
+            caption = dataset[key]["caption"]
+            lines.append(f"batch {b} item {index}: {item.record.path.name} {item.record.size[0]}x"
+                         f"{item.record.size[1]} -> bucket {item.bucket[0]}x{item.bucket[1]} (resized "
+                         f"{plan.resized_size[0]}x{plan.resized_size[1]}, crop {plan.crop_left},{plan.crop_top}) "
+                         f"flip={dataset.flips(item, key)} loss_weight={item.loss_weight}\n    caption: {caption!r}")
+    return lines
+
+
 def color_augment(image: Image.Image, rng: random.Random) -> Image.Image:
     """kohya's --color_aug: with probability 1/3, either shift the hue by up to +-8 (OpenCV's 0..180 hue scale,
     i.e. +-16 degrees) or apply a gamma in [0.95, 1.05], each half of the time. The gamma is applied to values in

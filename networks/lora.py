@@ -591,3 +591,20 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
     network = LoRANetwork(_single_text_encoder(text_encoder), unet, multiplier=multiplier,
                           modules_dim=dims, modules_alpha=alphas, **dropouts)
     return network, weights_sd
+
+
+def merge_weight_files(files: list[str], multipliers: list[float] | None, text_encoder, unet) -> None:
+    """Merge LoRA files into the models' weights (kohya's --base_weights / --base_weights_multiplier: one
+    multiplier for all files, or one per file; default 1)."""
+    multipliers = list(multipliers or [])
+    if len(multipliers) not in (0, 1, len(files)):
+        raise ValueError(f"give one multiplier, or one per file ({len(files)}); got {len(multipliers)}")
+    for i, file in enumerate(files):
+        multiplier = multipliers[i] if len(multipliers) > 1 else (multipliers[0] if multipliers else 1.0)
+        try:
+            network, weights = create_network_from_weights(multiplier, file, None, text_encoder, unet,
+                                                           for_inference=True)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+        network.merge_to(text_encoder, unet, weights)
+        logger.info("merged %s into the base model (multiplier %s)", file, multiplier)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from library.buckets import BucketAssigner, BucketConfig

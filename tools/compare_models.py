@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
 
 from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
 from library.tensor_files import CheckpointError  # noqa: E402
