@@ -209,6 +209,7 @@ def train(args: argparse.Namespace) -> Path:
         raise SystemExit(f"error: {e}") from None
     family, prediction = checkpoint.family, checkpoint.prediction_type
     logger.info("%s", family.description)
+    prompts = load_sample_prompts(args, family)  # a bad prompt file is reported before models load
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
@@ -319,18 +320,16 @@ def train(args: argparse.Namespace) -> Path:
         data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         stop_after_steps=_stop_after_steps())
     sampler = None
-    if args.sample_prompts:
-        from library.sampling import PromptFileError, SamplePrompt, TrainingSampler, load_prompts
+    if prompts:
+        from library.sampling import TrainingSampler
 
-        width, height = train_args.parse_resolution(args.resolution, family.default_resolution)
         try:
-            prompts = load_prompts(args.sample_prompts, SamplePrompt("", width=width, height=height))
             sampler = TrainingSampler(
                 prompts, models=models, default_sampler=args.sample_sampler, prediction_type=prediction.value,
                 output_dir=output_dir, output_name=output_name, seed=seed, clip_skip=args.clip_skip,
                 max_token_length=args.max_token_length, vae_scale_factor=family.vae_scale_factor,
                 zero_terminal_snr=args.zero_terminal_snr, model_name=Path(args.pretrained_model_name_or_path).stem)
-        except (PromptFileError, ValueError) as e:
+        except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=models.tokenizer,
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
@@ -369,6 +368,19 @@ def _weights_error(args, error: Exception) -> SystemExit:
                   "family (e.g. SD 2.x vs SD 1.x) cannot be loaded: use the matching "
                   "--pretrained_model_name_or_path, or start without --network_weights.")
     return SystemExit(f"error: --network_weights {args.network_weights}: {error}\n  {advice}")
+
+
+def load_sample_prompts(args, family) -> list:
+    """--sample_prompts, with the training resolution as the default size (kohya uses a fixed 512)."""
+    if not args.sample_prompts:
+        return []
+    from library.sampling import PromptFileError, SamplePrompt, load_prompts
+
+    width, height = train_args.parse_resolution(args.resolution, family.default_resolution)
+    try:
+        return load_prompts(args.sample_prompts, SamplePrompt("", width=width, height=height))
+    except (PromptFileError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def merge_base_weights(args, text_encoder, unet) -> None:
