@@ -212,7 +212,13 @@ def train(args: argparse.Namespace) -> Path:
     prompts = load_sample_prompts(args, family)  # a bad prompt file is reported before models load
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    try:
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    except ValueError as e:
+        raise SystemExit(f"error: --mixed_precision {args.mixed_precision}: {e}") from None
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # CPU autocast has no fp16 path: the LoRA's fp32 weights would meet fp16 activations.
+        raise SystemExit("error: --mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
     with checkpoint:
@@ -297,8 +303,10 @@ def train(args: argparse.Namespace) -> Path:
         lr_scheduler = build_scheduler(opt_config, optimizer, max_train_steps)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    # The network is not wrapped for DDP (it is applied by patching the base models, never called itself); the
-    # training loop averages its gradients across processes explicitly.
+    # Only the optimizer goes through accelerate: with fp16 it then unscales the GradScaler's scaled gradients
+    # before clipping and stepping. The network is not wrapped for DDP (it is applied by patching the base models,
+    # never called itself); the training loop averages its gradients across processes explicitly.
+    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
 
     save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_precision)
     metadata = lora_metadata(args, family, prediction, dataset, seed, max_train_steps, network_kwargs, data_summary)

@@ -141,6 +141,8 @@ class Trainer:
             torch.save(self.task.trainable_state(), tmp / "trainable.pt")
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            if self.accelerator.scaler is not None:  # fp16 loss scaling: its scale is part of the exact state
+                torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
             (tmp / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
         logger.info("saved training state to %s (step %d)", folder, self.state.global_step)
 
@@ -169,7 +171,9 @@ class Trainer:
         try:
             self.task.load_trainable_state(torch.load(folder / "trainable.pt", weights_only=True))
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-            self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+            self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+            if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
+                self.accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
         except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
             raise ValueError(f"--resume {folder}: the state files cannot be loaded ({e}); resume from another "
                              "state folder, or start a new run") from None

@@ -441,3 +441,16 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_earlier_save(models, tmp_p
     step1 = out / "lora-step00000001.safetensors"
     assert hashlib.sha256(step1.read_bytes()).hexdigest() == saved[step1.name]
     assert not (out / "lora.safetensors").exists() and not (out / "lora-step00000002.safetensors").exists()
+
+
+def test_fp16_mixed_precision_on_cpu_is_refused(tmp_path):
+    import train_network
+    from tools.make_synthetic_dataset import write_dataset
+    from tools.make_tiny_model import main as make_model
+
+    write_dataset(tmp_path / "data", images=2, size=64, seed=0, folder="1_x")
+    assert make_model(["--family", "sd1", str(tmp_path / "m.safetensors")]) == 0
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA GPU"):
+        train_network.main(["--pretrained_model_name_or_path", str(tmp_path / "m.safetensors"), "--train_data_dir",
+                            str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"), "--resolution", "64",
+                            "--mixed_precision", "fp16", "--max_train_steps", "1"])
