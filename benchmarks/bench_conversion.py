@@ -38,20 +38,12 @@ COPY = ("import os, shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2]); "
 
 def build_model(size: str, dest: Path) -> None:
     """Child process: random-weight SD 1.5 models -> original-layout fp32 .safetensors."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from library.checkpoint_writer import SaveFormat, save_checkpoint
     from library.families import FAMILIES, ModelSize
-    from library.model_loading import SDModels, checkpoint_from_models, load_tokenizer
+    from library.model_loading import checkpoint_from_models
+    from library.tiny_models import build_random_models
 
-    family = FAMILIES["sd1"]
-    configs = family.configs(ModelSize(size))
-    torch.manual_seed(0)
-    models = SDModels(family, family.prediction_type, UNet2DConditionModel.from_config(configs.unet),
-                      AutoencoderKL.from_config(configs.vae), CLIPTextModel(CLIPTextConfig(**configs.text_encoder)),
-                      load_tokenizer(family), dict(configs.scheduler))
+    models = build_random_models(FAMILIES["sd1"], ModelSize(size), seed=0, perturb=False)
     save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS)
 
 

@@ -16,11 +16,13 @@ from library.model_loading import SDModels, checkpoint_from_models, load_tokeniz
 from library.sd_checkpoint import SDCheckpoint
 
 
-def build_tiny_models(family: ModelFamily, *, seed: int = 0) -> SDModels:
+def build_random_models(family: ModelFamily, size: ModelSize, *, seed: int = 0, perturb: bool = True) -> SDModels:
+    """Random-weight models of a family at a size (the library's initialisation, seeded). With `perturb`, every
+    tensor also gets a small seeded random offset (see the module docstring); benchmarks skip that."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    configs = family.configs(ModelSize.TINY)
+    configs = family.configs(size)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(configs.unet)
     vae = AutoencoderKL.from_config(configs.vae)
@@ -28,11 +30,16 @@ def build_tiny_models(family: ModelFamily, *, seed: int = 0) -> SDModels:
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for model in (unet, vae, text_encoder):
-            for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+            if perturb:
+                for param in model.parameters():
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.02)
             model.eval()
     return SDModels(family, family.prediction_type, unet, vae, text_encoder, load_tokenizer(family),
                     dict(configs.scheduler))
+
+
+def build_tiny_models(family: ModelFamily, *, seed: int = 0) -> SDModels:
+    return build_random_models(family, ModelSize.TINY, seed=seed)
 
 
 def original_only_tensors(family: ModelFamily, text_encoder_config: dict, *, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -188,6 +188,13 @@ def refuse_not_yet_implemented(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {', '.join(given)}: not implemented in this suite yet; remove the flag(s)")
 
 
+def add_common_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, refusals)."""
+    for add in (add_model_arguments, add_dataset_arguments, add_training_arguments, add_objective_arguments,
+                add_optimizer_arguments, add_sample_arguments, add_not_yet_implemented):
+        add(p)
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line, merging `--config_file` (kohya: every table's keys flattened, command line wins),
     and handle `--output_config` (write the non-default arguments to --config_file, then exit)."""

@@ -12,13 +12,7 @@ from library import train_args
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
-    train_args.add_model_arguments(p)
-    train_args.add_dataset_arguments(p)
-    train_args.add_training_arguments(p)
-    train_args.add_objective_arguments(p)
-    train_args.add_optimizer_arguments(p)
-    train_args.add_sample_arguments(p)
-    train_args.add_not_yet_implemented(p)
+    train_args.add_common_training_arguments(p)
     return p
 
 
