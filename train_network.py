@@ -35,6 +35,7 @@ from library.latent_cache import CacheSettings, LatentCache  # noqa: E402
 from library.model_loading import TextModelShim, instantiate_models, replace_vae  # noqa: E402
 from library.network_metadata import additional_networks_hashes, dataset_metadata  # noqa: E402
 from library.optimizers import build_optimizer, build_scheduler, optimizer_class  # noqa: E402
+from library.precision import allow_fp16_gradient_unscaling, check_device_supports, precision_policy  # noqa: E402
 from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
 from library.tensor_files import CheckpointError  # noqa: E402
 from library.train_dataset import EpochBatches, TrainingDataset, describe_samples  # noqa: E402
@@ -210,11 +211,13 @@ def train(args: argparse.Namespace) -> Path:
         accelerator = Accelerator(mixed_precision=args.mixed_precision)
     except ValueError as e:
         raise SystemExit(f"error: --mixed_precision {args.mixed_precision}: {e}") from None
-    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # CPU autocast has no fp16 path: the LoRA's fp32 weights would meet fp16 activations.
-        raise SystemExit("error: --mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    vae_dtype = torch.float32 if args.no_half_vae else weight_dtype
+    try:
+        check_device_supports(args.mixed_precision, accelerator.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    precision = precision_policy(args.mixed_precision, full_fp16=args.full_fp16, full_bf16=args.full_bf16,
+                                 no_half_vae=args.no_half_vae)
+    weight_dtype, vae_dtype = precision.weight_dtype, precision.vae_dtype
     with checkpoint:
         models = instantiate_models(checkpoint, dtype=weight_dtype, component_dtypes={"vae": vae_dtype})
     unet, text_encoder, vae = (m.to(accelerator.device) for m in (models.unet, models.text_encoder, models.vae))
@@ -276,8 +279,7 @@ def train(args: argparse.Namespace) -> Path:
     except (ValueError, NotImplementedError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     network.to(accelerator.device)
-    if args.full_bf16:
-        network.to(torch.bfloat16)  # trainable weights in bf16 too (the optimizer then steps bf16 tensors)
+    network.to(precision.trained_dtype)  # fp32 unless --full_fp16 / --full_bf16 (the optimizer then steps halves)
     te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
     param_groups, group_names = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
     # A text-encoder LoRA with learning rate 0 stays applied but frozen (prepare_optimizer_params decides).
@@ -301,6 +303,8 @@ def train(args: argparse.Namespace) -> Path:
     # before clipping and stepping. The network is not wrapped for DDP (it is applied by patching the base models,
     # never called itself); the training loop averages its gradients across processes explicitly.
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    if args.full_fp16 and accelerator.scaler is not None:
+        allow_fp16_gradient_unscaling(accelerator.scaler)
 
     save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_precision)
     metadata = lora_metadata(args, family, prediction, dataset, seed, max_train_steps, network_kwargs, data_summary)
@@ -318,7 +322,8 @@ def train(args: argparse.Namespace) -> Path:
         save_last_n_epochs=args.save_last_n_epochs, save_state=args.save_state,
         save_state_on_train_end=args.save_state_on_train_end,
         sample_every_n_steps=args.sample_every_n_steps, sample_every_n_epochs=args.sample_every_n_epochs,
-        sample_at_first=args.sample_at_first, logging_dir=_logging_dir(args),
+        sample_at_first=args.sample_at_first,
+        log=train_args.log_settings(args, default_project="network_train", output_dir=output_dir),
         data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         stop_after_steps=_stop_after_steps())
     sampler = None
@@ -403,13 +408,6 @@ def run_fingerprint(args, family, dataset: TrainingDataset, seed: int) -> dict:
             "network_dim": args.network_dim, "network_alpha": args.network_alpha,
             "network_args": args.network_args or [], "optimizer_type": args.optimizer_type or "AdamW",
             "learning_rate": args.learning_rate}
-
-
-def _logging_dir(args) -> Path | None:
-    if not args.logging_dir:
-        return None
-    prefix = args.log_prefix or ""
-    return Path(args.logging_dir) / (prefix + time.strftime("%Y%m%d%H%M%S"))
 
 
 def _stop_after_steps() -> int | None:

@@ -229,7 +229,7 @@ class TrainingSampler:
         self.clip_skip, self.max_token_length, self.vae_scale_factor = clip_skip, max_token_length, vae_scale_factor
         self.model_name = model_name
 
-    def __call__(self, *, epoch: int | None, step: int, writer=None, trainable=None) -> list[Path]:
+    def __call__(self, *, epoch: int | None, step: int, run_log=None, trainable=None) -> list[Path]:
         import time
 
         tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
@@ -251,10 +251,10 @@ class TrainingSampler:
                 path = self.output_dir / "sample" / f"{self.output_name}_{tag}_{index:02d}_{stamp}_{seed}.png"
                 paths.append(save_png(image, path, webui_parameters(prompt, sampler=name, seed=seed,
                                                                     model_name=self.model_name)))
-                if writer is not None:
+                if run_log is not None:
                     import numpy as np
 
-                    writer.add_image(f"sample/{index:02d}", np.asarray(image), step, dataformats="HWC")
+                    run_log.add_image(f"sample/{index:02d}", np.asarray(image), step)
         finally:
             if trainable is not None and was_training:
                 trainable.train()

@@ -18,6 +18,8 @@ import tomllib
 
 import toml  # writes --output_config; reading uses the strict tomllib (toml.loads reads "x = [4" as x = [])
 
+from library import run_logging
+
 logger = logging.getLogger(__name__)
 
 
@@ -110,6 +112,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logging_dir", default=None)
     g.add_argument("--log_with", choices=["tensorboard", "wandb", "all"], default=None)
     g.add_argument("--log_prefix", default=None)
+    g.add_argument("--log_tracker_name", default=None, help="wandb project name (default: the script's name)")
+    g.add_argument("--wandb_run_name", default=None)
+    g.add_argument("--wandb_api_key", default=None, help="prefer `wandb login` or WANDB_API_KEY: a key on the "
+                   "command line is visible to other users of the machine")
+    g.add_argument("--log_tracker_config", default=None, help="TOML with a [wandb] table of wandb.init arguments")
+    g.add_argument("--log_config", action="store_true", help="record the run's arguments with the wandb run")
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--config_file", default=None, help="TOML of training arguments (command-line values win)")
     g.add_argument("--output_config", action="store_true", help="write the arguments to --config_file and exit")
@@ -272,7 +280,8 @@ def _write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace
         raise SystemExit("error: --output_config needs --config_file (where to write)")
     defaults = {a.dest: a.default for a in parser._actions}
     chosen = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in ("config_file", "output_config") and v is not None and v != defaults.get(k)}
+              if k not in ("config_file", "output_config", *_PRIVATE_ARGUMENTS) and v is not None
+              and v != defaults.get(k)}  # secrets never go into a config file users share
     Path(args.config_file).write_text(toml.dumps(chosen))
     print(f"wrote {args.config_file}")
 
@@ -359,6 +368,34 @@ def optimizer_config(args: argparse.Namespace):
         raise SystemExit(f"error: {e}") from None
 
 
+# Arguments never sent to a tracker with --log_config: secrets, and local paths (they name users' folders).
+_PRIVATE_ARGUMENTS = ("wandb_api_key", "huggingface_token")
+_PATH_SUFFIXES = ("_dir", "_path", "_file", "_json", "_config", "pretrained_model_name_or_path", "vae",
+                  "network_weights", "base_weights", "resume", "sample_prompts")
+
+
+def log_settings(args: argparse.Namespace, *, default_project: str, output_dir: Path) -> run_logging.LogSettings | None:
+    """What --logging_dir / --log_with / --log_* ask for (None: no logging)."""
+    backends = run_logging.backends_for(args.log_with, args.logging_dir)
+    if not backends:
+        return None
+    logging_dir = run_logging.timestamped_dir(args.logging_dir, args.log_prefix) if args.logging_dir else None
+    wandb_init = {}
+    if args.log_tracker_config:
+        try:
+            wandb_init = dict(tomllib.loads(Path(args.log_tracker_config).read_text(encoding="utf-8")).get("wandb", {}))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+            raise SystemExit(f"error: --log_tracker_config {args.log_tracker_config}: {e}") from None
+    config = {}
+    if args.log_config:
+        config = {k: v for k, v in vars(args).items()
+                  if k not in _PRIVATE_ARGUMENTS and not k.endswith(_PATH_SUFFIXES) and v is not None}
+    return run_logging.LogSettings(
+        logging_dir=logging_dir, backends=backends, project=args.log_tracker_name or default_project,
+        run_name=args.wandb_run_name, wandb_dir=logging_dir or output_dir, wandb_init=wandb_init,
+        api_key=args.wandb_api_key, config=config)
+
+
 def check_training_flags(args: argparse.Namespace) -> None:
     """kohya's cross-flag rules (verify_training_args), with the flags named."""
     problems = []
@@ -378,15 +415,18 @@ def check_training_flags(args: argparse.Namespace) -> None:
         problems.append("--train_batch_size must be >= 1")
     if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:
         problems.append("--sample_every_n_steps / --sample_every_n_epochs / --sample_at_first need --sample_prompts")
-    for flag, on in (("--full_fp16 (needs a GPU loss-scaling path; --full_bf16 works)", args.full_fp16),
-                     ("--log_with wandb", args.log_with in ("wandb", "all"))):
-        if on:
-            problems.append(f"{flag}: not implemented in this suite yet")
+    if (problem := run_logging.check_available(args.log_with)):
+        problems.append(problem)
+    if args.log_tracker_config and not Path(args.log_tracker_config).is_file():
+        problems.append(f"--log_tracker_config {args.log_tracker_config}: no such file")
+    if args.wandb_api_key:
+        logger.warning("--wandb_api_key: a key on the command line is visible to other users of this machine (and "
+                       "in shell history); prefer `wandb login` or the WANDB_API_KEY environment variable")
     if args.masked_loss != bool(args.conditioning_data_dir):
         problems.append("--masked_loss and --conditioning_data_dir go together (the masks are the R channel of "
                         "same-stem images in that folder; for PNG alpha use --alpha_mask)")
-    if args.log_with == "tensorboard" and not args.logging_dir:
-        problems.append("--log_with tensorboard needs --logging_dir (where to write the logs)")
+    if args.log_with in ("tensorboard", "all") and not args.logging_dir:
+        problems.append(f"--log_with {args.log_with} needs --logging_dir (where to write the TensorBoard logs)")
     if args.xformers:
         logger.warning("--xformers: not used; attention runs through PyTorch SDPA (same memory savings, and "
                        "xformers cannot run on CPU)")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from library.atomic_files import atomic_directory
 from library.diffusion_objective import DiffusionObjective
+from library.run_logging import LogSettings, RunLog
 from library.text_encoding import encode, encode_weighted, tokenize, tokenize_weighted
 from library.train_dataset import EpochBatches, SampleKey, TrainingDataset, collate
 
@@ -66,7 +67,7 @@ class LoopConfig:
     save_last_n_epochs: int | None = None
     save_state: bool = False
     save_state_on_train_end: bool = False
-    logging_dir: Path | None = None
+    log: LogSettings | None = None  # TensorBoard / wandb (None: no logs beyond the progress bar)
     data_loader_workers: int = 0
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None  # overrides sample_every_n_steps (kohya)
@@ -130,7 +131,7 @@ class Trainer:
         self._extra_logs: dict[str, float] = {}
         self.lr_names = lr_names  # TensorBoard names of the param groups' learning rates (kohya: lr/unet ...)
         self.state = TrainState(run_fingerprint=run_fingerprint)
-        self.writer = None
+        self.run_log = None
         self.loss_history: list[tuple[int, float]] = []
 
     # ------------------------------------------------------------------------------------------------------
@@ -221,13 +222,18 @@ class Trainer:
         return math.ceil(len(self.batches) / self.config.gradient_accumulation_steps)
 
     def run(self, resume: Path | None = None) -> TrainState:
-        c = self.config
         if resume:
             self.load_state(resume)
-        if c.logging_dir:
-            from torch.utils.tensorboard import SummaryWriter
+        if self.config.log and self.accelerator.is_main_process:
+            self.run_log = RunLog(self.config.log)
+        try:
+            return self._run()
+        finally:
+            if self.run_log:
+                self.run_log.close()
 
-            self.writer = SummaryWriter(str(c.logging_dir))
+    def _run(self) -> TrainState:
+        c = self.config
         accum = c.gradient_accumulation_steps
         bar = tqdm(total=c.max_train_steps, initial=self.state.global_step, desc="steps", unit="step",
                    disable=not self.accelerator.is_main_process)
@@ -278,8 +284,6 @@ class Trainer:
             if c.save_state or c.save_state_on_train_end:
                 self.save_state(c.output_dir / f"{c.output_name}-state")
         self.accelerator.wait_for_everyone()
-        if self.writer:
-            self.writer.close()
         logger.info("trained %d steps in %.1f s", steps_this_run, time.perf_counter() - started)
         return self.state
 
@@ -349,21 +353,21 @@ class Trainer:
         bar.update(1)
         record = {"step": step, "epoch": self.state.epoch, "loss": loss, "lr": lrs}
         record.update(self._extra_logs)
-        if self.writer:
+        if self.run_log:
             for name, value in self._extra_logs.items():
-                self.writer.add_scalar(name, value, step)
-            self.writer.add_scalar("loss/current", loss, step)
-            self.writer.add_scalar("loss/average", sum(recent) / len(recent), step)
+                self.run_log.add_scalar(name, value, step)
+            self.run_log.add_scalar("loss/current", loss, step)
+            self.run_log.add_scalar("loss/average", sum(recent) / len(recent), step)
             for i, lr in enumerate(lrs):
                 name = self.lr_names[i] if self.lr_names and i < len(self.lr_names) else f"group{i}"
-                self.writer.add_scalar(f"lr/{name}", lr, step)
+                self.run_log.add_scalar(f"lr/{name}", lr, step)
         if self.on_log:
             self.on_log(record)
 
     def _sample(self, *, epoch: int | None) -> None:
         if self.sampler is None or not self.accelerator.is_main_process:
             return
-        paths = self.sampler(epoch=epoch, step=self.state.global_step, writer=self.writer,
+        paths = self.sampler(epoch=epoch, step=self.state.global_step, run_log=self.run_log,
                              trainable=self.sample_trainable)
         logger.info("sample images: %s", ", ".join(p.name for p in paths))
 

@@ -55,9 +55,9 @@ def test_output_config_writes_the_non_default_arguments(tmp_path):
     config = tmp_path / "out.toml"
     with pytest.raises(SystemExit) as info:
         train_args.parse_args(parser(), REQUIRED + ["--learning_rate", "1e-4", "--config_file", str(config),
-                                                    "--output_config"])
+                                                    "--wandb_api_key", "secret", "--output_config"])
     assert info.value.code == 0
-    written = toml.loads(config.read_text())
+    written = toml.loads(config.read_text())  # the API key is left out (kohya does the same)
     assert written == {"pretrained_model_name_or_path": "m.safetensors", "output_dir": "out", "learning_rate": 1e-4}
     args = train_args.parse_args(parser(), ["--config_file", str(config)])
     assert args.learning_rate == 1e-4 and args.output_dir == "out"
@@ -73,3 +73,22 @@ def test_unimplemented_kohya_flags_are_refused_by_name():
 def test_misspelled_caption_extension_alias():
     args = train_args.parse_args(parser(), REQUIRED + ["--caption_extention", ".txt"])
     assert args.caption_extension == ".txt"
+
+
+def test_log_settings(tmp_path):
+    tracker = tmp_path / "tracker.toml"
+    tracker.write_text('[wandb]\nentity = "team"\ntags = ["a"]\n')
+    args = train_args.parse_args(parser(), REQUIRED + ["--logging_dir", str(tmp_path / "logs"), "--log_prefix", "x_",
+                                                       "--log_with", "all", "--log_tracker_config", str(tracker),
+                                                       "--log_config", "--wandb_api_key", "secret"])
+    settings = train_args.log_settings(args, default_project="network_train", output_dir=tmp_path / "out")
+    assert settings.backends == ("tensorboard", "wandb") and settings.project == "network_train"
+    assert settings.logging_dir.parent == tmp_path / "logs" and settings.logging_dir.name.startswith("x_")
+    assert settings.wandb_init == {"entity": "team", "tags": ["a"]} and settings.api_key == "secret"
+    # --log_config records settings, never secrets or local paths.
+    assert settings.config["learning_rate"] == args.learning_rate
+    assert not {"wandb_api_key", "output_dir", "logging_dir", "pretrained_model_name_or_path"} & set(settings.config)
+    plain = train_args.parse_args(parser(), REQUIRED + ["--logging_dir", str(tmp_path / "logs")])
+    assert train_args.log_settings(plain, default_project="p", output_dir=tmp_path).backends == ("tensorboard",)
+    assert train_args.log_settings(train_args.parse_args(parser(), REQUIRED), default_project="p",
+                                   output_dir=tmp_path) is None

@@ -217,6 +217,53 @@ def test_sample_images_during_training(workspace):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def wandb_history(wandb_dir: Path) -> list[dict]:
+    """The logged rows of the one offline wandb run under `wandb_dir`, read from its record file without wandb's
+    reader: a ":W&B" header, then LevelDB-log framed (crc32, length, type) protobuf `Record`s in 32 KiB blocks."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = wandb_dir.glob("*/wandb/offline-run-*/run-*.wandb")  # <logging_dir>/<timestamp>/wandb/...
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending, rows = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_wandb_and_tensorboard_log_the_same_losses(workspace, monkeypatch):
+    root = workspace
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    prompts = root / "wandb_prompts.txt"
+    prompts.write_text("sks shape --s 2\n")
+    run(base_args(root, "wandb") + ["--cache_latents", "--max_train_steps", "3", "--log_with", "all",
+                                    "--log_tracker_name", "my_project", "--wandb_run_name", "first try",
+                                    "--sample_prompts", str(prompts), "--sample_every_n_steps", "3"])
+    rows = wandb_history(root / "wandb" / "logs")
+    wandb_losses = [row["loss/current"] for row in rows if "loss/current" in row]
+    assert wandb_losses == logged_losses(root / "wandb" / "logs") and len(wandb_losses) == 3
+    assert [row["_step"] for row in rows] == [1, 2, 3]
+    assert rows[-1]["sample/00/_type"] == "image-file"  # the step-3 sample image, in the same row
+    assert any(name.startswith("lr/") for name in rows[0])
+
+
 def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
     """accelerate launch with 2 CPU processes (gloo) x batch 1 == 1 process x batch 2, within float tolerance.
 

@@ -287,7 +287,21 @@ FLAG_CASES = {
     "optimizer_args_wrong_type": (["--optimizer_args", "betas=0.9"], ["--optimizer_args", "betas", "AdamW"]),
     "missing_network_weights": (["--network_weights", "{tmp}/nowhere.safetensors"],
                                 ["nowhere.safetensors", "no such file"]),
+    "log_with_all_without_logging_dir": (["--log_with", "all"], ["--log_with all", "--logging_dir"]),
+    "missing_tracker_config": (["--log_with", "wandb", "--log_tracker_config", "{tmp}/nowhere.toml"],
+                               ["--log_tracker_config", "nowhere.toml", "no such file"]),
 }
+
+
+def test_wandb_not_installed(models, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    data = make_data(tmp_path / "data")
+    expect_error(args_for(models, data, tmp_path / "out", "--log_with", "wandb"),
+                 "--log_with wandb", "not installed", "pip install wandb")
+    assert_no_model(tmp_path / "out")
 
 
 @pytest.mark.parametrize("case", list(FLAG_CASES))
