@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -27,19 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from library import train_args  # noqa: E402
-from library.dataset_config import DatasetConfigError, build_training_dataset  # noqa: E402
-from library.dataset_sources import DatasetError  # noqa: E402
+from library import training_setup as setup  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
-from library.images import ImageError  # noqa: E402
-from library.latent_cache import CacheSettings, LatentCache  # noqa: E402
-from library.model_loading import TextModelShim, instantiate_models, replace_vae  # noqa: E402
+from library.model_loading import TextModelShim  # noqa: E402
 from library.network_metadata import additional_networks_hashes, dataset_metadata  # noqa: E402
-from library.optimizers import build_optimizer, build_scheduler, optimizer_class  # noqa: E402
-from library.precision import allow_fp16_gradient_unscaling, check_device_supports, precision_policy  # noqa: E402
-from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
-from library.tensor_files import CheckpointError  # noqa: E402
-from library.train_dataset import EpochBatches, TrainingDataset, describe_samples  # noqa: E402
-from library.training_loop import LoopConfig, Trainer  # noqa: E402
+from library.train_dataset import TrainingDataset, describe_samples  # noqa: E402
+from library.training_loop import Trainer  # noqa: E402
 
 logger = logging.getLogger("train_network")
 
@@ -68,20 +60,6 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None)
     g.add_argument("--training_comment", default=None)
     return p
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data
-
-
-def build_dataset(args, family, seed: int) -> tuple[TrainingDataset, dict]:
-    cli = train_args.dataset_cli_values(args, family.default_resolution)
-    try:
-        return build_training_dataset(cli, Path(args.dataset_config) if args.dataset_config else None,
-                                      family_step=family.bucket_reso_step, seed=seed,
-                                      prior_loss_weight=args.prior_loss_weight, max_train_steps=args.max_train_steps)
-    except (DatasetError, DatasetConfigError, ImageError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,89 +149,39 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
 
 
 def train(args: argparse.Namespace) -> Path:
-    train_args.check_training_flags(args)
-    seed = args.seed if args.seed is not None else random.randint(0, 2 ** 31 - 1)
-    logger.info("seed %d", seed)
+    start = setup.begin_run(args)
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise SystemExit("error: --network_train_unet_only and --network_train_text_encoder_only exclude each other; "
                          "give at most one (with neither, both the U-Net and the text encoder are trained)")
-    # Flag errors that need no model: reported before minutes of model loading and latent caching.
     if args.dim_from_weights and not args.network_weights:
         raise SystemExit("error: --dim_from_weights takes the ranks from --network_weights: give --network_weights "
                          "FILE, or drop --dim_from_weights")
     if args.network_weights and not Path(args.network_weights).is_file():
         raise SystemExit(f"error: --network_weights {args.network_weights}: no such file; check the path")
     network_kwargs = network_kwargs_from(args.network_args)
-    opt_config = train_args.optimizer_config(args)
-    try:
-        optimizer_class(opt_config.optimizer_type)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    output_name = args.output_name or "last"
 
     # Models
-    hints = FamilyHints(v2=True if args.v2 else None, v_parameterization=args.v_parameterization)
-    try:
-        checkpoint = read_checkpoint(args.pretrained_model_name_or_path, hints,
-                                     allow_unsafe_pickle=args.allow_unsafe_pickle)
-        if args.vae:
-            replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    checkpoint = setup.read_base_model(args)
     family, prediction = checkpoint.family, checkpoint.prediction_type
-    logger.info("%s", family.description)
-    prompts = load_sample_prompts(args, family)  # a bad prompt file is reported before models load
-    from accelerate import Accelerator
-
-    try:
-        accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    except ValueError as e:
-        raise SystemExit(f"error: --mixed_precision {args.mixed_precision}: {e}") from None
-    try:
-        check_device_supports(args.mixed_precision, accelerator.device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    precision = precision_policy(args.mixed_precision, full_fp16=args.full_fp16, full_bf16=args.full_bf16,
-                                 no_half_vae=args.no_half_vae)
-    weight_dtype, vae_dtype = precision.weight_dtype, precision.vae_dtype
-    with checkpoint:
-        models = instantiate_models(checkpoint, dtype=weight_dtype, component_dtypes={"vae": vae_dtype})
-    unet, text_encoder, vae = (m.to(accelerator.device) for m in (models.unet, models.text_encoder, models.vae))
-    for model in (unet, text_encoder, vae):
-        model.requires_grad_(False)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        unet.train()  # diffusers only checkpoints in training mode; dropout is 0 in SD's UNet
+    prompts = setup.load_sample_prompts(args, family)
+    accelerator = setup.make_accelerator(args)
+    models, precision = setup.load_models(args, checkpoint, accelerator)
+    unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
 
     # Data
-    dataset, data_summary = build_dataset(args, family, seed)
-    batches = EpochBatches(dataset, seed, num_processes=accelerator.num_processes,
-                           process_index=accelerator.process_index)
+    dataset, data_summary = setup.build_dataset(args, family, start.seed)
+    batches = setup.epoch_batches(dataset, start.seed, accelerator)
     if args.debug_dataset:
         print("\n".join(describe_samples(dataset, batches)))
-        return output_dir / (output_name + "." + args.save_model_as)
-    steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps
-    if args.max_train_epochs:
-        max_train_steps = args.max_train_epochs * steps_per_epoch
-    logger.info("%d steps per epoch, %d steps (%.1f epochs)", steps_per_epoch, max_train_steps,
-                max_train_steps / steps_per_epoch)
-    dataset.max_train_steps = max_train_steps
-    if args.cache_latents or args.cache_latents_to_disk:
-        cache = LatentCache(vae, CacheSettings(to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
-                                               skip_cache_check=args.skip_cache_check), dtype=vae_dtype)
-        try:
-            cache.build(dataset)
-        except (ValueError, OSError, ImageError, FloatingPointError) as e:
-            raise SystemExit(f"error: {e}") from None
+        return start.output_dir / (start.output_name + "." + args.save_model_as)
+    max_train_steps = setup.count_steps(args, dataset, batches)
+    setup.cache_latents(args, dataset, vae, precision)
 
     if args.base_weights:
         merge_base_weights(args, text_encoder, unet)
 
     # Network (its initial weights come from torch's global generator: seed it so runs repeat exactly)
-    torch.manual_seed(seed)
+    torch.manual_seed(start.seed)
     module = importlib.import_module(args.network_module)
     # External kohya-interface modules (e.g. lycoris.kohya) name text-encoder modules from the model's own module
     # paths; transformers 5 dropped the `text_model.` level that every LoRA loader expects in those names.
@@ -288,68 +216,27 @@ def train(args: argparse.Namespace) -> Path:
         text_encoder.gradient_checkpointing_enable()
         text_encoder.train()
 
-    # Optimizer
-    try:
-        optimizer = build_optimizer(opt_config, param_groups)
-    except (ValueError, TypeError) as e:  # torch's own checks, e.g. an unexpected keyword from --optimizer_args
-        given = f" with --optimizer_args {' '.join(args.optimizer_args)}" if args.optimizer_args else ""
-        raise SystemExit(f"error: --optimizer_type {opt_config.optimizer_type}{given}: the optimizer refused its "
-                         f"arguments ({e}); check the argument names and values (and --learning_rate)") from None
-    try:
-        lr_scheduler = build_scheduler(opt_config, optimizer, max_train_steps)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    # Only the optimizer goes through accelerate: with fp16 it then unscales the GradScaler's scaled gradients
-    # before clipping and stepping. The network is not wrapped for DDP (it is applied by patching the base models,
-    # never called itself); the training loop averages its gradients across processes explicitly.
-    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
-    if args.full_fp16 and accelerator.scaler is not None:
-        allow_fp16_gradient_unscaling(accelerator.scaler)
+    # Optimizer. The network is not wrapped for DDP (it is applied by patching the base models, never called
+    # itself); the training loop averages its gradients across processes explicitly.
+    optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
+                                                       accelerator)
 
-    save_dtype = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.save_precision)
-    metadata = lora_metadata(args, family, prediction, dataset, seed, max_train_steps, network_kwargs, data_summary)
-    task = LoRATask(network, train_text_encoder=train_text_encoder, save_dtype=save_dtype,
+    metadata = lora_metadata(args, family, prediction, dataset, start.seed, max_train_steps, network_kwargs,
+                             data_summary)
+    task = LoRATask(network, train_text_encoder=train_text_encoder, save_dtype=setup.SAVE_DTYPES.get(args.save_precision),
                     save_model_as=args.save_model_as, metadata=metadata,
                     scale_weight_norms=args.scale_weight_norms)
-    fingerprint = run_fingerprint(args, family, dataset, seed)
-    loop_config = LoopConfig(
-        output_dir=output_dir, output_name=output_name, max_train_steps=max_train_steps,
-        batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps, seed=seed,
-        max_grad_norm=opt_config.max_grad_norm, max_token_length=args.max_token_length, clip_skip=args.clip_skip,
-        weighted_captions=args.weighted_captions, vae_scale_factor=family.vae_scale_factor,
-        save_every_n_steps=args.save_every_n_steps,
-        save_every_n_epochs=args.save_every_n_epochs, save_last_n_steps=args.save_last_n_steps,
-        save_last_n_epochs=args.save_last_n_epochs, save_state=args.save_state,
-        save_state_on_train_end=args.save_state_on_train_end,
-        sample_every_n_steps=args.sample_every_n_steps, sample_every_n_epochs=args.sample_every_n_epochs,
-        sample_at_first=args.sample_at_first,
-        log=train_args.log_settings(args, default_project="network_train", output_dir=output_dir),
-        data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
-        stop_after_steps=_stop_after_steps())
-    sampler = None
-    if prompts:
-        from library.sampling import TrainingSampler
-
-        try:
-            sampler = TrainingSampler(
-                prompts, models=models, default_sampler=args.sample_sampler, prediction_type=prediction.value,
-                output_dir=output_dir, output_name=output_name, seed=seed, clip_skip=args.clip_skip,
-                max_token_length=args.max_token_length, vae_scale_factor=family.vae_scale_factor,
-                zero_terminal_snr=args.zero_terminal_snr, model_name=Path(args.pretrained_model_name_or_path).stem)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
     trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=models.tokenizer,
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
                           train_args.objective_config(args, prediction)),
-                      optimizer=optimizer, lr_scheduler=lr_scheduler, config=loop_config, accelerator=accelerator,
-                      run_fingerprint=fingerprint, trainable_parameters=[p for g in param_groups for p in g["params"]],
-                      weight_dtype=weight_dtype, sampler=sampler, sample_trainable=task.network,
-                      lr_names=group_names)
-    try:
-        trainer.run(resume=Path(args.resume) if args.resume else None)
-    except (ValueError, FloatingPointError) as e:  # FloatingPointError: NonFiniteLossError (names the step)
-        raise SystemExit(f"error: {e}") from None
-    return output_dir / (output_name + task.model_file_suffix())
+                      optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
+                      config=setup.loop_config(args, start, family, max_train_steps, default_project="network_train"),
+                      run_fingerprint=run_fingerprint(args, family, dataset, start.seed),
+                      trainable_parameters=[p for g in param_groups for p in g["params"]],
+                      weight_dtype=precision.weight_dtype, sampler=setup.make_sampler(args, prompts, models, start),
+                      sample_trainable=task.network, lr_names=group_names)
+    setup.run_trainer(trainer, args)
+    return start.output_dir / (start.output_name + task.model_file_suffix())
 
 
 def network_kwargs_from(pairs: list[str] | None) -> dict[str, str]:
@@ -377,19 +264,6 @@ def _weights_error(args, error: Exception) -> SystemExit:
     return SystemExit(f"error: --network_weights {args.network_weights}: {error}\n  {advice}")
 
 
-def load_sample_prompts(args, family) -> list:
-    """--sample_prompts, with the training resolution as the default size (kohya uses a fixed 512)."""
-    if not args.sample_prompts:
-        return []
-    from library.sampling import PromptFileError, SamplePrompt, load_prompts
-
-    width, height = train_args.parse_resolution(args.resolution, family.default_resolution)
-    try:
-        return load_prompts(args.sample_prompts, SamplePrompt("", width=width, height=height))
-    except (PromptFileError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 def merge_base_weights(args, text_encoder, unet) -> None:
     import networks.lora as lora
 
@@ -408,12 +282,6 @@ def run_fingerprint(args, family, dataset: TrainingDataset, seed: int) -> dict:
             "network_dim": args.network_dim, "network_alpha": args.network_alpha,
             "network_args": args.network_args or [], "optimizer_type": args.optimizer_type or "AdamW",
             "learning_rate": args.learning_rate}
-
-
-def _stop_after_steps() -> int | None:
-    # Testing aid for the resume tests: simulate a run killed after N steps (no final save).
-    value = os.environ.get("SDTRAIN_STOP_AFTER_STEPS")
-    return int(value) if value else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,228 @@
+"""The setup steps every training recipe shares, from parsed arguments to a running `Trainer`.
+
+A recipe (train_network.py, train_db.py, fine_tune.py) reads top to bottom: `begin_run` -> `load_models` ->
+`build_data` -> `cache_latents` -> (its own trainable parameters and task) -> `build_optimization` ->
+`loop_config` / `make_sampler` -> `run_trainer`. Each step turns kohya-named arguments into typed pieces and turns
+the errors users can fix into one `error: ...` line (SystemExit), before any long work where possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from library import train_args
+from library.dataset_config import DatasetConfigError, build_training_dataset
+from library.dataset_sources import DatasetError
+from library.images import ImageError
+from library.latent_cache import CacheSettings, LatentCache
+from library.model_loading import SDModels, instantiate_models, replace_vae
+from library.optimizers import OptimizerConfig, build_optimizer, build_scheduler, optimizer_class
+from library.precision import Precision, check_device_supports, precision_policy
+from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint
+from library.tensor_files import CheckpointError
+from library.train_dataset import EpochBatches, TrainingDataset
+from library.training_loop import LoopConfig, Trainer
+
+logger = logging.getLogger(__name__)
+
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RunStart:
+    seed: int
+    output_dir: Path
+    output_name: str
+    optimizer: OptimizerConfig
+
+
+def begin_run(args: argparse.Namespace) -> RunStart:
+    """Checks that need no model (so a typo fails in a second, not after model loading), the seed, the output."""
+    train_args.check_training_flags(args)
+    opt_config = train_args.optimizer_config(args)
+    try:
+        optimizer_class(opt_config.optimizer_type)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    seed = args.seed if args.seed is not None else random.randint(0, 2 ** 31 - 1)
+    logger.info("seed %d", seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return RunStart(seed=seed, output_dir=output_dir, output_name=args.output_name or "last", optimizer=opt_config)
+
+
+def read_base_model(args: argparse.Namespace) -> SDCheckpoint:
+    """The base model (`--pretrained_model_name_or_path`, `--vae`), family checked against `--v2` etc."""
+    hints = FamilyHints(v2=True if args.v2 else None, v_parameterization=args.v_parameterization)
+    try:
+        checkpoint = read_checkpoint(args.pretrained_model_name_or_path, hints,
+                                     allow_unsafe_pickle=args.allow_unsafe_pickle)
+        if args.vae:
+            replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    logger.info("%s", checkpoint.family.description)
+    return checkpoint
+
+
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+
+    try:
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        check_device_supports(args.mixed_precision, accelerator.device)
+    except ValueError as e:
+        raise SystemExit(f"error: --mixed_precision {args.mixed_precision}: {e}") from None
+    return accelerator
+
+
+def load_models(args: argparse.Namespace, checkpoint: SDCheckpoint, accelerator) -> tuple[SDModels, Precision]:
+    """The models on the accelerator's device in the precision policy's dtypes, frozen (a recipe unfreezes what
+    it trains), with gradient checkpointing on the U-Net if asked."""
+    precision = precision_policy(args.mixed_precision, full_fp16=args.full_fp16, full_bf16=args.full_bf16,
+                                 no_half_vae=args.no_half_vae)
+    with checkpoint:
+        models = instantiate_models(checkpoint, dtype=precision.weight_dtype,
+                                    component_dtypes={"vae": precision.vae_dtype})
+    for model in (models.unet, models.text_encoder, models.vae):
+        model.to(accelerator.device).requires_grad_(False)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()  # diffusers only checkpoints in training mode; dropout is 0 in SD's UNet
+    return models, precision
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def build_dataset(args: argparse.Namespace, family, seed: int) -> tuple[TrainingDataset, dict]:
+    cli = train_args.dataset_cli_values(args, family.default_resolution)
+    try:
+        return build_training_dataset(cli, Path(args.dataset_config) if args.dataset_config else None,
+                                      family_step=family.bucket_reso_step, seed=seed,
+                                      prior_loss_weight=args.prior_loss_weight, max_train_steps=args.max_train_steps)
+    except (DatasetError, DatasetConfigError, ImageError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def epoch_batches(dataset: TrainingDataset, seed: int, accelerator) -> EpochBatches:
+    return EpochBatches(dataset, seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+
+
+def count_steps(args: argparse.Namespace, dataset: TrainingDataset, batches: EpochBatches) -> int:
+    """--max_train_steps, or --max_train_epochs x optimizer steps per epoch (which then wins, as in kohya)."""
+    steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps
+    if args.max_train_epochs:
+        max_train_steps = args.max_train_epochs * steps_per_epoch
+    logger.info("%d steps per epoch, %d steps (%.1f epochs)", steps_per_epoch, max_train_steps,
+                max_train_steps / steps_per_epoch)
+    dataset.max_train_steps = max_train_steps  # token warmup and caption dropout schedules read it
+    return max_train_steps
+
+
+def cache_latents(args: argparse.Namespace, dataset: TrainingDataset, vae, precision: Precision) -> None:
+    if not (args.cache_latents or args.cache_latents_to_disk):
+        return
+    cache = LatentCache(vae, CacheSettings(to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
+                                           skip_cache_check=args.skip_cache_check), dtype=precision.vae_dtype)
+    try:
+        cache.build(dataset)
+    except (ValueError, OSError, ImageError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimization, loop, samples
+
+
+def build_optimization(args: argparse.Namespace, opt_config: OptimizerConfig, param_groups: list[dict],
+                       max_train_steps: int, accelerator):
+    """The optimizer and LR scheduler. Only the optimizer goes through accelerate: with fp16 it then unscales the
+    GradScaler's scaled gradients before clipping and stepping (--full_fp16: fp16 gradients allowed)."""
+    from library.precision import allow_fp16_gradient_unscaling
+
+    try:
+        optimizer = build_optimizer(opt_config, param_groups)
+    except (ValueError, TypeError) as e:  # torch's own checks, e.g. an unexpected keyword from --optimizer_args
+        given = f" with --optimizer_args {' '.join(args.optimizer_args)}" if args.optimizer_args else ""
+        raise SystemExit(f"error: --optimizer_type {opt_config.optimizer_type}{given}: the optimizer refused its "
+                         f"arguments ({e}); check the argument names and values (and --learning_rate)") from None
+    try:
+        lr_scheduler = build_scheduler(opt_config, optimizer, max_train_steps)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    if args.full_fp16 and accelerator.scaler is not None:
+        allow_fp16_gradient_unscaling(accelerator.scaler)
+    return optimizer, lr_scheduler
+
+
+def loop_config(args: argparse.Namespace, start: RunStart, family, max_train_steps: int, *, default_project: str,
+                max_grad_norm: float | None = None) -> LoopConfig:
+    return LoopConfig(
+        output_dir=start.output_dir, output_name=start.output_name, max_train_steps=max_train_steps,
+        batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        seed=start.seed,
+        max_grad_norm=start.optimizer.max_grad_norm if max_grad_norm is None else max_grad_norm,
+        max_token_length=args.max_token_length, clip_skip=args.clip_skip,
+        weighted_captions=args.weighted_captions, vae_scale_factor=family.vae_scale_factor,
+        save_every_n_steps=args.save_every_n_steps, save_every_n_epochs=args.save_every_n_epochs,
+        save_last_n_steps=args.save_last_n_steps, save_last_n_epochs=args.save_last_n_epochs,
+        save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end,
+        sample_every_n_steps=args.sample_every_n_steps, sample_every_n_epochs=args.sample_every_n_epochs,
+        sample_at_first=args.sample_at_first,
+        log=train_args.log_settings(args, default_project=default_project, output_dir=start.output_dir),
+        data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+        stop_after_steps=stop_after_steps())
+
+
+def load_sample_prompts(args: argparse.Namespace, family) -> list:
+    """--sample_prompts, with the training resolution as the default size (kohya uses a fixed 512). Called before
+    the models load, so a bad prompt file is reported at once."""
+    if not args.sample_prompts:
+        return []
+    from library.sampling import PromptFileError, SamplePrompt, load_prompts
+
+    width, height = train_args.parse_resolution(args.resolution, family.default_resolution)
+    try:
+        return load_prompts(args.sample_prompts, SamplePrompt("", width=width, height=height))
+    except (PromptFileError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def make_sampler(args: argparse.Namespace, prompts: list, models: SDModels, start: RunStart):
+    if not prompts:
+        return None
+    from library.sampling import TrainingSampler
+
+    try:
+        return TrainingSampler(
+            prompts, models=models, default_sampler=args.sample_sampler, prediction_type=models.prediction_type.value,
+            output_dir=start.output_dir, output_name=start.output_name, seed=start.seed, clip_skip=args.clip_skip,
+            max_token_length=args.max_token_length, vae_scale_factor=models.family.vae_scale_factor,
+            zero_terminal_snr=args.zero_terminal_snr, model_name=Path(args.pretrained_model_name_or_path).stem)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run_trainer(trainer: Trainer, args: argparse.Namespace) -> None:
+    try:
+        trainer.run(resume=Path(args.resume) if args.resume else None)
+    except (ValueError, FloatingPointError) as e:  # FloatingPointError: NonFiniteLossError (names the step)
+        raise SystemExit(f"error: {e}") from None
+
+
+def stop_after_steps() -> int | None:
+    # Testing aid for the resume tests: simulate a run killed after N steps (no final save).
+    value = os.environ.get("SDTRAIN_STOP_AFTER_STEPS")
+    return int(value) if value else None
