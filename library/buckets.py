@@ -53,6 +53,9 @@ def adjust_min_max_bucket_reso(resolution: Size, min_bucket_reso: int, max_bucke
     """Round min down and max up to multiples of `steps` (logged), then check they bracket `resolution`."""
     new_min = min_bucket_reso - min_bucket_reso % steps
     new_max = max_bucket_reso + (-max_bucket_reso) % steps
+    if new_min <= 0:  # kohya divides by zero building the ladder from a 0-wide bucket
+        raise ValueError(f"--min_bucket_reso {min_bucket_reso} is below --bucket_reso_steps {steps} (it would round "
+                         f"down to {new_min}); use at least {steps}, or smaller steps")
     for flag, old, new in (("--min_bucket_reso", min_bucket_reso, new_min),
                            ("--max_bucket_reso", max_bucket_reso, new_max)):
         if old != new:

@@ -247,3 +247,19 @@ def build_training_dataset(cli: dict, dataset_config: Path | None, *, family_ste
     groups, summary = build_groups(specs, family_step=family_step)
     dataset = TrainingDataset(groups, seed=seed, prior_loss_weight=prior_loss_weight, max_train_steps=max_train_steps)
     return dataset, summary
+
+
+def build_metadata_dataset(train_data_dir: Path, in_json: Path, buckets: BucketConfig, *, family_step: int,
+                           flip_aug: bool = False, alpha_mask: bool = False):
+    """The fine-tune dataset that `--train_data_dir train_data_dir --in_json in_json` with these bucket settings
+    gives the trainer, built through the same path (`specs_from_flags`), so that a tool preparing its caches
+    (finetune/prepare_buckets_latents.py) computes exactly the buckets, crops and cache keys training will."""
+    from library.train_dataset import TrainingDataset
+
+    cli = {"train_data_dir": str(train_data_dir), "in_json": str(in_json), "batch_size": 1,
+           "resolution": tuple(buckets.resolution), "enable_bucket": buckets.enable_bucket,
+           "min_bucket_reso": buckets.min_bucket_reso, "max_bucket_reso": buckets.max_bucket_reso,
+           "bucket_reso_steps": buckets.bucket_reso_steps, "bucket_no_upscale": buckets.bucket_no_upscale,
+           "flip_aug": flip_aug, "alpha_mask": alpha_mask}
+    groups, _ = build_groups(specs_from_flags(cli), family_step=family_step)
+    return TrainingDataset(groups, seed=0)

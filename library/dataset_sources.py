@@ -18,6 +18,7 @@ from pathlib import Path
 
 from library.captions import CaptionOptions, caption_path_for, read_caption_file
 from library.images import ImageError, image_size, is_image_file
+from library.metadata_files import MetadataError, read_entries, resolve_image
 
 logger = logging.getLogger(__name__)
 
@@ -178,61 +179,17 @@ def balance_regularization(train_samples: int, reg_repeats: list[int]) -> list[i
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Captions from metadata files: kohya's fine-tune JSON / JSONL and diffusers' imagefolder metadata
-
-
-def _load_metadata(path: Path) -> list[tuple[str, dict]]:
-    """(key, entry) pairs from a kohya metadata JSON object or a JSON Lines file."""
-    import json
-
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such metadata file")
-    if path.suffix.lower() == ".csv":
-        return csv_to_jsonl_entries(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
-        entries = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}: invalid JSON on line {number} column {e.colno}: {e.msg}") from None
-            key = entry.get("image_path") or entry.get("file_name")
-            if not isinstance(entry, dict) or not key:
-                raise DatasetError(f"{path} line {number}: each line needs an \"image_path\" (or \"file_name\")")
-            entries.append((str(key), entry))
-        return entries
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object {{image key: {{caption, tags}}}}")
-    return [(str(k), v if isinstance(v, dict) else {}) for k, v in data.items()]
-
-
-def _resolve_image(key: str, image_dir: Path | None, metadata_dir: Path) -> Path | None:
-    """kohya keys are absolute paths, paths relative to the image folder, or bare stems (any image suffix)."""
-    candidates = [Path(key)] if Path(key).is_absolute() else []
-    for base in (image_dir, metadata_dir):
-        if base is not None:
-            candidates.append(base / key)
-    for candidate in list(candidates):
-        if candidate.is_file() and is_image_file(candidate):
-            return candidate
-        for suffix in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".PNG", ".JPG", ".JPEG", ".WEBP", ".BMP"):
-            with_suffix = candidate.with_name(candidate.name + suffix)
-            if with_suffix.is_file():
-                return with_suffix
-    return None
+# Captions from metadata files: kohya's fine-tune JSON / JSONL and diffusers' imagefolder metadata (the files
+# themselves are read by library/metadata_files.py, which the finetune/ tools share)
 
 
 def scan_metadata_subset(subset: Subset, caption_joiner: str = ", ") -> tuple[list[ImageRecord], list[str]]:
     """Records of a fine-tune subset: every metadata entry must name an existing image; caption = caption +
     separator + tags (kohya). Keys without an image are an error listing them (with a count)."""
-    entries = _load_metadata(subset.metadata_file)
+    try:
+        entries = read_entries(subset.metadata_file)
+    except MetadataError as e:
+        raise DatasetError(str(e)) from None
     fields = {k for _, entry in entries for k in entry}
     if entries and not fields & {"caption", "tags", subset.caption_column}:
         raise DatasetError(f"{subset.metadata_file}: no caption column: expected 'caption' / 'tags' (kohya) or "
@@ -240,7 +197,7 @@ def scan_metadata_subset(subset: Subset, caption_joiner: str = ", ") -> tuple[li
     records, problems, missing, uncaptioned = [], [], [], []
     seen = set()
     for key, entry in entries:
-        path = _resolve_image(key, subset.image_dir, subset.metadata_file.parent)
+        path = resolve_image(key, subset.image_dir, subset.metadata_file.parent)
         if path is None:
             missing.append(key)
             continue
@@ -282,13 +239,3 @@ def imagefolder_metadata(folder: Path) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
-
-
-def csv_to_jsonl_entries(path: Path) -> list[tuple[str, dict]]:
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if rows and "file_name" not in rows[0]:
-        raise DatasetError(f"{path}: needs a 'file_name' column (found: {', '.join(rows[0])})")
-    return [(row["file_name"], row) for row in rows]

@@ -36,6 +36,12 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """The image files in `folder` (and its subfolders with `recursive`), sorted by path."""
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in candidates if p.is_file() and is_image_file(p))
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, reading only the header (PIL decodes a PNG to find its EXIF, so
     a corrupt or truncated PNG fails here, with its name)."""

@@ -66,16 +66,20 @@ def _empty_model(component: str, config: dict):
 def instantiate_models(checkpoint: SDCheckpoint, *, dtype: torch.dtype = torch.float32,
                        component_dtypes: dict[str, torch.dtype] | None = None) -> SDModels:
     """Build the UNet, VAE and text encoder with the checkpoint's weights (in `dtype`, or per component)."""
-    models = {}
-    for component in COMPONENTS:
-        target = (component_dtypes or {}).get(component, dtype)
-        model = _empty_model(component, getattr(checkpoint.configs, component))
-        state = {k: v.load().to(target) for k, v in checkpoint.tensors[component].items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        model.eval()
-        models[component] = model
+    models = {component: instantiate_component(checkpoint, component, (component_dtypes or {}).get(component, dtype))
+              for component in COMPONENTS}
     return SDModels(checkpoint.family, checkpoint.prediction_type, models["unet"], models["vae"],
                     models["text_encoder"], load_tokenizer(checkpoint.family), dict(checkpoint.configs.scheduler))
+
+
+def instantiate_component(checkpoint: SDCheckpoint, component: str, dtype: torch.dtype = torch.float32):
+    """One model ("unet", "vae" or "text_encoder") with the checkpoint's weights, e.g. only the VAE for a tool
+    that encodes latents; identical to the same component from `instantiate_models`."""
+    model = _empty_model(component, getattr(checkpoint.configs, component))
+    state = {k: v.load().to(dtype) for k, v in checkpoint.tensors[component].items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    return model
 
 
 def checkpoint_from_models(models: SDModels, *, extras: dict[str, torch.Tensor] | None = None,
