@@ -16,7 +16,6 @@ import importlib
 import json
 import logging
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from library import train_args  # noqa: E402
 from library import training_setup as setup  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.model_loading import TextModelShim  # noqa: E402
-from library.network_metadata import additional_networks_hashes, dataset_metadata  # noqa: E402
+from library.training_metadata import additional_networks_hashes, run_metadata  # noqa: E402
 from library.train_dataset import TrainingDataset, describe_samples  # noqa: E402
 from library.training_loop import Trainer  # noqa: E402
 
@@ -120,28 +119,10 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
     }
     if args.no_metadata:
         return base
-    base.update(dataset_metadata(dataset, data_summary))
-    base.update({
-        "ss_session_id": str(random.randint(0, 2 ** 32)), "ss_training_started_at": str(time.time()),
-        "ss_output_name": args.output_name or "last", "ss_learning_rate": str(args.learning_rate),
-        "ss_unet_lr": str(args.unet_lr), "ss_text_encoder_lr": str(args.text_encoder_lr),
-        "ss_max_train_steps": str(max_train_steps), "ss_seed": str(seed), "ss_lr_scheduler": args.lr_scheduler,
-        "ss_lr_warmup_steps": str(args.lr_warmup_steps), "ss_optimizer": args.optimizer_type or "AdamW",
-        "ss_mixed_precision": args.mixed_precision, "ss_full_fp16": str(args.full_fp16),
-        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
-        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
-        "ss_batch_size_per_device": str(args.train_batch_size), "ss_resolution": base["modelspec.resolution"],
-        "ss_clip_skip": str(args.clip_skip), "ss_max_token_length": str(args.max_token_length),
-        "ss_cache_latents": str(args.cache_latents), "ss_enable_bucket": str(args.enable_bucket),
-        "ss_min_bucket_reso": str(args.min_bucket_reso), "ss_max_bucket_reso": str(args.max_bucket_reso),
-        "ss_bucket_no_upscale": str(args.bucket_no_upscale), "ss_flip_aug": str(args.flip_aug),
-        "ss_random_crop": str(args.random_crop), "ss_shuffle_caption": str(args.shuffle_caption),
-        "ss_keep_tokens": str(args.keep_tokens), "ss_noise_offset": str(args.noise_offset),
-        "ss_min_snr_gamma": str(args.min_snr_gamma), "ss_prior_loss_weight": str(args.prior_loss_weight),
-        "ss_loss_type": args.loss_type, "ss_zero_terminal_snr": str(args.zero_terminal_snr),
-        "ss_network_dropout": str(args.network_dropout), "ss_training_comment": str(args.training_comment),
-        "ss_sd_model_name": Path(args.pretrained_model_name_or_path).name,
-    })
+    base.update(run_metadata(args, dataset=dataset, data_summary=data_summary, seed=seed,
+                             max_train_steps=max_train_steps, resolution=base["modelspec.resolution"]))
+    base.update({"ss_unet_lr": str(args.unet_lr), "ss_text_encoder_lr": str(args.text_encoder_lr),
+                 "ss_network_dropout": str(args.network_dropout)})
     return base
 
 

@@ -170,6 +170,17 @@ def load_prompts(path: str | Path, defaults: SamplePrompt = SamplePrompt("")) ->
 def generate(prompt: SamplePrompt, *, unet, vae, text_encoder, tokenizer, scheduler, seed: int,
              clip_skip: int | None = None, max_token_length: int | None = None, vae_scale_factor: float = 0.18215):
     """One image (PIL) for a prompt, reproducible for a seed."""
+    return generate_batch(prompt, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          scheduler=scheduler, seeds=[seed], clip_skip=clip_skip, max_token_length=max_token_length,
+                          vae_scale_factor=vae_scale_factor)[0]
+
+
+@torch.no_grad()
+def generate_batch(prompt: SamplePrompt, *, unet, vae, text_encoder, tokenizer, scheduler, seeds: list[int],
+                   clip_skip: int | None = None, max_token_length: int | None = None,
+                   vae_scale_factor: float = 0.18215) -> list:
+    """One image per seed for the same prompt, in one batch. Each image's noise comes from its own seed's
+    generator, so an image depends on its seed, not on which batch it was made in."""
     from diffusers import StableDiffusionPipeline
 
     from library.text_encoding import encode, tokenize
@@ -182,10 +193,11 @@ def generate(prompt: SamplePrompt, *, unet, vae, text_encoder, tokenizer, schedu
                                    requires_safety_checker=False)
     pipe.vae.config.scaling_factor = vae_scale_factor
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return pipe(prompt_embeds=states[:1], negative_prompt_embeds=states[1:], width=prompt.width,
-                height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.scale,
-                generator=generator).images[0]
+    n = len(seeds)
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    return pipe(prompt_embeds=states[:1].expand(n, -1, -1), negative_prompt_embeds=states[1:].expand(n, -1, -1),
+                width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
+                guidance_scale=prompt.scale, generator=generators if n > 1 else generators[0]).images
 
 
 def webui_parameters(prompt: SamplePrompt, *, sampler: str, seed: int, model_name: str = "") -> str:

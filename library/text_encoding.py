@@ -22,8 +22,17 @@ def _chunks(max_token_length: int | None) -> int:
     return length // CHUNK
 
 
-def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None) -> torch.Tensor:
-    """Token ids [B, n_chunks, 77] for the captions (n_chunks = max_token_length / 75)."""
+def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None, *,
+             pad_to_longest: bool = False) -> torch.Tensor:
+    """Token ids [B, n_chunks, 77] for the captions (n_chunks = max_token_length / 75).
+
+    `pad_to_longest` (train_db's `--no_token_padding`, the original DreamBooth recipe): one window padded only to the
+    batch's longest caption, so the U-Net attends to no padding states: [B, 1, L] with L <= 77."""
+    if pad_to_longest:
+        if _chunks(max_token_length) != 1:
+            raise ValueError("--no_token_padding works with one 75-token window; leave out --max_token_length")
+        return tokenizer(captions, padding="longest", truncation=True, max_length=CHUNK + 2,
+                         return_tensors="pt").input_ids[:, None, :]
     n = _chunks(max_token_length)
     ids = tokenizer(captions, padding="max_length", truncation=True, max_length=n * CHUNK + 2,
                     return_tensors="pt").input_ids

@@ -45,7 +45,9 @@ class TrainingTask(Protocol):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
     def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path: ...
     def model_file_suffix(self) -> str: ...
-    # Optional: `after_optimizer_step() -> dict[str, float]` (e.g. max-norm regularisation), logged with the step.
+    # Optional: `before_step(global_step)` (e.g. stop training the text encoder after step N: a function of the
+    # step, so resumed runs agree) and `after_optimizer_step() -> dict[str, float]` (e.g. max-norm regularisation,
+    # an EMA update), whose values are logged with the step.
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class LoopConfig:
     max_token_length: int | None = None
     clip_skip: int | None = None
     weighted_captions: bool = False
+    pad_captions_to_longest: bool = False  # train_db --no_token_padding
     vae_scale_factor: float = 0.18215
     save_every_n_steps: int | None = None
     save_every_n_epochs: int | None = None
@@ -190,7 +193,8 @@ class Trainer:
             if self.config.weighted_captions:
                 ids, weights = tokenize_weighted(self.tokenizer, captions, self.config.max_token_length)
                 return encode_weighted(self.text_encoder, ids, weights, clip_skip=self.config.clip_skip)
-            ids = tokenize(self.tokenizer, captions, self.config.max_token_length)
+            ids = tokenize(self.tokenizer, captions, self.config.max_token_length,
+                           pad_to_longest=self.config.pad_captions_to_longest)
             return encode(self.text_encoder, ids, clip_skip=self.config.clip_skip)
 
     def _latents(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
@@ -298,6 +302,9 @@ class Trainer:
 
     def _optimizer_step(self, micro_batches: list[dict]) -> float:
         step = self.state.global_step
+        before = getattr(self.task, "before_step", None)
+        if before:
+            before(step)
         total = 0.0
         for micro, batch in enumerate(micro_batches):
             torch.manual_seed(micro_step_seed(self.config.seed, step, micro, f"process{self.accelerator.process_index}"))
@@ -334,15 +341,20 @@ class Trainer:
         import torch.distributed as dist
 
         grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.accelerator.num_processes
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        # Reduced in buckets of ~32M values: one flat copy of a whole U-Net's gradients would cost 3.4 GB.
+        bucket, size = [], 0
+        for i, g in enumerate(grads):
+            bucket.append(g)
+            size += g.numel()
+            if size >= 2 ** 25 or i == len(grads) - 1:
+                flat = torch.cat([t.reshape(-1) for t in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                flat /= self.accelerator.num_processes
+                offset = 0
+                for t in bucket:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+                bucket, size = [], 0
 
     def _log(self, loss: float, bar) -> None:
         step = self.state.global_step

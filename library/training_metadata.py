@@ -1,13 +1,17 @@
-"""Metadata of trained network files (LoRA...): the parts derived from data rather than from flags.
+"""Training metadata of saved models (LoRA files and full checkpoints): kohya's `ss_*` keys.
 
-kohya's `ss_*` keys describe the training set (image counts, per-folder tag frequency, buckets), and
-sd-webui-additional-networks' `sshs_*` hashes identify the weights. All values are strings (safetensors metadata).
+They describe the run (settings, seed, steps) and the training set (image counts, per-folder tag frequency,
+buckets); sd-webui-additional-networks' `sshs_*` hashes identify LoRA weights. All values are strings
+(safetensors metadata).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
+import time
+from pathlib import Path
 
 import torch
 
@@ -45,3 +49,30 @@ def dataset_metadata(dataset: TrainingDataset, summary: dict) -> dict[str, str]:
         "ss_dataset_dirs": json.dumps({d: {"n_repeats": rs[0].subset.num_repeats, "img_count": len(rs)}
                                        for d, rs in by_dir.items()}),
     }
+
+
+def run_metadata(args, *, dataset: TrainingDataset, data_summary: dict, seed: int, max_train_steps: int,
+                 resolution: str) -> dict[str, str]:
+    """The ss_* keys every trainer writes (kohya's names): the run's settings and the training set."""
+    metadata = dataset_metadata(dataset, data_summary)
+    metadata.update({
+        "ss_session_id": str(random.randint(0, 2 ** 32)), "ss_training_started_at": str(time.time()),
+        "ss_output_name": args.output_name or "last", "ss_learning_rate": str(args.learning_rate),
+        "ss_max_train_steps": str(max_train_steps), "ss_seed": str(seed), "ss_lr_scheduler": args.lr_scheduler,
+        "ss_lr_warmup_steps": str(args.lr_warmup_steps), "ss_optimizer": args.optimizer_type or "AdamW",
+        "ss_mixed_precision": args.mixed_precision, "ss_full_fp16": str(args.full_fp16),
+        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_batch_size_per_device": str(args.train_batch_size), "ss_resolution": resolution,
+        "ss_clip_skip": str(args.clip_skip), "ss_max_token_length": str(args.max_token_length),
+        "ss_cache_latents": str(args.cache_latents), "ss_enable_bucket": str(args.enable_bucket),
+        "ss_min_bucket_reso": str(args.min_bucket_reso), "ss_max_bucket_reso": str(args.max_bucket_reso),
+        "ss_bucket_no_upscale": str(args.bucket_no_upscale), "ss_flip_aug": str(args.flip_aug),
+        "ss_random_crop": str(args.random_crop), "ss_shuffle_caption": str(args.shuffle_caption),
+        "ss_keep_tokens": str(args.keep_tokens), "ss_noise_offset": str(args.noise_offset),
+        "ss_min_snr_gamma": str(args.min_snr_gamma), "ss_prior_loss_weight": str(args.prior_loss_weight),
+        "ss_loss_type": args.loss_type, "ss_zero_terminal_snr": str(args.zero_terminal_snr),
+        "ss_training_comment": str(getattr(args, "training_comment", None)),
+        "ss_sd_model_name": Path(args.pretrained_model_name_or_path).name,
+    })
+    return metadata

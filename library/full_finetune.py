@@ -1,0 +1,276 @@
+"""Training the whole U-Net (and optionally the text encoder): the recipe train_db.py and fine_tune.py share.
+
+They differ only in their data flags and defaults (`FullModelRecipe`); what trains (all U-Net weights, the text
+encoder until `stop_text_encoder_at`), how it is saved (a complete checkpoint in any format, WebUI layout, source
+extras carried over, ss_* + modelspec metadata) and the optional EMA are here once. The training step itself is the
+shared `Trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from library import train_args
+from library import training_setup as setup
+from library.checkpoint_writer import SaveFormat, save_checkpoint
+from library.diffusion_objective import DiffusionObjective
+from library.model_loading import SDModels, checkpoint_from_models
+from library.train_dataset import TrainingDataset, describe_samples
+from library.training_loop import Trainer
+from library.training_metadata import run_metadata
+
+logger = logging.getLogger(__name__)
+
+
+def add_full_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("full model training and saving")
+    g.add_argument("--learning_rate_te", type=float, default=None,
+                   help="text-encoder learning rate (default: --learning_rate)")
+    g.add_argument("--save_model_as", choices=[f.value for f in SaveFormat], default=None,
+                   help="ckpt, safetensors, diffusers or diffusers_safetensors (default: the base model's format)")
+    g.add_argument("--use_safetensors", action="store_true",
+                   help="without --save_model_as: safetensors files (and diffusers_safetensors for folders)")
+    g.add_argument("--use_ema", action="store_true",
+                   help="keep an exponential moving average of the trained weights and save it as the model")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--ema_cpu", action="store_true", help="keep the EMA copy in CPU memory (saves GPU memory)")
+    g.add_argument("--fused_backward_pass", action="store_true",
+                   help="step the optimizer inside the backward pass, parameter by parameter (no full gradient "
+                        "copy of the model in memory); needs --gradient_accumulation_steps 1 and one process")
+
+
+@dataclass(frozen=True)
+class FullModelRecipe:
+    """What differs between train_db.py and fine_tune.py."""
+
+    name: str  # log tracker default and modelspec / ss_* training info
+    train_text_encoder: bool
+    stop_text_encoder_at: int | None = None  # global step after which only the U-Net trains (train_db)
+    pad_captions_to_longest: bool = False  # train_db --no_token_padding
+    # Work with the loaded base models before the dataset is scanned (train_db: generate missing class images).
+    before_data: Callable[[SDModels, "setup.RunStart"], None] | None = None
+
+
+def save_format(args: argparse.Namespace) -> SaveFormat:
+    """--save_model_as, or the base model's own format (kohya: a folder saves as diffusers, a file as a file)."""
+    if args.save_model_as:
+        return SaveFormat(args.save_model_as)
+    source = Path(args.pretrained_model_name_or_path)
+    if source.is_dir():
+        return SaveFormat.DIFFUSERS_SAFETENSORS if args.use_safetensors else SaveFormat.DIFFUSERS
+    if args.use_safetensors:
+        return SaveFormat.SAFETENSORS
+    return SaveFormat.from_path(source) if source.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth") \
+        else SaveFormat.SAFETENSORS
+
+
+def carried_extras(checkpoint) -> dict[str, torch.Tensor]:
+    """Extra tensors of the source checkpoint to write back (schedule buffers, SD 2.x's unused last text layer), in
+    memory: the source file closes after loading. A source EMA (`model_ema.*`) describes the old weights, so it is
+    dropped rather than saved beside the new ones."""
+    kept = {k: v.load().clone() for k, v in checkpoint.extras.items() if not k.startswith("model_ema.")}
+    if len(kept) < len(checkpoint.extras):
+        logger.info("the base model's EMA weights (model_ema.*) are not carried over: they would be stale")
+    return kept
+
+
+class FullModelTask:
+    """The U-Net (and text encoder) as a `TrainingTask`: trainable state for resume, checkpoint saving, the text
+    encoder's stop step, the EMA update."""
+
+    def __init__(self, models: SDModels, *, train_text_encoder: bool, stop_text_encoder_at: int | None,
+                 save_as: SaveFormat, save_dtype: torch.dtype | None, extras: dict[str, torch.Tensor],
+                 source_metadata: dict[str, str], metadata: dict[str, str], ema=None):
+        self.models = models
+        self.train_text_encoder = train_text_encoder
+        self.stop_text_encoder_at = stop_text_encoder_at
+        self.save_as, self.save_dtype = save_as, save_dtype
+        self.extras, self.source_metadata, self.metadata = extras, source_metadata, metadata
+        self.ema = ema
+        self._trains_text_encoder_at_all = train_text_encoder
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"unet": self.models.unet}
+        if self._trains_text_encoder_at_all:
+            modules["text_encoder"] = self.models.text_encoder
+        return modules
+
+    def before_step(self, global_step: int) -> None:
+        if self.stop_text_encoder_at is not None and global_step >= self.stop_text_encoder_at \
+                and self.train_text_encoder:
+            # Frozen from here on; the optimizer skips parameters without gradients, so its state stays as is.
+            logger.info("step %d: text encoder training stops (--stop_text_encoder_training)", global_step + 1)
+            self.models.text_encoder.requires_grad_(False)
+            self.train_text_encoder = False
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        if self.ema is None:
+            return {}
+        return {"ema/decay": self.ema.update()}
+
+    def trainable_state(self) -> dict:
+        state = {"models": {name: {k: v.detach() for k, v in module.state_dict().items()}
+                            for name, module in self._modules().items()}}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_trainable_state(self, state: dict) -> None:
+        for name, module in self._modules().items():
+            module.load_state_dict(state["models"][name])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def model_file_suffix(self) -> str:
+        return "" if self.save_as.is_diffusers else "." + self.save_as.value
+
+    def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path:
+        path = path_stem.with_name(path_stem.name + self.model_file_suffix())
+        metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
+                        ss_training_finished_at=str(time.time()))
+        metadata["modelspec.title"] = path_stem.name
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            checkpoint = checkpoint_from_models(self.models, extras=self.extras,
+                                                metadata=self.source_metadata)
+            save_checkpoint(checkpoint, path, self.save_as, dtype=self.save_dtype, epoch=epoch,
+                            global_step=global_step, metadata=metadata)
+        logger.info("saved %s", path)
+        return path
+
+
+def checkpoint_metadata(args, recipe: FullModelRecipe, family, prediction, dataset: TrainingDataset,
+                        data_summary: dict, seed: int, max_train_steps: int) -> dict[str, str]:
+    resolution = "{}x{}".format(*train_args.parse_resolution(args.resolution, family.default_resolution))
+    metadata = {"modelspec.resolution": resolution, "ss_training_script": recipe.name, "ss_v2": str(family.is_v2),
+                "ss_base_model_version": family.ss_base_model_version, "ss_text_encoder_trained":
+                str(recipe.train_text_encoder), "ss_learning_rate_te": str(args.learning_rate_te),
+                "ss_use_ema": str(args.use_ema), "ss_ema_decay": str(args.ema_decay if args.use_ema else None)}
+    if recipe.stop_text_encoder_at is not None:
+        metadata["ss_stop_text_encoder_training"] = str(recipe.stop_text_encoder_at)
+    metadata.update(run_metadata(args, dataset=dataset, data_summary=data_summary, seed=seed,
+                                 max_train_steps=max_train_steps, resolution=resolution))
+    return metadata
+
+
+def run_fingerprint(args, recipe: FullModelRecipe, family, dataset: TrainingDataset, seed: int) -> dict:
+    """Settings a resumed run must share with the run that saved the state, or it would silently diverge."""
+    items = hashlib.sha256("\n".join(f"{i.record.path}|{i.bucket}|{i.loss_weight}" for i in dataset.items)
+                           .encode()).hexdigest()[:16]
+    return {"family": family.name, "seed": seed, "dataset_items": items, "train_batch_size": args.train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "recipe": recipe.name,
+            "train_text_encoder": recipe.train_text_encoder, "stop_text_encoder_at": recipe.stop_text_encoder_at,
+            "optimizer_type": args.optimizer_type or "AdamW", "learning_rate": args.learning_rate,
+            "use_ema": args.use_ema, "fused_backward_pass": args.fused_backward_pass}
+
+
+def _check_fused(args, start: setup.RunStart, *, num_processes: int) -> None:
+    from library.fused_backward import check_fused_backward_pass
+
+    try:
+        check_fused_backward_pass(start.optimizer.optimizer_type,
+                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  num_processes=num_processes, mixed_precision=args.mixed_precision)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
+    start = setup.begin_run(args)
+    fmt = save_format(args)
+    if args.fused_backward_pass:
+        _check_fused(args, start, num_processes=1)
+
+    # Models
+    checkpoint = setup.read_base_model(args)
+    family, prediction = checkpoint.family, checkpoint.prediction_type
+    prompts = setup.load_sample_prompts(args, family)
+    accelerator = setup.make_accelerator(args)
+    with checkpoint:
+        extras = carried_extras(checkpoint)
+        source_metadata = dict(checkpoint.metadata)
+        models, precision = setup.load_models(args, checkpoint, accelerator)
+    unet, text_encoder = models.unet, models.text_encoder
+
+    # Data
+    if recipe.before_data is not None and accelerator.is_main_process:
+        recipe.before_data(models, start)
+    accelerator.wait_for_everyone()
+    dataset, data_summary = setup.build_dataset(args, family, start.seed)
+    batches = setup.epoch_batches(dataset, start.seed, accelerator)
+    if args.debug_dataset:
+        print("\n".join(describe_samples(dataset, batches)))
+        return start.output_dir / (start.output_name + ("" if fmt.is_diffusers else "." + fmt.value))
+    max_train_steps = setup.count_steps(args, dataset, batches)
+    setup.cache_latents(args, dataset, models.vae, precision)
+
+    # What trains: every U-Net weight, and the text encoder (until its stop step) in its own parameter group.
+    train_te = recipe.train_text_encoder and recipe.stop_text_encoder_at != 0
+    if unet.dtype != precision.trained_dtype:
+        unet.to(precision.trained_dtype)
+    unet.requires_grad_(True)
+    unet.train()
+    param_groups = [{"params": list(unet.parameters()), "lr": args.learning_rate}]
+    lr_names = ["unet"]
+    if train_te:
+        text_encoder.to(precision.trained_dtype)
+        text_encoder.requires_grad_(True)
+        text_encoder.train()
+        if args.gradient_checkpointing:
+            text_encoder.gradient_checkpointing_enable()
+        te_lr = args.learning_rate_te if args.learning_rate_te is not None else args.learning_rate
+        param_groups.append({"params": list(text_encoder.parameters()), "lr": te_lr})
+        lr_names.append("textencoder")
+    trainable = [p for g in param_groups for p in g["params"]]
+    ema = None
+    if args.use_ema:
+        from library.ema import EMA
+
+        ema = EMA(trainable, decay=args.ema_decay, device="cpu" if args.ema_cpu else None)
+
+    # Optimizer
+    max_grad_norm = None
+    if args.fused_backward_pass:
+        from library.fused_backward import FusedBackwardOptimizer
+        from library.optimizers import build_scheduler
+
+        _check_fused(args, start, num_processes=accelerator.num_processes)
+        try:
+            optimizer = FusedBackwardOptimizer(start.optimizer, param_groups,
+                                               max_grad_norm=start.optimizer.max_grad_norm)
+            lr_scheduler = build_scheduler(start.optimizer, optimizer, max_train_steps)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"error: --optimizer_type {start.optimizer.optimizer_type}: {e}") from None
+        max_grad_norm = 0.0  # clipped per parameter inside the backward pass
+    else:
+        optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
+                                                           accelerator)
+
+    metadata = checkpoint_metadata(args, recipe, family, prediction, dataset, data_summary, start.seed,
+                                   max_train_steps)
+    task = FullModelTask(models, train_text_encoder=train_te, stop_text_encoder_at=recipe.stop_text_encoder_at,
+                         save_as=fmt, save_dtype=setup.SAVE_DTYPES.get(args.save_precision), extras=extras,
+                         source_metadata=source_metadata, metadata=metadata, ema=ema)
+    config = setup.loop_config(args, start, family, max_train_steps, default_project=recipe.name,
+                               max_grad_norm=max_grad_norm)
+    if recipe.pad_captions_to_longest:
+        from dataclasses import replace
+
+        config = replace(config, pad_captions_to_longest=True)
+    trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=models.vae, tokenizer=models.tokenizer,
+                      dataset=dataset, batches=batches,
+                      objective=DiffusionObjective(train_args.objective_config(args, prediction)),
+                      optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, accelerator=accelerator,
+                      run_fingerprint=run_fingerprint(args, recipe, family, dataset, start.seed),
+                      trainable_parameters=trainable, weight_dtype=precision.weight_dtype,
+                      sampler=setup.make_sampler(args, prompts, models, start), lr_names=lr_names)
+    setup.run_trainer(trainer, args)
+    return start.output_dir / (start.output_name + task.model_file_suffix())

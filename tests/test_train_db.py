@@ -1,0 +1,278 @@
+"""Recipe tests for train_db.py and fine_tune.py on a tiny model: golden losses, exact resume, class-image
+generation, the fused backward pass, and the saved checkpoints read by diffusers in every format."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from library.safetensors_io import SafetensorsReader
+
+GOLDEN = Path(__file__).parent / "golden" / "full_model_losses.json"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from tools.make_synthetic_dataset import write_dataset
+    from tools.make_tiny_model import main as make_model
+
+    root = tmp_path_factory.mktemp("train_db")
+    write_dataset(root / "data", images=4, size=64, seed=0, folder="2_sks shape")
+    write_dataset(root / "reg", images=3, size=64, seed=1, folder="1_shape", prefix="shape, ")
+    # fine-tune sources: kohya metadata JSON (stem keys) and a diffusers imagefolder with metadata.jsonl
+    images = sorted((root / "data" / "2_sks shape").glob("*.png"))
+    (root / "meta.json").write_text(json.dumps({p.stem: {"caption": f"sks shape number {i}", "tags": "red, blue"}
+                                                for i, p in enumerate(images)}))
+    folder = root / "imagefolder"
+    folder.mkdir()
+    lines = []
+    for i, image in enumerate(images):
+        shutil.copy(image, folder / image.name)
+        lines.append(json.dumps({"file_name": image.name, "text": f"a drawing, number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
+    assert make_model(["--family", "sd2-768-v", str(root / "sd2v.safetensors")]) == 0
+    return root
+
+
+def common_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]:
+    return ["--pretrained_model_name_or_path", str(root / model), "--output_dir", str(root / out),
+            "--output_name", "model", "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32",
+            "--max_bucket_reso", "128", "--bucket_reso_steps", "32", "--learning_rate", "1e-4", "--seed", "3",
+            "--train_batch_size", "2", "--max_data_loader_n_workers", "0", "--logging_dir", str(root / out / "logs")]
+
+
+def db_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]:
+    return common_args(root, out, model) + ["--train_data_dir", str(root / "data")]
+
+
+def run(script: str, argv: list[str], stop_after: int | None = None) -> None:
+    import importlib
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    module = importlib.import_module(script)
+    if stop_after:
+        os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
+    try:
+        assert module.main(argv) == 0
+    finally:
+        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
+
+
+def logged_losses(log_root: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        values.update({e.step: e.value for e in events.Scalars("loss/current")})
+    return [values[s] for s in sorted(values)]
+
+
+def file_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        with SafetensorsReader(path) as reader:
+            return {k: reader.read(k) for k in reader.keys()}
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+CASES = {
+    "db_prior_te_stop": ("train_db", ["--reg_data_dir", "{root}/reg", "--prior_loss_weight", "0.5",
+                                      "--stop_text_encoder_training", "2", "--max_train_steps", "4",
+                                      "--learning_rate_te", "5e-5"]),
+    "db_no_prior_unet_only_cached": ("train_db", ["--stop_text_encoder_training", "-1", "--cache_latents",
+                                                  "--max_train_steps", "3", "--optimizer_type", "AdamW8bit"]),
+    "db_no_token_padding_flip": ("train_db", ["--no_token_padding", "--flip_aug", "--max_train_steps", "3",
+                                              "--gradient_accumulation_steps", "2"]),
+    "db_sd2v_te": ("train_db", ["--max_train_steps", "3"]),
+    "ft_json": ("fine_tune", ["--train_data_dir", "{root}/data/2_sks shape", "--in_json", "{root}/meta.json",
+                              "--max_train_steps", "3", "--dataset_repeats", "2"]),
+    "ft_json_ema_te": ("fine_tune", ["--train_data_dir", "{root}/data/2_sks shape", "--in_json", "{root}/meta.json",
+                                     "--max_train_steps", "3", "--use_ema", "--ema_decay", "0.9",
+                                     "--train_text_encoder"]),
+    "ft_imagefolder": ("fine_tune", ["--train_data_dir", "{root}/imagefolder", "--max_train_steps", "3",
+                                     "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_losses(case, workspace):
+    root = workspace
+    script, extra = CASES[case]
+    model = "sd2v.safetensors" if "sd2v" in case else "sd1.safetensors"
+    base = db_args(root, f"golden_{case}", model) if script == "train_db" else common_args(root, f"golden_{case}")
+    run(script, base + [a.replace("{root}", str(root)) for a in extra])
+    losses = logged_losses(root / f"golden_{case}" / "logs")
+    if os.environ.get("UPDATE_GOLDEN"):
+        data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+        data[case] = losses
+        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    expected = json.loads(GOLDEN.read_text())[case]
+    assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    weights = file_tensors(root / f"golden_{case}" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_text_encoder_stops_training_at_the_step(workspace):
+    """--stop_text_encoder_training 2: the text encoder changes in steps 1-2 only; -1: never; U-Net always."""
+    root = workspace
+    base = file_tensors(root / "sd1.safetensors")
+    te = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    unet = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    for steps in (2, 4):
+        run("train_db", db_args(root, f"te_stop_{steps}") + ["--stop_text_encoder_training", "2",
+                                                            "--max_train_steps", str(steps)])
+    two, four = file_tensors(root / "te_stop_2" / "model.safetensors"), file_tensors(root / "te_stop_4" / "model.safetensors")
+    assert not torch.equal(two[te], base[te]) and torch.equal(two[te], four[te])
+    assert not torch.equal(two[unet], four[unet])
+    run("train_db", db_args(root, "te_never") + ["--stop_text_encoder_training", "-1", "--max_train_steps", "2"])
+    never = file_tensors(root / "te_never" / "model.safetensors")
+    assert torch.equal(never[te], base[te]) and not torch.equal(never[unet], base[unet])
+
+
+def test_resume_reproduces_the_uninterrupted_run(workspace):
+    """Killed after 2 of 5 steps, resumed (TE stop at 3 and EMA in play), the checkpoint is bit-identical."""
+    root = workspace
+    extra = ["--reg_data_dir", str(root / "reg"), "--stop_text_encoder_training", "3", "--max_train_steps", "5",
+             "--use_ema", "--ema_decay", "0.8", "--save_every_n_steps", "2", "--save_state"]
+    run("train_db", db_args(root, "full") + extra)
+    run("train_db", db_args(root, "part") + extra, stop_after=3)
+    assert (root / "part" / "model-step00000002-state").is_dir() and not (root / "part" / "model.safetensors").exists()
+    run("train_db", db_args(root, "part") + extra + ["--resume", str(root / "part" / "model-step00000002-state")])
+    a, b = file_tensors(root / "full" / "model.safetensors"), file_tensors(root / "part" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The final training states agree too, EMA included.
+    sa, sb = (torch.load(root / run / "model-state" / "trainable.pt", weights_only=True) for run in ("full", "part"))
+    assert sa["ema"]["num_updates"] == sb["ema"]["num_updates"] == 5
+    assert all(torch.equal(x, y) for x, y in zip(sa["ema"]["shadow"], sb["ema"]["shadow"]))
+
+
+def test_ema_weights_are_saved(workspace):
+    """With --use_ema the file holds the EMA (checked against the state's EMA tensors), not the raw weights."""
+    root = workspace
+    run("train_db", db_args(root, "ema") + ["--max_train_steps", "3", "--use_ema", "--ema_decay", "0.5",
+                                            "--stop_text_encoder_training", "-1", "--save_state_on_train_end"])
+    state = torch.load(root / "ema" / "model-state" / "trainable.pt", weights_only=True)
+    raw_unet, shadow = state["models"]["unet"], state["ema"]["shadow"]
+    saved = file_tensors(root / "ema" / "model.safetensors")
+    key = "model.diffusion_model.out.2.weight"  # conv_out.weight; the EMA follows the U-Net's parameter order
+    index = list(raw_unet).index("conv_out.weight")  # (the U-Net has no buffers: state order = parameter order)
+    assert len(shadow) == len(raw_unet)
+    assert torch.equal(saved[key], shadow[index]) and not torch.equal(saved[key], raw_unet["conv_out.weight"])
+
+
+def test_fused_backward_pass_equals_the_normal_step(workspace):
+    root = workspace
+    extra = ["--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False", "scale_parameter=False",
+             "warmup_init=False", "--max_train_steps", "3", "--max_grad_norm", "0", "--stop_text_encoder_training",
+             "-1", "--train_batch_size", "1"]
+    run("train_db", db_args(root, "unfused") + extra)
+    run("train_db", db_args(root, "fused") + extra + ["--fused_backward_pass"])
+    a, b = file_tensors(root / "unfused" / "model.safetensors"), file_tensors(root / "fused" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(root / "unfused" / "logs") == logged_losses(root / "fused" / "logs")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt", "diffusers", "diffusers_safetensors"])
+def test_saved_checkpoint_loads_in_diffusers(fmt, workspace, tmp_path):
+    """Every format: diffusers reads the trained weights exactly (vs the live modules' state), and single files
+    have the WebUI key layout of the base model."""
+    from diffusers import StableDiffusionPipeline
+
+    from library.checkpoint_writer import write_config_folder
+    from library.sd_checkpoint import read_checkpoint
+
+    root = workspace
+    out = f"fmt_{fmt}"
+    run("train_db", db_args(root, out) + ["--max_train_steps", "2", "--save_model_as", fmt,
+                                          "--save_state_on_train_end"])
+    trained = torch.load(root / out / "model-state" / "trainable.pt", weights_only=True)["models"]
+    path = root / out / ("model" if fmt.startswith("diffusers") else f"model.{fmt}")
+    if fmt.startswith("diffusers"):
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+        assert (path / "unet" / ("diffusion_pytorch_model.safetensors" if fmt == "diffusers_safetensors"
+                                 else "diffusion_pytorch_model.bin")).is_file()
+    else:
+        with read_checkpoint(root / "sd1.safetensors") as base:
+            write_config_folder(base, tmp_path / "config")
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(tmp_path / "config"),
+                                                        local_files_only=True)
+        assert file_tensors(path).keys() == file_tensors(root / "sd1.safetensors").keys()
+    for component in ("unet", "text_encoder"):
+        loaded = getattr(pipe, component).state_dict()
+        for key, value in trained[component].items():
+            if key != "embeddings.position_ids":
+                assert torch.equal(loaded[key], value), f"{component}.{key}"
+    with read_checkpoint(root / "sd1.safetensors") as base:  # the VAE is the base model's, untouched
+        assert all(torch.equal(pipe.vae.state_dict()[k], v.load()) for k, v in base.tensors["vae"].items())
+
+
+def test_checkpoint_metadata(workspace):
+    root = workspace
+    run("train_db", db_args(root, "meta") + ["--max_train_steps", "2", "--reg_data_dir", str(root / "reg")])
+    with SafetensorsReader(root / "meta" / "model.safetensors") as reader:
+        meta = reader.metadata
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.title"] == "model"
+    assert meta["ss_training_script"] == "train_db" and meta["ss_steps"] == "2" and meta["ss_seed"] == "3"
+    assert meta["ss_num_train_images"] == "4" and meta["ss_num_reg_images"] == "3"
+    assert json.loads(meta["ss_tag_frequency"])  # per-folder tag counts, as in LoRA files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Class images
+
+
+def test_class_image_generation_count_determinism_and_resume(workspace, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from library.class_images import generate_class_images, plan_class_images
+    from library.model_loading import instantiate_models
+    from library.sampling import SamplePrompt
+    from library.sd_checkpoint import read_checkpoint
+
+    with read_checkpoint(workspace / "sd1.safetensors") as checkpoint:
+        models = instantiate_models(checkpoint)
+    prompt = SamplePrompt("shape", width=64, height=64, steps=2)
+
+    def make(reg: Path, count: int, batch: int) -> list[Path]:
+        plan = plan_class_images(reg, "shape", count)
+        return generate_class_images(plan, prompt=prompt, models=models, sampler_name="ddim", seed=5,
+                                     batch_size=batch)
+
+    full = make(tmp_path / "a", 5, 1)
+    assert [p.name for p in full] == [f"class_{i:05d}.png" for i in range(5)] and full[0].parent.name == "1_shape"
+    # Interrupted after 2, then resumed: the same 5 images.
+    assert len(make(tmp_path / "b", 2, 1)) == 2
+    assert len(make(tmp_path / "b", 5, 1)) == 3 and make(tmp_path / "b", 5, 1) == []
+    pixels = lambda p: np.asarray(Image.open(p))  # noqa: E731
+    for path in full:
+        assert np.array_equal(pixels(path), pixels(tmp_path / "b" / "1_shape" / path.name))
+    # Batched generation makes the same images (each from its own seed), up to float reduction order.
+    batched = make(tmp_path / "c", 5, 3)
+    for a, b in zip(full, batched):
+        assert np.abs(pixels(a).astype(int) - pixels(b).astype(int)).max() <= 2
+    # Images already in an existing class folder count (any name).
+    (tmp_path / "d" / "3_shape").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "d" / "3_shape" / "mine.jpg")
+    plan = plan_class_images(tmp_path / "d", "shape", 3)
+    assert plan.folder.name == "3_shape" and plan.existing == 1 and plan.to_generate == [0, 1]
+
+
+def test_train_db_generates_class_images_then_trains_with_them(workspace):
+    root = workspace
+    reg = root / "generated_reg"
+    run("train_db", db_args(root, "class_run") + ["--reg_data_dir", str(reg), "--class_prompt", "shape",
+                                                  "--num_class_images", "2", "--class_image_steps", "2",
+                                                  "--max_train_steps", "1"])
+    assert sorted(p.name for p in (reg / "1_shape").iterdir()) == ["class_00000.png", "class_00001.png"]
+    with SafetensorsReader(root / "class_run" / "model.safetensors") as reader:
+        assert reader.metadata["ss_num_reg_images"] == "2"
