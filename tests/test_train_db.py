@@ -276,3 +276,32 @@ def test_train_db_generates_class_images_then_trains_with_them(workspace):
     assert sorted(p.name for p in (reg / "1_shape").iterdir()) == ["class_00000.png", "class_00001.png"]
     with SafetensorsReader(root / "class_run" / "model.safetensors") as reader:
         assert reader.metadata["ss_num_reg_images"] == "2"
+
+
+def test_source_extras_and_format_carried_over(workspace, tmp_path):
+    """SD 2.x: the original-only tensors (last text layer, text_projection) come back unchanged in the WebUI
+    layout; a .ckpt base saves as .ckpt and a diffusers folder as a folder by default; a source EMA is dropped."""
+    from library.checkpoint_writer import SaveFormat, save_checkpoint
+    from library.sd_checkpoint import FamilyHints, read_checkpoint
+    from library.tensor_files import LazyTensor
+
+    root = workspace
+    run("train_db", db_args(root, "sd2_extras", "sd2v.safetensors") + ["--max_train_steps", "1"])
+    base, out = file_tensors(root / "sd2v.safetensors"), file_tensors(root / "sd2_extras" / "model.safetensors")
+    assert out.keys() == base.keys()
+    extras = [k for k in base if "resblocks.23" in k or k.endswith("text_projection")]
+    assert extras and all(torch.equal(out[k], base[k]) for k in extras)
+
+    with read_checkpoint(root / "sd1.safetensors") as checkpoint:
+        checkpoint.extras["model_ema.decay"] = LazyTensor.of(torch.tensor(0.9999))  # a stale EMA in the source
+        save_checkpoint(checkpoint, tmp_path / "base.ckpt", SaveFormat.CKPT)
+        save_checkpoint(checkpoint, tmp_path / "base_diffusers", SaveFormat.DIFFUSERS_SAFETENSORS)
+    for source, expected in (("base.ckpt", "model.ckpt"), ("base_diffusers", "model")):
+        argv = db_args(root, f"default_fmt_{expected}") + ["--max_train_steps", "1"]
+        argv[argv.index("--pretrained_model_name_or_path") + 1] = str(tmp_path / source)
+        run("train_db", argv)
+        assert (root / f"default_fmt_{expected}" / expected).exists()
+    saved = torch.load(root / "default_fmt_model.ckpt" / "model.ckpt", weights_only=True)
+    assert "model_ema.decay" not in saved["state_dict"] and saved["global_step"] == 1
+    with read_checkpoint(root / "default_fmt_model" / "model", FamilyHints()) as checkpoint:
+        assert checkpoint.family.name == "sd1"
