@@ -414,6 +414,6 @@ class Trainer:
             match = pattern.match(path.name)
             if match and number(int(match.group(1))):
                 path.unlink() if path.is_file() else shutil.rmtree(path)
-                state = path.with_name(path.name[: -len(suffix)] + "-state")
+                state = path.with_name(path.name[: len(path.name) - len(suffix)] + "-state")  # suffix may be ""
                 if state.is_dir():
                     shutil.rmtree(state)

@@ -305,3 +305,19 @@ def test_source_extras_and_format_carried_over(workspace, tmp_path):
     assert "model_ema.decay" not in saved["state_dict"] and saved["global_step"] == 1
     with read_checkpoint(root / "default_fmt_model" / "model", FamilyHints()) as checkpoint:
         assert checkpoint.family.name == "sd1"
+
+
+def test_diffusers_saves_rotate_with_their_states_and_samples_are_drawn(workspace):
+    """--save_last_n_steps with diffusers folders (no suffix) prunes old folders and their states; sample images
+    are drawn from the model being trained."""
+    root = workspace
+    prompts = root / "db_prompts.txt"
+    prompts.write_text("sks shape --s 2\n")
+    run("train_db", db_args(root, "rotate") + ["--max_train_steps", "4", "--save_model_as", "diffusers_safetensors",
+                                              "--save_every_n_steps", "1", "--save_last_n_steps", "1",
+                                              "--save_state", "--sample_prompts", str(prompts),
+                                              "--sample_every_n_steps", "2"])
+    names = sorted(p.name for p in (root / "rotate").iterdir() if p.name not in ("logs", "sample"))
+    assert names == ["model", "model-state", "model-step00000002", "model-step00000002-state",
+                     "model-step00000003", "model-step00000003-state"]
+    assert len(list((root / "rotate" / "sample").glob("model_00000[24]_00_*.png"))) == 2
