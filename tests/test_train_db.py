@@ -321,3 +321,14 @@ def test_diffusers_saves_rotate_with_their_states_and_samples_are_drawn(workspac
     assert names == ["model", "model-state", "model-step00000002", "model-step00000002-state",
                      "model-step00000003", "model-step00000003-state"]
     assert len(list((root / "rotate" / "sample").glob("model_00000[24]_00_*.png"))) == 2
+
+
+def test_full_bf16_trains_half_precision_weights(workspace):
+    root = workspace
+    run("train_db", db_args(root, "bf16") + ["--max_train_steps", "2", "--mixed_precision", "bf16", "--full_bf16",
+                                            "--stop_text_encoder_training", "-1", "--save_precision", "float"])
+    base, out = file_tensors(root / "sd1.safetensors"), file_tensors(root / "bf16" / "model.safetensors")
+    key = "model.diffusion_model.out.2.weight"
+    assert out[key].dtype == torch.float32 and torch.isfinite(out[key]).all()
+    assert not torch.equal(out[key], base[key])
+    assert torch.equal(out[key], out[key].bfloat16().float())  # trained in bf16: every value is a bf16 value
