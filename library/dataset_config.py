@@ -20,8 +20,8 @@ from pathlib import Path
 
 from library.buckets import BucketAssigner, BucketConfig, bucket_report, format_bucket_table
 from library.captions import CaptionOptions, caption_joiner
-from library.dataset_sources import (DatasetError, ImageRecord, Subset, balance_regularization, dreambooth_subsets,
-                                     imagefolder_metadata, scan_metadata_subset, scan_subset)
+from library.dataset_sources import (ConditioningUse, DatasetError, ImageRecord, Subset, balance_regularization,
+                                     dreambooth_subsets, imagefolder_metadata, scan_metadata_subset, scan_subset)
 from library.train_dataset import DatasetGroup, assign_bucket
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ CAPTION_OPTIONS = {f.name: f.type for f in fields(CaptionOptions)}
 SUBSET_ANY_LEVEL = {"num_repeats": int, "caption_extension": str, "class_tokens": str, "flip_aug": bool,
                     "color_aug": bool, "random_crop": bool, **{k: object for k in CAPTION_OPTIONS}}
 SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "alpha_mask": bool, "metadata_file": str, "caption_column": str,
-               "conditioning_data_dir": str}
+               "conditioning_data_dir": str, "image_column": str, "conditioning_image_column": str}
 # kohya keys users may have that this suite does not implement yet: refused by name, never silently ignored.
 NOT_YET = {"network_multiplier", "validation_split", "validation_seed", "face_crop_aug_range", "cache_info",
            "custom_attributes", "resize_interpolation"}
@@ -145,6 +145,8 @@ def _subset(options: dict, where: str, base: Path) -> Subset:
                   random_crop=bool(options.get("random_crop", False)),
                   alpha_mask=bool(options.get("alpha_mask", False)), metadata_file=metadata,
                   caption_column=options.get("caption_column", "text"),
+                  image_column=options.get("image_column"),
+                  conditioning_column=options.get("conditioning_image_column"),
                   conditioning_dir=_path(options.get("conditioning_data_dir"), base))
 
 
@@ -235,9 +237,10 @@ def build_groups(specs: list[DatasetSpec], *, family_step: int) -> tuple[list[Da
 
 
 def build_training_dataset(cli: dict, dataset_config: Path | None, *, family_step: int, seed: int,
-                           prior_loss_weight: float, max_train_steps: int):
+                           prior_loss_weight: float, max_train_steps: int,
+                           conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK):
     """The training dataset described by a dataset config (or, without one, by the command-line flags) and a
-    summary for the metadata."""
+    summary for the metadata. `conditioning_use`: what the subsets' conditioning images are for."""
     from library.train_dataset import TrainingDataset
 
     if dataset_config is not None:
@@ -245,7 +248,8 @@ def build_training_dataset(cli: dict, dataset_config: Path | None, *, family_ste
     else:
         specs = specs_from_flags(cli)
     groups, summary = build_groups(specs, family_step=family_step)
-    dataset = TrainingDataset(groups, seed=seed, prior_loss_weight=prior_loss_weight, max_train_steps=max_train_steps)
+    dataset = TrainingDataset(groups, seed=seed, prior_loss_weight=prior_loss_weight, max_train_steps=max_train_steps,
+                              conditioning_use=conditioning_use)
     return dataset, summary
 
 

@@ -11,6 +11,7 @@ case, folders without a repeat count and empty folders all get a message that sa
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 from dataclasses import dataclass, field, replace
@@ -45,7 +46,16 @@ class Subset:
     alpha_mask: bool = False
     metadata_file: Path | None = None  # fine-tune subsets: captions from kohya metadata JSON / JSONL
     caption_column: str = "text"  # diffusers imagefolder metadata.jsonl / metadata.csv
+    image_column: str | None = None  # metadata column naming the image (default: image_path / file_name)
+    conditioning_column: str | None = None  # metadata column naming a ControlNet conditioning image
     conditioning_dir: Path | None = None  # same-stem companion images (loss masks, ControlNet conditions)
+
+
+class ConditioningUse(enum.Enum):
+    """What a record's companion (conditioning) image is for."""
+
+    LOSS_MASK = "loss_mask"  # --masked_loss: its R channel weights the loss
+    CONTROL = "control"  # ControlNet: the control image, given to the ControlNet as is (0..1)
 
 
 @dataclass(frozen=True)
@@ -187,14 +197,17 @@ def scan_metadata_subset(subset: Subset, caption_joiner: str = ", ") -> tuple[li
     """Records of a fine-tune subset: every metadata entry must name an existing image; caption = caption +
     separator + tags (kohya). Keys without an image are an error listing them (with a count)."""
     try:
-        entries = read_entries(subset.metadata_file)
+        entries = read_entries(subset.metadata_file, key_field=subset.image_column)
     except MetadataError as e:
         raise DatasetError(str(e)) from None
     fields = {k for _, entry in entries for k in entry}
     if entries and not fields & {"caption", "tags", subset.caption_column}:
         raise DatasetError(f"{subset.metadata_file}: no caption column: expected 'caption' / 'tags' (kohya) or "
                            f"'{subset.caption_column}' (--caption_column); the entries have: {', '.join(sorted(fields))}")
-    records, problems, missing, uncaptioned = [], [], [], []
+    if entries and subset.conditioning_column and subset.conditioning_column not in fields:
+        raise DatasetError(f"{subset.metadata_file}: no column {subset.conditioning_column!r} "
+                           f"(--conditioning_image_column); the entries have: {', '.join(sorted(fields))}")
+    records, problems, missing, missing_conditioning, uncaptioned = [], [], [], [], []
     seen = set()
     for key, entry in entries:
         path = resolve_image(key, subset.image_dir, subset.metadata_file.parent)
@@ -204,13 +217,20 @@ def scan_metadata_subset(subset: Subset, caption_joiner: str = ", ") -> tuple[li
         if path in seen:
             continue
         seen.add(path)
+        conditioning = None
+        if subset.conditioning_column:
+            name = str(entry.get(subset.conditioning_column) or "")
+            conditioning = resolve_image(name, subset.image_dir, subset.metadata_file.parent) if name else None
+            if conditioning is None:
+                missing_conditioning.append(f"{key} -> {name or '(empty)'}")
+                continue
         caption = entry.get("caption") or entry.get(subset.caption_column) or ""
         tags = entry.get("tags") or ""
         caption = caption_joiner.join(p for p in (str(caption).strip(), str(tags).strip()) if p)
         if not caption:
             uncaptioned.append(path.name)
         try:
-            records.append(ImageRecord(path, image_size(path), caption, subset))
+            records.append(ImageRecord(path, image_size(path), caption, subset, conditioning=conditioning))
         except ImageError as e:
             problems.append(str(e))
     if missing:
@@ -218,6 +238,10 @@ def scan_metadata_subset(subset: Subset, caption_joiner: str = ", ") -> tuple[li
                            f"(looked in {subset.image_dir} and beside the metadata file): "
                            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Fix the paths, or remove "
                            "those entries from the metadata.")
+    if missing_conditioning:
+        raise DatasetError(f"{subset.metadata_file}: {len(missing_conditioning)} of {len(entries)} entries name no "
+                           f"existing conditioning image in column {subset.conditioning_column!r}: "
+                           f"{', '.join(missing_conditioning[:5])}{' ...' if len(missing_conditioning) > 5 else ''}")
     if uncaptioned:
         logger.warning("%s: %d image(s) have neither caption nor tags: %s", subset.metadata_file, len(uncaptioned),
                        ", ".join(uncaptioned[:5]))

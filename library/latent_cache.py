@@ -51,8 +51,8 @@ class LatentCache:
                "vae": self.vae_id, "dtype": str(self.dtype), "version": 1}
         if not self.settings.skip_cache_check:
             key["file"] = file_fingerprint(item.record.path)
-            if item.record.conditioning is not None:  # the loss mask is cached too
-                key["mask_file"] = file_fingerprint(item.record.conditioning)
+            if dataset.mask_source(item) is not None:  # the loss mask is cached too
+                key["mask_file"] = file_fingerprint(dataset.mask_source(item))
         return key
 
     def build(self, dataset: TrainingDataset) -> None:
@@ -65,7 +65,8 @@ class LatentCache:
         todo, reused, stale = [], 0, 0
         for path, item in unique.items():
             key = self.key(dataset, item)
-            loaded = self._load_disk(item, key) if self.settings.to_disk else None
+            wants_mask = dataset.wants_mask(item)
+            loaded = self._load_disk(item, key, wants_mask=wants_mask) if self.settings.to_disk else None
             if loaded == "stale":
                 stale += 1
             if isinstance(loaded, dict):
@@ -152,7 +153,7 @@ class LatentCache:
         path = item.record.path
         return path.with_name(f"{path.stem}_{item.bucket[0]}x{item.bucket[1]}{DISK_SUFFIX}")
 
-    def _load_disk(self, item: Item, key: dict):
+    def _load_disk(self, item: Item, key: dict, *, wants_mask: bool):
         path = self.disk_path(item)
         if not path.exists():
             return None
@@ -165,7 +166,6 @@ class LatentCache:
             return "stale"
         if item.record.subset.flip_aug and "latents_flipped" not in entry:
             return "stale"
-        wants_mask = item.record.subset.alpha_mask or item.record.conditioning is not None
         if wants_mask != ("alpha_mask" in entry):
             return "stale"
         return entry

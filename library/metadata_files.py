@@ -34,19 +34,25 @@ class MetadataError(ValueError):
 # Reading
 
 
-def read_entries(path: Path) -> list[tuple[str, dict]]:
-    """(key, entry) pairs in file order, as the trainer reads them (entries keep their key field, if any)."""
+def read_entries(path: Path, *, key_field: str | None = None) -> list[tuple[str, dict]]:
+    """(key, entry) pairs in file order, as the trainer reads them (entries keep their key field, if any).
+
+    `key_field`: the JSON Lines / CSV column that names the image (diffusers' `--image_column`, e.g. "image");
+    default `image_path` or `file_name`."""
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"{path}: no such metadata file")
     if path.suffix.lower() == ".csv":
-        return _csv_entries(path)
+        return _csv_entries(path, key_field)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise MetadataError(f"{path}: not UTF-8 (byte offset {e.start}); re-save it with UTF-8 encoding") from None
     if path.suffix.lower() == ".jsonl":
-        return _jsonl_entries(path, text)
+        return _jsonl_entries(path, text, key_field)
+    if key_field:
+        raise MetadataError(f"{path}: an image column ({key_field!r}) applies to JSON Lines / CSV metadata; a kohya "
+                            "JSON object is keyed by image")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -61,8 +67,9 @@ def read_entries(path: Path) -> list[tuple[str, dict]]:
     return [(str(k), v) for k, v in data.items()]
 
 
-def _jsonl_entries(path: Path, text: str) -> list[tuple[str, dict]]:
+def _jsonl_entries(path: Path, text: str, key_field: str | None = None) -> list[tuple[str, dict]]:
     entries = []
+    fields = (key_field,) if key_field else KEY_FIELDS
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -70,14 +77,16 @@ def _jsonl_entries(path: Path, text: str) -> list[tuple[str, dict]]:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
             raise MetadataError(f"{path}: invalid JSON on line {number} column {e.colno}: {e.msg}") from None
-        key = (entry.get("image_path") or entry.get("file_name")) if isinstance(entry, dict) else None
+        key = next((entry[f] for f in fields if entry.get(f)), None) if isinstance(entry, dict) else None
         if not key:
-            raise MetadataError(f"{path} line {number}: each line needs an \"image_path\" (or \"file_name\")")
+            found = f" (it has: {', '.join(entry)})" if isinstance(entry, dict) else ""
+            wanted = f'"{key_field}" (--image_column)' if key_field else '"image_path" (or "file_name")'
+            raise MetadataError(f"{path} line {number}: each line needs an {wanted}{found}")
         entries.append((str(key), entry))
     return entries
 
 
-def _csv_entries(path: Path) -> list[tuple[str, dict]]:
+def _csv_entries(path: Path, key_field: str | None = None) -> list[tuple[str, dict]]:
     import csv
 
     try:
@@ -85,9 +94,10 @@ def _csv_entries(path: Path) -> list[tuple[str, dict]]:
             rows = list(csv.DictReader(f))
     except UnicodeDecodeError as e:
         raise MetadataError(f"{path}: not UTF-8 (byte offset {e.start}); re-save it with UTF-8 encoding") from None
-    if rows and "file_name" not in rows[0]:
-        raise MetadataError(f"{path}: needs a 'file_name' column (found: {', '.join(rows[0])})")
-    return [(row["file_name"], row) for row in rows]
+    column = key_field or "file_name"
+    if rows and column not in rows[0]:
+        raise MetadataError(f"{path}: needs a {column!r} column (found: {', '.join(rows[0])})")
+    return [(row[column], row) for row in rows]
 
 
 def read_metadata(path: Path) -> dict[str, dict]:

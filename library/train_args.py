@@ -278,7 +278,9 @@ def _config_value(action: argparse.Action, value):
 def _write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.config_file:
         raise SystemExit("error: --output_config needs --config_file (where to write)")
-    defaults = {a.dest: a.default for a in parser._actions}
+    defaults = {}
+    for action in parser._actions:  # an alias (a second flag with the same dest) does not change the default
+        defaults.setdefault(action.dest, action.default)
     chosen = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k not in ("config_file", "output_config", *_PRIVATE_ARGUMENTS) and v is not None
               and v != defaults.get(k)}  # secrets never go into a config file users share
@@ -396,8 +398,9 @@ def log_settings(args: argparse.Namespace, *, default_project: str, output_dir: 
         api_key=args.wandb_api_key, config=config)
 
 
-def check_training_flags(args: argparse.Namespace) -> None:
-    """kohya's cross-flag rules (verify_training_args), with the flags named."""
+def check_training_flags(args: argparse.Namespace, *, control_images: bool = False) -> None:
+    """kohya's cross-flag rules (verify_training_args), with the flags named. `control_images`: the trainer reads
+    --conditioning_data_dir as ControlNet conditions, not as --masked_loss masks."""
     problems = []
     if args.full_fp16 and args.mixed_precision != "fp16":
         problems.append("--full_fp16 requires --mixed_precision fp16")
@@ -422,7 +425,11 @@ def check_training_flags(args: argparse.Namespace) -> None:
     if args.wandb_api_key:
         logger.warning("--wandb_api_key: a key on the command line is visible to other users of this machine (and "
                        "in shell history); prefer `wandb login` or the WANDB_API_KEY environment variable")
-    if args.masked_loss != bool(args.conditioning_data_dir):
+    if control_images:
+        if args.masked_loss:
+            problems.append("--masked_loss: not supported in ControlNet training (--conditioning_data_dir holds the "
+                            "control images)")
+    elif args.masked_loss != bool(args.conditioning_data_dir):
         problems.append("--masked_loss and --conditioning_data_dir go together (the masks are the R channel of "
                         "same-stem images in that folder; for PNG alpha use --alpha_mask)")
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from PIL import Image
 from library.buckets import (BucketAssigner, BucketBatchSampler, CropPlan, ImageTooSmallError, apply_plan_to_image,
                              plan_resize_and_crop)
 from library.captions import process_caption
-from library.dataset_sources import ImageRecord
+from library.dataset_sources import ConditioningUse, ImageRecord
 from library.images import load_image
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,9 @@ def assign_bucket(assigner: BucketAssigner, record: ImageRecord):
 
 class TrainingDataset(torch.utils.data.Dataset):
     def __init__(self, groups: list[DatasetGroup], *, seed: int, prior_loss_weight: float = 1.0,
-                 max_train_steps: int = 0):
+                 max_train_steps: int = 0, conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK):
         self.seed = seed
+        self.conditioning_use = conditioning_use
         self.groups = groups
         self.max_train_steps = max_train_steps
         self.items: list[Item] = []
@@ -105,6 +107,13 @@ class TrainingDataset(torch.utils.data.Dataset):
         return plan_resize_and_crop(item.record.size, self._choices[item.cache_id],
                                     random_crop=item.record.subset.random_crop, rng=rng)
 
+    def mask_source(self, item: Item) -> Path | None:
+        """The image whose R channel is the item's loss mask (--masked_loss), if any."""
+        return item.record.conditioning if self.conditioning_use is ConditioningUse.LOSS_MASK else None
+
+    def wants_mask(self, item: Item) -> bool:
+        return item.record.subset.alpha_mask or self.mask_source(item) is not None
+
     def flips(self, item: Item, key: SampleKey) -> bool:
         return item.record.subset.flip_aug and _rng(self.seed, "flip", key.epoch, key.index).random() < 0.5
 
@@ -118,8 +127,10 @@ class TrainingDataset(torch.utils.data.Dataset):
             mask = self.latent_cache.get_mask(item, flip)
         else:
             out["pixels"], mask = self.load_pixels(item, key, flip)
-        if subset.alpha_mask or item.record.conditioning is not None:
+        if self.wants_mask(item):
             out["mask"] = mask if mask is not None else torch.ones(1, *item.bucket[::-1])
+        if self.conditioning_use is ConditioningUse.CONTROL and item.record.conditioning is not None:
+            out["control"] = self.load_control(item, key, flip)
         rng = _rng(self.seed, "caption", key.epoch, key.index)
         out["caption"] = process_caption(item.record.caption, subset.caption, rng=rng, epoch=key.epoch,
                                          step=key.step, max_train_steps=self.max_train_steps)
@@ -138,20 +149,32 @@ class TrainingDataset(torch.utils.data.Dataset):
         if loaded.alpha is not None:
             alpha = Image.fromarray((loaded.alpha * 255).round().astype(np.uint8), "L")
             mask = torch.from_numpy(np.asarray(apply_plan_to_image(alpha, plan), dtype=np.float32) / 255.0)[None]
-        if item.record.conditioning is not None:
+        if self.mask_source(item) is not None:
             # --masked_loss: the mask is the R channel of the same-stem conditioning image, through the same crop
             # plan as the photo (kohya stretches it to the bucket instead, which misaligns it).
-            companion = load_image(item.record.conditioning).rgb.getchannel("R")
-            try:
-                cropped = apply_plan_to_image(companion, plan)
-            except ValueError as e:
-                raise ValueError(f"{item.record.conditioning}: {e} ({item.record.path.name})") from None
+            cropped = self._companion(item, plan).getchannel("R")
             mask = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 255.0)[None]
         pixels = pixels_to_tensor(image)
         if flip:
             pixels = pixels.flip(-1)
             mask = mask.flip(-1) if mask is not None else None
         return pixels, mask
+
+    def load_control(self, item: Item, key: SampleKey | None, flip: bool) -> torch.Tensor:
+        """The ControlNet conditioning image [3, H, W] in 0..1 (not normalised to -1..1: ControlNet takes it so),
+        through exactly the photo's resize, crop and flip (the same plan, from the same random stream)."""
+        subset = item.record.subset
+        rng = _rng(self.seed, "crop", key.epoch, key.index) if subset.random_crop and key else None
+        array = np.asarray(self._companion(item, self.plan(item, rng)), dtype=np.float32) / 255.0
+        control = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return control.flip(-1) if flip else control
+
+    def _companion(self, item: Item, plan: CropPlan) -> Image.Image:
+        companion = load_image(item.record.conditioning).rgb
+        try:
+            return apply_plan_to_image(companion, plan)
+        except ValueError as e:
+            raise ValueError(f"{item.record.conditioning}: {e} ({item.record.path.name})") from None
 
 
 def describe_samples(dataset: "TrainingDataset", batches: "EpochBatches", limit: int = 20) -> list[str]:
@@ -193,7 +216,7 @@ def collate(samples: list[dict]) -> dict:
     batch = {"caption": [s["caption"] for s in samples], "path": [s["path"] for s in samples],
              "slot": [s["slot"] for s in samples],
              "loss_weight": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32)}
-    for key in ("latents", "pixels", "mask"):
+    for key in ("latents", "pixels", "mask", "control"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])
     return batch

@@ -45,7 +45,9 @@ class TrainingTask(Protocol):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
     def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path: ...
     def model_file_suffix(self) -> str: ...
-    # Optional: `before_step(global_step)` (e.g. stop training the text encoder after step N: a function of the
+    # Optional: `denoise(noisy_latents, timesteps, text_conditioning, batch) -> prediction` (a model other than the
+    # bare U-Net predicts the noise, e.g. U-Net + ControlNet; called under autocast), `model_paths(path_stem)`
+    # (every file/folder one save writes, for pruning; default: stem + suffix), `before_step(global_step)` (e.g. stop training the text encoder after step N: a function of the
     # step, so resumed runs agree) and `after_optimizer_step() -> dict[str, float]` (e.g. max-norm regularisation,
     # an EMA update), whose values are logged with the step.
 
@@ -213,9 +215,13 @@ class Trainer:
         latents = self._latents(batch, generators).to(device)
         cond = self._conditioning(batch["caption"])
         noised = self.objective.noised(latents, generators)
+        denoise = getattr(self.task, "denoise", None)
         with self.accelerator.autocast():
-            prediction = self.unet(noised.noisy_latents.to(self.weight_dtype), noised.timesteps.to(device),
-                                   cond.to(self.weight_dtype)).sample
+            noisy, timesteps = noised.noisy_latents.to(self.weight_dtype), noised.timesteps.to(device)
+            if denoise is not None:
+                prediction = denoise(noisy, timesteps, cond.to(self.weight_dtype), batch)
+            else:
+                prediction = self.unet(noisy, timesteps, cond.to(self.weight_dtype)).sample
         return self.objective.loss(prediction, noised.target, noised.timesteps.to(device),
                                    loss_weights=batch["loss_weight"].to(device), mask=batch.get("mask"))
 
@@ -410,10 +416,13 @@ class Trainer:
             number = lambda n: n in doomed  # noqa: E731
         else:
             return
-        for path in c.output_dir.iterdir():
+        extra_paths = getattr(self.task, "model_paths", None)
+        for path in list(c.output_dir.iterdir()):
             match = pattern.match(path.name)
             if match and number(int(match.group(1))):
-                path.unlink() if path.is_file() else shutil.rmtree(path)
-                state = path.with_name(path.name[: len(path.name) - len(suffix)] + "-state")  # suffix may be ""
-                if state.is_dir():
-                    shutil.rmtree(state)
+                stem = path.with_name(path.name[: len(path.name) - len(suffix)])  # suffix may be ""
+                for doomed in [path, *(extra_paths(stem) if extra_paths else []), stem.with_name(stem.name + "-state")]:
+                    if doomed.is_dir():
+                        shutil.rmtree(doomed)
+                    elif doomed.exists():
+                        doomed.unlink()

@@ -20,7 +20,7 @@ import torch
 
 from library import train_args
 from library.dataset_config import DatasetConfigError, build_training_dataset
-from library.dataset_sources import DatasetError
+from library.dataset_sources import ConditioningUse, DatasetError
 from library.images import ImageError
 from library.latent_cache import CacheSettings, LatentCache
 from library.model_loading import SDModels, instantiate_models, replace_vae
@@ -44,9 +44,9 @@ class RunStart:
     optimizer: OptimizerConfig
 
 
-def begin_run(args: argparse.Namespace) -> RunStart:
+def begin_run(args: argparse.Namespace, *, control_images: bool = False) -> RunStart:
     """Checks that need no model (so a typo fails in a second, not after model loading), the seed, the output."""
-    train_args.check_training_flags(args)
+    train_args.check_training_flags(args, control_images=control_images)
     opt_config = train_args.optimizer_config(args)
     try:
         optimizer_class(opt_config.optimizer_type)
@@ -104,12 +104,17 @@ def load_models(args: argparse.Namespace, checkpoint: SDCheckpoint, accelerator)
 # Data
 
 
-def build_dataset(args: argparse.Namespace, family, seed: int) -> tuple[TrainingDataset, dict]:
+def build_dataset(args: argparse.Namespace, family, seed: int, *, extra_options: dict | None = None,
+                  conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK) -> tuple[TrainingDataset, dict]:
+    """The dataset of the data flags / --dataset_config; `extra_options`: recipe-specific subset options (e.g. a
+    ControlNet metadata column), under their dataset-config names."""
     cli = train_args.dataset_cli_values(args, family.default_resolution)
+    cli.update(extra_options or {})
     try:
         return build_training_dataset(cli, Path(args.dataset_config) if args.dataset_config else None,
                                       family_step=family.bucket_reso_step, seed=seed,
-                                      prior_loss_weight=args.prior_loss_weight, max_train_steps=args.max_train_steps)
+                                      prior_loss_weight=args.prior_loss_weight, max_train_steps=args.max_train_steps,
+                                      conditioning_use=conditioning_use)
     except (DatasetError, DatasetConfigError, ImageError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -1,0 +1,166 @@
+"""ControlNet training pieces: the ControlNet as a `TrainingTask` (U-Net + ControlNet prediction, saving both
+layouts) and validation images made with diffusers' ControlNet pipeline.
+
+The base model stays frozen; only the ControlNet trains. Its residuals are added to the frozen U-Net's skip
+connections, exactly as `StableDiffusionControlNetPipeline` does at inference, so what is trained is what is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+SAVE_LAYOUTS = ("both", "safetensors", "diffusers")  # --save_model_as: original single file and/or diffusers folder
+
+
+class ControlNetTask:
+    def __init__(self, controlnet, unet, *, family, save_as: str, save_dtype, metadata: dict[str, str]):
+        self.controlnet, self.unet, self.family = controlnet, unet, family
+        self.save_as, self.save_dtype, self.metadata = save_as, save_dtype, metadata
+        self.train_text_encoder = False
+
+    def denoise(self, noisy_latents, timesteps, text_conditioning, batch):
+        control = batch["control"].to(noisy_latents.device, self.controlnet.dtype)
+        down, mid = self.controlnet(noisy_latents.to(self.controlnet.dtype), timesteps,
+                                    encoder_hidden_states=text_conditioning.to(self.controlnet.dtype),
+                                    controlnet_cond=control, return_dict=False)
+        dtype = self.unet.dtype
+        return self.unet(noisy_latents, timesteps, text_conditioning,
+                         down_block_additional_residuals=[d.to(dtype) for d in down],
+                         mid_block_additional_residual=mid.to(dtype)).sample
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.controlnet.state_dict().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.controlnet.load_state_dict(state)
+
+    def model_file_suffix(self) -> str:
+        return "" if self.save_as == "diffusers" else ".safetensors"
+
+    def model_paths(self, path_stem: Path) -> list[Path]:
+        paths = []
+        if self.save_as in ("both", "safetensors"):
+            paths.append(path_stem.with_name(path_stem.name + ".safetensors"))
+        if self.save_as == "both":
+            paths.append(path_stem.with_name(path_stem.name + "_diffusers"))
+        if self.save_as == "diffusers":
+            paths.append(path_stem)
+        return paths
+
+    def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path:
+        from library.controlnet_checkpoint import save_controlnet_diffusers, save_controlnet_original
+
+        metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
+                        ss_training_finished_at=str(time.time()))
+        metadata["modelspec.title"] = path_stem.name
+        paths = self.model_paths(path_stem)
+        for path in paths:
+            if path.suffix == ".safetensors":
+                save_controlnet_original(self.controlnet, path, family=self.family, dtype=self.save_dtype,
+                                         metadata=metadata)
+            else:
+                save_controlnet_diffusers(self.controlnet, path, dtype=self.save_dtype)
+            logger.info("saved %s", path)
+        return paths[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation images
+
+
+@dataclass(frozen=True)
+class ValidationPair:
+    image: Path
+    prompt: str
+
+
+def pair_validation(images: list[str] | None, prompts: list[str] | None) -> list[ValidationPair]:
+    """--validation_image / --validation_prompt paired as the diffusers example pairs them: one image with every
+    prompt, one prompt with every image, or equal lists zipped. Raises ValueError naming the flags."""
+    images, prompts = images or [], prompts or []
+    if not images and not prompts:
+        return []
+    if not images or not prompts:
+        raise ValueError("--validation_image and --validation_prompt go together: give both (one image and several "
+                         "prompts, one prompt and several images, or as many of each)")
+    missing = [p for p in images if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"--validation_image: no such file: {', '.join(missing)}")
+    if len(images) == 1:
+        images = images * len(prompts)
+    elif len(prompts) == 1:
+        prompts = prompts * len(images)
+    elif len(images) != len(prompts):
+        raise ValueError(f"--validation_image ({len(images)}) and --validation_prompt ({len(prompts)}) cannot be "
+                         "paired: give one of either, or as many images as prompts")
+    return [ValidationPair(Path(i), p) for i, p in zip(images, prompts)]
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    """One row: the conditioning image, then the samples."""
+    width, height = images[0].size
+    row = Image.new("RGB", (width * len(images), height))
+    for i, image in enumerate(images):
+        row.paste(image.convert("RGB").resize((width, height)), (i * width, 0))
+    return row
+
+
+class ControlNetValidator:
+    """Called by the training loop like the sample-image hook: for each validation pair, `num_images` samples
+    with `StableDiffusionControlNetPipeline`, saved as one grid `<output_dir>/validation/<name>_<step>_<idx>.png`
+    and logged to TensorBoard / wandb."""
+
+    def __init__(self, pairs: list[ValidationPair], *, models, controlnet, output_dir: Path, output_name: str,
+                 resolution: tuple[int, int], num_images: int, steps: int, seed: int, sampler: str):
+        self.pairs, self.models, self.controlnet = pairs, models, controlnet
+        self.output_dir, self.output_name = Path(output_dir), output_name
+        self.resolution, self.num_images, self.steps, self.seed, self.sampler = (resolution, num_images, steps,
+                                                                                 seed, sampler)
+
+    @torch.no_grad()
+    def __call__(self, *, epoch: int | None, step: int, run_log=None, trainable=None) -> list[Path]:
+        from diffusers import StableDiffusionControlNetPipeline
+
+        from library.atomic_files import atomic_file
+        from library.images import load_image
+        from library.sampling import make_scheduler
+
+        m = self.models
+        pipe = StableDiffusionControlNetPipeline(
+            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet, controlnet=self.controlnet,
+            scheduler=make_scheduler(self.sampler, m.prediction_type.value), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipe.vae.config.scaling_factor = m.family.vae_scale_factor
+        pipe.set_progress_bar_config(disable=True)
+        was_training = self.controlnet.training
+        self.controlnet.eval()
+        width, height = self.resolution
+        paths = []
+        try:
+            for index, pair in enumerate(self.pairs):
+                condition = load_image(pair.image).rgb.resize((width, height), Image.BICUBIC)
+                generator = torch.Generator("cpu").manual_seed(self.seed + index)
+                images = pipe(pair.prompt, image=condition, num_inference_steps=self.steps, width=width,
+                              height=height, num_images_per_prompt=self.num_images, generator=generator).images
+                row = grid([condition, *images])
+                tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+                path = self.output_dir / "validation" / f"{self.output_name}_{tag}_{index:02d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_file(path) as tmp:
+                    row.save(tmp, format="PNG")
+                paths.append(path)
+                if run_log is not None:
+                    run_log.add_image(f"validation/{index:02d}", np.asarray(row), step)
+        finally:
+            if was_training:
+                self.controlnet.train()
+        return paths

@@ -1,0 +1,277 @@
+"""Recipe tests for train_controlnet.py on a tiny model: golden losses, exact resume, validation images, the saved
+ControlNet in diffusers' pipeline (both layouts), alignment of conditioning images, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+GOLDEN = Path(__file__).parent / "golden" / "controlnet_losses.json"
+
+
+def draw_pair(index: int, size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
+    """A photo and its 'edge map': asymmetric shapes, so a flip or shifted crop is visible."""
+    rng = np.random.default_rng(index)
+    photo = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 255, 3)))
+    edges = Image.new("RGB", size, (0, 0, 0))
+    for d in (ImageDraw.Draw(photo), ImageDraw.Draw(edges)):
+        x, y = int(rng.integers(0, size[0] // 2)), int(rng.integers(0, size[1] // 2))
+        box = (x, y, x + size[0] // 3, y + size[1] // 4)
+        d.rectangle(box, outline=(255, 255, 255), width=2, fill=None)
+        rng = np.random.default_rng(index)  # the same shape on both images
+        rng.integers(0, 255, 3)
+    return photo, edges
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from tools.make_tiny_model import main as make_model
+
+    root = tmp_path_factory.mktemp("controlnet")
+    images, cond = root / "data" / "2_sks shape", root / "cond"
+    folder = root / "hfdata"
+    for path in (images, cond, folder / "images", folder / "conditioning"):
+        path.mkdir(parents=True)
+    lines = []
+    for i, size in enumerate([(64, 64), (96, 64), (64, 96), (64, 64)]):
+        photo, edges = draw_pair(i, size)
+        photo.save(images / f"{i:03d}.png")
+        edges.save(cond / f"{i:03d}.png")
+        (images / f"{i:03d}.caption").write_text(f"sks shape number {i}")
+        photo.save(folder / "images" / f"{i}.png")
+        edges.save(folder / "conditioning" / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/{i}.png", "conditioning_image": f"conditioning/{i}.png",
+                                 "image_caption": f"a box, number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
+    assert make_model(["--family", "sd2-768-v", str(root / "sd2v.safetensors")]) == 0
+    return root
+
+
+def base_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]:
+    return ["--pretrained_model_name_or_path", str(root / model), "--output_dir", str(root / out),
+            "--output_name", "cn", "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32",
+            "--max_bucket_reso", "128", "--bucket_reso_steps", "32", "--learning_rate", "1e-4", "--seed", "5",
+            "--train_batch_size", "2", "--max_data_loader_n_workers", "0", "--logging_dir", str(root / out / "logs")]
+
+
+def folder_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]:
+    return base_args(root, out, model) + ["--train_data_dir", str(root / "data"), "--conditioning_data_dir",
+                                          str(root / "cond")]
+
+
+def run(argv: list[str], stop_after: int | None = None) -> None:
+    from accelerate.state import AcceleratorState
+
+    import train_controlnet
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if stop_after:
+        os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
+    try:
+        assert train_controlnet.main(argv) == 0
+    finally:
+        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
+
+
+def logged_losses(log_root: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        values.update({e.step: e.value for e in events.Scalars("loss/current")})
+    return [values[s] for s in sorted(values)]
+
+
+def read_file(path: Path) -> dict[str, torch.Tensor]:
+    from library.safetensors_io import SafetensorsReader
+
+    with SafetensorsReader(path) as reader:
+        return {k: reader.read(k) for k in reader.keys()}
+
+
+CASES = {
+    "folders_flip": (False, ["--flip_aug", "--max_train_steps", "4"]),
+    "folders_cached_accum": (False, ["--cache_latents", "--gradient_accumulation_steps", "2", "--max_train_steps",
+                                     "2", "--optimizer_type", "AdamW8bit"]),
+    "dataset_name_diffusers_flags": (False, ["--dataset_name", "{root}/hfdata", "--caption_column", "image_caption",
+                                             "--num_train_epochs", "1", "--proportion_empty_prompts", "0.5",
+                                             "--control_net_lr", "2e-4", "--gradient_checkpointing"]),
+    "sd2v": (True, ["--max_train_steps", "3"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_losses(case, workspace):
+    root = workspace
+    sd2, extra = CASES[case]
+    model = "sd2v.safetensors" if sd2 else "sd1.safetensors"
+    extra = [a.replace("{root}", str(root)) for a in extra]
+    argv = (base_args(root, f"golden_{case}", model) if "--dataset_name" in extra
+            else folder_args(root, f"golden_{case}", model)) + extra
+    run(argv)
+    losses = logged_losses(root / f"golden_{case}" / "logs")
+    if os.environ.get("UPDATE_GOLDEN"):
+        data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+        data[case] = losses
+        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    assert losses == pytest.approx(json.loads(GOLDEN.read_text())[case], rel=1e-5, abs=1e-6)
+    assert (root / f"golden_{case}" / "cn.safetensors").is_file()
+    assert (root / f"golden_{case}" / "cn_diffusers" / "config.json").is_file()
+
+
+def test_only_the_controlnet_trains(workspace):
+    """The base model is frozen: the run changes nothing but the ControlNet, whose zero convolutions moved."""
+    root = workspace
+    run(folder_args(root, "frozen") + ["--max_train_steps", "2"])
+    weights = read_file(root / "frozen" / "cn.safetensors")
+    zero_convs = [k for k in weights if ".zero_convs." in k and k.endswith("weight")]
+    assert zero_convs and any(weights[k].abs().max() > 0 for k in zero_convs)
+    assert all(k.startswith("control_model.") for k in weights)
+
+
+def test_resume_reproduces_the_uninterrupted_run(workspace):
+    root = workspace
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--flip_aug"]
+    run(folder_args(root, "full") + extra)
+    run(folder_args(root, "part") + extra, stop_after=3)
+    run(folder_args(root, "part") + extra + ["--resume_from_checkpoint", "latest"])
+    a, b = read_file(root / "full" / "cn.safetensors"), read_file(root / "part" / "cn.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(root / "full" / "logs") == logged_losses(root / "part" / "logs")
+
+
+def test_validation_grid(workspace):
+    root = workspace
+    run(folder_args(root, "validation") + ["--max_train_steps", "2", "--validation_image", str(root / "cond" / "000.png"),
+                                           "--validation_prompt", "a box", "a red box", "--validation_steps", "2",
+                                           "--num_validation_images", "2", "--validation_inference_steps", "2"])
+    grids = sorted((root / "validation" / "validation").glob("cn_000002_*.png"))
+    assert [g.name for g in grids] == ["cn_000002_00.png", "cn_000002_01.png"]
+    image = Image.open(grids[0])
+    assert image.size == (64 * 3, 64)  # the conditioning image, then two samples
+    condition = np.asarray(Image.open(root / "cond" / "000.png").convert("RGB"))
+    assert np.array_equal(np.asarray(image)[:, :64], condition)
+
+
+def test_saved_controlnet_gives_the_trained_output_in_diffusers(workspace, tmp_path):
+    """The ControlNet from our diffusers folder and from our single file (read by diffusers itself) equal the model
+    at the end of training, and give the same StableDiffusionControlNetPipeline output."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from library.model_loading import instantiate_models
+    from library.sampling import make_scheduler
+    from library.sd_checkpoint import read_checkpoint
+
+    root = workspace
+    run(folder_args(root, "export") + ["--max_train_steps", "2", "--save_state_on_train_end"])
+    trained = torch.load(root / "export" / "cn-state" / "trainable.pt", weights_only=True)
+    from_folder = ControlNetModel.from_pretrained(str(root / "export" / "cn_diffusers"), local_files_only=True)
+    from_file = ControlNetModel.from_single_file(str(root / "export" / "cn.safetensors"),
+                                                 config=str(root / "export" / "cn_diffusers"), local_files_only=True)
+    for model in (from_folder, from_file):
+        state = model.state_dict()
+        assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+
+    with read_checkpoint(root / "sd1.safetensors") as checkpoint:
+        models = instantiate_models(checkpoint)
+    condition = Image.open(root / "cond" / "001.png").convert("RGB").resize((64, 64))
+    outputs = []
+    for controlnet in (from_folder, from_file):
+        pipe = StableDiffusionControlNetPipeline(vae=models.vae, text_encoder=models.text_encoder,
+                                                 tokenizer=models.tokenizer, unet=models.unet, controlnet=controlnet,
+                                                 scheduler=make_scheduler("ddim", "epsilon"), safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        outputs.append(pipe("a box", image=condition, num_inference_steps=2, width=64, height=64, output_type="np",
+                            generator=torch.Generator().manual_seed(0)).images)
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1e-6
+
+
+def test_conditioning_image_stays_aligned_through_bucket_crop_and_flip(workspace, tmp_path):
+    """An asymmetric photo used as its own conditioning image: after bucketing, random crop and flip, the control
+    tensor (0..1) equals the photo's pixels (-1..1) rescaled, at every position."""
+    from library import train_args
+    from library.dataset_sources import ConditioningUse
+    from library.training_setup import build_dataset
+    from library.families import FAMILIES
+    from library.train_dataset import SampleKey
+
+    data, cond = tmp_path / "data" / "1_x", tmp_path / "cond"
+    data.mkdir(parents=True)
+    cond.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(150, 70), (70, 150), (97, 97)]):
+        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(array).save(data / f"{i}.png")
+        Image.fromarray(array).save(cond / f"{i}.png")
+    import train_controlnet
+
+    args = train_args.parse_args(train_controlnet.setup_parser(), [
+        "--pretrained_model_name_or_path", "x", "--output_dir", str(tmp_path / "o"), "--train_data_dir",
+        str(tmp_path / "data"), "--conditioning_data_dir", str(cond), "--resolution", "64", "--enable_bucket",
+        "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32", "--random_crop",
+        "--flip_aug"])
+    dataset, _ = build_dataset(args, FAMILIES["sd1"], 3, conditioning_use=ConditioningUse.CONTROL)
+    flipped = 0
+    for index in range(len(dataset)):
+        for epoch in range(1, 4):
+            key = SampleKey(epoch, 0, index, 0)
+            sample = dataset[key]
+            assert sample["control"].shape == sample["pixels"].shape and sample["control"].min() >= 0
+            assert torch.allclose((sample["pixels"] + 1) / 2, sample["control"], atol=1e-6)
+            flipped += dataset.flips(dataset.items[index], key)
+    assert 0 < flipped < 3 * len(dataset)  # both flipped and unflipped samples were checked
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def expect_error(argv: list[str], *needles: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        run(argv)
+    message = str(info.value.code)
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+
+
+def test_missing_and_extra_conditioning_images(workspace, tmp_path):
+    import shutil
+
+    root = workspace
+    cond = tmp_path / "cond"
+    shutil.copytree(root / "cond", cond)
+    (cond / "001.png").unlink()
+    Image.new("RGB", (64, 64)).save(cond / "999.png")
+    argv = base_args(root, "bad1") + ["--train_data_dir", str(root / "data"), "--conditioning_data_dir", str(cond),
+                                      "--max_train_steps", "1"]
+    expect_error(argv, str(cond), "1 image(s) without a conditioning image: 001.png",
+                 "1 conditioning image(s) without an image: 999.png")
+
+
+def test_bad_columns_validation_and_family(workspace, tmp_path):
+    root = workspace
+    data = base_args(root, "bad2") + ["--dataset_name", str(root / "hfdata"), "--max_train_steps", "1"]
+    expect_error(data + ["--conditioning_image_column", "edges", "--caption_column", "image_caption"],
+                 "no column 'edges'", "--conditioning_image_column", "conditioning_image", "image_caption")
+    expect_error(data + ["--image_column", "photo", "--caption_column", "image_caption"], "--image_column",
+                 "it has: image, conditioning_image, image_caption")
+    folder = folder_args(root, "bad3") + ["--max_train_steps", "1"]
+    expect_error(folder + ["--validation_image", str(tmp_path / "nope.png"), "--validation_prompt", "x"],
+                 "--validation_image", "nope.png")
+    expect_error(folder + ["--validation_image", str(root / "cond" / "000.png"), str(root / "cond" / "001.png"),
+                           "--validation_prompt", "a", "b", "c"], "--validation_image (2)", "--validation_prompt (3)")
+    # An SD 1.x ControlNet on an SD 2.x base model.
+    run(folder_args(root, "sd1_controlnet") + ["--max_train_steps", "1", "--save_model_as", "safetensors"])
+    expect_error(folder_args(root, "bad4", "sd2v.safetensors") + [
+        "--controlnet_model_name_or_path", str(root / "sd1_controlnet" / "cn.safetensors"), "--max_train_steps", "1"],
+        "--controlnet_model_name_or_path", "cn.safetensors")
