@@ -406,7 +406,7 @@ class Trainer:
 
         c = self.config
         suffix = self.task.model_file_suffix()
-        if kind == "step" and c.save_last_n_steps:
+        if kind == "step" and c.save_last_n_steps is not None:  # 0: keep only the newest
             pattern, number = re.compile(rf"^{re.escape(c.output_name)}-step(\d{{8}}){re.escape(suffix)}$"), None
             number = lambda n: n < self.state.global_step - c.save_last_n_steps  # noqa: E731
         elif kind == "epoch" and c.save_last_n_epochs:

@@ -140,10 +140,14 @@ def test_only_the_controlnet_trains(workspace):
 
 def test_resume_reproduces_the_uninterrupted_run(workspace):
     root = workspace
-    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--flip_aug"]
+    extra = ["--max_train_steps", "5", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--flip_aug"]
     run(folder_args(root, "full") + extra)
     run(folder_args(root, "part") + extra, stop_after=3)
+    # --checkpoints_total_limit 1: only the newest checkpoint (model files and state) is kept.
+    assert sorted(p.name for p in (root / "part").iterdir() if p.name != "logs") == [
+        "cn-step00000002-state", "cn-step00000002.safetensors", "cn-step00000002_diffusers"]
     run(folder_args(root, "part") + extra + ["--resume_from_checkpoint", "latest"])
+    assert not (root / "part" / "cn-step00000002-state").exists() and (root / "part" / "cn-step00000004-state").is_dir()
     a, b = read_file(root / "full" / "cn.safetensors"), read_file(root / "part" / "cn.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert logged_losses(root / "full" / "logs") == logged_losses(root / "part" / "logs")
