@@ -17,6 +17,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -99,6 +100,9 @@ class TrainingDataset(torch.utils.data.Dataset):
                 self._choices[item.cache_id] = choice
                 self.items += [item] * repeats
         self.latent_cache = None  # set by LatentCache.build
+        # A recipe's last word on each caption (textual inversion: templates, token expansion), given its own
+        # seeded random stream: (processed caption, rng) -> caption.
+        self.caption_rewrite: Callable[[str, random.Random], str] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -134,6 +138,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         rng = _rng(self.seed, "caption", key.epoch, key.index)
         out["caption"] = process_caption(item.record.caption, subset.caption, rng=rng, epoch=key.epoch,
                                          step=key.step, max_train_steps=self.max_train_steps)
+        if self.caption_rewrite is not None:
+            out["caption"] = self.caption_rewrite(out["caption"], _rng(self.seed, "rewrite", key.epoch, key.index))
         return out
 
     def load_pixels(self, item: Item, key: SampleKey | None, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

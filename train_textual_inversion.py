@@ -1,0 +1,182 @@
+"""Textual inversion for Stable Diffusion 1.x / 2.x: teach the text encoder a new word (kohya-ss/sd-scripts'
+train_textual_inversion.py interface).
+
+    accelerate launch train_textual_inversion.py --pretrained_model_name_or_path model.safetensors \\
+        --train_data_dir data --output_dir out --output_name mychar --token_string mychar --init_word girl \\
+        --num_vectors_per_token 4 --resolution 512 --learning_rate 5e-3 --max_train_steps 2000
+
+Only the new token vectors train (the U-Net, the rest of the text encoder and every other embedding row stay
+bit-identical). Captions use the token string (expanded to all its vectors), or the built-in prompt templates with
+`--use_object_template` / `--use_style_template`. Saved as `.pt` (WebUI's layout, the default, as kohya) or
+`.safetensors` (`emb_params`); both load in WebUI's `embeddings/` folder, ComfyUI and diffusers'
+`load_textual_inversion`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from library import train_args  # noqa: E402
+from library import training_setup as setup  # noqa: E402
+from library import textual_inversion as ti  # noqa: E402
+from library.diffusion_objective import DiffusionObjective  # noqa: E402
+from library.train_dataset import describe_samples  # noqa: E402
+from library.training_loop import Trainer  # noqa: E402
+from library.training_metadata import run_metadata  # noqa: E402
+
+logger = logging.getLogger("train_textual_inversion")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_args.add_common_training_arguments(p)
+    g = p.add_argument_group("textual inversion")
+    g.add_argument("--token_string", required=True, help="the new word, e.g. mychar (a made-up word is best)")
+    g.add_argument("--init_word", default=None, help="start from this word's embedding (default: the table mean)")
+    g.add_argument("--num_vectors_per_token", type=int, default=1)
+    g.add_argument("--weights", default=None, help="continue from this embedding file (.pt or .safetensors)")
+    g.add_argument("--use_object_template", action="store_true", help="captions from object templates")
+    g.add_argument("--use_style_template", action="store_true", help="captions from style templates")
+    g.add_argument("--save_model_as", choices=["pt", "ckpt", "safetensors"], default="pt")
+    return p
+
+
+class EmbeddingTask:
+    """The new token vectors as a `TrainingTask`."""
+
+    train_text_encoder = True  # gradients flow through the (frozen) text encoder into the new vectors
+
+    def __init__(self, embedding: ti.AddedTokenEmbedding, new_tokens: ti.NewTokens, *, save_as: str,
+                 save_dtype, metadata: dict[str, str]):
+        self.embedding, self.new_tokens = embedding, new_tokens
+        self.save_as, self.save_dtype, self.metadata = save_as, save_dtype, metadata
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {"added": self.embedding.added.detach()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.embedding.added.copy_(state["added"])
+
+    def model_file_suffix(self) -> str:
+        return "." + self.save_as
+
+    def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path:
+        path = path_stem.with_name(path_stem.name + self.model_file_suffix())
+        metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step))
+        metadata["modelspec.title"] = path_stem.name
+        ti.save_embedding(path, self.embedding.added, token_string=self.new_tokens.token_string, step=global_step,
+                          metadata=metadata, dtype=self.save_dtype)
+        logger.info("saved %s", path)
+        return path
+
+
+def train(args: argparse.Namespace) -> Path:
+    start = setup.begin_run(args)
+    if args.use_object_template and args.use_style_template:
+        raise SystemExit("error: --use_object_template and --use_style_template exclude each other; give one")
+
+    # Models, with the new tokens
+    checkpoint = setup.read_base_model(args)
+    family, prediction = checkpoint.family, checkpoint.prediction_type
+    prompts = setup.load_sample_prompts(args, family)
+    accelerator = setup.make_accelerator(args)
+    models, precision = setup.load_models(args, checkpoint, accelerator)
+    text_encoder, tokenizer = models.text_encoder, models.tokenizer
+    table = text_encoder.get_input_embeddings()
+    try:
+        new_tokens = ti.add_tokens(tokenizer, args.token_string, args.num_vectors_per_token)
+        if args.weights:
+            vectors = ti.load_embedding(Path(args.weights), dim=table.embedding_dim)
+            if len(vectors) != args.num_vectors_per_token:
+                raise ValueError(f"--weights {args.weights} holds {len(vectors)} vector(s); give "
+                                 f"--num_vectors_per_token {len(vectors)}")
+        else:
+            vectors = ti.init_vectors(tokenizer, table, args.init_word, args.num_vectors_per_token)
+    except ValueError as e:  # EmbeddingFileError too
+        raise SystemExit(f"error: {e}") from None
+    embedding = ti.install(text_encoder, vectors.to(precision.trained_dtype))
+    embedding.added.requires_grad_(True)
+    logger.info("new tokens %s (ids %s)", " ".join(new_tokens.tokens), ", ".join(map(str, new_tokens.ids)))
+    if args.gradient_checkpointing:
+        text_encoder.gradient_checkpointing_enable()
+        text_encoder.train()  # transformers only checkpoints in training mode; CLIP has no dropout in SD
+
+    # Data: captions with the token string (expanded to all its vectors), or templates
+    dataset, data_summary = setup.build_dataset(args, family, start.seed)
+    templates = ti.OBJECT_TEMPLATES if args.use_object_template else \
+        ti.STYLE_TEMPLATES if args.use_style_template else None
+    dataset.caption_rewrite = CaptionRewrite(new_tokens, templates)
+    if templates is None and not any(args.token_string in i.record.caption for i in dataset.items):
+        logger.warning("no caption contains the token string %r: the new token never appears in training; put it "
+                       "in the captions (or the folder name), or use --use_object_template / --use_style_template",
+                       args.token_string)
+    batches = setup.epoch_batches(dataset, start.seed, accelerator)
+    if args.debug_dataset:
+        print("\n".join(describe_samples(dataset, batches)))
+        return start.output_dir / (start.output_name + "." + args.save_model_as)
+    max_train_steps = setup.count_steps(args, dataset, batches)
+    setup.cache_latents(args, dataset, models.vae, precision)
+
+    param_groups = [{"params": [embedding.added], "lr": args.learning_rate}]
+    optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
+                                                       accelerator)
+    resolution = "{}x{}".format(*train_args.parse_resolution(args.resolution, family.default_resolution))
+    metadata = {"modelspec.sai_model_spec": "1.0.1",
+                "modelspec.architecture": family.modelspec_architecture + "/textual-inversion",
+                "modelspec.implementation": "diffusers", "modelspec.prediction_type": prediction.modelspec_name,
+                "modelspec.resolution": resolution, "ss_token_string": args.token_string,
+                "ss_num_vectors_per_token": str(args.num_vectors_per_token), "ss_init_word": str(args.init_word)}
+    metadata.update(run_metadata(args, dataset=dataset, data_summary=data_summary, seed=start.seed,
+                                 max_train_steps=max_train_steps, resolution=resolution))
+    task = EmbeddingTask(embedding, new_tokens, save_as=args.save_model_as,
+                         save_dtype=setup.SAVE_DTYPES.get(args.save_precision), metadata=metadata)
+    prompts = [p.__class__(**{**p.__dict__, "prompt": new_tokens.expand(p.prompt)}) for p in prompts]
+    fingerprint = {"family": family.name, "seed": start.seed, "token_string": args.token_string,
+                   "num_vectors": args.num_vectors_per_token, "templates": bool(templates),
+                   "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate,
+                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                   "dataset_items": hashlib.sha256("\n".join(f"{i.record.path}|{i.bucket}" for i in dataset.items)
+                                                   .encode()).hexdigest()[:16]}
+    trainer = Trainer(task=task, unet=models.unet, text_encoder=text_encoder, vae=models.vae, tokenizer=tokenizer,
+                      dataset=dataset, batches=batches,
+                      objective=DiffusionObjective(train_args.objective_config(args, prediction)),
+                      optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
+                      config=setup.loop_config(args, start, family, max_train_steps,
+                                               default_project="textual_inversion"),
+                      run_fingerprint=fingerprint, trainable_parameters=[embedding.added],
+                      weight_dtype=precision.weight_dtype, sampler=setup.make_sampler(args, prompts, models, start),
+                      lr_names=["textencoder"])
+    setup.run_trainer(trainer, args)
+    return start.output_dir / (start.output_name + task.model_file_suffix())
+
+
+class CaptionRewrite:
+    """Templates (seeded per sample) or the caption with the token string expanded to all its vectors."""
+
+    def __init__(self, new_tokens: ti.NewTokens, templates: tuple[str, ...] | None):
+        self.new_tokens, self.templates = new_tokens, templates
+
+    def __call__(self, caption: str, rng) -> str:
+        if self.templates:
+            return ti.template_caption(self.templates, self.new_tokens, rng)
+        return self.new_tokens.expand(caption)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    train(train_args.parse_args(setup_parser(), argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
