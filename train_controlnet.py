@@ -7,8 +7,9 @@ train_controlnet.py example, both interfaces).
         --validation_image edges/0001.png --validation_prompt "a red house" --validation_steps 500
 
 Data: `--train_data_dir` images with captions + `--conditioning_data_dir` same-stem conditioning images (kohya),
-`--dataset_name` a local image folder whose `metadata.jsonl` names the image, the conditioning image and the caption
-(`--image_column`, `--conditioning_image_column`, `--caption_column`: the diffusers example), or the dataset TOML.
+`--dataset_name` a local dataset (an image folder whose `metadata.jsonl` names the image, the conditioning image and
+the caption, parquet files in the hub layout, or a `save_to_disk` folder; `--image_column`,
+`--conditioning_image_column`, `--caption_column`: the diffusers example), or the dataset TOML.
 The conditioning image gets exactly the photo's resize, crop and flip. The base model is frozen; the ControlNet
 starts from the base U-Net (or `--controlnet_model_name_or_path`) and is saved as a diffusers folder and/or a
 single `.safetensors` in the original ControlNet layout (WebUI ControlNet extension, ComfyUI).
@@ -53,8 +54,9 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_model_as", choices=SAVE_LAYOUTS, default="both",
                    help="both (default): <name>.safetensors (original ControlNet layout) and <name>_diffusers/; or "
                         "one of them")
-    g.add_argument("--dataset_name", default=None, help="a local image folder with metadata.jsonl / .csv naming "
-                   "image, conditioning image and caption (diffusers example); hub names cannot be downloaded here")
+    g.add_argument("--dataset_name", default=None, help="a local dataset (diffusers example): an image folder with "
+                   "metadata.jsonl / .csv, a .parquet file or a folder of them (hub layout), or a save_to_disk "
+                   "folder (extracted once to .sdtrain_extracted/); hub names cannot be downloaded here")
     g.add_argument("--image_column", default="image")
     g.add_argument("--conditioning_image_column", default="conditioning_image")
     g.add_argument("--validation_image", nargs="+", default=None)
@@ -84,10 +86,16 @@ def diffusers_example_flags(args: argparse.Namespace) -> argparse.Namespace:
     if args.dataset_name:
         if args.train_data_dir:
             raise SystemExit("error: --dataset_name and --train_data_dir name the same thing; give one")
-        if not Path(args.dataset_name).is_dir():
-            raise SystemExit(f"error: --dataset_name {args.dataset_name}: not a local folder (datasets cannot be "
-                             "downloaded here); give a folder with images and metadata.jsonl")
-        values["train_data_dir"] = args.dataset_name
+        from library.hf_datasets import Columns, DatasetSourceError, image_folder_for
+
+        # A parquet / save_to_disk dataset becomes an image folder with metadata.jsonl (extracted once, reused while
+        # the source is unchanged); an image folder is used as it is.
+        columns = Columns(image=args.image_column, conditioning_image=args.conditioning_image_column,
+                          caption=args.caption_column)
+        try:
+            values["train_data_dir"] = str(image_folder_for(Path(args.dataset_name), columns))
+        except DatasetSourceError as e:
+            raise SystemExit(f"error: --dataset_name {args.dataset_name}: {e}") from None
     if args.log_with and not args.logging_dir:
         values["logging_dir"] = str(Path(args.output_dir) / "logs")  # the example's default
     if args.checkpointing_steps:
@@ -149,7 +157,7 @@ def train(args: argparse.Namespace) -> Path:
                          "--validation_image and --validation_prompt")
     if not (args.conditioning_data_dir or args.dataset_name or args.dataset_config):
         raise SystemExit("error: ControlNet training needs conditioning images: --conditioning_data_dir (same-stem "
-                         "images beside --train_data_dir's), --dataset_name (a folder with metadata.jsonl) or a "
+                         "images beside --train_data_dir's), --dataset_name (a local dataset naming both images) or a "
                          "--dataset_config with conditioning_data_dir subsets")
     try:
         pairs = pair_validation(args.validation_image, args.validation_prompt)
@@ -163,7 +171,10 @@ def train(args: argparse.Namespace) -> Path:
     with checkpoint:
         controlnet = initial_controlnet(args, checkpoint, family)
         models, precision = setup.load_models(args, checkpoint, accelerator)
-    controlnet.to(accelerator.device, precision.trained_dtype).requires_grad_(True)
+    controlnet.to(accelerator.device)
+    if controlnet.dtype != precision.trained_dtype:
+        controlnet.to(precision.trained_dtype)
+    controlnet.requires_grad_(True)
     controlnet.train()
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
