@@ -17,18 +17,15 @@ end: the fp32 round trip must give the original tensors bit for bit, the fp16 on
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
-import platform
 import resource
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import ROOT, build_model, machine_line, run_child, work_dir  # noqa: E402
+
 TOOL = str(ROOT / "tools" / "convert_diffusers20_original_sd.py")
 # What the tool imports at start-up; writing a diffusers folder also imports diffusers and transformers.
 TOOL_IMPORTS = "import library.atomic_files, library.checkpoint_writer, library.sd_checkpoint, library.tensor_files"
@@ -36,34 +33,14 @@ COPY = ("import os, shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2]); "
         "fd = os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd)")
 
 
-def build_model(size: str, dest: Path) -> None:
-    """Child process: random-weight SD 1.5 models -> original-layout fp32 .safetensors."""
-    from library.checkpoint_writer import SaveFormat, save_checkpoint
-    from library.families import FAMILIES, ModelSize
-    from library.model_loading import checkpoint_from_models
-    from library.tiny_models import build_random_models
-
-    models = build_random_models(FAMILIES["sd1"], ModelSize(size), seed=0, perturb=False)
-    save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS)
-
-
-def run_child(argv: list[str], log: Path) -> tuple[float, float]:
-    """Run one step in a fresh process; (wall seconds, that process's peak RSS in MiB)."""
-    with open(log, "a") as out:
-        out.write(f"\n$ {' '.join(argv)}\n")
-        out.flush()
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone (RUSAGE_CHILDREN keeps the max)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(argv)}\n--- {log} (tail) ---\n{tail}")
-    return wall, usage.ru_maxrss / 1024  # Linux reports KiB
+def run_step(argv: list[str], log: Path) -> tuple[float, float]:
+    """Run one step in a fresh process, its output appended to `log`: (wall seconds, its peak RSS in MiB)."""
+    run = run_child(argv, log, append=True)
+    return run["wall"], run["rss"]
 
 
 def tree_size(path: Path) -> int:
+    """Bytes in a file, or in all the files under a folder."""
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -99,19 +76,16 @@ def main() -> int:
         build_model(args.size, args.build_into)
         return 0
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_conversion_"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.workdir, "bench_conversion_")
     log = work / "bench.log"
     py = sys.executable
     src = work / "model.safetensors"
     # No torch in this process until the measurements are done: a child's ru_maxrss starts at this process's
     # peak RSS (subprocess uses vfork, and exec records the parent's high-water mark), so this one stays small.
-    print(f"machine: {platform.machine()}, nproc {os.cpu_count()}, "
-          f"RAM {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB; "
-          f"python {platform.python_version()}, torch {importlib.metadata.version('torch')}; work dir {work}")
+    print(f"{machine_line()}; work dir {work}")
     print(f"benchmark process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
           "(a floor under every row)")
-    wall, rss = run_child([py, __file__, "--size", args.size, "--build-into", str(src)], log)
+    wall, rss = run_step([py, __file__, "--size", args.size, "--build-into", str(src)], log)
     size = src.stat().st_size
     print(f"built {args.size} model: {size / 2**20:.0f} MiB in {wall:.1f} s (build peak RSS {rss:.0f} MiB)")
 
@@ -133,7 +107,7 @@ def main() -> int:
     ]
     rows, copy_time = [], None
     for label, argv, out, delete_after in steps:
-        wall, rss = run_child([str(a) for a in argv], log)
+        wall, rss = run_step([str(a) for a in argv], log)
         copy_time = copy_time or wall
         written = tree_size(out) if out is not None else 0
         if delete_after:

@@ -30,22 +30,19 @@ child first waits (up to 60 s) for an idle CPU, and the share of the CPU other p
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import RESOLUTION, ROOT, build_in_child, build_model, machine_line, run_child, work_dir  # noqa: E402
+
 CAPTION = "sks shape, red circle, simple background"
-RESOLUTION = {"full": 256, "tiny": 64}
 RANK, LR = 16, 1e-4
 # "ours" runs the CLI file as __main__, recording (wall, CPU) times after each step (Trainer._log ends a step).
 HOOK = """import json, os, runpy, sys, time
@@ -61,17 +58,6 @@ try:
 finally:
     open(os.environ["BENCH_STEP_STAMPS"], "w").write(json.dumps(stamps))
 """
-
-
-def build_model(size: str, dest: Path) -> None:
-    """Child process: random-weight SD 1.5 models -> original-layout fp32 .safetensors."""
-    from library.checkpoint_writer import SaveFormat, save_checkpoint
-    from library.families import FAMILIES, ModelSize
-    from library.model_loading import checkpoint_from_models
-    from library.tiny_models import build_random_models
-
-    models = build_random_models(FAMILIES["sd1"], ModelSize(size), seed=0, perturb=False)
-    save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS)
 
 
 def floor(model: Path, size: str, threads: int, warmup: int, steps: int, result: Path) -> None:
@@ -123,47 +109,6 @@ def floor(model: Path, size: str, threads: int, warmup: int, steps: int, result:
     embeddings.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_(True))
     out["reference"] = timed(False)
     result.write_text(json.dumps(out))
-
-
-def cpu_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
-    ticks = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    hz = os.sysconf("SC_CLK_TCK")
-    return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz  # idle and iowait are not busy
-
-
-def wait_for_idle(limit: float) -> None:
-    """Wait (up to `limit` s) until other processes use under 10 % of the CPU for 2 s."""
-    deadline = time.monotonic() + limit
-    while limit and time.monotonic() < deadline:
-        b0, t0 = cpu_busy()
-        time.sleep(2)
-        b1, t1 = cpu_busy()
-        if (b1 - b0) < 0.1 * (t1 - t0):
-            return
-    if limit:
-        print(f"  (the CPU was not idle within {limit:.0f} s: measuring anyway)", flush=True)
-
-
-def run_child(argv: list[str], log: Path, threads: int, wait: float, **env: str) -> dict:
-    """Run a child in a fresh process: its wall s, CPU s (user + sys), peak RSS MiB, and the share of the machine's
-    CPU that other processes used meanwhile."""
-    wait_for_idle(wait)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **env)
-    with open(log, "w") as out:
-        out.write(f"$ {' '.join(argv)}\n")
-        out.flush()
-        busy0, total0 = cpu_busy()
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
-        wall = time.perf_counter() - start
-        busy1, total1 = cpu_busy()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(argv)}\n--- {log} (tail) ---\n{log.read_text()[-3000:]}")
-    cpu = usage.ru_utime + usage.ru_stime
-    return {"wall": wall, "cpu": cpu, "rss": usage.ru_maxrss / 1024,  # Linux reports ru_maxrss in KiB
-            "others": max(0.0, busy1 - busy0 - cpu) / max(total1 - total0, 1e-9)}
 
 
 def ours(work: Path, model: Path, data: Path, size: str, threads: int, steps: int, tag: str, wait: float) -> dict:
@@ -230,18 +175,12 @@ def main() -> int:
 
     from tools.make_synthetic_dataset import write_dataset  # PIL only: this process never imports torch
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_lora_step_"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.machine()}, nproc {os.cpu_count()}, "
-          f"RAM {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB; python "
-          f"{platform.python_version()}, torch {importlib.metadata.version('torch')}; {threads} thread(s); "
-          f"work dir {work}")
+    work = work_dir(args.workdir, "bench_lora_step_")
+    print(f"{machine_line()}; {threads} thread(s); work dir {work}")
     model, data = work / "model.safetensors", work / "data"
     write_dataset(data, images=8, size=RESOLUTION[size], seed=0, folder="1_sks shape")
-    build = run_child([sys.executable, __file__, "--size", size, "--build-into", str(model)], work / "build.log",
-                      threads, 0.0)
-    print(f"built {size} model: {model.stat().st_size / 2**20:.0f} MiB in {build['wall']:.1f} s "
-          f"(peak RSS {build['rss']:.0f} MiB)")
+    build_in_child([sys.executable, __file__, "--size", size, "--build-into", str(model)], model, size,
+                   work / "build.log", threads)
 
     # (wall, CPU) s/step of each round, and of every single measured step (the difference has no single steps).
     labels = {"ours": "ours: `train_network.py`, (t(W+K) - t(W)) / K",
