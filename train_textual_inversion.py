@@ -115,7 +115,7 @@ def train(args: argparse.Namespace) -> Path:
     dataset, data_summary = setup.build_dataset(args, family, start.seed)
     templates = ti.OBJECT_TEMPLATES if args.use_object_template else \
         ti.STYLE_TEMPLATES if args.use_style_template else None
-    dataset.caption_rewrite = CaptionRewrite(new_tokens, templates)
+    dataset.caption_rewrite = ti.CaptionRewrite([new_tokens], templates)
     if templates is None and not any(args.token_string in i.record.caption for i in dataset.items):
         logger.warning("no caption contains the token string %r: the new token never appears in training; put it "
                        "in the captions (or the folder name), or use --use_object_template / --use_style_template",
@@ -158,18 +158,6 @@ def train(args: argparse.Namespace) -> Path:
                       lr_names=["textencoder"])
     setup.run_trainer(trainer, args)
     return start.output_dir / (start.output_name + task.model_file_suffix())
-
-
-class CaptionRewrite:
-    """Templates (seeded per sample) or the caption with the token string expanded to all its vectors."""
-
-    def __init__(self, new_tokens: ti.NewTokens, templates: tuple[str, ...] | None):
-        self.new_tokens, self.templates = new_tokens, templates
-
-    def __call__(self, caption: str, rng) -> str:
-        if self.templates:
-            return ti.template_caption(self.templates, self.new_tokens, rng)
-        return self.new_tokens.expand(caption)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
-"""Image generation shared by the trainers' sample images and (later) gen_img.py: prompt files, sampler names,
-and one `generate` function.
+"""Image generation shared by the trainers' sample images, train_db's class images and gen_img.py: prompt files,
+sampler names, one generation function (`generate_images`), kohya's seed rules and WebUI's PNG text.
 
 Prompt files (kohya's formats): `.txt` — one prompt per line, `#` comments, per-line options after ` --`:
-`--n` negative prompt, `--w` / `--h` size, `--d` seed, `--l` CFG scale, `--s` steps, `--ss` sampler;
+`--n` negative prompt, `--w` / `--h` size, `--d` seed (gen_img: a comma list, one per image), `--l` CFG scale,
+`--s` steps, `--ss` sampler, and gen_img's `--t` img2img strength, `--am` network multipliers, `--f` file name;
 `.toml` — `[prompt]` defaults plus `[[prompt.subset]]` entries; `.json` — a list of strings or of dicts with the
 same keys (`prompt`, `negative_prompt`, `width`, `height`, `seed`, `scale`, `sample_steps`, `sample_sampler`).
 
@@ -13,8 +14,10 @@ and 150/225-token prompts behave exactly as in training) and a scheduler chosen 
 from __future__ import annotations
 
 import json
+import logging
+import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +37,11 @@ SAMPLERS = {
 }
 SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
                    "k_dpm_2_a": "dpm_2_a"}
+# The names WebUI shows (and reads back from PNG Info) for the samplers that have an exact WebUI counterpart.
+WEBUI_SAMPLER_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
+                       "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmsolver++": "DPM++ 2M"}
+
+logger = logging.getLogger(__name__)
 
 
 class PromptFileError(ValueError):
@@ -49,7 +57,18 @@ class SamplePrompt:
     seed: int | None = None
     scale: float = 7.5
     steps: int = 30
-    sampler: str | None = None  # None: the run's --sample_sampler
+    sampler: str | None = None  # None: the run's --sample_sampler / gen_img's --sampler
+    # gen_img.py's per-prompt options (the trainers ignore them)
+    extra_seeds: tuple[int, ...] = ()  # `--d 1,2,3`: the seeds after `seed`, one per further image of the prompt
+    strength: float | None = None  # `--t`: img2img denoising strength (None: the run's --strength)
+    network_multipliers: tuple[float, ...] | None = None  # `--am`: one per network (None: the run's --network_mul)
+    filename: str | None = None  # `--f`: output file name
+    where: str = field(default="", compare=False)  # "prompts.txt line 3", for messages about this prompt
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seeds `--d` gave (empty: none)."""
+        return () if self.seed is None else (self.seed, *self.extra_seeds)
 
 
 def sampler_name(name: str) -> str:
@@ -81,37 +100,71 @@ def _round_size(value: int) -> int:
     return max(64, int(value) // 8 * 8)
 
 
-_OPTION = re.compile(r"^(n|w|h|d|l|s|ss|cn|g|ctr|rcfg|fs)\s+(.*)$", re.S)
+_OPTION = re.compile(r"^(\w+)(?:\s+(.*))?$", re.S)
+# Options of kohya's gen_img.py / other model families that this suite does not implement: refused, naming the
+# feature, rather than silently giving another image than the file asks for.
+_UNSUPPORTED = {"nl": "negative scale", "c": "CLIP guidance prompt", "ow": "SDXL size conditioning",
+                "oh": "SDXL size conditioning", "nw": "SDXL size conditioning", "nh": "SDXL size conditioning",
+                "ct": "SDXL crop conditioning", "cl": "SDXL crop conditioning", "dsd1": "Deep Shrink",
+                "dst1": "Deep Shrink", "dsd2": "Deep Shrink", "dst2": "Deep Shrink", "dsr": "Deep Shrink",
+                "glt": "Gradual Latent", "glr": "Gradual Latent", "gle": "Gradual Latent", "gls": "Gradual Latent",
+                "glsn": "Gradual Latent", "glus": "Gradual Latent"}
+# Options of other model families' sample prompts (ControlNet image, guidance, ...): accepted, ignored here.
+_IGNORED = ("cn", "g", "ctr", "rcfg", "fs")
+KNOWN_OPTIONS = "--n --w --h --d --l --s --ss --t --am --f"
 
 
 def parse_prompt_line(line: str, defaults: SamplePrompt, *, where: str) -> SamplePrompt:
     parts = line.split(" --")
-    prompt = replace(defaults, prompt=parts[0].strip())
+    prompt = replace(defaults, prompt=parts[0].strip(), where=where)
     for part in parts[1:]:
         match = _OPTION.match(part.strip())
-        if not match:
-            raise PromptFileError(f"{where}: unknown option '--{part.strip().split(' ')[0]}' (known: --n --w --h "
-                                  "--d --l --s --ss)")
-        key, value = match.group(1), match.group(2).strip()
+        key = match.group(1).lower() if match else part.strip().split(" ")[0]
+        value = (match.group(2) or "").strip() if match else ""
+        if key == "nl" and value.lower() == "none":
+            continue  # kohya's "no negative scale for this prompt": what we do anyway
+        if key in _UNSUPPORTED:
+            raise PromptFileError(f"{where}: --{key} ({_UNSUPPORTED[key]}, a kohya gen_img option) is not "
+                                  f"supported here; remove it (supported: {KNOWN_OPTIONS})")
+        if key in _IGNORED:
+            continue
+        if not match or key not in ("n", "w", "h", "d", "l", "s", "ss", "t", "am", "f"):
+            raise PromptFileError(f"{where}: unknown option '--{key}' (known: {KNOWN_OPTIONS})")
+        if not value:
+            raise PromptFileError(f"{where}: --{key} needs a value")
         try:
-            if key == "n":
-                prompt = replace(prompt, negative_prompt=value)
-            elif key == "w":
-                prompt = replace(prompt, width=_round_size(int(value)))
-            elif key == "h":
-                prompt = replace(prompt, height=_round_size(int(value)))
-            elif key == "d":
-                prompt = replace(prompt, seed=int(value))
-            elif key == "l":
-                prompt = replace(prompt, scale=float(value))
-            elif key == "s":
-                prompt = replace(prompt, steps=min(max(int(value), 1), 1000))
-            elif key == "ss":
-                prompt = replace(prompt, sampler=sampler_name(value))
-            # cn / g / ctr / rcfg / fs belong to ControlNet / other model families: accepted, ignored here.
+            prompt = replace(prompt, **_option_fields(key, value))
         except ValueError as e:
             raise PromptFileError(f"{where}: bad value for --{key}: {value!r} ({e})") from None
     return prompt
+
+
+def _option_fields(key: str, value: str) -> dict:
+    """The SamplePrompt fields one per-line option sets."""
+    if key == "n":
+        return {"negative_prompt": value}
+    if key in ("w", "h"):
+        return {"width" if key == "w" else "height": _round_size(int(value))}
+    if key == "d":  # kohya's gen_img takes a comma list: one seed per image of the prompt
+        seeds = [int(v) for v in value.split(",")]
+        return {"seed": seeds[0], "extra_seeds": tuple(seeds[1:])}
+    if key == "l":
+        return {"scale": float(value)}
+    if key == "s":
+        return {"steps": min(max(int(value), 1), 1000)}
+    if key == "ss":
+        return {"sampler": sampler_name(value)}
+    if key == "t":
+        return {"strength": _strength(float(value))}
+    if key == "am":
+        return {"network_multipliers": tuple(float(v) for v in value.split(","))}
+    return {"filename": value}  # "f"
+
+
+def _strength(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError("img2img strength must be in (0, 1]")
+    return value
 
 
 def _from_dict(entry: dict, defaults: SamplePrompt, where: str) -> SamplePrompt:
@@ -129,7 +182,7 @@ def _from_dict(entry: dict, defaults: SamplePrompt, where: str) -> SamplePrompt:
         values["sampler"] = sampler_name(values["sampler"])
     if not str(values.get("prompt", defaults.prompt)).strip():
         raise PromptFileError(f"{where}: empty prompt")
-    return replace(defaults, **values)
+    return replace(defaults, **values, where=where)
 
 
 def load_prompts(path: str | Path, defaults: SamplePrompt = SamplePrompt("")) -> list[SamplePrompt]:
@@ -179,29 +232,118 @@ def generate(prompt: SamplePrompt, *, unet, vae, text_encoder, tokenizer, schedu
 def generate_batch(prompt: SamplePrompt, *, unet, vae, text_encoder, tokenizer, scheduler, seeds: list[int],
                    clip_skip: int | None = None, max_token_length: int | None = None,
                    vae_scale_factor: float = 0.18215) -> list:
-    """One image per seed for the same prompt, in one batch. Each image's noise comes from its own seed's
-    generator, so an image depends on its seed, not on which batch it was made in."""
-    from diffusers import StableDiffusionPipeline
+    """One image per seed for the same prompt, in one batch."""
+    return generate_images([prompt] * len(seeds), seeds, unet=unet, vae=vae, text_encoder=text_encoder,
+                           tokenizer=tokenizer, scheduler=scheduler, clip_skip=clip_skip,
+                           max_token_length=max_token_length, vae_scale_factor=vae_scale_factor)
 
-    from library.text_encoding import encode, tokenize
 
-    device = unet.device
-    ids = tokenize(tokenizer, [prompt.prompt, prompt.negative_prompt], max_token_length)
-    states = encode(text_encoder, ids, clip_skip=clip_skip).to(device, unet.dtype)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+@torch.no_grad()
+def encode_prompts(texts: list[str], *, text_encoder, tokenizer, clip_skip: int | None = None,
+                   max_token_length: int | None = None, weighted: bool = False) -> torch.Tensor:
+    """Conditioning [len(texts), 75*n + 2, D]; each distinct text is encoded once. `weighted`: WebUI's
+    `(word:1.2)` / `[word]` / BREAK syntax (`text_encoding.encode_weighted`); otherwise the text is read as is."""
+    from library.text_encoding import encode, encode_weighted, tokenize, tokenize_weighted
+
+    unique = list(dict.fromkeys(texts))
+    if weighted:
+        ids, weights = tokenize_weighted(tokenizer, unique, max_token_length)
+        states = encode_weighted(text_encoder, ids, weights, clip_skip=clip_skip)
+    else:
+        states = encode(text_encoder, tokenize(tokenizer, unique, max_token_length), clip_skip=clip_skip)
+    return states[[unique.index(text) for text in texts]]
+
+
+@torch.no_grad()
+def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, unet, vae, text_encoder, tokenizer, scheduler,
+                    clip_skip: int | None = None, max_token_length: int | None = None, weighted: bool = False,
+                    init_images: list | None = None, vae_scale_factor: float = 0.18215, output_type: str = "pil",
+                    progress: bool = False) -> list:
+    """One image per (prompt, seed), in one batch, through diffusers' StableDiffusionPipeline (or its img2img
+    pipeline when `init_images`, PIL images of the output size, are given) with our conditioning.
+
+    The prompts may differ in text and negative prompt but must share size, steps, CFG scale and strength. Each
+    image's noise (initial latents, ancestral samplers' step noise, img2img's VAE sample) comes from its own seed's
+    generator, so an image depends on its seed, not on the batch it was made in. `output_type`: "pil" or "np"
+    (floats in [0, 1], for exact comparisons)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    first = prompts[0]
+    settings = {(p.width, p.height, p.steps, p.scale, p.strength) for p in prompts}
+    if len(settings) != 1 or len(seeds) != len(prompts):
+        raise ValueError("generate_images: one seed per prompt, and all prompts with the same size, steps, scale "
+                         "and strength")
+    if init_images is not None and (first.strength is None or len(init_images) != len(prompts)):
+        raise ValueError("generate_images: img2img needs one init image per prompt and a strength")
+    n = len(prompts)
+    states = encode_prompts([p.prompt for p in prompts] + [p.negative_prompt for p in prompts],
+                            text_encoder=text_encoder, tokenizer=tokenizer, clip_skip=clip_skip,
+                            max_token_length=max_token_length, weighted=weighted).to(unet.device, unet.dtype)
+    pipeline_class = StableDiffusionImg2ImgPipeline if init_images is not None else StableDiffusionPipeline
+    pipe = pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.vae.config.scaling_factor = vae_scale_factor
-    pipe.set_progress_bar_config(disable=True)
-    n = len(seeds)
+    pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-    return pipe(prompt_embeds=states[:1].expand(n, -1, -1), negative_prompt_embeds=states[1:].expand(n, -1, -1),
-                width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
-                guidance_scale=prompt.scale, generator=generators if n > 1 else generators[0]).images
+    size = {"image": init_images, "strength": first.strength} if init_images is not None else \
+        {"width": first.width, "height": first.height}
+    return pipe(prompt_embeds=states[:n], negative_prompt_embeds=states[n:], num_inference_steps=first.steps,
+                guidance_scale=first.scale, generator=generators if n > 1 else generators[0],
+                output_type=output_type, **size).images
 
 
-def webui_parameters(prompt: SamplePrompt, *, sampler: str, seed: int, model_name: str = "") -> str:
-    """The PNG "parameters" text WebUI's PNG Info reads."""
+# ----------------------------------------------------------------------------------------------------------
+# gen_img.py: which image gets which seed, and which images share a batch (kohya's rules)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    index: int  # position in the run: numbers the output file, picks the img2img input image
+    prompt: SamplePrompt
+    seed: int
+
+
+def plan_images(prompts: list[SamplePrompt], *, images_per_prompt: int = 1, n_iter: int = 1, seed: int | None = None,
+                iter_same_seed: bool = False) -> list[ImageJob]:
+    """kohya gen_img.py's seeds: a prompt's `--d` list gives its images' seeds in order (the last one repeats when
+    the list is shorter); other images draw theirs from `random.Random(--seed)` in image order (with
+    `--iter_same_seed`, one draw per iteration for all of them). A single image with `--seed` uses it directly."""
+    rng = random.Random(seed)
+    single_image = seed is not None and len(prompts) == 1 and images_per_prompt == 1
+
+    def draw() -> int:
+        return seed if single_image else rng.randint(0, 2 ** 32 - 1)
+
+    jobs = []
+    for _ in range(n_iter):
+        iteration_seed = draw() if iter_same_seed else None
+        for prompt in prompts:
+            given = list(prompt.seeds)
+            image_seed = None
+            for _ in range(images_per_prompt):
+                if given:
+                    image_seed = given.pop(0)
+                elif not prompt.seeds:
+                    image_seed = iteration_seed if iter_same_seed else draw()
+                jobs.append(ImageJob(len(jobs), prompt, image_seed))
+    return jobs
+
+
+def batches(jobs: list[ImageJob], batch_size: int, key) -> list[list[ImageJob]]:
+    """Consecutive jobs with equal `key(job)` (everything a batch must share), at most `batch_size` at a time."""
+    out: list[list[ImageJob]] = []
+    for job in jobs:
+        if out and len(out[-1]) < batch_size and key(out[-1][-1]) == key(job):
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out
+
+
+def webui_parameters(prompt: SamplePrompt, *, sampler: str, seed: int, model_name: str = "",
+                     extra: dict[str, object] | None = None) -> str:
+    """The PNG "parameters" text WebUI's PNG Info reads. `extra`: more "Key: value" fields in WebUI's names
+    (e.g. "Denoising strength", "Clip skip"), written after the standard ones."""
     lines = [prompt.prompt]
     if prompt.negative_prompt:
         lines.append(f"Negative prompt: {prompt.negative_prompt}")
@@ -209,6 +351,7 @@ def webui_parameters(prompt: SamplePrompt, *, sampler: str, seed: int, model_nam
               f"Size: {prompt.width}x{prompt.height}"]
     if model_name:
         fields.append(f"Model: {model_name}")
+    fields += [f"{key}: {value}" for key, value in (extra or {}).items()]
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

@@ -82,35 +82,56 @@ def tokenize_weighted(tokenizer, captions: list[str], max_token_length: int | No
     """Token ids and per-token weights, both [B, n_chunks, 77]. Each weighted segment is tokenized on its own (so a
     weight covers exactly its words), `BREAK` pads to the next 75-token chunk, and the prompt is cut at 75*n
     tokens. BOS, EOS and padding get weight 1."""
-    from library.captions import BREAK, BREAK_WEIGHT, parse_prompt_weights
-
     n = _chunks(max_token_length)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     all_ids, all_weights = [], []
     for caption in captions:
-        tokens: list[int] = []
-        weights: list[float] = []
-        for text, weight in parse_prompt_weights(caption):
-            if text == BREAK and weight == BREAK_WEIGHT:
-                filler = (-len(tokens)) % CHUNK or (CHUNK if tokens else 0)
-                tokens += [eos] + [pad] * (filler - 1) if filler else []
-                weights += [1.0] * filler
-                continue
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-            tokens += ids
-            weights += [weight] * len(ids)
+        tokens, weights = _weighted_tokens(tokenizer, caption)
         tokens, weights = tokens[: n * CHUNK], weights[: n * CHUNK]
         ids_chunks, weight_chunks = [], []
         for c in range(n):
             part = tokens[c * CHUNK:(c + 1) * CHUNK]
             part_w = weights[c * CHUNK:(c + 1) * CHUNK]
             filler = CHUNK - len(part)
-            # Like the plain tokenizer: EOS right after the text, then padding (EOS or 0 by family).
-            ids_chunks.append([bos] + part + ([eos] + [pad] * (filler - 1) if filler else []) + [eos])
+            # Like the plain tokenizer: EOS right after the text, then padding (EOS or 0 by family) to the window's
+            # end; a window full of text ends with EOS.
+            ids_chunks.append([bos] + part + [eos] + [pad] * filler)
             weight_chunks.append([1.0] + part_w + [1.0] * filler + [1.0])
         all_ids.append(ids_chunks)
         all_weights.append(weight_chunks)
     return torch.tensor(all_ids), torch.tensor(all_weights, dtype=torch.float32)
+
+
+def _weighted_tokens(tokenizer, caption: str) -> tuple[list[int], list[float]]:
+    """The caption's tokens (no BOS/EOS) and their weights, BREAK padding included, before any cut."""
+    from library.captions import BREAK, BREAK_WEIGHT, parse_prompt_weights
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    tokens: list[int] = []
+    weights: list[float] = []
+    for text, weight in parse_prompt_weights(caption):
+        if text == BREAK and weight == BREAK_WEIGHT:
+            filler = (-len(tokens)) % CHUNK or (CHUNK if tokens else 0)
+            tokens += [eos] + [pad] * (filler - 1) if filler else []
+            weights += [1.0] * filler
+            continue
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        tokens += ids
+        weights += [weight] * len(ids)
+    return tokens, weights
+
+
+def token_count(tokenizer, caption: str, *, weighted: bool) -> int:
+    """Tokens the caption needs (without BOS/EOS); weighted: as `tokenize_weighted` reads it (BREAK included)."""
+    if weighted:
+        return len(_weighted_tokens(tokenizer, caption)[0])
+    return len(tokenizer(caption, add_special_tokens=False).input_ids)
+
+
+def fitting_token_length(tokenizer, captions: list[str], *, weighted: bool) -> int:
+    """The smallest of 75 / 150 / 225 that holds every caption (225 when even that is too short)."""
+    longest = max((token_count(tokenizer, c, weighted=weighted) for c in captions), default=0)
+    return min(max(1, -(-longest // CHUNK)), 3) * CHUNK
 
 
 def encode_weighted(text_encoder, input_ids: torch.Tensor, weights: torch.Tensor, *,

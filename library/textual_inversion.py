@@ -11,10 +11,12 @@ Files: `.safetensors` with `emb_params` [n, dim] (kohya, WebUI, ComfyUI, diffuse
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -118,6 +120,14 @@ class AddedTokenEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:  # the whole table, for code that reads it (e.g. saving a text encoder)
         return torch.cat([self.original.weight, self.added.to(self.original.weight.dtype)])
 
+    @property
+    def num_embeddings(self) -> int:  # so that layers stack: loaded embeddings, then the ones being trained
+        return self.num_original + len(self.added)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.added.shape[-1]
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_new = input_ids >= self.num_original
         base = self.original(input_ids.clamp(max=self.num_original - 1))
@@ -130,14 +140,30 @@ class AddedTokenEmbedding(nn.Module):
 
 
 def install(text_encoder, vectors: torch.Tensor) -> AddedTokenEmbedding:
-    """Give the text encoder the new rows (after its `len(tokenizer)` - n original ones)."""
+    """Give the text encoder the new rows, after the rows it has (which may themselves be added ones)."""
     embeddings = text_encoder.embeddings if hasattr(text_encoder, "embeddings") else text_encoder.text_model.embeddings
     original = embeddings.token_embedding
-    if isinstance(original, AddedTokenEmbedding):
-        raise ValueError("the text encoder already has added tokens")
-    added = AddedTokenEmbedding(original, vectors.to(original.weight.dtype))
+    # The vectors keep their dtype (fp32 when trained, even when the frozen table is half precision); lookups
+    # cast them to the table's dtype.
+    added = AddedTokenEmbedding(original, vectors)
     embeddings.token_embedding = added
     return added
+
+
+@contextlib.contextmanager
+def original_token_embedding(text_encoder) -> Iterator[None]:
+    """Within the block the text encoder has its original token table (no added rows), e.g. to save it as a
+    standard checkpoint, which has no place for new tokens; the added layers come back afterwards."""
+    embeddings = text_encoder.embeddings if hasattr(text_encoder, "embeddings") else text_encoder.text_model.embeddings
+    added = embeddings.token_embedding
+    original = added
+    while isinstance(original, AddedTokenEmbedding):
+        original = original.original
+    embeddings.token_embedding = original
+    try:
+        yield
+    finally:
+        embeddings.token_embedding = added
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,6 +177,7 @@ def save_embedding(path: Path, vectors: torch.Tensor, *, token_string: str, step
 
     vectors = vectors.detach().to("cpu", dtype or vectors.dtype).contiguous()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         from library.safetensors_io import save_tensors
 
@@ -203,3 +230,93 @@ def load_embedding(path: Path, *, dim: int) -> torch.Tensor:
 
 def template_caption(templates: tuple[str, ...], new_tokens: NewTokens, rng: random.Random) -> str:
     return rng.choice(templates).format(new_tokens.prompt_text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embeddings in other trainers: loaded ones (frozen) and pivotal tuning (a token trained in the same run)
+
+
+def bundle_key(token_string: str) -> str:
+    """Where a LoRA file carries an embedding: WebUI's Lora extension and ComfyUI read `bundle_emb.<name>.*`
+    (the `.string_to_param.*` form is the one both accept) and make `<name>` a prompt word."""
+    return f"bundle_emb.{token_string}.string_to_param.*"
+
+
+def load_embeddings(text_encoder, tokenizer, files: list[str]) -> list[NewTokens]:
+    """Add each embedding file as a frozen word named after the file's stem (WebUI's rule), all in one layer."""
+    dim = text_encoder.get_input_embeddings().embedding_dim
+    tokens, vectors = [], []
+    for file in files:
+        path = Path(file)
+        v = load_embedding(path, dim=dim)
+        tokens.append(add_tokens(tokenizer, path.stem, len(v)))
+        vectors.append(v)
+    if tokens:
+        layer = install(text_encoder, torch.cat(vectors))
+        layer.added.requires_grad_(False)
+        logger.info("embeddings: %s", ", ".join(f"{t.token_string} ({len(t.ids)} vectors)" for t in tokens))
+    return tokens
+
+
+class PivotalEmbedding:
+    """A new token trained in the same run as a LoRA or a full model (pivotal tuning): trained for the first
+    `train_steps` steps (None: all), then frozen, and saved with the model."""
+
+    def __init__(self, layer: AddedTokenEmbedding, new_tokens: NewTokens, *, train_steps: int | None):
+        self.layer, self.new_tokens, self.train_steps = layer, new_tokens, train_steps
+        self.training = True
+
+    def before_step(self, global_step: int) -> None:
+        if self.training and self.train_steps is not None and global_step >= self.train_steps:
+            logger.info("step %d: the embedding of %r is frozen from here on (--pivotal_steps)", global_step + 1,
+                        self.new_tokens.token_string)
+            self.layer.added.requires_grad_(False)
+            self.training = False
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        return self.layer.added.detach()
+
+
+def add_pivotal_token(text_encoder, tokenizer, *, token_string: str, init_word: str | None, num_vectors: int,
+                      train_steps: int | None, dtype: torch.dtype = torch.float32) -> PivotalEmbedding:
+    table = text_encoder.get_input_embeddings()
+    new_tokens = add_tokens(tokenizer, token_string, num_vectors)
+    vectors = init_vectors(tokenizer, table, init_word, num_vectors)
+    layer = install(text_encoder, vectors.to(dtype))
+    layer.added.requires_grad_(True)
+    return PivotalEmbedding(layer, new_tokens, train_steps=train_steps)
+
+
+def embeddings_dir(path_stem: Path) -> Path:
+    """Where a saved model's trained words go: `<model name>_embeddings/<token>.safetensors`, beside the model."""
+    return path_stem.with_name(path_stem.name + "_embeddings")
+
+
+def save_beside(path_stem: Path, pivot: PivotalEmbedding, *, step: int, metadata: dict[str, str]) -> Path:
+    """The trained word as an embedding file named after the token (WebUI's embeddings/ and ComfyUI's
+    models/embeddings/ take the file name as the prompt word; diffusers' load_textual_inversion reads it)."""
+    token = pivot.new_tokens.token_string
+    path = save_embedding(embeddings_dir(path_stem) / f"{token}.safetensors", pivot.vectors, token_string=token,
+                          step=step, metadata=metadata)
+    logger.info("saved %s", path)
+    return path
+
+
+def expand_tokens(text: str, tokens: list[NewTokens]) -> str:
+    for t in tokens:
+        text = t.expand(text)
+    return text
+
+
+class CaptionRewrite:
+    """A dataset's caption rewrite for added tokens: each token string expanded to all its vectors, or (textual
+    inversion with templates) a template picked with the sample's own random stream."""
+
+    def __init__(self, tokens: list[NewTokens], templates: tuple[str, ...] | None = None):
+        self.tokens, self.templates = tokens, templates
+
+    def __call__(self, caption: str, rng: random.Random) -> str:
+        if self.templates:
+            return template_caption(self.templates, self.tokens[0], rng)
+        return expand_tokens(caption, self.tokens)

@@ -103,3 +103,16 @@ def test_weighted_prompts(models):
 
     ids, _ = tokenize_weighted(tok, ["first part BREAK second part"], max_token_length=150)
     assert ids[0, 1, 1] == tok.convert_tokens_to_ids("second</w>")  # BREAK starts the next chunk
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-512"])
+def test_unweighted_prompts_tokenize_as_plain(models, family):
+    """Without emphasis, the weighted tokenizer gives the plain ids in every window, also for SD 2.x, whose
+    tokenizer pads with 0 (not EOS) to the end of each window."""
+    from library.text_encoding import tokenize_weighted
+
+    tok = models[family].tokenizer
+    captions = ["a red cat", "", "a long caption " + "word " * 100, "exactly " * 75]
+    for length in (75, 150, 225):
+        ids, _ = tokenize_weighted(tok, captions, max_token_length=length)
+        assert torch.equal(ids, tokenize(tok, captions, max_token_length=length)), length

@@ -1,0 +1,443 @@
+"""Generate images with a Stable Diffusion 1.x / 2.x model (kohya-ss/sd-scripts' gen_img.py interface).
+
+    python gen_img.py --ckpt model.safetensors --outdir outputs --W 512 --H 512 --steps 30 --sampler euler_a \\
+        --network_weights my_lora.safetensors --network_mul 0.8 --seed 42 --images_per_prompt 4 \\
+        --prompt "a photo of a (red:1.2) car --n blurry, lowres"
+
+The recipe: check options -> open the model (any layout, family detected) -> read the prompts -> load the weights
+-> apply or merge the networks -> plan seeds and batches (kohya's rules) -> generate with `library/sampling.py`
+(the code the trainers' sample images use) -> save PNGs that carry WebUI's "parameters" text.
+
+Prompts (`--prompt`, or `--from_file` with one per line) take kohya's per-prompt options: `--n` negative prompt,
+`--w` / `--h` size, `--d` seeds (comma list, one per image), `--l` CFG scale, `--s` steps, `--ss` sampler, `--t`
+img2img strength, `--am` network multipliers, `--f` file name. Weights `(word:1.2)`, `[word]` and `BREAK` are
+read as WebUI reads them; prompts longer than 75 tokens use 2 or 3 CLIP windows (up to 225 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from library import sampling  # noqa: E402
+from library import textual_inversion as ti  # noqa: E402
+from library.model_loading import SDModels, TextModelShim, instantiate_models, replace_vae  # noqa: E402
+from library.sampling import ImageJob, PromptFileError, SamplePrompt  # noqa: E402
+from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint  # noqa: E402
+from library.tensor_files import CheckpointError  # noqa: E402
+from library.text_encoding import CHUNK, fitting_token_length, token_count  # noqa: E402
+
+logger = logging.getLogger("gen_img")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", required=True, help="model: original .safetensors / .ckpt, or a diffusers folder")
+    g.add_argument("--vae", default=None, help="use this VAE (file, full checkpoint or diffusers folder)")
+    family = g.add_mutually_exclusive_group()
+    family.add_argument("--v1", action="store_true", help="assert an SD 1.x model (detected anyway)")
+    family.add_argument("--v2", action="store_true", help="assert an SD 2.x model (detected anyway)")
+    g.add_argument("--v_parameterization", action="store_true",
+                   help="the model predicts v (SD 2.x 768-v); only needed when the file does not say so itself")
+    g.add_argument("--zero_terminal_snr", action="store_true", help="sample with a zero-terminal-SNR schedule")
+    g.add_argument("--allow_unsafe_pickle", action="store_true", help="load .ckpt files that need arbitrary code")
+    g.add_argument("--fp16", action="store_true", help="run in fp16 (CUDA only)")
+    g.add_argument("--bf16", action="store_true", help="run in bf16 (CUDA or CPU)")
+    g.add_argument("--xformers", action="store_true", help="accepted for kohya compatibility; PyTorch SDPA is used")
+    g.add_argument("--sdpa", action="store_true", help="accepted for kohya compatibility (the default)")
+
+    g = p.add_argument_group("prompts and output")
+    g.add_argument("--prompt", default=None, help="the prompt, with kohya's per-prompt options (--n, --d, ...)")
+    g.add_argument("--from_file", default=None, help="prompt file: one prompt per line (.txt), or .toml / .json")
+    g.add_argument("--outdir", default="outputs", help="output folder")
+    g.add_argument("--sequential_file_name", action="store_true", help="name files im_000000.png, ... (no seed)")
+    g.add_argument("--images_per_prompt", type=int, default=1)
+    g.add_argument("--n_iter", type=int, default=1, help="repeat the whole prompt list this many times")
+    g.add_argument("--batch_size", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None,
+                   help="the seed of a single image, or of the seeds of several (kohya's rule)")
+    g.add_argument("--iter_same_seed", action="store_true", help="one seed for every prompt of an iteration")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler", default="ddim",
+                   help=f"one of {', '.join(list(sampling.SAMPLERS) + list(sampling.SAMPLER_ALIASES))}")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--scale", type=float, default=7.5, help="CFG scale")
+    g.add_argument("--negative_scale", type=float, default=None, help="not supported (kohya's extra negative CFG)")
+    g.add_argument("--W", type=int, default=None, help="width (default: the model family's resolution)")
+    g.add_argument("--H", type=int, default=None, help="height (default: the model family's resolution)")
+    g.add_argument("--clip_skip", type=int, default=None, help="condition on the n-th last text-encoder layer")
+    g.add_argument("--textual_inversion_embeddings", nargs="*", default=None,
+                   help="embedding files (.pt / .safetensors); the prompt word is each file's name without extension")
+    g.add_argument("--max_embeddings_multiples", type=int, choices=[1, 2, 3], default=None,
+                   help="CLIP windows per prompt (75 tokens each); default: as many as the longest prompt needs")
+    g.add_argument("--max_token_length", type=int, choices=[75, 150, 225], default=None,
+                   help="the same in tokens (this suite's training flag)")
+    g.add_argument("--image_path", default=None, help="img2img: an image, or a folder of images used in turn")
+    g.add_argument("--strength", type=float, default=None, help="img2img denoising strength (default 0.8)")
+
+    g = p.add_argument_group("networks (LoRA)")
+    g.add_argument("--network_module", nargs="*", default=None,
+                   help="module per network (default networks.lora; one value applies to all)")
+    g.add_argument("--network_weights", nargs="*", default=None, help="network files")
+    g.add_argument("--network_mul", type=float, nargs="*", default=None, help="multiplier per network (default 1)")
+    g.add_argument("--network_args", nargs="*", default=None, help="per network: 'key=value;key=value'")
+    g.add_argument("--network_merge", action="store_true", help="merge all networks into the weights (faster)")
+    g.add_argument("--network_merge_n_models", type=int, default=None, help="merge only the first N networks")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Options -> typed pieces (a problem a user can fix is one "error: ..." line, found before the model loads where
+# possible: prompt files are read once the model's family is known, before its weights are)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    module: str
+    weights: Path
+    multiplier: float
+    kwargs: dict
+    merge: bool
+
+
+def fail(message: str) -> SystemExit:
+    return SystemExit(f"error: {message}")
+
+
+def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    if args.prompt is None and args.from_file is None:
+        raise fail("give --prompt or --from_file (interactive mode is not supported)")
+    if args.negative_scale is not None:
+        raise fail("--negative_scale is not supported here; leave it out (the negative prompt uses --scale)")
+    for flag in ("images_per_prompt", "n_iter", "batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            raise fail(f"--{flag} must be at least 1")
+    for flag in ("W", "H"):
+        value = getattr(args, flag)
+        if value is not None and (value < 64 or value % 8):
+            raise fail(f"--{flag} {value}: use a multiple of 8, at least 64")
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        raise fail(f"--strength {args.strength}: must be in (0, 1]")
+    if args.max_embeddings_multiples and args.max_token_length and \
+            args.max_embeddings_multiples * CHUNK != args.max_token_length:
+        raise fail("--max_embeddings_multiples and --max_token_length disagree; give one")
+    try:
+        sampling.sampler_name(args.sampler)
+    except ValueError as e:
+        raise fail(f"--sampler: {e}") from None
+    if args.fp16 and args.bf16:
+        raise fail("give one of --fp16 / --bf16")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.fp16 and device.type == "cpu":
+        raise fail("--fp16 needs a CUDA GPU (no GPU found); on CPU use --bf16, or neither for fp32")
+    if args.xformers:
+        logger.info("--xformers: using PyTorch's scaled-dot-product attention instead (same results)")
+    return device, (torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32)
+
+
+def network_specs(args: argparse.Namespace) -> list[NetworkSpec]:
+    files = args.network_weights or []
+    modules = args.network_module or ["networks.lora"]
+    if args.network_module and not files:
+        raise fail("--network_module needs --network_weights (one file per network)")
+    if len(modules) not in (1, len(files)) and files:
+        raise fail(f"{len(modules)} --network_module values for {len(files)} --network_weights files: give one "
+                   "module for all, or one per file")
+    multipliers = args.network_mul or [1.0] * len(files)
+    if len(multipliers) != len(files):
+        raise fail(f"{len(multipliers)} --network_mul values for {len(files)} --network_weights files: give one "
+                   "per file")
+    network_args = args.network_args or []
+    if len(network_args) > len(files):
+        raise fail(f"{len(network_args)} --network_args values for {len(files)} networks")
+    merged = len(files) if args.network_merge else (args.network_merge_n_models or 0)
+    specs = []
+    for i, (file, multiplier) in enumerate(zip(files, multipliers)):
+        if not Path(file).is_file():
+            raise fail(f"--network_weights {file}: no such file")
+        kwargs = network_kwargs(network_args[i]) if i < len(network_args) else {}
+        specs.append(NetworkSpec(modules[i] if len(modules) > 1 else modules[0], Path(file), multiplier, kwargs,
+                                 merge=i < merged))
+    return specs
+
+
+def network_kwargs(text: str) -> dict[str, str]:
+    """kohya's per-network `--network_args` value: `key=value;key=value`."""
+    kwargs = {}
+    for item in filter(None, text.split(";")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise fail(f"--network_args {item!r}: expected key=value (several separated by ';')")
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def read_prompts(args: argparse.Namespace, default_size: int, applied_networks: int) -> list[SamplePrompt]:
+    defaults = SamplePrompt("", width=args.W or default_size, height=args.H or default_size, scale=args.scale,
+                            steps=args.steps, sampler=sampling.sampler_name(args.sampler))
+    try:
+        if args.prompt is not None:
+            prompts = [sampling.parse_prompt_line(args.prompt, defaults, where="--prompt")]
+        else:
+            prompts = sampling.load_prompts(args.from_file, defaults)
+    except (PromptFileError, ValueError) as e:
+        raise fail(str(e)) from None
+    for prompt in prompts:
+        where = prompt.where or "prompt"
+        if not prompt.prompt:
+            raise fail(f"{where}: empty prompt")
+        muls = prompt.network_multipliers
+        if muls is not None and not applied_networks:
+            raise fail(f"{where}: --am needs networks that are applied, not merged (--network_merge) or absent")
+        if muls is not None and len(muls) > applied_networks:
+            raise fail(f"{where}: --am gives {len(muls)} multipliers for {applied_networks} applied network(s)")
+        if prompt.strength is not None and not args.image_path:
+            raise fail(f"{where}: --t (img2img strength) needs --image_path")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and networks
+
+
+def read_model(args: argparse.Namespace) -> SDCheckpoint:
+    """The model (`--ckpt`, `--vae`), family checked against `--v1` / `--v2` / `--v_parameterization`. Tensors are
+    read later, by `load_models`; the family is known at once."""
+    hints = FamilyHints(v2=True if args.v2 else (False if args.v1 else None),
+                        v_parameterization=args.v_parameterization)
+    try:
+        checkpoint = read_checkpoint(args.ckpt, hints, allow_unsafe_pickle=args.allow_unsafe_pickle)
+        if args.vae:
+            replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    except CheckpointError as e:
+        raise fail(str(e)) from None
+    logger.info("%s: %s (%s)", args.ckpt, checkpoint.family.description, checkpoint.prediction_type.value)
+    return checkpoint
+
+
+def load_models(checkpoint: SDCheckpoint, device: torch.device, dtype: torch.dtype) -> SDModels:
+    with checkpoint:
+        models = instantiate_models(checkpoint, dtype=dtype)
+    for model in (models.unet, models.vae, models.text_encoder):
+        # Not requires_grad_(False): sampling runs under no_grad anyway, and frozen weights can make CPU kernels
+        # round differently from diffusers' own pipelines (seen on the SD 2.x U-Net: 6e-5).
+        model.to(device)
+    return models
+
+
+def add_networks(specs: list[NetworkSpec], models: SDModels, device: torch.device, dtype: torch.dtype) -> list:
+    """Merge or apply each network (kohya's create_network_from_weights interface); returns the applied ones with
+    their `--network_mul` (`--am` changes their multipliers per prompt)."""
+    applied = []
+    for spec in specs:
+        module = importlib.import_module(spec.module)
+        # External kohya-interface modules name text-encoder layers by module path; see TextModelShim.
+        text_encoder = models.text_encoder if spec.module == "networks.lora" else TextModelShim(models.text_encoder)
+        try:
+            network, weights = module.create_network_from_weights(spec.multiplier, str(spec.weights), models.vae,
+                                                                  text_encoder, models.unet, for_inference=True,
+                                                                  **spec.kwargs)
+            check_fit(network, weights, spec.weights, models.family.description)
+            if spec.merge and not network.is_mergeable():
+                logger.warning("%s: this network cannot be merged; applying it instead", spec.weights)
+            if spec.merge and network.is_mergeable():
+                network.merge_to(text_encoder, models.unet, weights, dtype=dtype, device=device)
+                logger.info("merged %s (multiplier %s)", spec.weights, spec.multiplier)
+                continue
+            network.apply_to(text_encoder, models.unet)
+            info = network.load_state_dict(weights, strict=False)
+        except (ValueError, RuntimeError, NotImplementedError) as e:  # RuntimeError: torch's shape mismatch
+            raise fail(f"--network_weights {spec.weights}: {e}") from None
+        if info.unexpected_keys:
+            raise fail(f"--network_weights {spec.weights}: {len(info.unexpected_keys)} key(s) the network does not "
+                       f"have: {', '.join(info.unexpected_keys[:10])}")
+        if info.missing_keys:
+            logger.warning("%s lacks %d key(s) of its network (those modules do nothing): %s", spec.weights,
+                           len(info.missing_keys), ", ".join(info.missing_keys[:10]))
+        network.to(device, dtype).eval()
+        applied.append((network, spec.multiplier))
+        logger.info("applied %s (multiplier %s)", spec.weights, spec.multiplier)
+    return applied
+
+
+def check_fit(network, weights: dict, file: Path, model: str) -> None:
+    """Refuse a network file whose tensors do not fit this model's layers, in one line that says how many did."""
+    own = network.state_dict()
+    misfits = [k for k, v in weights.items() if k not in own or tuple(v.shape) != tuple(own[k].shape)]
+    if misfits:
+        raise fail(f"--network_weights {file}: {len(weights) - len(misfits)} of {len(weights)} tensors fit this model "
+                   f"({model}); {len(misfits)} do not, e.g. {misfits[0]} "
+                   f"{tuple(weights[misfits[0]].shape)}. Is it a network for another model family?")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images in and out
+
+
+def load_init_images(path: str | None) -> list:
+    """img2img inputs, RGB, cut down to a multiple of 8 in each side (kohya: 32) by resizing."""
+    if path is None:
+        return []
+    from PIL import Image
+
+    source = Path(path)
+    files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else \
+        [source]
+    if not files or not files[0].is_file():
+        raise fail(f"--image_path {path}: no image file found")
+    images = []
+    for file in files:
+        try:
+            image = Image.open(file).convert("RGB")
+        except OSError as e:
+            raise fail(f"--image_path {file}: cannot read the image ({e})") from None
+        size = (image.width // 8 * 8, image.height // 8 * 8)
+        if min(size) < 64:
+            raise fail(f"--image_path {file}: {image.width}x{image.height} is too small (at least 64x64)")
+        if size != image.size:
+            logger.warning("%s: resized to %dx%d (a multiple of 8)", file, *size)
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        images.append(image)
+    return images
+
+
+def output_paths(outdir: Path, jobs: list[ImageJob], *, sequential: bool) -> list[Path]:
+    """Deterministic names: `im_<number>_<seed>.png` (or `im_<number>.png`), numbered on from the highest
+    `im_<number>` already in `outdir` (as WebUI numbers its outputs), so a second run never overwrites the first.
+    A prompt's `--f` name is used as given, with `_<number>` added when several images share it."""
+    taken = [int(m.group(1)) for f in (outdir.iterdir() if outdir.is_dir() else [])
+             if (m := re.fullmatch(r"im_(\d{6})(?:_\d+)?\.png", f.name))]
+    start = max(taken, default=-1) + 1
+    uses: dict[str, int] = {}
+    for job in jobs:
+        if job.prompt.filename:
+            uses[job.prompt.filename] = uses.get(job.prompt.filename, 0) + 1
+    paths = []
+    for job in jobs:
+        number = f"{start + job.index:06d}"
+        name = job.prompt.filename
+        if name:
+            stem, suffix = (name[:-4], ".png") if name.lower().endswith(".png") else (name, ".png")
+            paths.append(outdir / (f"{stem}_{number}{suffix}" if uses[name] > 1 else stem + suffix))
+        else:
+            paths.append(outdir / (f"im_{number}.png" if sequential else f"im_{number}_{job.seed}.png"))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    device, dtype = check_args(args)
+    specs = network_specs(args)
+    init_images = load_init_images(args.image_path)
+    checkpoint = read_model(args)
+    try:
+        prompts = read_prompts(args, checkpoint.family.default_resolution, sum(not spec.merge for spec in specs))
+    except SystemExit:
+        checkpoint.close()
+        raise
+    models = load_models(checkpoint, device, dtype)
+    applied = add_networks(specs, models, device, dtype)
+    try:  # textual-inversion words: the prompt word is the file name (WebUI's rule)
+        words = ti.load_embeddings(models.text_encoder, models.tokenizer, args.textual_inversion_embeddings or [])
+    except ValueError as e:
+        raise fail(f"--textual_inversion_embeddings: {e}") from None
+
+    def expanded(p: SamplePrompt) -> SamplePrompt:  # a word with several vectors stands for all of them
+        return replace(p, prompt=ti.expand_tokens(p.prompt, words),
+                       negative_prompt=ti.expand_tokens(p.negative_prompt, words)) if words else p
+    jobs = [replace(job, prompt=settle(job.prompt, init_images[job.index % len(init_images)] if init_images else None,
+                                       strength=args.strength, multipliers=[mul for _, mul in applied]))
+            for job in sampling.plan_images(prompts, images_per_prompt=args.images_per_prompt, n_iter=args.n_iter,
+                                            seed=args.seed, iter_same_seed=args.iter_same_seed)]
+    lengths = token_lengths([expanded(p) for p in prompts], models.tokenizer, args.max_token_length or
+                            (args.max_embeddings_multiples or 0) * CHUNK or None)
+
+    def batch_key(job: ImageJob):  # what the images of one batch share
+        p = expanded(job.prompt)
+        return (p.width, p.height, p.steps, p.scale, p.strength, p.sampler, p.network_multipliers,
+                lengths[p.prompt, p.negative_prompt])
+
+    outdir = Path(args.outdir)
+    paths = output_paths(outdir, jobs, sequential=args.sequential_file_name)
+    written = []
+    with tqdm(total=len(jobs), desc="images", unit="image") as bar:
+        for batch in sampling.batches(jobs, args.batch_size, batch_key):
+            first = expanded(batch[0].prompt)
+            for (network, _), multiplier in zip(applied, first.network_multipliers or ()):
+                network.set_multiplier(multiplier)
+            images = sampling.generate_images(
+                [expanded(job.prompt) for job in batch], [job.seed for job in batch], unet=models.unet, vae=models.vae,
+                text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                scheduler=sampling.make_scheduler(first.sampler, models.prediction_type.value,
+                                                  zero_terminal_snr=args.zero_terminal_snr),
+                clip_skip=args.clip_skip, max_token_length=lengths[first.prompt, first.negative_prompt],
+                weighted=True, vae_scale_factor=models.family.vae_scale_factor, progress=True,
+                init_images=[init_images[job.index % len(init_images)] for job in batch] if init_images else None)
+            for job, image in zip(batch, images):
+                written.append(sampling.save_png(image, paths[job.index], png_text(job.prompt, job.seed, args)))
+            bar.update(len(batch))
+    logger.info("wrote %d image(s) to %s", len(written), outdir)
+    return written
+
+
+def settle(prompt: SamplePrompt, init_image, *, strength: float | None, multipliers: list[float]) -> SamplePrompt:
+    """The prompt with what the run decides filled in: img2img size (the input's) and strength, and one
+    multiplier per applied network (`--am` values, the last repeated as in kohya; else `--network_mul`)."""
+    if init_image is not None:
+        prompt = replace(prompt, width=init_image.width, height=init_image.height,
+                         strength=prompt.strength or strength or 0.8)
+    if multipliers:
+        muls = list(prompt.network_multipliers or multipliers)
+        prompt = replace(prompt, network_multipliers=tuple(muls + muls[-1:] * (len(multipliers) - len(muls))))
+    return prompt
+
+
+def token_lengths(prompts: list[SamplePrompt], tokenizer, fixed: int | None) -> dict[tuple[str, str], int]:
+    """(prompt, negative prompt) -> the conditioning length: `fixed` (--max_token_length), or the 75 / 150 / 225
+    tokens that the longer of the two needs. Part of the batch key, so an image never depends on its batch."""
+    lengths = {}
+    for prompt in prompts:
+        texts = [prompt.prompt, prompt.negative_prompt]
+        lengths[tuple(texts)] = length = fixed or fitting_token_length(tokenizer, texts, weighted=True)
+        longest = max(token_count(tokenizer, text, weighted=True) for text in texts)
+        if longest > length:
+            logger.warning("%s: %d tokens, cut to %d (at most 225)", prompt.where or "prompt", longest, length)
+    return lengths
+
+
+def png_text(prompt: SamplePrompt, seed: int, args: argparse.Namespace) -> str:
+    extra = {}
+    if prompt.strength is not None:
+        extra["Denoising strength"] = prompt.strength
+    if args.clip_skip and args.clip_skip > 1:
+        extra["Clip skip"] = args.clip_skip
+    return sampling.webui_parameters(prompt, sampler=sampling.WEBUI_SAMPLER_NAMES.get(prompt.sampler, prompt.sampler),
+                                     seed=seed, model_name=Path(args.ckpt).stem, extra=extra)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    return run(setup_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
