@@ -129,13 +129,9 @@ class LoRAModule(nn.Module):
         return out + self.lora_up(lx) * self.multiplier * scale
 
     def merged_weight_delta(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """ΔW (fp32, without the multiplier) in the wrapped module's weight shape.
-
-        up.flatten(1) @ down.flatten(1) covers Linear, 1x1 and kxk convs alike: a 1x1 conv after a kxk conv
-        with the same stride/padding is one kxk conv whose kernel mixes the down kernels by the up matrix."""
-        up = self.lora_up.weight.to(device=device, dtype=torch.float32).flatten(1)
-        down = self.lora_down.weight.to(device=device, dtype=torch.float32).flatten(1)
-        return (up @ down).reshape(self.org_module.weight.shape) * self.scale
+        """ΔW (fp32, without the multiplier) in the wrapped module's weight shape (see `weight_delta`)."""
+        return weight_delta(self.lora_up.weight, self.lora_down.weight, self.scale, device=device).reshape(
+            self.org_module.weight.shape)
 
     @torch.no_grad()
     def merge_to_base(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
@@ -144,6 +140,19 @@ class LoRAModule(nn.Module):
         device = device if device is not None else weight.device
         merged = weight.to(device=device, dtype=torch.float32) + self.multiplier * self.merged_weight_delta(device)
         weight.copy_(merged.to(dtype or weight.dtype))
+
+
+def weight_delta(up: torch.Tensor, down: torch.Tensor, scale: float, *,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """ΔW = up @ down * scale (scale = alpha / rank), in fp32, shaped like the wrapped layer's weight:
+    [out, in] for Linear, [out, in, kh, kw] for a conv (down [r, in, kh, kw], up [out, r, 1, 1]).
+
+    up.flatten(1) @ down.flatten(1) covers Linear, 1x1 and kxk convs alike: a 1x1 conv after a kxk conv
+    with the same stride/padding is one kxk conv whose kernel mixes the down kernels by the up matrix.
+    The one formula used by merging, applying, resizing and the LoRA tools."""
+    up2d = up.to(device=device, dtype=torch.float32).flatten(1)
+    down2d = down.to(device=device, dtype=torch.float32).flatten(1)
+    return (up2d @ down2d).reshape(up.shape[0], *down.shape[1:]) * scale
 
 
 def find_targets(root: nn.Module, containers: tuple[str, ...], prefix: str,
@@ -164,6 +173,22 @@ def find_targets(root: nn.Module, containers: tuple[str, ...], prefix: str,
                     raise ValueError(f"two modules map to the LoRA name {name}")
                 found[name] = child
     return found
+
+
+def lora_targets(text_encoder: nn.Module | None, unet: nn.Module | None, *, conv: bool
+                 ) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """(text-encoder, U-Net) layers a kohya LoRA can target, by LoRA name. `conv` adds the layers of ResNet
+    blocks and down/upsamplers (LoCon); a file may hold any subset. Works on meta-device models too."""
+    te_targets, unet_targets = {}, {}
+    if text_encoder is not None:
+        # Every kohya/WebUI/ComfyUI/diffusers file names TE modules `lora_te_text_model_encoder_...`:
+        # transformers 4's CLIPTextModel has that `text_model.` level, transformers 5's does not: add it back.
+        te_path = "" if hasattr(text_encoder, "text_model") else "text_model."
+        te_targets = find_targets(text_encoder, TEXT_ENCODER_CONTAINERS, PREFIX_TEXT_ENCODER, te_path)
+    if unet is not None:
+        containers = UNET_ATTENTION_CONTAINERS + (UNET_CONV_CONTAINERS if conv else ())
+        unet_targets = find_targets(unet, containers, PREFIX_UNET)
+    return te_targets, unet_targets
 
 
 class LoRANetwork(nn.Module):
@@ -206,17 +231,8 @@ class LoRANetwork(nn.Module):
                 loras.append(lora)
             return loras
 
-        te_targets, unet_targets = {}, {}
-        if text_encoder is not None:
-            # Every kohya/WebUI/ComfyUI/diffusers file names TE modules `lora_te_text_model_encoder_...`:
-            # transformers 4's CLIPTextModel has that `text_model.` level, transformers 5's does not: add it back.
-            te_path = "" if hasattr(text_encoder, "text_model") else "text_model."
-            te_targets = find_targets(text_encoder, TEXT_ENCODER_CONTAINERS, PREFIX_TEXT_ENCODER, te_path)
-        if unet is not None:
-            containers = UNET_ATTENTION_CONTAINERS
-            if conv_lora_dim or conv_block_dims or modules_dim is not None:
-                containers += UNET_CONV_CONTAINERS
-            unet_targets = find_targets(unet, containers, PREFIX_UNET)
+        conv = bool(conv_lora_dim or conv_block_dims or modules_dim is not None)
+        te_targets, unet_targets = lora_targets(text_encoder, unet, conv=conv)
         if modules_dim is not None:
             unknown = sorted(set(modules_dim) - set(te_targets) - set(unet_targets))
             if unknown:
@@ -384,18 +400,26 @@ class LoRANetwork(nn.Module):
 
     def load_weights(self, file: str | Path):
         """Load a LoRA file into this network: shapes must match and no key may be unknown. Returns torch's
-        (missing_keys, unexpected_keys) info; missing keys keep their current values, as in kohya."""
-        return self._load_checked(read_weights(file), str(file))
+        (missing_keys, unexpected_keys) info; missing keys keep their current values, as in kohya. Bundled
+        embeddings (`bundle_emb.*`) are not network weights and are left out."""
+        weights = {k: v for k, v in read_weights(file).items() if not k.startswith(BUNDLE_PREFIX)}
+        return self._load_checked(weights, str(file))
 
-    def save_weights(self, file: str | Path, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
-        """Write the network atomically: .safetensors with string metadata, anything else with torch.save."""
+    def save_weights(self, file: str | Path, dtype: torch.dtype | None, metadata: dict[str, str] | None, *,
+                     extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the network atomically: .safetensors with string metadata, anything else with torch.save.
+        `extra_tensors` are written beside the weights as they are (e.g. bundled embeddings)."""
         state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
                  for k, v in self.state_dict().items()}
+        state.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
         if Path(file).suffix.lower() == ".safetensors":
             save_tensors(file, state, metadata or None)
         else:
             with atomic_file(file) as tmp:
                 torch.save(state, tmp)
+
+
+BUNDLE_PREFIX = "bundle_emb."  # textual-inversion embeddings carried in a LoRA file (WebUI, ComfyUI)
 
 
 def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
