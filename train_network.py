@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +29,8 @@ from library import train_args  # noqa: E402
 from library import training_setup as setup  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.model_loading import TextModelShim  # noqa: E402
+from library.textual_inversion import (CaptionRewrite, bundle_key, embeddings_dir, expand_tokens,  # noqa: E402
+                                       save_beside)
 from library.training_metadata import additional_networks_hashes, run_metadata  # noqa: E402
 from library.train_dataset import TrainingDataset, describe_samples  # noqa: E402
 from library.training_loop import Trainer  # noqa: E402
@@ -38,6 +41,7 @@ logger = logging.getLogger("train_network")
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train_args.add_common_training_arguments(p)
+    train_args.add_embedding_arguments(p)
     g = p.add_argument_group("network")
     g.add_argument("--network_module", default="networks.lora")
     g.add_argument("--network_dim", type=int, default=None, help="rank (networks.lora default: 4)")
@@ -58,6 +62,9 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="LoRA files merged into the base model before training (differential LoRA)")
     g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None)
     g.add_argument("--training_comment", default=None)
+    g.add_argument("--bundle_embeddings", action="store_true",
+                   help="with --pivotal_token: the trained word inside the LoRA file (bundle_emb.*, read by WebUI "
+                        "and ComfyUI; diffusers' load_lora_weights refuses such files) instead of beside it")
     return p
 
 
@@ -65,15 +72,28 @@ def setup_parser() -> argparse.ArgumentParser:
 # The network as a training task
 
 
+PIVOT_STATE_KEY = "pivotal_embedding"
+
+
 class LoRATask:
     def __init__(self, network, *, train_text_encoder: bool, save_dtype, save_model_as: str, metadata: dict,
-                 scale_weight_norms: float | None = None):
+                 scale_weight_norms: float | None = None, pivot=None, bundle_embeddings: bool = False):
         self.network = network
-        self.train_text_encoder = train_text_encoder
+        self.trains_text_encoder_lora = train_text_encoder
         self.save_dtype = save_dtype
         self.save_model_as = save_model_as
         self.metadata = metadata
         self.scale_weight_norms = scale_weight_norms
+        self.pivot = pivot  # a token trained in the same run (pivotal tuning), saved with the LoRA
+        self.bundle_embeddings = bundle_embeddings  # in the LoRA file (bundle_emb.*) rather than beside it
+
+    @property
+    def train_text_encoder(self) -> bool:  # gradients must flow through the text encoder
+        return self.trains_text_encoder_lora or (self.pivot is not None and self.pivot.training)
+
+    def before_step(self, global_step: int) -> None:
+        if self.pivot is not None:
+            self.pivot.before_step(global_step)
 
     def after_optimizer_step(self) -> dict[str, float]:
         """--scale_weight_norms: max-norm regularisation after each step (logged as kohya does)."""
@@ -83,13 +103,24 @@ class LoRATask:
         return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm}
 
     def trainable_state(self):
-        return {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        if self.pivot is not None:
+            state[PIVOT_STATE_KEY] = self.pivot.vectors.clone()
+        return state
 
     def load_trainable_state(self, state):
+        state = dict(state)
+        if self.pivot is not None:
+            with torch.no_grad():
+                self.pivot.layer.added.copy_(state.pop(PIVOT_STATE_KEY))
         self.network.load_state_dict(state)
 
     def model_file_suffix(self) -> str:
         return "." + self.save_model_as
+
+    def model_paths(self, path_stem: Path) -> list[Path]:
+        paths = [path_stem.with_name(path_stem.name + self.model_file_suffix())]
+        return paths + ([embeddings_dir(path_stem)] if self.pivot is not None and not self.bundle_embeddings else [])
 
     def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path:
         path = path_stem.with_name(path_stem.name + self.model_file_suffix())
@@ -97,8 +128,13 @@ class LoRATask:
                         ss_training_finished_at=str(time.time()))
         if self.save_model_as == "safetensors":
             metadata.update(additional_networks_hashes(self.network.state_dict(), self.save_dtype, metadata))
-        self.network.save_weights(path, self.save_dtype,
-                                  metadata if self.save_model_as == "safetensors" else None)
+        bundle = {}
+        if self.pivot is not None and self.bundle_embeddings:  # inside the LoRA: WebUI and ComfyUI read it there
+            bundle = {bundle_key(self.pivot.new_tokens.token_string): self.pivot.vectors.float()}
+        self.network.save_weights(path, self.save_dtype, metadata if self.save_model_as == "safetensors" else None,
+                                  **({"extra_tensors": bundle} if bundle else {}))  # external modules lack it
+        if self.pivot is not None and not self.bundle_embeddings:
+            save_beside(path_stem, self.pivot, step=global_step, metadata=metadata)
         logger.info("saved %s", path)
         return path
 
@@ -140,6 +176,9 @@ def train(args: argparse.Namespace) -> Path:
     if args.network_weights and not Path(args.network_weights).is_file():
         raise SystemExit(f"error: --network_weights {args.network_weights}: no such file; check the path")
     network_kwargs = network_kwargs_from(args.network_args)
+    if args.bundle_embeddings and (not args.pivotal_token or args.network_module != "networks.lora"):
+        raise SystemExit("error: --bundle_embeddings puts the --pivotal_token word inside a networks.lora file: "
+                         "give --pivotal_token, with the default --network_module networks.lora")
 
     # Models
     checkpoint = setup.read_base_model(args)
@@ -148,9 +187,13 @@ def train(args: argparse.Namespace) -> Path:
     accelerator = setup.make_accelerator(args)
     models, precision = setup.load_models(args, checkpoint, accelerator)
     unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
+    added_tokens, pivot = setup.add_embeddings(args, models, precision)
 
     # Data
     dataset, data_summary = setup.build_dataset(args, family, start.seed)
+    if added_tokens:
+        dataset.caption_rewrite = CaptionRewrite(added_tokens)  # a token string stands for all its vectors
+        prompts = [replace(p, prompt=expand_tokens(p.prompt, added_tokens)) for p in prompts]
     batches = setup.epoch_batches(dataset, start.seed, accelerator)
     if args.debug_dataset:
         print("\n".join(describe_samples(dataset, batches)))
@@ -193,7 +236,10 @@ def train(args: argparse.Namespace) -> Path:
     param_groups, group_names = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
     # A text-encoder LoRA with learning rate 0 stays applied but frozen (prepare_optimizer_params decides).
     train_text_encoder = any(p.requires_grad for lora in network.text_encoder_loras for p in lora.parameters())
-    if train_text_encoder and args.gradient_checkpointing:
+    if pivot is not None:
+        param_groups.append({"params": [pivot.layer.added], "lr": args.pivotal_lr})
+        group_names.append("textual_inversion")
+    if (train_text_encoder or pivot is not None) and args.gradient_checkpointing:
         text_encoder.gradient_checkpointing_enable()
         text_encoder.train()
 
@@ -206,7 +252,8 @@ def train(args: argparse.Namespace) -> Path:
                              data_summary)
     task = LoRATask(network, train_text_encoder=train_text_encoder, save_dtype=setup.SAVE_DTYPES.get(args.save_precision),
                     save_model_as=args.save_model_as, metadata=metadata,
-                    scale_weight_norms=args.scale_weight_norms)
+                    scale_weight_norms=args.scale_weight_norms, pivot=pivot,
+                    bundle_embeddings=args.bundle_embeddings)
     trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=models.tokenizer,
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
                           train_args.objective_config(args, prediction)),
@@ -262,7 +309,15 @@ def run_fingerprint(args, family, dataset: TrainingDataset, seed: int) -> dict:
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "network_module": args.network_module,
             "network_dim": args.network_dim, "network_alpha": args.network_alpha,
             "network_args": args.network_args or [], "optimizer_type": args.optimizer_type or "AdamW",
-            "learning_rate": args.learning_rate}
+            "learning_rate": args.learning_rate, **_embedding_fingerprint(args)}
+
+
+def _embedding_fingerprint(args) -> dict:
+    """Only when embeddings are in play, so that states of runs without them keep their fingerprint."""
+    if not (args.pivotal_token or args.textual_inversion_embeddings):
+        return {}
+    return {"pivotal_token": args.pivotal_token, "pivotal_num_vectors": args.pivotal_num_vectors,
+            "textual_inversion_embeddings": [Path(f).name for f in args.textual_inversion_embeddings or []]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,8 @@ from library.diffusion_objective import DiffusionObjective
 from library.model_loading import SDModels, checkpoint_from_models
 from library.train_dataset import TrainingDataset, describe_samples
 from library.training_loop import Trainer
+from library.textual_inversion import (AddedTokenEmbedding, CaptionRewrite, embeddings_dir, expand_tokens,
+                                       original_token_embedding, save_beside)
 from library.training_metadata import run_metadata
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ def add_full_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep an exponential moving average of the trained weights and save it as the model")
     g.add_argument("--ema_decay", type=float, default=0.9999)
     g.add_argument("--ema_cpu", action="store_true", help="keep the EMA copy in CPU memory (saves GPU memory)")
+    train_args.add_embedding_arguments(p)
     g.add_argument("--fused_backward_pass", action="store_true",
                    help="step the optimizer inside the backward pass, parameter by parameter (no full gradient "
                         "copy of the model in memory); needs --gradient_accumulation_steps 1 and one process")
@@ -89,9 +92,10 @@ class FullModelTask:
 
     def __init__(self, models: SDModels, *, train_text_encoder: bool, stop_text_encoder_at: int | None,
                  save_as: SaveFormat, save_dtype: torch.dtype | None, extras: dict[str, torch.Tensor],
-                 source_metadata: dict[str, str], metadata: dict[str, str], ema=None):
+                 source_metadata: dict[str, str], metadata: dict[str, str], ema=None, pivot=None):
         self.models = models
-        self.train_text_encoder = train_text_encoder
+        self.trains_text_encoder = train_text_encoder
+        self.pivot = pivot  # a token trained in the same run (pivotal tuning), saved beside the checkpoint
         self.stop_text_encoder_at = stop_text_encoder_at
         self.save_as, self.save_dtype = save_as, save_dtype
         self.extras, self.source_metadata, self.metadata = extras, source_metadata, metadata
@@ -104,13 +108,21 @@ class FullModelTask:
             modules["text_encoder"] = self.models.text_encoder
         return modules
 
+    @property
+    def train_text_encoder(self) -> bool:  # gradients must flow through the text encoder
+        return self.trains_text_encoder or (self.pivot is not None and self.pivot.training)
+
     def before_step(self, global_step: int) -> None:
+        if self.pivot is not None:
+            self.pivot.before_step(global_step)
         if self.stop_text_encoder_at is not None and global_step >= self.stop_text_encoder_at \
-                and self.train_text_encoder:
+                and self.trains_text_encoder:
             # Frozen from here on; the optimizer skips parameters without gradients, so its state stays as is.
             logger.info("step %d: text encoder training stops (--stop_text_encoder_training)", global_step + 1)
-            self.models.text_encoder.requires_grad_(False)
-            self.train_text_encoder = False
+            for name, parameter in self.models.text_encoder.named_parameters():
+                if self.pivot is None or parameter is not self.pivot.layer.added:
+                    parameter.requires_grad_(False)
+            self.trains_text_encoder = False
 
     def after_optimizer_step(self) -> dict[str, float]:
         if self.ema is None:
@@ -122,6 +134,8 @@ class FullModelTask:
                             for name, module in self._modules().items()}}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.pivot is not None:
+            state["pivot"] = self.pivot.vectors
         return state
 
     def load_trainable_state(self, state: dict) -> None:
@@ -129,6 +143,9 @@ class FullModelTask:
             module.load_state_dict(state["models"][name])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.pivot is not None:
+            with torch.no_grad():
+                self.pivot.layer.added.copy_(state["pivot"])
 
     def model_file_suffix(self) -> str:
         return "" if self.save_as.is_diffusers else "." + self.save_as.value
@@ -138,13 +155,20 @@ class FullModelTask:
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
                         ss_training_finished_at=str(time.time()))
         metadata["modelspec.title"] = path_stem.name
-        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), \
+                original_token_embedding(self.models.text_encoder):
             checkpoint = checkpoint_from_models(self.models, extras=self.extras,
                                                 metadata=self.source_metadata)
             save_checkpoint(checkpoint, path, self.save_as, dtype=self.save_dtype, epoch=epoch,
                             global_step=global_step, metadata=metadata)
         logger.info("saved %s", path)
+        if self.pivot is not None:  # a checkpoint has no place for new tokens: the word goes beside it
+            save_beside(path_stem, self.pivot, step=global_step, metadata=metadata)
         return path
+
+    def model_paths(self, path_stem: Path) -> list[Path]:
+        paths = [path_stem.with_name(path_stem.name + self.model_file_suffix())]
+        return paths + ([embeddings_dir(path_stem)] if self.pivot is not None else [])
 
 
 def checkpoint_metadata(args, recipe: FullModelRecipe, family, prediction, dataset: TrainingDataset,
@@ -199,12 +223,16 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
         source_metadata = dict(checkpoint.metadata)
         models, precision = setup.load_models(args, checkpoint, accelerator)
     unet, text_encoder = models.unet, models.text_encoder
+    added_tokens, pivot = setup.add_embeddings(args, models, precision)
 
     # Data
     if recipe.before_data is not None and accelerator.is_main_process:
         recipe.before_data(models, start)
     accelerator.wait_for_everyone()
     dataset, data_summary = setup.build_dataset(args, family, start.seed)
+    if added_tokens:
+        dataset.caption_rewrite = CaptionRewrite(added_tokens)  # a token string stands for all its vectors
+        prompts = [replace(p, prompt=expand_tokens(p.prompt, added_tokens)) for p in prompts]
     batches = setup.epoch_batches(dataset, start.seed, accelerator)
     if args.debug_dataset:
         print("\n".join(describe_samples(dataset, batches)))
@@ -223,12 +251,20 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     if train_te:
         text_encoder.to(precision.trained_dtype)
         text_encoder.requires_grad_(True)
+        for module in text_encoder.modules():  # loaded embeddings stay as they are (--textual_inversion_embeddings)
+            if isinstance(module, AddedTokenEmbedding) and (pivot is None or module is not pivot.layer):
+                module.added.requires_grad_(False)
         text_encoder.train()
         if args.gradient_checkpointing:
             text_encoder.gradient_checkpointing_enable()
         te_lr = args.learning_rate_te if args.learning_rate_te is not None else args.learning_rate
-        param_groups.append({"params": list(text_encoder.parameters()), "lr": te_lr})
+        param_groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
         lr_names.append("textencoder")
+    if train_te and pivot is not None:  # the new vectors train in their own group, at their own rate
+        param_groups[-1]["params"] = [p for p in param_groups[-1]["params"] if p is not pivot.layer.added]
+    if pivot is not None:
+        param_groups.append({"params": [pivot.layer.added], "lr": args.pivotal_lr})
+        lr_names.append("textual_inversion")
     trainable = [p for g in param_groups for p in g["params"]]
     ema = None
     if args.use_ema:
@@ -258,12 +294,10 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
                                    max_train_steps)
     task = FullModelTask(models, train_text_encoder=train_te, stop_text_encoder_at=recipe.stop_text_encoder_at,
                          save_as=fmt, save_dtype=setup.SAVE_DTYPES.get(args.save_precision), extras=extras,
-                         source_metadata=source_metadata, metadata=metadata, ema=ema)
+                         source_metadata=source_metadata, metadata=metadata, ema=ema, pivot=pivot)
     config = setup.loop_config(args, start, family, max_train_steps, default_project=recipe.name,
                                max_grad_norm=max_grad_norm)
     if recipe.pad_captions_to_longest:
-        from dataclasses import replace
-
         config = replace(config, pad_captions_to_longest=True)
     trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=models.vae, tokenizer=models.tokenizer,
                       dataset=dataset, batches=batches,

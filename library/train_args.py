@@ -196,6 +196,20 @@ def refuse_not_yet_implemented(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {', '.join(given)}: not implemented in this suite yet; remove the flag(s)")
 
 
+def add_embedding_arguments(p: argparse.ArgumentParser) -> None:
+    """Textual-inversion embeddings in LoRA / full-model training: loaded ones, and pivotal tuning."""
+    g = p.add_argument_group("embeddings (pivotal tuning)")
+    g.add_argument("--textual_inversion_embeddings", nargs="*", default=None,
+                   help="embedding files to use (frozen); the prompt word is each file's name without extension")
+    g.add_argument("--pivotal_token", default=None,
+                   help="train a new token in the same run (pivotal tuning); it is saved with the model")
+    g.add_argument("--pivotal_init_word", default=None, help="start the new token from this word's embedding")
+    g.add_argument("--pivotal_num_vectors", type=int, default=1)
+    g.add_argument("--pivotal_lr", type=float, default=5e-3, help="learning rate of the new token's vectors")
+    g.add_argument("--pivotal_steps", type=int, default=None,
+                   help="train the token for the first N steps, then freeze it (default: all steps)")
+
+
 def add_common_training_arguments(p: argparse.ArgumentParser) -> None:
     """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, refusals)."""
     for add in (add_model_arguments, add_dataset_arguments, add_training_arguments, add_objective_arguments,

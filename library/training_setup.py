@@ -100,6 +100,25 @@ def load_models(args: argparse.Namespace, checkpoint: SDCheckpoint, accelerator)
     return models, precision
 
 
+def add_embeddings(args: argparse.Namespace, models: SDModels, precision: Precision):
+    """--textual_inversion_embeddings (frozen words) and --pivotal_token (a word trained in this run). Returns the
+    added tokens (for caption and prompt expansion) and the pivotal embedding, if any."""
+    from library import textual_inversion as ti
+
+    try:
+        tokens = ti.load_embeddings(models.text_encoder, models.tokenizer, args.textual_inversion_embeddings or [])
+        pivot = None
+        if args.pivotal_token:
+            pivot = ti.add_pivotal_token(models.text_encoder, models.tokenizer, token_string=args.pivotal_token,
+                                         init_word=args.pivotal_init_word, num_vectors=args.pivotal_num_vectors,
+                                         train_steps=args.pivotal_steps,
+                                         dtype=torch.float32 if not precision.full_half else precision.trained_dtype)
+            tokens.append(pivot.new_tokens)
+    except ValueError as e:  # EmbeddingFileError, a colliding token, a too-long init word
+        raise SystemExit(f"error: {e}") from None
+    return tokens, pivot
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data
 

@@ -220,14 +220,27 @@ def test_sample_images_during_training(workspace):
 def wandb_history(wandb_dir: Path) -> list[dict]:
     """The logged rows of the one offline wandb run under `wandb_dir`, read from its record file without wandb's
     reader: a ":W&B" header, then LevelDB-log framed (crc32, length, type) protobuf `Record`s in 32 KiB blocks."""
+    import time
+
+    (path,) = wandb_dir.glob("*/wandb/offline-run-*/run-*.wandb")  # <logging_dir>/<timestamp>/wandb/...
+    # wandb's writer is a separate process: on a loaded machine it may still be flushing after finish() returns.
+    # Its last record is the run's "exit"; wait for it (a minute at most) before reading.
+    for _ in range(120):
+        rows, kinds = _wandb_records(path)
+        if "exit" in kinds:
+            return rows
+        time.sleep(0.5)
+    raise AssertionError(f"{path}: the wandb run never finished writing (records: {sorted(kinds)})")
+
+
+def _wandb_records(path: Path) -> tuple[list[dict], set[str]]:
     import struct
 
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = wandb_dir.glob("*/wandb/offline-run-*/run-*.wandb")  # <logging_dir>/<timestamp>/wandb/...
     data = path.read_bytes()
     assert data[:4] == b":W&B"
-    pos, block, pending, rows = 7, 32768, b"", []
+    pos, block, pending, rows, kinds = 7, 32768, b"", [], set()
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
@@ -241,10 +254,11 @@ def wandb_history(wandb_dir: Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
+            kinds.add(record.WhichOneof("record_type"))
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
-    return rows
+    return rows, kinds
 
 
 def test_wandb_and_tensorboard_log_the_same_losses(workspace, monkeypatch):
