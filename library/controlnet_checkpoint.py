@@ -37,9 +37,9 @@ import torch
 from library import key_maps
 from library.atomic_files import OutputPathError, atomic_directory, atomic_file
 from library.families import FAMILIES, ModelFamily, ModelSize
-from library.key_maps import KeyTable, TensorMapping, key_table, reshape_checked, shape_compatible
+from library.key_maps import KeyTable, TensorMapping, key_table, shape_compatible
 from library.safetensors_io import TensorEntry, write_safetensors
-from library.sd_checkpoint import _listing, _load_json
+from library.sd_checkpoint import _listing, _load_json, _reshaped
 from library.tensor_files import CheckpointError, LazyTensor, TensorSource, open_tensor_file
 
 if TYPE_CHECKING:
@@ -364,12 +364,6 @@ def _validated(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> di
         raise ControlNetFormatError(f"{source.path}: {len(unknown)} unknown tensor(s) for this ControlNet config: "
                                     f"{_listing(unknown)}")
     return {k: _reshaped(tensors[k], expected[k], k) for k in expected}
-
-
-def _reshaped(lazy: LazyTensor, shape: tuple[int, ...], name: str) -> LazyTensor:
-    if tuple(lazy.shape) == tuple(shape):
-        return lazy
-    return LazyTensor(shape, lazy.dtype, lambda: reshape_checked(lazy.load(), shape, name))
 
 
 # -- original files

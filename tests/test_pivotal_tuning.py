@@ -12,6 +12,8 @@ import torch
 
 from library.safetensors_io import SafetensorsReader
 
+from tests.recipe_helpers import logged_losses, run_script as run
+
 GOLDEN = Path(__file__).parent / "golden" / "pivotal_losses.json"
 
 
@@ -38,31 +40,6 @@ def common(root: Path, out: str, pivot: bool = True) -> list[str]:
 
 def lora_args(root: Path, out: str, pivot: bool = True) -> list[str]:
     return common(root, out, pivot) + ["--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3"]
-
-
-def run(script: str, argv: list[str], stop_after: int | None = None) -> None:
-    import importlib
-
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    if stop_after:
-        os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
-    try:
-        assert importlib.import_module(script).main(argv) == 0
-    finally:
-        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
-
-
-def logged_losses(log_root: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
-        events = EventAccumulator(str(run_dir))
-        events.Reload()
-        values.update({e.step: e.value for e in events.Scalars("loss/current")})
-    return [values[s] for s in sorted(values)]
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

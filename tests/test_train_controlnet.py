@@ -12,6 +12,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from tests.recipe_helpers import logged_losses, run_script
+
+
+def run(argv: list[str], stop_after: int | None = None) -> None:
+    run_script("train_controlnet", argv, stop_after)
+
+
 GOLDEN = Path(__file__).parent / "golden" / "controlnet_losses.json"
 
 
@@ -64,31 +71,6 @@ def base_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]
 def folder_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]:
     return base_args(root, out, model) + ["--train_data_dir", str(root / "data"), "--conditioning_data_dir",
                                           str(root / "cond")]
-
-
-def run(argv: list[str], stop_after: int | None = None) -> None:
-    from accelerate.state import AcceleratorState
-
-    import train_controlnet
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    if stop_after:
-        os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
-    try:
-        assert train_controlnet.main(argv) == 0
-    finally:
-        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
-
-
-def logged_losses(log_root: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
-        events = EventAccumulator(str(run_dir))
-        events.Reload()
-        values.update({e.step: e.value for e in events.Scalars("loss/current")})
-    return [values[s] for s in sorted(values)]
 
 
 def read_file(path: Path) -> dict[str, torch.Tensor]:

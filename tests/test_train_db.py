@@ -13,6 +13,8 @@ import torch
 
 from library.safetensors_io import SafetensorsReader
 
+from tests.recipe_helpers import logged_losses, run_script as run
+
 GOLDEN = Path(__file__).parent / "golden" / "full_model_losses.json"
 
 
@@ -49,32 +51,6 @@ def common_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[st
 
 def db_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]:
     return common_args(root, out, model) + ["--train_data_dir", str(root / "data")]
-
-
-def run(script: str, argv: list[str], stop_after: int | None = None) -> None:
-    import importlib
-
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    module = importlib.import_module(script)
-    if stop_after:
-        os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
-    try:
-        assert module.main(argv) == 0
-    finally:
-        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
-
-
-def logged_losses(log_root: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
-        events = EventAccumulator(str(run_dir))
-        events.Reload()
-        values.update({e.step: e.value for e in events.Scalars("loss/current")})
-    return [values[s] for s in sorted(values)]
 
 
 def file_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,13 @@ import torch
 
 from library.safetensors_io import SafetensorsReader
 
+from tests.recipe_helpers import logged_losses, run_script
+
+
+def run(argv: list[str], stop_after: int | None = None) -> None:
+    run_script("train_network", argv, stop_after)
+
+
 GOLDEN = Path(__file__).parent / "golden" / "train_network_losses.json"
 
 
@@ -46,32 +53,6 @@ def base_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]
             "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
             "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3", "--seed", "7",
             "--train_batch_size", "2", "--max_data_loader_n_workers", "0", "--logging_dir", str(root / out / "logs")]
-
-
-def run(argv: list[str], stop_after: int | None = None) -> None:
-    from accelerate.state import AcceleratorState
-
-    import train_network
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # several runs per test (see conftest)
-
-    if stop_after:
-        os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
-    try:
-        assert train_network.main(argv) == 0
-    finally:
-        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
-
-
-def logged_losses(log_root: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
-        events = EventAccumulator(str(run_dir))
-        events.Reload()
-        values.update({e.step: e.value for e in events.Scalars("loss/current")})
-    return [values[s] for s in sorted(values)]
 
 
 def read_lora(path: Path) -> dict[str, torch.Tensor]:

@@ -10,6 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.recipe_helpers import logged_losses, run_script
+
+
+def run(argv: list[str], stop_after: int | None = None) -> None:
+    run_script("train_textual_inversion", argv, stop_after)
+
+
 GOLDEN = Path(__file__).parent / "golden" / "textual_inversion_losses.json"
 
 
@@ -30,31 +37,6 @@ def ti_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]:
             "--output_dir", str(root / out), "--output_name", "emb", "--resolution", "64", "--seed", "2",
             "--learning_rate", "5e-2", "--train_batch_size", "2", "--max_data_loader_n_workers", "0",
             "--token_string", "zwxq", "--logging_dir", str(root / out / "logs")]
-
-
-def run(argv: list[str], stop_after: int | None = None) -> None:
-    from accelerate.state import AcceleratorState
-
-    import train_textual_inversion
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    if stop_after:
-        os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
-    try:
-        assert train_textual_inversion.main(argv) == 0
-    finally:
-        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
-
-
-def logged_losses(log_root: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values = {}
-    for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
-        events = EventAccumulator(str(run_dir))
-        events.Reload()
-        values.update({e.step: e.value for e in events.Scalars("loss/current")})
-    return [values[s] for s in sorted(values)]
 
 
 CASES = {

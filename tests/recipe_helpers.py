@@ -1,0 +1,33 @@
+"""What the recipe tests share: running a training script in-process, and reading the losses it logged."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+
+def run_script(script: str, argv: list[str], stop_after: int | None = None) -> None:
+    """`script.main(argv)` in this process. `stop_after`: end the run after that many steps as if killed (no final
+    save), through the trainers' testing aid SDTRAIN_STOP_AFTER_STEPS."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # several runs per test (see conftest)
+    if stop_after:
+        os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
+    try:
+        assert importlib.import_module(script).main(argv) == 0
+    finally:
+        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
+
+
+def logged_losses(log_root: Path) -> list[float]:
+    """loss/current per step from the TensorBoard runs under `log_root` (a resumed run adds a second one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        values.update({e.step: e.value for e in events.Scalars("loss/current")})
+    return [values[s] for s in sorted(values)]
