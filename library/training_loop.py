@@ -45,11 +45,14 @@ class TrainingTask(Protocol):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
     def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path: ...
     def model_file_suffix(self) -> str: ...
-    # Optional: `denoise(noisy_latents, timesteps, text_conditioning, batch) -> prediction` (a model other than the
-    # bare U-Net predicts the noise, e.g. U-Net + ControlNet; called under autocast), `model_paths(path_stem)`
-    # (every file/folder one save writes, for pruning; default: stem + suffix), `before_step(global_step)` (e.g. stop training the text encoder after step N: a function of the
-    # step, so resumed runs agree) and `after_optimizer_step() -> dict[str, float]` (e.g. max-norm regularisation,
-    # an EMA update), whose values are logged with the step.
+    # Optional:
+    # - `denoise(noisy_latents, timesteps, text_conditioning, batch) -> prediction`: a model other than the bare
+    #   U-Net predicts the noise (e.g. U-Net + ControlNet); called under autocast;
+    # - `model_paths(path_stem) -> list[Path]`: every file/folder one save writes, for pruning (default: stem + suffix);
+    # - `before_step(global_step)`: e.g. stop training the text encoder after step N (a function of the step, so
+    #   resumed runs agree);
+    # - `after_optimizer_step() -> dict[str, float]`: e.g. max-norm regularisation, an EMA update; its values are
+    #   logged with the step.
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The setup steps every training recipe shares, from parsed arguments to a running `Trainer`.
 
-A recipe (train_network.py, train_db.py, fine_tune.py) reads top to bottom: `begin_run` -> `load_models` ->
-`build_data` -> `cache_latents` -> (its own trainable parameters and task) -> `build_optimization` ->
-`loop_config` / `make_sampler` -> `run_trainer`. Each step turns kohya-named arguments into typed pieces and turns
+A recipe (train_network.py, train_db.py, fine_tune.py, train_controlnet.py, train_textual_inversion.py) reads top
+to bottom: `begin_run` -> `read_base_model` / `make_accelerator` / `load_models` -> `build_dataset` ->
+`cache_latents` -> (its own trainable parameters and task) -> `build_optimization` -> `loop_config` /
+`make_sampler` -> `run_trainer`. Each step turns kohya-named arguments into typed pieces and turns
 the errors users can fix into one `error: ...` line (SystemExit), before any long work where possible.
 """
 
