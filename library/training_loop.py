@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 STATE_TENSOR_FILES = ("trainable.pt", "optimizer.pt", "scheduler.pt")
+ALL_REDUCE_BUCKET = 2 ** 25  # gradient values averaged across processes per all_reduce call (128 MB in fp32)
 
 
 class TrainingTask(Protocol):
@@ -350,12 +351,12 @@ class Trainer:
         import torch.distributed as dist
 
         grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
-        # Reduced in buckets of ~32M values: one flat copy of a whole U-Net's gradients would cost 3.4 GB.
+        # Reduced in buckets: one flat copy of a whole U-Net's gradients would cost 3.4 GB.
         bucket, size = [], 0
         for i, g in enumerate(grads):
             bucket.append(g)
             size += g.numel()
-            if size >= 2 ** 25 or i == len(grads) - 1:
+            if size >= ALL_REDUCE_BUCKET or i == len(grads) - 1:
                 flat = torch.cat([t.reshape(-1) for t in bucket])
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 flat /= self.accelerator.num_processes
