@@ -146,7 +146,9 @@ def initial_controlnet(args, checkpoint, family):
             raise SystemExit(f"error: --controlnet_model_name_or_path {args.controlnet_model_name_or_path}: {e}") \
                 from None
     unet = instantiate_component(checkpoint, "unet", dtype=torch.float32)
-    torch.manual_seed(0)  # from_unet copies the encoder; the zero convolutions start at zero
+    # from_unet copies the encoder and zeroes the zero convolutions, but initialises the conditioning embedding
+    # (hint block) randomly: a fixed seed makes that start the same in every run.
+    torch.manual_seed(0)
     return ControlNetModel.from_unet(unet)
 
 

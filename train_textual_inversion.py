@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from library import train_args  # noqa: E402
 from library import training_setup as setup  # noqa: E402
 from library import textual_inversion as ti  # noqa: E402
+from library.checkpoint_writer import modelspec_keys  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.train_dataset import describe_samples  # noqa: E402
 from library.training_loop import Trainer  # noqa: E402
@@ -131,11 +132,10 @@ def train(args: argparse.Namespace) -> Path:
     optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
                                                        accelerator)
     resolution = "{}x{}".format(*train_args.parse_resolution(args.resolution, family.default_resolution))
-    metadata = {"modelspec.sai_model_spec": "1.0.1",
-                "modelspec.architecture": family.modelspec_architecture + "/textual-inversion",
-                "modelspec.implementation": "diffusers", "modelspec.prediction_type": prediction.modelspec_name,
-                "modelspec.resolution": resolution, "ss_token_string": args.token_string,
-                "ss_num_vectors_per_token": str(args.num_vectors_per_token), "ss_init_word": str(args.init_word)}
+    metadata = modelspec_keys(family, prediction, kind="textual-inversion", implementation="diffusers",
+                              resolution=resolution)
+    metadata.update({"ss_token_string": args.token_string, "ss_num_vectors_per_token": str(args.num_vectors_per_token),
+                     "ss_init_word": str(args.init_word)})
     metadata.update(run_metadata(args, dataset=dataset, data_summary=data_summary, seed=start.seed,
                                  max_train_steps=max_train_steps, resolution=resolution))
     task = EmbeddingTask(embedding, new_tokens, save_as=args.save_model_as,

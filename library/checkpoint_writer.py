@@ -103,19 +103,25 @@ def original_tensors(checkpoint: SDCheckpoint, dtype: torch.dtype | None = None)
     return out
 
 
+def modelspec_keys(family, prediction_type, *, kind: str = "", implementation: str = ORIGINAL_IMPLEMENTATION,
+                   resolution: str | None = None) -> dict[str, str]:
+    """The modelspec keys that describe a saved model (checkpoint, or with `kind` "lora", "textual-inversion",
+    "controlnet" an add-on for that family); the resolution defaults to the family's."""
+    size = family.default_resolution
+    return {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": family.modelspec_architecture + (f"/{kind}" if kind else ""),
+        "modelspec.implementation": implementation,
+        "modelspec.prediction_type": prediction_type.modelspec_name,
+        "modelspec.resolution": resolution or f"{size}x{size}",
+        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+    }
+
+
 def modelspec_metadata(checkpoint: SDCheckpoint, *, title: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Source metadata carried over, with the modelspec keys that describe this model set anew."""
-    family = checkpoint.family
     metadata = dict(checkpoint.metadata)
-    resolution = family.default_resolution
-    metadata.update({
-        "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": family.modelspec_architecture,
-        "modelspec.implementation": ORIGINAL_IMPLEMENTATION,
-        "modelspec.prediction_type": checkpoint.prediction_type.modelspec_name,
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-    })
+    metadata.update(modelspec_keys(checkpoint.family, checkpoint.prediction_type))
     metadata.setdefault("modelspec.title", title)
     metadata.update(extra or {})
     return metadata

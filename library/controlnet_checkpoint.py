@@ -27,7 +27,6 @@ import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -36,6 +35,7 @@ import torch
 
 from library import key_maps
 from library.atomic_files import OutputPathError, atomic_directory, atomic_file
+from library.checkpoint_writer import modelspec_keys
 from library.families import FAMILIES, ModelFamily, ModelSize
 from library.key_maps import KeyTable, TensorMapping, key_table, shape_compatible
 from library.safetensors_io import TensorEntry, write_safetensors
@@ -58,7 +58,6 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 # .safetensors is what to publish; .pth / .ckpt (a plain torch.save dict, as lllyasviel's 1.1 release and kohya's
 # `--save_model_as ckpt` write) cannot hold metadata.
 ORIGINAL_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")
-MODELSPEC_VERSION = "1.0.1"
 ORIGINAL_IMPLEMENTATION = "https://github.com/lllyasviel/ControlNet"
 
 
@@ -549,15 +548,8 @@ def controlnet_metadata(checkpoint: ControlNetCheckpoint, family: ModelFamily, *
                         extra: dict[str, str] | None = None) -> dict[str, str]:
     """Source metadata carried over, with the modelspec keys that describe this ControlNet set anew."""
     metadata = dict(checkpoint.metadata)
-    resolution = family.default_resolution
-    metadata.update({
-        "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": f"{family.modelspec_architecture}/controlnet",
-        "modelspec.implementation": ORIGINAL_IMPLEMENTATION,
-        "modelspec.prediction_type": family.prediction_type.modelspec_name,
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-    })
+    metadata.update(modelspec_keys(family, family.prediction_type, kind="controlnet",
+                                   implementation=ORIGINAL_IMPLEMENTATION))
     metadata.setdefault("modelspec.title", title)
     metadata.update(extra or {})
     return metadata

@@ -196,28 +196,24 @@ def run_fingerprint(args, recipe: FullModelRecipe, family, dataset: TrainingData
             "use_ema": args.use_ema, "fused_backward_pass": args.fused_backward_pass}
 
 
-def _check_fused(args, start: setup.RunStart, *, num_processes: int) -> None:
-    from library.fused_backward import check_fused_backward_pass
-
-    try:
-        check_fused_backward_pass(start.optimizer.optimizer_type,
-                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                  num_processes=num_processes, mixed_precision=args.mixed_precision)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     start = setup.begin_run(args)
     fmt = save_format(args)
-    if args.fused_backward_pass:
-        _check_fused(args, start, num_processes=1)
 
     # Models
     checkpoint = setup.read_base_model(args)
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
+    if args.fused_backward_pass:  # checked before the models load (it depends on the process count)
+        from library.fused_backward import check_fused_backward_pass
+
+        try:
+            check_fused_backward_pass(start.optimizer.optimizer_type,
+                                      gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                      num_processes=accelerator.num_processes, mixed_precision=args.mixed_precision)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     with checkpoint:
         extras = carried_extras(checkpoint)
         source_metadata = dict(checkpoint.metadata)
@@ -278,7 +274,6 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
         from library.fused_backward import FusedBackwardOptimizer
         from library.optimizers import build_scheduler
 
-        _check_fused(args, start, num_processes=accelerator.num_processes)
         try:
             optimizer = FusedBackwardOptimizer(start.optimizer, param_groups,
                                                max_grad_norm=start.optimizer.max_grad_norm)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,7 +31,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library.atomic_files import check_writable_output  # noqa: E402
-from library.checkpoint_writer import parse_save_precision  # noqa: E402
+from library.checkpoint_writer import modelspec_keys, parse_save_precision  # noqa: E402
 from library.families import PredictionType  # noqa: E402
 from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint  # noqa: E402
 from networks.lora_checkpoint import check_same_structure, lora_layers, weight_difference  # noqa: E402
@@ -114,13 +113,8 @@ def family_metadata(checkpoint: SDCheckpoint, title: str, *, with_modelspec: boo
     metadata = {"ss_v2": str(family.is_v2),
                 "ss_base_model_version": family.ss_base_model_version + ("_v" if v and not family.is_v2 else "")}
     if with_modelspec:
-        resolution = family.default_resolution
-        metadata.update({
-            "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": family.modelspec_architecture + "/lora",
-            "modelspec.implementation": "diffusers",
-            "modelspec.prediction_type": checkpoint.prediction_type.modelspec_name,
-            "modelspec.title": title, "modelspec.resolution": f"{resolution}x{resolution}",
-            "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat()})
+        metadata.update(modelspec_keys(family, checkpoint.prediction_type, kind="lora", implementation="diffusers"))
+        metadata["modelspec.title"] = title
     return metadata
 
 
