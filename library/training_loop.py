@@ -195,7 +195,9 @@ class Trainer:
     # One step
 
     def _conditioning(self, captions: list[str]) -> torch.Tensor:
-        with torch.set_grad_enabled(self.task.train_text_encoder):
+        # Under autocast like the U-Net: the frozen text encoder may be half precision while its LoRA (or the
+        # whole encoder, train_db) trains in fp32; kohya runs it the same way.
+        with torch.set_grad_enabled(self.task.train_text_encoder), self.accelerator.autocast():
             if self.config.weighted_captions:
                 ids, weights = tokenize_weighted(self.tokenizer, captions, self.config.max_token_length)
                 return encode_weighted(self.text_encoder, ids, weights, clip_skip=self.config.clip_skip)

@@ -113,7 +113,10 @@ class LoRAModule(nn.Module):
         out = self._org_forward(x)
         if self.training and self.module_dropout is not None and torch.rand(1) < self.module_dropout:
             return out  # module dropout: skip the whole LoRA branch for this step
-        lx = self.lora_down(x)
+        # The wrapped layer may be frozen in bf16/fp16 while the LoRA trains in fp32 (--mixed_precision): the
+        # branch computes in its own dtype and hands back the layer's, so it works with or without autocast
+        # (under autocast both casts are exact no-ops for the matmul, which autocast runs in half precision).
+        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
         scale = self.scale
         if self.training and self.dropout is not None:
             lx = F.dropout(lx, p=self.dropout)
@@ -126,7 +129,7 @@ class LoRAModule(nn.Module):
                 mask = mask[:, :, None, None]
             lx = lx * mask
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected update unchanged
-        return out + self.lora_up(lx) * self.multiplier * scale
+        return out + (self.lora_up(lx) * self.multiplier * scale).to(out.dtype)
 
     def merged_weight_delta(self, device: torch.device | str | None = None) -> torch.Tensor:
         """ΔW (fp32, without the multiplier) in the wrapped module's weight shape (see `weight_delta`)."""
