@@ -198,6 +198,8 @@ def read_prompts(args: argparse.Namespace, default_size: int, applied_networks: 
             prompts = sampling.load_prompts(args.from_file, defaults)
     except (PromptFileError, ValueError) as e:
         raise fail(str(e)) from None
+    if not prompts:  # else the run would end "successfully" having written nothing
+        raise fail(f"--from_file {args.from_file}: no prompts in the file; add at least one")
     for prompt in prompts:
         where = prompt.where or "prompt"
         if not prompt.prompt:
@@ -434,10 +436,13 @@ def png_text(prompt: SamplePrompt, seed: int, args: argparse.Namespace) -> str:
                                      seed=seed, model_name=Path(args.ckpt).stem, extra=extra)
 
 
-def main(argv: list[str] | None = None) -> list[Path]:
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 once every image is written; a problem ends it through SystemExit with its message
+    (exit status 1), like the other scripts. `run` returns the written paths, for callers in Python."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    return run(setup_parser().parse_args(argv))
+    run(setup_parser().parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

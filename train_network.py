@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from library import train_args  # noqa: E402
 from library import training_setup as setup  # noqa: E402
+from library.checkpoint_writer import modelspec_date, modelspec_keys  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.model_loading import TextModelShim  # noqa: E402
 from library.textual_inversion import (CaptionRewrite, bundle_key, embeddings_dir, expand_tokens,  # noqa: E402
@@ -126,6 +127,7 @@ class LoRATask:
         path = path_stem.with_name(path_stem.name + self.model_file_suffix())
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
                         ss_training_finished_at=str(time.time()))
+        metadata["modelspec.date"] = modelspec_date()  # when this file is written, not when the run began
         if self.save_model_as == "safetensors":
             metadata.update(additional_networks_hashes(self.network.state_dict(), self.save_dtype, metadata))
         bundle = {}
@@ -143,20 +145,19 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
                   network_args: dict, data_summary: dict) -> dict[str, str]:
     """kohya's ss_* training metadata (all strings) plus modelspec for the LoRA."""
     v = prediction_type.value == "v_prediction"
+    resolution = "{}x{}".format(*train_args.parse_resolution(args.resolution, family.default_resolution))
     base = {
         "ss_network_module": args.network_module, "ss_network_dim": str(args.network_dim or 4),
         "ss_network_alpha": str(args.network_alpha), "ss_network_args": json.dumps(network_args),
         "ss_v2": str(family.is_v2), "ss_base_model_version": family.ss_base_model_version + ("" if not v or
                                                                                               family.is_v2 else "_v"),
-        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": family.modelspec_architecture + "/lora",
-        "modelspec.implementation": "diffusers", "modelspec.prediction_type": prediction_type.modelspec_name,
+        **modelspec_keys(family, prediction_type, kind="lora", implementation="diffusers", resolution=resolution),
         "modelspec.title": args.output_name or "last",
-        "modelspec.resolution": "{}x{}".format(*train_args.parse_resolution(args.resolution, family.default_resolution)),
     }
     if args.no_metadata:
         return base
     base.update(run_metadata(args, dataset=dataset, data_summary=data_summary, seed=seed,
-                             max_train_steps=max_train_steps, resolution=base["modelspec.resolution"]))
+                             max_train_steps=max_train_steps, resolution=resolution))
     base.update({"ss_unet_lr": str(args.unet_lr), "ss_text_encoder_lr": str(args.text_encoder_lr),
                  "ss_network_dropout": str(args.network_dropout)})
     return base
@@ -198,6 +199,7 @@ def train(args: argparse.Namespace) -> Path:
     if args.debug_dataset:
         print("\n".join(describe_samples(dataset, batches)))
         return start.output_dir / (start.output_name + "." + args.save_model_as)
+    setup.check_pivotal_token(args, dataset)
     max_train_steps = setup.count_steps(args, dataset, batches)
     setup.cache_latents(args, dataset, vae, precision)
 

@@ -117,14 +117,16 @@ def train(args: argparse.Namespace) -> Path:
     templates = ti.OBJECT_TEMPLATES if args.use_object_template else \
         ti.STYLE_TEMPLATES if args.use_style_template else None
     dataset.caption_rewrite = ti.CaptionRewrite([new_tokens], templates)
-    if templates is None and not any(args.token_string in i.record.caption for i in dataset.items):
-        logger.warning("no caption contains the token string %r: the new token never appears in training; put it "
-                       "in the captions (or the folder name), or use --use_object_template / --use_style_template",
-                       args.token_string)
     batches = setup.epoch_batches(dataset, start.seed, accelerator)
     if args.debug_dataset:
         print("\n".join(describe_samples(dataset, batches)))
         return start.output_dir / (start.output_name + "." + args.save_model_as)
+    if templates is None:  # every template contains the token
+        try:
+            ti.check_token_in_captions((i.record for i in dataset.items), args.token_string, flag="--token_string",
+                                       alternatives=", or use --use_object_template / --use_style_template")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     max_train_steps = setup.count_steps(args, dataset, batches)
     setup.cache_latents(args, dataset, models.vae, precision)
 

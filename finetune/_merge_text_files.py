@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from library.atomic_files import OutputPathError, check_writable_output
+from library.captions import caption_path_for, other_caption_files
 from library.images import IMAGE_EXTENSIONS, list_images
 from library.metadata_files import MetadataError, merge_text_files, read_metadata, write_metadata
 
@@ -61,6 +62,17 @@ def _merge(args: argparse.Namespace, field: str) -> tuple[dict, Path | None]:
     metadata = read_metadata(existing) if existing else {}
     result = merge_text_files(metadata, images, field=field, extension=args.caption_extension,
                               full_path=args.full_path)
+    if len(result.without_file) == len(images):
+        example = caption_path_for(images[0], args.caption_extension)
+        found = other_caption_files(images, args.caption_extension)
+        hint = "; ".join(f"found {n} {ext} file(s): pass --caption_extension {ext}" for ext, n in found.items()) \
+            or f"text files must share the image's name, e.g. {example.name} for {images[0].name}"
+        problem = (f"train_data_dir {folder}: none of the {len(images)} image(s) has a {example.suffix} file, so "
+                   f"there is no {field} to merge; {hint}")
+        if not result.metadata:  # an empty output would look like success, and train on nothing
+            raise ValueError(problem + ". Nothing written.")
+        # Merging into existing metadata still writes it (e.g. only to convert .json to .jsonl), unchanged.
+        logger.warning("%s. %s is written with %s's entries unchanged.", problem, out_json, existing)
     if result.without_file:
         names = ", ".join(p.name for p in result.without_file[:5])
         logger.warning("%d of %d image(s) have no %s file; their entries get no %s: %s%s",

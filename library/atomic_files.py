@@ -4,18 +4,35 @@ The trick is always the same: write under a temporary name in the *same*
 directory as the destination (so the final rename stays on one filesystem and
 is atomic), flush it to disk, then rename it over the destination.  Readers
 see either the old complete output or the new complete output, never a mix.
+
+A process killed outright (kill -9, power cut, out of memory) cannot clean up,
+so its temporary stays behind; the next write of the same destination removes
+such leftovers (see `_remove_stale_temporaries`), so repeated crashes do not
+fill the disk.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import secrets
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 __all__ = ["OutputPathError", "atomic_file", "atomic_directory", "check_writable_output"]
+
+logger = logging.getLogger(__name__)
+
+# A temporary of ours that nothing has changed for this long is a leftover of a killed write. A live writer
+# changes its temporary all the time (every write updates the file's times; a directory's newest file counts),
+# so a minute without a change means the writer is gone, and a crashed run is rarely restarted and back at the
+# same save within a minute. Should a live writer in another process stall longer (a hung network disk), it
+# loses its temporary and its save fails with an error; its destination stays complete either way.
+STALE_AFTER_S = 60.0
 
 
 class OutputPathError(ValueError):
@@ -26,6 +43,53 @@ def _sibling(dest: Path, kind: str) -> Path:
     # Hidden name beside dest, so that a leftover after a power cut is easy to
     # recognise and does not look like a finished output.
     return dest.with_name(f".{dest.name}.{kind}-{secrets.token_hex(4)}")
+
+
+def _last_change(path: Path) -> float:
+    """The newest change time of a file, or of anything in a directory tree. st_ctime because moving a folder
+    aside (atomic_directory's `.old-`) changes only that; st_mtime as well because on Windows st_ctime is the
+    creation time."""
+    times = [path.lstat()]
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path):
+            times += [Path(dirpath, name).lstat() for name in dirnames + filenames]
+    return max(max(t.st_mtime, t.st_ctime) for t in times)
+
+
+def _remove_stale_temporaries(dest: Path) -> None:
+    """Remove what killed writes of ``dest`` left beside it: only names `_sibling(dest, "tmp" | "old")` makes,
+    unchanged for STALE_AFTER_S. An `.old-` folder is the previous complete output moved aside; it is kept while
+    ``dest`` is missing (the write was killed between its two renames), as it is then the only complete copy."""
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+    try:
+        candidates = [Path(entry.path) for entry in os.scandir(dest.parent) if pattern.fullmatch(entry.name)]
+    except OSError:  # no parent folder: the write itself reports that
+        return
+    removed = []
+    for path in candidates:
+        try:
+            if path.name.startswith(f".{dest.name}.old-") and not dest.exists():
+                logger.warning("%s holds the previous %s, moved aside by a write that was interrupted; rename it "
+                               "back if you need it", path, dest.name)
+                continue
+            if time.time() - _last_change(path) < STALE_AFTER_S:
+                continue  # maybe a live writer in another process
+            if path.is_dir() and not path.is_symlink():
+                # Renamed first: a rename is atomic, so a writer that was about to move this folder into place
+                # either did (the rename here fails) or will fail; rmtree never runs inside its finished output.
+                doomed = _sibling(dest, "tmp")
+                os.rename(path, doomed)
+                shutil.rmtree(doomed)
+            else:
+                path.unlink()
+            removed.append(path.name)
+        except FileNotFoundError:
+            continue  # gone meanwhile (its writer finished, or another cleanup)
+        except OSError as e:  # cleanup must never fail the write itself
+            logger.warning("could not remove the stale temporary %s (%s)", path, e.strerror or e)
+    if removed:
+        logger.info("removed %d stale temporar%s of %s left by interrupted writes: %s", len(removed),
+                    "y" if len(removed) == 1 else "ies", dest, ", ".join(removed))
 
 
 def _fsync_path(path: Path) -> None:
@@ -53,6 +117,7 @@ def atomic_file(dest: Path | str) -> Iterator[Path]:
     existed) is left exactly as it was.
     """
     dest = Path(dest)
+    _remove_stale_temporaries(dest)
     tmp = _sibling(dest, "tmp")
     # Create the file ourselves (exclusively, with normal umask permissions) so
     # that no other writer can pick the same name.
@@ -78,6 +143,7 @@ def atomic_directory(dest: Path | str) -> Iterator[Path]:
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"{dest} exists and is not a directory; refusing to replace it with one")
+    _remove_stale_temporaries(dest)
     tmp = _sibling(dest, "tmp")
     os.mkdir(tmp)
     old: Path | None = None

@@ -204,6 +204,22 @@ def caption_path_for(image_path: Path, caption_extension: str) -> Path:
     return image_path.with_name(image_path.stem + caption_extension)
 
 
+# The extensions caption files have in the tools users run: kohya's trainers default to .caption, the WD14 /
+# DeepDanbooru taggers write .txt, some taggers .tags. Used to name the right --caption_extension when the one given
+# matches nothing.
+CAPTION_EXTENSIONS = (".caption", ".txt", ".tags")
+
+
+def other_caption_files(images: Iterable[Path], caption_extension: str) -> dict[str, int]:
+    """For each known caption extension other than `caption_extension`: how many of `images` have a same-stem
+    file with it (extensions with none left out)."""
+    images = list(images)
+    given = caption_extension if caption_extension.startswith(".") else "." + caption_extension
+    counts = {ext: sum(caption_path_for(p, ext).is_file() for p in images) for ext in CAPTION_EXTENSIONS
+              if ext != given.lower()}
+    return {ext: n for ext, n in counts.items() if n}
+
+
 def read_caption_file(path: Path) -> str | None:
     """The caption text of a file (all lines, UTF-8 BOM removed), or None when there is no such file.
 

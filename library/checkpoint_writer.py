@@ -103,6 +103,11 @@ def original_tensors(checkpoint: SDCheckpoint, dtype: torch.dtype | None = None)
     return out
 
 
+def modelspec_date() -> str:
+    """modelspec.date: when the file is written (UTC, whole seconds, ISO 8601), as kohya and SAI write it."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
 def modelspec_keys(family, prediction_type, *, kind: str = "", implementation: str = ORIGINAL_IMPLEMENTATION,
                    resolution: str | None = None) -> dict[str, str]:
     """The modelspec keys that describe a saved model (checkpoint, or with `kind` "lora", "textual-inversion",
@@ -114,7 +119,7 @@ def modelspec_keys(family, prediction_type, *, kind: str = "", implementation: s
         "modelspec.implementation": implementation,
         "modelspec.prediction_type": prediction_type.modelspec_name,
         "modelspec.resolution": resolution or f"{size}x{size}",
-        "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.date": modelspec_date(),
     }
 
 

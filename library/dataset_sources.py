@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from library.captions import CaptionOptions, caption_path_for, read_caption_file
+from library.captions import CaptionOptions, caption_path_for, other_caption_files, read_caption_file
 from library.images import ImageError, image_size, is_image_file
 from library.metadata_files import MetadataError, read_entries, resolve_image
 
@@ -133,6 +133,14 @@ def scan_subset(subset: Subset) -> tuple[list[ImageRecord], list[str]]:
         logger.warning("%s: %d image(s) without a %s caption file use %s: %s%s", subset.image_dir, len(uncaptioned),
                        subset.caption_extension, fallback, ", ".join(uncaptioned[:5]),
                        " ..." if len(uncaptioned) > 5 else "")
+        # Caption files with another extension are almost always a wrong --caption_extension (a tagger's .txt
+        # beside the trainers' default .caption); training on the fallback is kohya's behaviour, so say it loudly.
+        found = other_caption_files((subset.image_dir / name for name in uncaptioned), subset.caption_extension)
+        for ext, count in found.items():
+            logger.warning("%s: %d of these image(s) have a %s file, which is NOT read: captions come from %s "
+                           "files only (--caption_extension / the subset's caption_extension). Pass "
+                           "--caption_extension %s to train with them.", subset.image_dir, count, ext,
+                           subset.caption_extension, ext)
     if not records and not problems:
         raise DatasetError(f"{subset.image_dir}: no images (looked for .png, .jpg, .jpeg, .webp, .bmp); put the "
                            "images in it, or remove the empty folder")

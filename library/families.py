@@ -2,8 +2,9 @@
 
 Everything that differs between SD 1.x, SD 2.x 512-base and SD 2.x 768-v lives here (configs, text-encoder
 kind, prediction type, VAE scale, default resolution, metadata names), so code elsewhere asks the record
-instead of testing `v2` / `v_parameterization` booleans. SDXL will be one more record (two text encoders,
-its own key maps); nothing here assumes there is exactly one text encoder kind.
+instead of testing `v2` / `v_parameterization` booleans. Every family here has exactly one text encoder, and
+the rest of the suite assumes that too (`ModelConfigs.text_encoder`, `SDModels.text_encoder`, the key maps, the
+training loop and LoRA all handle one encoder); SDXL, with two, needs those to become lists first.
 
 Each family ships its diffusers component configs in `library/model_configs/<family>/`. Besides the real
 ("full") size, every family has a "tiny" size with the same block structure and much smaller widths, used by
@@ -137,7 +138,7 @@ def family_for(arch: str, prediction_type: PredictionType) -> ModelFamily:
     """The family record of an architecture with a prediction type.
 
     SD 1.x has no v-prediction family of its own: rare v-prediction SD 1.x fine-tunes keep the SD 1.x record and
-    override the prediction type where it is used (see `ResolvedModel.prediction_type`)."""
+    carry their own prediction type beside the family (see `SDCheckpoint.prediction_type`)."""
     if arch == "sd1":
         return SD1
     if arch == "sd2":

@@ -24,6 +24,8 @@ from library import training_setup as setup
 from library.checkpoint_writer import SaveFormat, save_checkpoint
 from library.diffusion_objective import DiffusionObjective
 from library.model_loading import SDModels, checkpoint_from_models
+from library.sd_checkpoint import SDCheckpoint
+from library.tensor_files import CheckpointError
 from library.train_dataset import TrainingDataset, describe_samples
 from library.training_loop import Trainer
 from library.textual_inversion import (AddedTokenEmbedding, CaptionRewrite, embeddings_dir, expand_tokens,
@@ -86,14 +88,36 @@ def carried_extras(checkpoint) -> dict[str, torch.Tensor]:
     return kept
 
 
+def take_untrained_from_source(checkpoint: SDCheckpoint, source: SDCheckpoint, components: list[str]) -> None:
+    """Write `components` (untrained) from the base model's own tensors rather than the live models: the precision
+    policy holds frozen weights in the half-precision compute dtype, and saving those would round a text encoder or
+    VAE that nothing trained. Each component's source is first checked against the weights held in memory (the
+    source cast as at load time); a component whose file changed during the run keeps the held weights."""
+    for component in components:
+        held, original = checkpoint.tensors[component], source.tensors[component]
+        if held.keys() == original.keys() and all(held[k].dtype == v.dtype for k, v in original.items()):
+            continue  # held in the source's own dtype (e.g. fp32 training): already exact, no re-read needed
+        unchanged = held.keys() == original.keys() and all(
+            torch.equal(original[k].load().to(h.dtype).to(h.device), h)
+            for k, h in ((k, lazy.load()) for k, lazy in held.items()))
+        if unchanged:
+            checkpoint.tensors[component] = dict(original)
+        else:
+            logger.warning("%s: the base model's %s is not what was loaded (the file changed during training); "
+                           "saving the %s as held in memory, in %s", source.source, component, component,
+                           next(iter(held.values())).dtype)
+
+
 class FullModelTask:
     """The U-Net (and text encoder) as a `TrainingTask`: trainable state for resume, checkpoint saving, the text
     encoder's stop step, the EMA update."""
 
     def __init__(self, models: SDModels, *, train_text_encoder: bool, stop_text_encoder_at: int | None,
                  save_as: SaveFormat, save_dtype: torch.dtype | None, extras: dict[str, torch.Tensor],
-                 source_metadata: dict[str, str], metadata: dict[str, str], ema=None, pivot=None):
+                 source_metadata: dict[str, str], metadata: dict[str, str], ema=None, pivot=None,
+                 open_source: Callable[[], SDCheckpoint] | None = None):
         self.models = models
+        self.open_source = open_source  # the base model again, for saving untrained components exactly
         self.trains_text_encoder = train_text_encoder
         self.pivot = pivot  # a token trained in the same run (pivotal tuning), saved beside the checkpoint
         self.stop_text_encoder_at = stop_text_encoder_at
@@ -111,6 +135,27 @@ class FullModelTask:
     @property
     def train_text_encoder(self) -> bool:  # gradients must flow through the text encoder
         return self.trains_text_encoder or (self.pivot is not None and self.pivot.training)
+
+    def untrained_components(self) -> list[str]:
+        """The VAE never trains; the text encoder unless this run trains it (a --pivotal_token's vectors are saved
+        beside the checkpoint, not in the text encoder)."""
+        return ["vae"] + ([] if self._trains_text_encoder_at_all else ["text_encoder"])
+
+    @contextlib.contextmanager
+    def _source(self):
+        """The base model opened again for one save, or None (with a warning) if it cannot be read any more."""
+        if self.open_source is None:
+            yield None
+            return
+        try:
+            source = self.open_source()
+        except CheckpointError as e:
+            logger.warning("cannot read the base model again (%s); its untrained components are saved as held in "
+                           "memory", e)
+            yield None
+            return
+        with source:
+            yield source
 
     def before_step(self, global_step: int) -> None:
         if self.pivot is not None:
@@ -156,9 +201,11 @@ class FullModelTask:
                         ss_training_finished_at=str(time.time()))
         metadata["modelspec.title"] = path_stem.name
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), \
-                original_token_embedding(self.models.text_encoder):
+                original_token_embedding(self.models.text_encoder), self._source() as source:
             checkpoint = checkpoint_from_models(self.models, extras=self.extras,
                                                 metadata=self.source_metadata)
+            if source is not None:
+                take_untrained_from_source(checkpoint, source, self.untrained_components())
             save_checkpoint(checkpoint, path, self.save_as, dtype=self.save_dtype, epoch=epoch,
                             global_step=global_step, metadata=metadata)
         logger.info("saved %s", path)
@@ -233,6 +280,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     if args.debug_dataset:
         print("\n".join(describe_samples(dataset, batches)))
         return start.output_dir / (start.output_name + ("" if fmt.is_diffusers else "." + fmt.value))
+    setup.check_pivotal_token(args, dataset)
     max_train_steps = setup.count_steps(args, dataset, batches)
     setup.cache_latents(args, dataset, models.vae, precision)
 
@@ -289,7 +337,8 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
                                    max_train_steps)
     task = FullModelTask(models, train_text_encoder=train_te, stop_text_encoder_at=recipe.stop_text_encoder_at,
                          save_as=fmt, save_dtype=setup.SAVE_DTYPES.get(args.save_precision), extras=extras,
-                         source_metadata=source_metadata, metadata=metadata, ema=ema, pivot=pivot)
+                         source_metadata=source_metadata, metadata=metadata, ema=ema, pivot=pivot,
+                         open_source=lambda: setup.open_base_model(args))
     config = setup.loop_config(args, start, family, max_train_steps, default_project=recipe.name,
                                max_grad_norm=max_grad_norm)
     if recipe.pad_captions_to_longest:

@@ -2,13 +2,16 @@
 
 Each optimizer name maps to a class in a dependency made for it (torch, bitsandbytes, lion-pytorch, prodigyopt,
 schedulefree, transformers' Adafactor); any `module.Class` path works too. `--optimizer_args key=value` values are
-Python literals (kohya: `betas=0.9,0.999` becomes a tuple).
+Python literals (kohya: `betas=0.9,0.999` becomes a tuple). Schedulers: a diffusers/transformers name
+(`--lr_scheduler`), or any scheduler class (`--lr_scheduler_type`, a `torch.optim.lr_scheduler` name or
+`module.Class`) built with `--lr_scheduler_args key=value` literals, as kohya does.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import logging
 from dataclasses import dataclass, field
 
@@ -54,22 +57,26 @@ class OptimizerConfig:
     lr_warmup_steps: str = "0"  # int, ratio < 1, or "N%"
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    lr_scheduler_type: str = ""  # a scheduler class; overrides lr_scheduler (kohya)
+    lr_scheduler_args: dict = field(default_factory=dict)  # its keyword arguments (or piecewise_constant's step_rules)
 
     @property
     def is_schedule_free(self) -> bool:
         return self.optimizer_type.lower().endswith("schedulefree")
 
 
-def parse_optimizer_args(pairs: list[str] | None) -> dict:
+def parse_optimizer_args(pairs: list[str] | None, flag: str = "--optimizer_args") -> dict:
+    """`key=value` words (`--optimizer_args`, `--lr_scheduler_args`) as keyword arguments; values are Python
+    literals, read with ast.literal_eval as kohya does."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise ValueError(f"--optimizer_args {pair!r}: expected key=value")
+            raise ValueError(f"{flag} {pair!r}: expected key=value")
         key, value = pair.split("=", 1)
         try:
             out[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise ValueError(f"--optimizer_args {pair!r}: the value must be a Python literal (quote strings: "
+            raise ValueError(f"{flag} {pair!r}: the value must be a Python literal (quote strings: "
                              f"{key}='{value}')") from None
     return out
 
@@ -124,6 +131,54 @@ def warmup_steps(spec: str | int | float, total_steps: int) -> int:
     return int(value)
 
 
+def scheduler_class(name: str) -> type:
+    """`--lr_scheduler_type`: a class of torch.optim.lr_scheduler by its bare name, or any `module.Class`."""
+    module_name, _, class_name = name.rpartition(".")
+    module_name = module_name or "torch.optim.lr_scheduler"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--lr_scheduler_type {name}: cannot import the module '{module_name}' ({e}); install its "
+                         "package or fix the path") from None
+    cls = getattr(module, class_name, None)
+    if isinstance(cls, type):
+        return cls
+    torch_classes = sorted(n for n, c in vars(torch.optim.lr_scheduler).items() if isinstance(c, type) and
+                           issubclass(c, torch.optim.lr_scheduler.LRScheduler) and c is not
+                           torch.optim.lr_scheduler.LRScheduler and not n.startswith("_"))
+    raise ValueError(f"--lr_scheduler_type {name}: '{module_name}' has no class {class_name!r}; give a "
+                     f"torch.optim.lr_scheduler class ({', '.join(torch_classes)}) or a module.Class path")
+
+
+def build_class_scheduler(name: str, optimizer: torch.optim.Optimizer, kwargs: dict):
+    """A scheduler class (`--lr_scheduler_type`) called as kohya does: `cls(optimizer, **lr_scheduler_args)`.
+    The loop steps it once per optimizer step, so step counts in its arguments (T_max, step_size...) are
+    optimizer steps."""
+    cls = scheduler_class(name)
+    given = " ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "(none)"
+    try:
+        scheduler = cls(optimizer, **kwargs)
+    except (TypeError, ValueError, KeyError) as e:  # a missing, unknown or out-of-range argument
+        raise ValueError(f"--lr_scheduler_type {name} refused --lr_scheduler_args {given} ({e}); check the names "
+                         f"and values against {cls.__module__}.{cls.__qualname__}") from None
+    missing = [m for m in ("step", "get_last_lr", "state_dict", "load_state_dict")
+               if not callable(getattr(scheduler, m, None))]  # what the loop and --save_state / --resume call
+    if missing:
+        raise ValueError(f"--lr_scheduler_type {name}: not a learning-rate scheduler (no {', '.join(missing)}); "
+                         "give a torch.optim.lr_scheduler.LRScheduler subclass")
+    # The loop calls step() without arguments after every optimizer step; a scheduler whose step needs a value
+    # (ReduceLROnPlateau's metric) would fail at the first step, after the models have loaded.
+    needed = [p.name for p in inspect.signature(scheduler.step).parameters.values()
+              if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if needed:
+        raise ValueError(f"--lr_scheduler_type {name}: its step() needs {', '.join(needed)} (e.g. a validation "
+                         "metric), but training steps the scheduler once per optimizer step with no arguments; "
+                         "choose a scheduler that follows the step count")
+    logger.info("learning-rate scheduler: %s.%s(%s) (--lr_scheduler_type overrides --lr_scheduler)",
+                cls.__module__, cls.__qualname__, given)
+    return scheduler
+
+
 def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     """The LR scheduler, stepped once per optimizer step."""
     from diffusers.optimization import get_scheduler
@@ -131,12 +186,30 @@ def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, t
     warmup = warmup_steps(config.lr_warmup_steps, total_steps)
     name = config.lr_scheduler
     if config.is_schedule_free:
+        if config.lr_scheduler_type:
+            logger.warning("--lr_scheduler_type %s is not used: %s schedules its learning rate itself",
+                           config.lr_scheduler_type, config.optimizer_type)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # the optimizer schedules itself
+    if config.lr_scheduler_type:
+        if warmup:  # kohya refuses it too: the class alone decides the schedule
+            raise ValueError(f"--lr_scheduler_type {config.lr_scheduler_type} does not use --lr_warmup_steps; "
+                             "remove it (a warm-up, if the class has one, goes in --lr_scheduler_args)")
+        return build_class_scheduler(config.lr_scheduler_type, optimizer, config.lr_scheduler_args)
+    # Named schedulers take their settings from their own flags; only piecewise_constant reads one from here.
+    if set(config.lr_scheduler_args) - ({"step_rules"} if name == "piecewise_constant" else set()):
+        raise ValueError(f"--lr_scheduler_args {' '.join(config.lr_scheduler_args)}: read with --lr_scheduler_type "
+                         "(a scheduler class), or as step_rules with --lr_scheduler piecewise_constant; --lr_scheduler "
+                         f"{name} takes --lr_warmup_steps, --lr_scheduler_num_cycles and --lr_scheduler_power")
+    step_rules = config.lr_scheduler_args.get("step_rules")
+    if name == "piecewise_constant" and not isinstance(step_rules, str):
+        raise ValueError("--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules='MULT:STEPS,...,"
+                         "MULT' (e.g. step_rules='1:100,0.1:200,0.01': x1 until step 100, x0.1 until 200, then x0.01)")
     if name == "constant" and warmup:
         raise ValueError("--lr_scheduler constant does not warm up; use constant_with_warmup with --lr_warmup_steps")
     if name in ("inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"):
         from transformers import get_scheduler as hf_get_scheduler
 
         return hf_get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                         num_cycles=config.lr_scheduler_num_cycles, power=config.lr_scheduler_power)
+    return get_scheduler(name, optimizer, step_rules=step_rules, num_warmup_steps=warmup,
+                         num_training_steps=total_steps, num_cycles=config.lr_scheduler_num_cycles,
+                         power=config.lr_scheduler_power)

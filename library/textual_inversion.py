@@ -288,6 +288,20 @@ def add_pivotal_token(text_encoder, tokenizer, *, token_string: str, init_word: 
     return PivotalEmbedding(layer, new_tokens, train_steps=train_steps)
 
 
+def check_token_in_captions(records, token_string: str, *, flag: str, alternatives: str = "") -> None:
+    """Raise ValueError unless some caption contains `token_string` (with its subset's --caption_prefix /
+    --caption_suffix, before per-sample shuffling and dropout). A word in no caption never reaches the text
+    encoder, so its vectors would train nothing while the run looks normal. `records`: the dataset's
+    ImageRecords; `alternatives`: other ways this trainer has to use the word, for the message."""
+    for record in records:
+        options = record.subset.caption
+        if token_string in " ".join(p for p in (options.caption_prefix, record.caption, options.caption_suffix) if p):
+            return
+    raise ValueError(f"{flag} {token_string!r}: no caption contains it, so it would never be trained. Put it in the "
+                     "captions, in the folder name ('<repeats>_<token> <class>', used for images without a caption "
+                     f"file) or in --caption_prefix{alternatives}")
+
+
 def embeddings_dir(path_stem: Path) -> Path:
     """Where a saved model's trained words go: `<model name>_embeddings/<token>.safetensors`, beside the model."""
     return path_stem.with_name(path_stem.name + "_embeddings")

@@ -1,7 +1,8 @@
 """The one module that knows argparse: kohya-ss/sd-scripts' training flags, `--config_file` and `--output_config`.
 
 Entry scripts build a parser from the groups they support, call `parse_args`, and turn the namespace into typed
-config objects once (see `train_config.py`); nothing below the entry script ever sees the namespace.
+config objects once (`optimizer_config`, `objective_config`, `caption_options` below). Not everything is typed yet:
+`training_setup.py`, `full_finetune.py` and `training_metadata.py` still read the namespace itself.
 
 Flag names, defaults and meanings follow kohya (see ../shared/reference/kohya_sd_scripts.md section 2), with two
 deliberate differences: the model family is detected from the weights (`--v2` / `--v_parameterization` are checked
@@ -97,7 +98,14 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_train_epochs", type=int, default=None)
     g.add_argument("--max_data_loader_n_workers", type=int, default=8,
                    help="image-loading worker processes (capped at the CPU count; 0 = main process)")
-    g.add_argument("--persistent_data_loader_workers", action="store_true")
+    g.add_argument("--persistent_data_loader_workers", action="store_true",
+                   help="keep the data-loading workers alive between epochs (saves their start-up each epoch)")
+    g.add_argument("--lowram", action="store_true",
+                   help="accepted for kohya compatibility, changes nothing: weights are already read lazily from "
+                        "memory-mapped files into the models, one component at a time")
+    g.add_argument("--highvram", action="store_true",
+                   help="accepted for kohya compatibility, changes nothing: latent caching never clears the GPU "
+                        "cache here")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -162,8 +170,12 @@ def add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_warmup_steps", default="0")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
-    g.add_argument("--lr_scheduler_type", default="")
-    g.add_argument("--lr_scheduler_args", nargs="*", default=None)
+    g.add_argument("--lr_scheduler_type", default="",
+                   help="a scheduler class instead of --lr_scheduler: a torch.optim.lr_scheduler name (e.g. "
+                        "CosineAnnealingLR) or module.Class; stepped once per optimizer step")
+    g.add_argument("--lr_scheduler_args", nargs="*", default=None,
+                   help="key=value arguments (Python literals) of --lr_scheduler_type's class, e.g. T_max=1000 "
+                        "eta_min=1e-6; with --lr_scheduler piecewise_constant: step_rules='1:100,0.1'")
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,7 +192,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 # never a silent no-op (kohya's own dead flags, e.g. train_db's --no_token_padding, are a known trap).
 NOT_YET_IMPLEMENTED = (
     "--face_crop_aug_range", "--torch_compile", "--fp8_base", "--deepspeed", "--huggingface_repo_id",
-    "--validation_split", "--cache_text_encoder_outputs", "--lowram", "--highvram", "--dataset_class",
+    "--validation_split", "--cache_text_encoder_outputs", "--dataset_class",
 )
 
 
@@ -238,7 +250,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     if getattr(args, "caption_extention", None):
         args.caption_extension = args.caption_extention
     refuse_not_yet_implemented(args)
+    note_memory_hints(args)
     return args
+
+
+def note_memory_hints(args: argparse.Namespace) -> None:
+    """kohya's --lowram / --highvram are memory hints for its own loading and caching code; ours needs neither, so
+    they are accepted (configs keep working) with a note of what they do here: nothing."""
+    if getattr(args, "lowram", False):
+        logger.info("--lowram: nothing to change; the weights are read lazily from memory-mapped files into the "
+                    "models one component at a time (no second copy in RAM), then moved to the device")
+    if getattr(args, "highvram", False):
+        logger.info("--highvram: nothing to change; latent caching here never empties the GPU cache, so there is "
+                    "no cache clearing to skip")
 
 
 def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
@@ -379,7 +403,9 @@ def optimizer_config(args: argparse.Namespace):
                                                   use_lion_optimizer=args.use_lion_optimizer),
             learning_rate=args.learning_rate, optimizer_args=parse_optimizer_args(args.optimizer_args),
             max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
-            lr_scheduler_num_cycles=args.lr_scheduler_num_cycles, lr_scheduler_power=args.lr_scheduler_power)
+            lr_scheduler_num_cycles=args.lr_scheduler_num_cycles, lr_scheduler_power=args.lr_scheduler_power,
+            lr_scheduler_type=args.lr_scheduler_type or "",
+            lr_scheduler_args=parse_optimizer_args(args.lr_scheduler_args, flag="--lr_scheduler_args"))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -62,15 +62,26 @@ def begin_run(args: argparse.Namespace, *, control_images: bool = False) -> RunS
 
 def read_base_model(args: argparse.Namespace) -> SDCheckpoint:
     """The base model (`--pretrained_model_name_or_path`, `--vae`), family checked against `--v2` etc."""
-    hints = FamilyHints(v2=True if args.v2 else None, v_parameterization=args.v_parameterization)
     try:
-        checkpoint = read_checkpoint(args.pretrained_model_name_or_path, hints,
-                                     allow_unsafe_pickle=args.allow_unsafe_pickle)
-        if args.vae:
-            replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
+        checkpoint = open_base_model(args)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     logger.info("%s", checkpoint.family.description)
+    return checkpoint
+
+
+def open_base_model(args: argparse.Namespace) -> SDCheckpoint:
+    """The base model's files opened (lazily), as `read_base_model` does; raises CheckpointError. Also used to read
+    untrained components again when a trained model is saved."""
+    hints = FamilyHints(v2=True if args.v2 else None, v_parameterization=args.v_parameterization)
+    checkpoint = read_checkpoint(args.pretrained_model_name_or_path, hints,
+                                 allow_unsafe_pickle=args.allow_unsafe_pickle)
+    try:
+        if args.vae:
+            replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    except CheckpointError:
+        checkpoint.close()
+        raise
     return checkpoint
 
 
@@ -118,6 +129,19 @@ def add_embeddings(args: argparse.Namespace, models: SDModels, precision: Precis
     except ValueError as e:  # EmbeddingFileError, a colliding token, a too-long init word
         raise SystemExit(f"error: {e}") from None
     return tokens, pivot
+
+
+def check_pivotal_token(args: argparse.Namespace, dataset: TrainingDataset) -> None:
+    """--pivotal_token in no caption would train nothing (the word never reaches the text encoder): an error, as
+    train_textual_inversion.py's --token_string."""
+    from library.textual_inversion import check_token_in_captions
+
+    if args.pivotal_token:
+        try:
+            check_token_in_captions((item.record for item in dataset.items), args.pivotal_token,
+                                    flag="--pivotal_token")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,6 +232,7 @@ def loop_config(args: argparse.Namespace, start: RunStart, family, max_train_ste
         sample_at_first=args.sample_at_first,
         log=train_args.log_settings(args, default_project=default_project, output_dir=start.output_dir),
         data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
+        persistent_data_loader_workers=args.persistent_data_loader_workers,
         stop_after_steps=stop_after_steps())
 
 

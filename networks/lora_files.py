@@ -19,12 +19,12 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from library.atomic_files import atomic_file
+from library.checkpoint_writer import MODELSPEC_VERSION, modelspec_date
 from library.safetensors_io import save_tensors
 from library.tensor_files import CheckpointError, open_tensor_file
 from networks.lora import weight_delta
@@ -319,9 +319,9 @@ def lora_metadata(carried: dict[str, str], modules: dict[str, LoRAFactors], *, t
         metadata["ss_training_comment"] = comment + (f"; {previous}" if previous and previous != "None" else "")
     if title is not None:
         metadata["modelspec.title"] = title
-        metadata["modelspec.date"] = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        metadata["modelspec.date"] = modelspec_date()
         if any(k.startswith("modelspec.") for k in carried):
-            metadata.setdefault("modelspec.sai_model_spec", "1.0.1")
+            metadata.setdefault("modelspec.sai_model_spec", MODELSPEC_VERSION)
     if merged_from_titles:
         metadata["modelspec.merged_from"] = merged_from(merged_from_titles)
     return metadata

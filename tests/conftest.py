@@ -18,6 +18,21 @@ from library.families import FAMILIES  # noqa: E402
 FAMILY_NAMES = list(FAMILIES)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (full-size models: minutes and several GB of RAM each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Slow tests are opt-in: CI and the 2-core dev machines run the tiny-model suite only (see pytest.ini).
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow (full-size model); run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints():
     """family name -> SDCheckpoint of a tiny random model (SD 2.x with the original-only tensors)."""

@@ -98,6 +98,109 @@ def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
     assert dest.read_text() == "i am a file"
 
 
+# --------------------------------------------------------------------------- leftovers of killed writes
+
+
+def _stale(path: Path, *, directory: bool = False) -> Path:
+    if directory:
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "w.bin").write_bytes(b"half")
+    else:
+        path.write_bytes(b"half")
+    return path
+
+
+def test_next_write_removes_stale_temporaries_of_the_same_target_only(tmp_path, monkeypatch, caplog):
+    import library.atomic_files as atomic_files
+
+    monkeypatch.setattr(atomic_files, "STALE_AFTER_S", 0.0)  # as if the killed writes were long ago
+    (tmp_path / "out.bin").write_bytes(b"old")
+    ours = [_stale(tmp_path / ".out.bin.tmp-0123abcd"), _stale(tmp_path / ".out.bin.tmp-deadbeef")]
+    others = ["out.bin.tmp-0123abcd",  # not hidden: not ours
+              ".out.bin.tmp-0123abc",  # 7 hex digits
+              ".out.bin.tmp-0123abcdx", ".out.bin.bak-0123abcd", ".other.bin.tmp-0123abcd",
+              ".out.bin.tmp-0123ABCD",  # token_hex is lower case
+              ".xout.bin.tmp-0123abcd", "notes.txt"]
+    for name in others:
+        _stale(tmp_path / name)
+    with caplog.at_level("INFO", logger="library.atomic_files"):
+        with atomic_file(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"new")
+    assert (tmp_path / "out.bin").read_bytes() == b"new"
+    assert _names(tmp_path) == sorted(others + ["out.bin"])
+    assert not any(p.exists() for p in ours)
+    logged = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
+    assert len(logged) == 1 and all(p.name in logged[0] for p in ours) and "out.bin" in logged[0]
+
+
+def test_atomic_directory_removes_its_stale_temporaries_and_moved_aside_copies(tmp_path, monkeypatch):
+    import library.atomic_files as atomic_files
+
+    monkeypatch.setattr(atomic_files, "STALE_AFTER_S", 0.0)
+    dest = tmp_path / "state"
+    dest.mkdir()
+    _stale(tmp_path / ".state.tmp-00000001", directory=True)
+    _stale(tmp_path / ".state.old-00000002", directory=True)  # dest exists: a finished write's old copy
+    _stale(tmp_path / ".statex.tmp-00000003", directory=True)
+    with atomic_directory(dest) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert _names(tmp_path) == [".statex.tmp-00000003", "state"]
+    assert _names(dest) == ["new.txt"]
+
+
+def test_a_moved_aside_copy_is_kept_while_the_target_is_missing(tmp_path, monkeypatch):
+    """Killed between atomic_directory's two renames: `.old-` holds the only complete copy."""
+    import library.atomic_files as atomic_files
+
+    monkeypatch.setattr(atomic_files, "STALE_AFTER_S", 0.0)
+    previous = _stale(tmp_path / ".state.old-00000002", directory=True)
+    with atomic_directory(tmp_path / "state") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (previous / "sub" / "w.bin").read_bytes() == b"half"
+
+
+def test_recent_temporaries_are_left_to_a_possible_live_writer(tmp_path):
+    young = _stale(tmp_path / ".out.bin.tmp-0123abcd")
+    with atomic_file(tmp_path / "out.bin") as tmp:
+        tmp.write_bytes(b"new")
+    assert young.exists()
+
+
+def test_a_write_killed_with_sigkill_is_cleaned_up_by_the_next_one(tmp_path, monkeypatch):
+    """A real kill -9 in the middle of a big write: the old file stays intact, the temporary stays behind, and
+    the next write of the same file removes it."""
+    import signal
+    import subprocess
+    import sys
+
+    import library.atomic_files as atomic_files
+
+    dest = tmp_path / "model.bin"
+    dest.write_bytes(b"previous complete file")
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from library.atomic_files import atomic_file\n"
+        "with atomic_file(sys.argv[1]) as tmp, open(tmp, 'wb') as f:\n"
+        "    f.write(b'x' * 2**20); f.flush()\n"
+        "    print('writing', flush=True)\n"
+        "    while True:\n"
+        "        f.write(b'x' * 2**16); time.sleep(0.01)\n"), str(dest)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(atomic_files.__file__).parent.parent)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".model.bin.tmp-")]
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size >= 2**20
+    assert dest.read_bytes() == b"previous complete file"
+
+    monkeypatch.setattr(atomic_files, "STALE_AFTER_S", 0.0)  # the restart comes a while later
+    with atomic_file(dest) as tmp:
+        tmp.write_bytes(b"next")
+    assert _names(tmp_path) == ["model.bin"] and dest.read_bytes() == b"next"
+
+
 # --------------------------------------------------------------------------- check_writable_output
 
 

@@ -153,3 +153,26 @@ def test_diffusers_imagefolder(tmp_path, kind):
     with pytest.raises(DatasetError, match="no caption column.*'prompt'.*file_name"):
         build_groups(specs_from_flags(dict(CLI, train_data_dir=str(folder), caption_column="prompt")),
                      family_step=64)
+
+
+def test_caption_files_with_another_extension_are_named(tmp_path, caplog):
+    """Images without a --caption_extension file train on the class tokens (kohya), but .txt captions beside them
+    are almost always a wrong --caption_extension: one warning names both extensions and the fix."""
+    from library.dataset_sources import Subset, scan_subset
+
+    folder = images(tmp_path / "2_sks dog", ["a.png", "b.png", "c.png"])
+    (folder / "a.txt").write_text("a dog on grass")
+    (folder / "b.txt").write_text("a dog in snow")
+    with caplog.at_level(logging.WARNING):
+        records, _ = scan_subset(Subset(image_dir=folder, class_tokens="sks dog", caption_extension=".caption"))
+    assert [r.caption for r in records] == ["sks dog"] * 3  # kohya's fallback, kept
+    mismatch = [r.getMessage() for r in caplog.records if "NOT read" in r.getMessage()]
+    assert len(mismatch) == 1
+    assert "2 of these image(s) have a .txt file" in mismatch[0] and "from .caption files only" in mismatch[0]
+    assert "--caption_extension .txt" in mismatch[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        records, _ = scan_subset(Subset(image_dir=folder, class_tokens="sks dog", caption_extension=".txt"))
+    assert [r.caption for r in records] == ["a dog on grass", "a dog in snow", "sks dog"]
+    assert "NOT read" not in caplog.text  # c.png simply has no caption: the usual warning only

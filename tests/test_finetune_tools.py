@@ -114,6 +114,30 @@ def test_merge_errors_name_the_problem(tmp_path, capsys):
     assert "no images" in error([images(tmp_path / "empty", {}), out])
 
 
+def test_merge_that_finds_no_text_file_is_an_error(tmp_path, capsys, caplog):
+    """Nothing to merge is an error (no output written), naming the caption files that do exist."""
+    folder = images(tmp_path / "imgs", {"a.png": (8, 8), "b.png": (8, 8), "c.png": (8, 8)})
+    write(folder / "a.caption", "a red shape")
+    write(folder / "b.caption", "a blue shape")
+    out = tmp_path / "meta.json"
+    for tool, argv in ((merge_captions_to_metadata, ["--caption_extension", ".txt"]), (merge_dd_tags_to_metadata, [])):
+        assert tool.main([str(folder), str(out)] + argv) == 1
+        err = capsys.readouterr().err
+        assert "none of the 3 image(s) has a .txt file" in err
+        assert "found 2 .caption file(s): pass --caption_extension .caption" in err and not out.exists()
+    bare = images(tmp_path / "bare", {"a.png": (8, 8)})  # no text file at all: say how they must be named
+    assert merge_captions_to_metadata.main([str(bare), str(out), "--caption_extension", "tags"]) == 1
+    assert "e.g. a.tags for a.png" in capsys.readouterr().err and not out.exists()
+    assert merge_captions_to_metadata.main([str(folder), str(out)]) == 0  # the right extension: merged
+    assert read_metadata(out) == {"a": {"caption": "a red shape"}, "b": {"caption": "a blue shape"}}
+    # Into existing metadata the output is not empty: written unchanged, with the same hint as a warning.
+    tagged = tmp_path / "tagged.jsonl"
+    with caplog.at_level(logging.WARNING):
+        assert merge_dd_tags_to_metadata.main([str(folder), str(tagged), "--in_json", str(out)]) == 0
+    assert read_metadata(tagged) == read_metadata(out)
+    assert "found 2 .caption file(s): pass --caption_extension .caption" in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------------------
 # clean_captions_and_tags
 

@@ -66,8 +66,8 @@ def test_output_config_writes_the_non_default_arguments(tmp_path):
 def test_unimplemented_kohya_flags_are_refused_by_name():
     with pytest.raises(SystemExit, match="--face_crop_aug_range"):
         train_args.parse_args(parser(), REQUIRED + ["--face_crop_aug_range", "2.0,4.0"])
-    with pytest.raises(SystemExit, match="--lowram"):
-        train_args.parse_args(parser(), REQUIRED + ["--lowram"])
+    with pytest.raises(SystemExit, match="--cache_text_encoder_outputs"):
+        train_args.parse_args(parser(), REQUIRED + ["--cache_text_encoder_outputs"])
 
 
 def test_misspelled_caption_extension_alias():

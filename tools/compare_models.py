@@ -3,8 +3,10 @@ tensor by tensor, under diffusers names.
 
     python tools/compare_models.py model.safetensors converted_folder
 
-Exit status 0 when every tensor is bit-identical (after casting to a common dtype with --allow_cast), 1 when
-they differ (a per-component summary with the largest differences is printed), 2 on bad input.
+Exit status 0 when every tensor is equal: bit-identical by default, or within `--atol` / `--rtol` (as
+torch.isclose: |a - b| <= atol + rtol * |b|), e.g. `--allow_cast --atol 1e-3` for an fp16 copy of an fp32 model;
+1 when they differ (each differing tensor is listed with its largest absolute difference, then a per-component
+summary); 2 on bad input.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+import torch  # noqa: E402
+
 from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
 from library.tensor_files import CheckpointError  # noqa: E402
 
 
-def compare(a_path: str, b_path: str, *, allow_cast: bool, hints: FamilyHints) -> list[str]:
+def compare(a_path: str, b_path: str, *, allow_cast: bool, hints: FamilyHints, atol: float = 0.0,
+            rtol: float = 0.0) -> list[str]:
     problems: list[str] = []
     with read_checkpoint(a_path, hints) as a, read_checkpoint(b_path, hints) as b:
         if a.family is not b.family:
@@ -40,13 +45,17 @@ def compare(a_path: str, b_path: str, *, allow_cast: bool, hints: FamilyHints) -
                 if x.shape != y.shape:
                     problems.append(f"{component}.{key}: shape {tuple(x.shape)} vs {tuple(y.shape)}")
                     continue
-                diff = (x.float() - y.float()).abs().max().item() if x.numel() else 0.0
-                if diff != 0.0:
+                # float64: exact differences of any two fp32 / fp16 / bf16 values, so the report is not rounded.
+                x, y = x.double(), y.double()
+                close = torch.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
+                if not close.all():
+                    diff = (x - y).abs()[~close].max().item()  # NaN when one side is NaN
                     worst.append((diff, key))
+                    problems.append(f"{component}.{key}: max abs difference {diff:.3g} "
+                                    f"({(~close).sum().item()} of {close.numel()} values differ)")
             if worst:
-                worst.sort(reverse=True)
-                shown = ", ".join(f"{k} ({d:.3g})" for d, k in worst[:3])
-                problems.append(f"{component}: {len(worst)} tensors differ; largest: {shown}")
+                diff, key = max(worst, key=lambda w: (w[0] != w[0], w[0]))  # NaN first, then the largest
+                problems.append(f"{component}: {len(worst)} tensors differ; largest: {key} ({diff:.3g})")
             print(f"{component}: {len(ka & kb)} tensors compared, {len(worst)} differ")
     return problems
 
@@ -56,17 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model_a")
     p.add_argument("model_b")
     p.add_argument("--allow_cast", action="store_true", help="compare values across dtypes (e.g. fp16 vs fp32)")
+    p.add_argument("--atol", type=float, default=0.0,
+                   help="absolute tolerance per value (default 0: exact); e.g. 1e-3 for fp16 vs fp32")
+    p.add_argument("--rtol", type=float, default=0.0,
+                   help="relative tolerance per value, of model_b's value (default 0: exact)")
     p.add_argument("--v_parameterization", action="store_true", help="for .ckpt files of v-prediction models")
     args = p.parse_args(argv)
+    if not (args.atol >= 0 and args.rtol >= 0):  # also refuses NaN
+        print(f"error: --atol {args.atol} / --rtol {args.rtol}: tolerances must be 0 or more", file=sys.stderr)
+        return 2
     try:
-        problems = compare(args.model_a, args.model_b, allow_cast=args.allow_cast,
+        problems = compare(args.model_a, args.model_b, allow_cast=args.allow_cast, atol=args.atol, rtol=args.rtol,
                            hints=FamilyHints(v_parameterization=args.v_parameterization))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in problems:
         print("DIFFERENT:", line)
-    print("identical" if not problems else "models differ")
+    if problems:
+        print("models differ")
+    else:
+        print("identical" if not (args.atol or args.rtol) else f"equal within --atol {args.atol} --rtol {args.rtol}")
     return 0 if not problems else 1
 
 

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reg", action="store_true", help="also write <output>_reg/1_shape with uncaptioned images")
+    p.add_argument("--reg", action="store_true",
+                   help="also write regularisation images to <output>_reg/1_shape (captioned 'shape, <colour> "
+                        "<shape>, ...' like the training images; use it as --reg_data_dir)")
     args = p.parse_args(argv)
     folder = write_dataset(Path(args.output), images=args.images, size=args.size, seed=args.seed)
     print(f"wrote {args.images} images to {folder}")
