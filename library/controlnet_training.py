@@ -8,6 +8,7 @@ connections, exactly as `StableDiffusionControlNetPipeline` does at inference, s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,17 @@ def pair_validation(images: list[str] | None, prompts: list[str] | None) -> list
     return [ValidationPair(Path(i), p) for i, p in zip(images, prompts)]
 
 
+def validation_size(image_size: tuple[int, int], resolution: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """(width, height) to generate a validation sample at: the condition image's own aspect, never larger than
+    the image nor than the training resolution's area (a large edge map would otherwise be sampled at a size the
+    model never trained at), each side rounded down to `multiple` (the VAE's factor, as diffusers' pipeline
+    rounds). diffusers' train_controlnet example passes the image unresized, i.e. its own size; squashing it to
+    the square --resolution would distort every sample."""
+    width, height = image_size
+    scale = min(1.0, math.sqrt(resolution[0] * resolution[1] / (width * height)))
+    return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in (width, height))
+
+
 def grid(images: list[Image.Image]) -> Image.Image:
     """One row: the conditioning image, then the samples."""
     width, height = images[0].size
@@ -116,8 +128,8 @@ def grid(images: list[Image.Image]) -> Image.Image:
 
 class ControlNetValidator:
     """Called by the training loop like the sample-image hook: for each validation pair, `num_images` samples
-    with `StableDiffusionControlNetPipeline`, saved as one grid `<output_dir>/validation/<name>_<step>_<idx>.png`
-    and logged to TensorBoard / wandb."""
+    with `StableDiffusionControlNetPipeline` at the condition image's aspect (`validation_size`), saved as one grid
+    `<output_dir>/validation/<name>_<step>_<idx>.png` and logged to TensorBoard / wandb."""
 
     def __init__(self, pairs: list[ValidationPair], *, models, controlnet, output_dir: Path, output_name: str,
                  resolution: tuple[int, int], num_images: int, steps: int, seed: int, sampler: str):
@@ -132,7 +144,7 @@ class ControlNetValidator:
 
         from library.atomic_files import atomic_file
         from library.images import load_image
-        from library.sampling import make_scheduler
+        from library.sampling import autocast_if_mixed, make_scheduler
 
         m = self.models
         pipe = StableDiffusionControlNetPipeline(
@@ -143,14 +155,16 @@ class ControlNetValidator:
         pipe.set_progress_bar_config(disable=True)
         was_training = self.controlnet.training
         self.controlnet.eval()
-        width, height = self.resolution
         paths = []
         try:
             for index, pair in enumerate(self.pairs):
-                condition = load_image(pair.image).rgb.resize((width, height), Image.BICUBIC)
+                condition = load_image(pair.image).rgb
+                width, height = validation_size(condition.size, self.resolution, pipe.vae_scale_factor)
+                condition = condition.resize((width, height), Image.BICUBIC)
                 generator = torch.Generator("cpu").manual_seed(self.seed + index)
-                images = pipe(pair.prompt, image=condition, num_inference_steps=self.steps, width=width,
-                              height=height, num_images_per_prompt=self.num_images, generator=generator).images
+                with autocast_if_mixed(m.unet, self.controlnet, m.vae, m.text_encoder):  # fp32 ControlNet, bf16 rest
+                    images = pipe(pair.prompt, image=condition, num_inference_steps=self.steps, width=width,
+                                  height=height, num_images_per_prompt=self.num_images, generator=generator).images
                 row = grid([condition, *images])
                 tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
                 path = self.output_dir / "validation" / f"{self.output_name}_{tag}_{index:02d}.png"

@@ -13,6 +13,7 @@ and 150/225-token prompts behave exactly as in training) and a scheduler chosen 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -287,9 +288,21 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, unet, vae,
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     size = {"image": init_images, "strength": first.strength} if init_images is not None else \
         {"width": first.width, "height": first.height}
-    return pipe(prompt_embeds=states[:n], negative_prompt_embeds=states[n:], num_inference_steps=first.steps,
-                guidance_scale=first.scale, generator=generators if n > 1 else generators[0],
-                output_type=output_type, **size).images
+    with autocast_if_mixed(unet, vae, text_encoder):
+        return pipe(prompt_embeds=states[:n], negative_prompt_embeds=states[n:], num_inference_steps=first.steps,
+                    guidance_scale=first.scale, generator=generators if n > 1 else generators[0],
+                    output_type=output_type, **size).images
+
+
+def autocast_if_mixed(*models):
+    """Models of different dtypes (during training: an fp32 U-Net or ControlNet beside a bf16 VAE and text encoder)
+    run under autocast to the half dtype, as in the training step; diffusers' pipelines would otherwise hand fp32
+    latents to a bf16 VAE. Models of one dtype run as they are (gen_img stays equal to diffusers' pipelines)."""
+    dtypes = {m.dtype for m in models}
+    half = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), None)
+    if len(dtypes) == 1 or half is None:
+        return contextlib.nullcontext()
+    return torch.autocast(models[0].device.type, dtype=half)
 
 
 # ----------------------------------------------------------------------------------------------------------

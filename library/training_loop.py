@@ -78,6 +78,7 @@ class LoopConfig:
     save_state_on_train_end: bool = False
     log: LogSettings | None = None  # TensorBoard / wandb (None: no logs beyond the progress bar)
     data_loader_workers: int = 0
+    persistent_data_loader_workers: bool = False  # one DataLoader whose workers serve every epoch
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None  # overrides sample_every_n_steps (kohya)
     sample_at_first: bool = False
@@ -121,6 +122,21 @@ def micro_step_seed(seed: int, global_step: int, micro: int, stream: str) -> int
     return int(digest[:15], 16)
 
 
+class _CurrentBatches:
+    """The batch sampler of the persistent DataLoader: yields the key lists it was last given. A DataLoader reads
+    its batch sampler anew, in this process, each time it is iterated, so one loader (and its worker processes)
+    serves every epoch; the keys still say everything a sample depends on, so results do not change."""
+
+    def __init__(self) -> None:
+        self.keys: list[list[SampleKey]] = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 class Trainer:
     def __init__(self, *, task: TrainingTask, unet, text_encoder, vae, tokenizer, dataset: TrainingDataset,
                  batches: EpochBatches, objective: DiffusionObjective, optimizer, lr_scheduler, config: LoopConfig,
@@ -142,6 +158,8 @@ class Trainer:
         self.state = TrainState(run_fingerprint=run_fingerprint)
         self.run_log = None
         self.loss_history: list[tuple[int, float]] = []
+        self._persistent_batches: _CurrentBatches | None = None  # --persistent_data_loader_workers
+        self._persistent_loader: torch.utils.data.DataLoader | None = None
 
     # ------------------------------------------------------------------------------------------------------
     # Resume
@@ -247,6 +265,7 @@ class Trainer:
         finally:
             if self.run_log:
                 self.run_log.close()
+            self._persistent_loader = self._persistent_batches = None  # its workers exit with it
 
     def _run(self) -> TrainState:
         c = self.config
@@ -295,7 +314,7 @@ class Trainer:
                     self._sample(epoch=finished)
         bar.close()
         if self.accelerator.is_main_process:  # every process holds the same weights: one writes
-            self.task.save_model(c.output_dir / c.output_name, epoch=self.state.epoch,
+            self.task.save_model(c.output_dir / c.output_name, epoch=self._saved_epoch(final=True),
                                  global_step=self.state.global_step)
             if c.save_state or c.save_state_on_train_end:
                 self.save_state(c.output_dir / f"{c.output_name}-state")
@@ -309,6 +328,15 @@ class Trainer:
         keys = [[SampleKey(self.state.epoch, self.state.global_step + g, index, slot)
                  for index, slot in epoch_batches[b]] for g, group in enumerate(groups) for b in group]
         workers = self.config.data_loader_workers
+        if workers and self.config.persistent_data_loader_workers:
+            # Starting workers costs seconds per epoch (a process each, plus the dataset); keep them for the run.
+            if self._persistent_loader is None:
+                self._persistent_batches = _CurrentBatches()
+                self._persistent_loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_sampler=self._persistent_batches, collate_fn=collate, num_workers=workers,
+                    persistent_workers=True, prefetch_factor=2)
+            self._persistent_batches.keys = keys  # read when the caller iterates the loader
+            return self._persistent_loader
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, collate_fn=collate, num_workers=workers,
                                            persistent_workers=False, prefetch_factor=2 if workers else None)
 
@@ -335,8 +363,11 @@ class Trainer:
             total += loss.item()
         if self.accelerator.num_processes > 1:
             self._average_gradients()
+        norm = None
         if self.config.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
+        if self.accelerator.scaler is None:  # fp16's loss scaler skips such steps itself (and lowers its scale)
+            self._check_gradients_are_finite(norm, step)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -346,6 +377,19 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             mean_loss = self.accelerator.reduce(mean_loss, reduction="mean")
         return mean_loss.item()
+
+    def _check_gradients_are_finite(self, norm: torch.Tensor | None, step: int) -> None:
+        """A finite loss can still give an inf/NaN gradient (a half-precision overflow in the backward pass); one
+        optimizer step with it turns the weights into NaN, which the next loss shows only after the model was
+        saved. Stop before the step instead, like a non-finite loss."""
+        if norm is None:
+            grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(
+                f"gradients became {norm.item()} at step {step + 1} (epoch {self.state.epoch}) although the loss "
+                "was finite; stopping before the weights take them. The last saved model/state is intact. Lower "
+                "the learning rate, or train without --full_bf16 / --full_fp16.")
 
     def _average_gradients(self) -> None:
         """All-reduce the trainable gradients (mean over processes). The network is applied by patching the base
@@ -395,10 +439,16 @@ class Trainer:
                              trainable=self.sample_trainable)
         logger.info("sample images: %s", ", ".join(p.name for p in paths))
 
+    def _saved_epoch(self, *, final: bool = False) -> int:
+        """The epoch a saved model records (ss_epoch, a ckpt's "epoch"), as kohya counts it: the epochs completed,
+        so an epoch save says the number in its file name (`state.epoch` is the 1-based epoch in progress, already
+        advanced past a finished one). The final save counts a last, partial epoch too (kohya: num_train_epochs)."""
+        return self.state.epoch - 1 + (1 if final and self.state.batch_in_epoch > 0 else 0)
+
     def _save(self, stem: str, kind: str) -> None:
         c = self.config
         if self.accelerator.is_main_process:
-            self.task.save_model(c.output_dir / stem, epoch=self.state.epoch, global_step=self.state.global_step)
+            self.task.save_model(c.output_dir / stem, epoch=self._saved_epoch(), global_step=self.state.global_step)
             if c.save_state:
                 self.save_state(c.output_dir / f"{stem}-state")
             self._prune(kind)

@@ -485,9 +485,8 @@ def block_lr_weights(down: str | None, mid: str | None, up: str | None, zero_thr
 
 # ---------------------------------------------------------------------- kohya's module-level interface
 
-# Keys kohya's networks.lora accepts that we do not implement yet: refused loudly rather than ignored, so a run
-# never silently trains something other than what was asked for.
-NOT_IMPLEMENTED_ARGS: tuple[str, ...] = ()
+# Every key kohya's networks.lora accepts, with its type. Any other key is refused loudly rather than ignored, so a
+# run never silently trains something other than what was asked for.
 _ARG_TYPES = {"conv_dim": int, "conv_alpha": float, "dropout": float, "rank_dropout": float, "module_dropout": float,
               "block_dims": str, "block_alphas": str, "conv_block_dims": str, "conv_block_alphas": str,
               "down_lr_weight": str, "mid_lr_weight": str, "up_lr_weight": str, "block_lr_zero_threshold": float,
@@ -530,14 +529,10 @@ def _block_list(spec: str | None, name: str, cast, default) -> list | None:
 def parse_network_args(kwargs: dict[str, object], neuron_dropout: float | None = None) -> NetworkArgs:
     """Typed values from `--network_args` (strings, key=value)."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    unknown = sorted(set(kwargs) - set(_ARG_TYPES) - set(NOT_IMPLEMENTED_ARGS))
+    unknown = sorted(set(kwargs) - set(_ARG_TYPES))
     if unknown:
         raise ValueError(f"--network_args: unknown key(s) for networks.lora: {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(_ARG_TYPES))})")
-    pending = sorted(set(kwargs) & set(NOT_IMPLEMENTED_ARGS))
-    if pending:
-        raise NotImplementedError(f"--network_args {', '.join(pending)}: accepted by kohya's networks.lora but not "
-                                  "implemented here yet (block-wise dims/learning rates, LoRA+); remove them")
     values = {}
     for key, value in kwargs.items():
         try:
