@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Pin the suite to the CPU (also in the scripts it starts): on a GPU host accelerate, gen_img and the samplers would
+# pick CUDA, and the golden numbers and tolerances are CPU measurements (tests/numerics.py). There are no GPU tests.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -5,6 +5,9 @@ WebUI's PNG text, v-prediction SD 2.x, and the bad inputs a user can fix."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from library.sampling import (SAMPLER_ALIASES, SAMPLERS, SamplePrompt, encode_pr
                               make_scheduler, plan_images)
 from library.tiny_models import build_tiny_models
 from networks.lora import create_network
+from tests.numerics import assert_images_close, assert_images_differ, assert_outputs_close
 
 NEGATIVE = "blurry"
 KOHYA_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -54,9 +58,9 @@ def files(tmp_path_factory):
 
 
 def run(files, tmp_path, *args, model="sd1", outdir="out"):
-    """gen_img in-process; returns the written paths."""
+    """gen_img in-process (its `run`, as `main` does); returns the written paths."""
     argv = ["--ckpt", str(files[model]), "--outdir", str(tmp_path / outdir), "--W", "64", "--H", "64"]
-    return gen_img.main(argv + [str(a) for a in args])
+    return gen_img.run(gen_img.setup_parser().parse_args(argv + [str(a) for a in args]))
 
 
 def pixels(path) -> np.ndarray:
@@ -94,6 +98,7 @@ def generators(*seeds):
 # ------------------------------------------------------------------ equality with diffusers' pipelines
 
 
+@pytest.mark.numbers
 @pytest.mark.parametrize("sampler, reference", [("ddim", sd_ddim), ("k_euler_a", kohya_euler_a)])
 def test_txt2img_equals_diffusers_pipeline(files, tmp_path, sampler, reference):
     """Two images in one batch, seeds from --d; ancestral sampling draws each image's step noise from its seed."""
@@ -104,20 +109,22 @@ def test_txt2img_equals_diffusers_pipeline(files, tmp_path, sampler, reference):
     theirs = pipe("a red circle", negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=4,
                   guidance_scale=5.0, num_images_per_prompt=2, generator=generators(11, 12)).images
     for path, image in zip(paths, theirs):
-        assert np.array_equal(pixels(path), np.asarray(image).astype(np.int16))
-    assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
+        assert_images_close(pixels(path), image, what=f"{sampler} {path.name}")
+    assert_images_differ(pixels(paths[0]), pixels(paths[1]), what="the batch's two seeds")
 
 
+@pytest.mark.numbers
 def test_img2img_equals_diffusers_pipeline(files, tmp_path):
     (path,) = run(files, tmp_path, "--prompt", f"a red circle --n {NEGATIVE} --d 5", "--steps", 5, "--strength",
                   0.6, "--image_path", files["init"])
     pipe = diffusers_pipe(files, sd_ddim, img2img=True)
     theirs = pipe("a red circle", negative_prompt=NEGATIVE, image=Image.open(files["init"]).convert("RGB"),
                   strength=0.6, num_inference_steps=5, guidance_scale=7.5, generator=generators(5)[0]).images[0]
-    assert np.array_equal(pixels(path), np.asarray(theirs).astype(np.int16))
+    assert_images_close(pixels(path), theirs, what="img2img")
     assert "Denoising strength: 0.6" in Image.open(path).text["parameters"]
 
 
+@pytest.mark.numbers
 @torch.no_grad()
 def test_lora_equals_diffusers_load_lora_weights(files):
     """Two LoRAs (one LoCon) at 0.7 / -0.4 applied by us vs loaded by diffusers+PEFT: fp32 images agree to 1e-5."""
@@ -142,7 +149,7 @@ def test_lora_equals_diffusers_load_lora_weights(files):
     theirs = pipe("a red circle", negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=4,
                   guidance_scale=5.0, generator=generators(7)[0], output_type="np").images[0]
     assert np.abs(ours - base).max() > 0.05  # the LoRAs matter...
-    assert np.abs(ours - theirs).max() <= 1e-5  # ...and diffusers applies them as we do
+    assert_outputs_close(ours, theirs, what="image with two LoRAs")  # ...and diffusers applies them as we do
 
 
 def test_lora_merged_equals_applied_and_am_overrides(files, tmp_path):
@@ -206,6 +213,7 @@ def test_prompt_file_options_file_names_and_png_text(files, tmp_path):
     assert again[0].name == "im_000006_5.png" and np.array_equal(pixels(again[0]), pixels(paths[0]))
 
 
+@pytest.mark.numbers
 def test_weighted_and_long_prompts_reach_the_pipeline(files, tmp_path):
     """A weighted 100-word prompt is encoded in two CLIP windows with WebUI's weighting: the image equals
     diffusers' pipeline given exactly those embeddings."""
@@ -223,7 +231,7 @@ def test_weighted_and_long_prompts_reach_the_pipeline(files, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], width=64, height=64,
                   num_inference_steps=3, generator=generators(4)[0]).images[0]
-    assert np.array_equal(pixels(path), np.asarray(theirs).astype(np.int16))
+    assert_images_close(pixels(path), theirs, what="weighted 150-token prompt")
 
 
 def test_seed_plan_follows_kohya():
@@ -239,25 +247,27 @@ def test_seed_plan_follows_kohya():
     assert [j.index for j in jobs] == list(range(6))
 
 
+@pytest.mark.numbers
 def test_batch_size_does_not_change_images(files, tmp_path):
     common = ["--prompt", "a red circle", "--seed", 3, "--images_per_prompt", 3, "--steps", 3, "--sampler", "euler_a"]
     one = run(files, tmp_path, *common, outdir="b1")
     three = run(files, tmp_path, *common, "--batch_size", 3, outdir="b3")
     assert [p.name for p in one] == [p.name for p in three]
     for a, b in zip(one, three):
-        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+        assert_images_close(pixels(a), pixels(b), what=f"{a.name} alone vs in a batch of 3")
 
 
 # ------------------------------------------------------------------ SD 2.x v-prediction, precision
 
 
+@pytest.mark.numbers
 def test_v_prediction_sd2_equals_diffusers(files, tmp_path):
     (path,) = run(files, tmp_path, "--prompt", "a red circle --d 2", "--steps", 3, "--sampler", "ddim", "--v2",
                   model="sd2v")
     pipe = diffusers_pipe(files, sd_ddim, model="sd2v")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     theirs = pipe("a red circle", width=64, height=64, num_inference_steps=3, generator=generators(2)[0]).images[0]
-    assert np.array_equal(pixels(path), np.asarray(theirs).astype(np.int16))
+    assert_images_close(pixels(path), theirs, what="SD 2.x v-prediction")
 
 
 def test_bf16_runs_and_fp16_is_refused_on_cpu(files, tmp_path):
@@ -277,12 +287,27 @@ def test_bf16_runs_and_fp16_is_refused_on_cpu(files, tmp_path):
     ("\n# c\nx --dsd1 3\n", r"line 3: --dsd1 \(Deep Shrink"),
     ("x --t 1.5\n", r"line 1: bad value for --t"),
     ("x --am 0.5\n", r"line 1: --am needs networks"),
+    ("\n# only a comment\n", r"no prompts in the file"),
 ])
 def test_malformed_prompt_file_names_the_line(files, tmp_path, line, message):
     prompt_file = tmp_path / "bad.txt"
     prompt_file.write_text(line)
     with pytest.raises(SystemExit, match=message):
         run(files, tmp_path, "--from_file", prompt_file, "--image_path", files["init"])
+
+
+def test_command_line_exit_status(files, tmp_path):
+    """`python gen_img.py`: exit status 0 with the images written, non-zero with the one-line error otherwise."""
+    script = Path(gen_img.__file__)
+    common = [sys.executable, str(script), "--ckpt", str(files["sd1"]), "--W", "64", "--H", "64", "--steps", "2"]
+    ok = subprocess.run(common + ["--outdir", str(tmp_path / "ok"), "--prompt", "a red circle --d 1"],
+                        capture_output=True, text=True, cwd=script.parent)
+    assert ok.returncode == 0, ok.stderr
+    assert len(list((tmp_path / "ok").glob("*.png"))) == 1
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    bad = subprocess.run(common + ["--outdir", str(tmp_path / "bad"), "--from_file", str(tmp_path / "empty.txt")],
+                         capture_output=True, text=True, cwd=script.parent)
+    assert bad.returncode != 0 and "error: --from_file" in bad.stderr and "no prompts" in bad.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -304,6 +329,7 @@ def test_lora_of_another_family_is_refused(files, tmp_path):
         run(files, tmp_path, "--prompt", "x", "--network_weights", files["lora_a"], model="sd2v")
 
 
+@pytest.mark.numbers
 def test_textual_inversion_embedding_equals_diffusers_load_textual_inversion(files, tmp_path):
     """--textual_inversion_embeddings: the file's name is the prompt word (a 2-vector embedding here), and the image
     equals diffusers' pipeline with the same file loaded by load_textual_inversion."""
@@ -316,7 +342,7 @@ def test_textual_inversion_embedding_equals_diffusers_load_textual_inversion(fil
     pipe = diffusers_pipe(files, sd_ddim)
     pipe.load_textual_inversion(str(embedding), token="qzxw")
     theirs = pipe("a qzxw circle", width=64, height=64, num_inference_steps=3, generator=generators(5)).images[0]
-    assert np.array_equal(pixels(paths[0]), np.asarray(theirs).astype(np.int16))
+    assert_images_close(pixels(paths[0]), theirs, what="textual-inversion embedding")
     plain = run(files, tmp_path, "--prompt", "a qzxw circle --d 5", "--steps", 3, "--sampler", "ddim",
                 outdir="plain")
-    assert not np.array_equal(pixels(plain[0]), pixels(paths[0]))  # the word changed the image
+    assert_images_differ(pixels(plain[0]), pixels(paths[0]), what="the embedding's word")

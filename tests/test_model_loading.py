@@ -13,8 +13,10 @@ from library.model_loading import instantiate_models, replace_vae
 from library.safetensors_io import SafetensorsReader, save_tensors
 from library.sd_checkpoint import read_checkpoint
 from tests.conftest import FAMILY_NAMES
+from tests.numerics import assert_outputs_close
 
 
+@pytest.mark.numbers
 @pytest.mark.parametrize("family_name", FAMILY_NAMES)
 def test_instantiated_models_match_diffusers_pipeline_outputs(family_name, tiny_files):
     """Our models from the single file compute what diffusers' own loader computes from our diffusers folder."""
@@ -30,11 +32,13 @@ def test_instantiated_models_match_diffusers_pipeline_outputs(family_name, tiny_
     with torch.no_grad():
         ours = models.text_encoder(ids).last_hidden_state
         theirs = pipe.text_encoder(ids).last_hidden_state
-        assert torch.equal(ours, theirs)
+        assert_outputs_close(ours, theirs, what=f"{family_name} text encoder")
         latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        assert torch.equal(models.unet(latents, 500, ours).sample, pipe.unet(latents, 500, theirs).sample)
+        assert_outputs_close(models.unet(latents, 500, ours).sample, pipe.unet(latents, 500, theirs).sample,
+                             what=f"{family_name} U-Net")
         image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-        assert torch.equal(models.vae.encode(image).latent_dist.mean, pipe.vae.encode(image).latent_dist.mean)
+        assert_outputs_close(models.vae.encode(image).latent_dist.mean, pipe.vae.encode(image).latent_dist.mean,
+                             what=f"{family_name} VAE")
     assert models.scheduler_config["prediction_type"] == checkpoint.prediction_type.value
 
 
@@ -102,6 +106,26 @@ def test_convert_tool_single_file_to_diffusers_fp16_and_back(tiny_files, tmp_pat
     assert compare_main([str(source), str(back), "--allow_cast", "--v_parameterization"]) == 1  # fp16 rounding
     assert "differ" in capsys.readouterr().out
     assert compare_main([str(source), str(tiny_files["sd2-768-v"]["diffusers"])]) == 0
+
+
+def test_compare_tool_tolerances_and_per_key_differences(tiny_checkpoints, tiny_files, tmp_path, capsys):
+    """fp16 copy vs fp32 original: exact comparison fails and names each rounded tensor with its largest absolute
+    difference; --atol above the fp16 rounding passes, below it fails."""
+    from tools.compare_models import main as compare_main
+
+    source = tiny_files["sd1"]["safetensors"]
+    half = save_checkpoint(tiny_checkpoints["sd1"], tmp_path / "half.safetensors", SaveFormat.SAFETENSORS,
+                           dtype=torch.float16)
+    weight = tiny_checkpoints["sd1"].tensors["unet"]["conv_in.weight"].load()
+    rounding = (weight.double() - weight.half().double()).abs().max().item()
+    capsys.readouterr()
+    assert compare_main([str(source), str(half), "--allow_cast"]) == 1
+    out = capsys.readouterr().out
+    assert f"DIFFERENT: unet.conv_in.weight: max abs difference {rounding:.3g} (" in out
+    assert compare_main([str(source), str(half), "--allow_cast", "--atol", "1e-3"]) == 0
+    assert "equal within --atol 0.001" in capsys.readouterr().out
+    assert compare_main([str(source), str(half), "--allow_cast", "--atol", "1e-7"]) == 1
+    assert compare_main([str(source), str(half), "--allow_cast", "--atol", "-1"]) == 2
 
 
 def test_convert_tool_rejects_conflicting_precisions(tiny_files, tmp_path):

@@ -3,8 +3,6 @@ the model; and frozen embeddings loaded into training (--textual_inversion_embed
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,9 +10,9 @@ import torch
 
 from library.safetensors_io import SafetensorsReader
 
+from tests.numerics import check_golden_losses, golden_case_args
 from tests.recipe_helpers import logged_losses, run_script as run
 
-GOLDEN = Path(__file__).parent / "golden" / "pivotal_losses.json"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +26,7 @@ def workspace(tmp_path_factory):
     return root
 
 
+PIVOTAL_COVERS = ["--pivotal_steps", "2"]  # what the golden case "lora_pivotal" is there for (tests/golden/README.md)
 PIVOT = ["--pivotal_token", "zwxq", "--pivotal_num_vectors", "2", "--pivotal_init_word", "shape"]
 
 
@@ -47,18 +46,16 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
         return {k: reader.read(k) for k in reader.keys()}
 
 
+@pytest.mark.numbers
 def test_lora_with_pivotal_token_golden_resume_and_files(workspace):
     from library.textual_inversion import load_embedding
 
     root = workspace
     extra = ["--max_train_steps", "4", "--pivotal_steps", "2", "--save_every_n_steps", "2", "--save_state"]
-    run("train_network", lora_args(root, "lora_full") + extra)
+    run("train_network", lora_args(root, "lora_full") + golden_case_args("lora_pivotal", extra,
+                                                                         {"lora_pivotal": PIVOTAL_COVERS}))
     losses = logged_losses(root / "lora_full" / "logs")
-    if os.environ.get("UPDATE_GOLDEN"):
-        data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-        data["lora_pivotal"] = losses
-        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    assert losses == pytest.approx(json.loads(GOLDEN.read_text())["lora_pivotal"], rel=1e-5, abs=1e-6)
+    check_golden_losses("pivotal_losses.json", "lora_pivotal", losses)
 
     # The word trains for 2 steps, then stays: the step-2 and final embeddings are equal, and differ from the start.
     at2 = load_embedding(root / "lora_full" / "model-step00000002_embeddings" / "zwxq.safetensors", dim=32)
@@ -134,3 +131,17 @@ def test_frozen_embeddings_are_used_not_trained(workspace, tmp_path):
     with_emb, plain = tensors(root / "frozen" / "model.safetensors"), tensors(root / "plain" / "model.safetensors")
     assert any(not torch.equal(with_emb[k], plain[k]) for k in plain)  # the word changed the conditioning
     assert path.read_bytes() == before and not (root / "frozen" / "model_embeddings").exists()
+
+
+@pytest.mark.parametrize("script", ["train_network", "train_db"])
+def test_pivotal_token_in_no_caption_is_an_error(workspace, script):
+    """The captions say "zwxq shape": a --pivotal_token in none of them would train nothing. --caption_prefix
+    counts as part of every caption."""
+    make_args = lora_args if script == "train_network" else common
+    argv = make_args(workspace, f"absent_{script}") + ["--max_train_steps", "1"]
+    argv[argv.index("zwxq")] = "qxvz"
+    with pytest.raises(SystemExit) as info:
+        run(script, argv)
+    assert "--pivotal_token 'qxvz': no caption contains it" in str(info.value.code)
+    run(script, argv + ["--caption_prefix", "qxvz"])
+    assert (workspace / f"absent_{script}" / "model_embeddings" / "qxvz.safetensors").exists()

@@ -8,6 +8,7 @@ import torch
 from library.families import FAMILIES
 from library.text_encoding import encode, tokenize
 from library.tiny_models import build_tiny_models
+from tests.numerics import assert_outputs_close
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def diffusers_embeds(m, prompt, clip_skip):
     return embeds
 
 
+@pytest.mark.numbers
 @pytest.mark.parametrize("family", ["sd1", "sd2-512"])
 @pytest.mark.parametrize("clip_skip", [None, 1])
 def test_77_token_encoding_matches_diffusers(models, family, clip_skip):
@@ -33,9 +35,10 @@ def test_77_token_encoding_matches_diffusers(models, family, clip_skip):
     ours = encode(m.text_encoder, tokenize(m.tokenizer, prompt), clip_skip=clip_skip)
     theirs = diffusers_embeds(m, prompt, None)
     assert ours.shape == (1, 77, m.text_encoder.config.hidden_size)
-    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert_outputs_close(ours, theirs, what=f"{family} clip_skip={clip_skip}: ours vs diffusers")
 
 
+@pytest.mark.numbers
 @pytest.mark.parametrize("family", ["sd1", "sd2-512"])
 def test_clip_skip_2_equals_a_text_encoder_without_its_last_layer(models, family):
     """Independent reference: clip skip 2 is what a CLIP model one layer shorter outputs. (diffusers 0.42's own
@@ -51,10 +54,11 @@ def test_clip_skip_2_equals_a_text_encoder_without_its_last_layer(models, family
     ids = tokenize(m.tokenizer, ["a photo of a cat, sitting on a red sofa"])
     with torch.no_grad():
         ours = encode(m.text_encoder, ids, clip_skip=2)
-        assert torch.allclose(ours, shorter(ids[:, 0]).last_hidden_state, atol=1e-6)
+        assert_outputs_close(ours, shorter(ids[:, 0]).last_hidden_state, what=f"{family} clip skip 2")
         assert not torch.allclose(ours, encode(m.text_encoder, ids))
 
 
+@pytest.mark.numbers
 @pytest.mark.parametrize("family", ["sd1", "sd2-512"])
 def test_long_prompt_chunks(models, family):
     m = models[family]
@@ -71,7 +75,7 @@ def test_long_prompt_chunks(models, family):
     assert states.shape == (2, 227, m.text_encoder.config.hidden_size)
     # The first window's states are exactly a plain 77-token encoding of that window.
     window0 = m.text_encoder(ids[:1, 0]).last_hidden_state
-    assert torch.allclose(states[0, :76], window0[0, :76], atol=1e-6)
+    assert_outputs_close(states[0, :76], window0[0, :76], what=f"{family} first window (batch of 2 vs 1)")
 
 
 def test_bad_max_token_length(models):
@@ -79,6 +83,7 @@ def test_bad_max_token_length(models):
         tokenize(models["sd1"].tokenizer, ["x"], max_token_length=100)
 
 
+@pytest.mark.numbers
 def test_weighted_prompts(models):
     from library.text_encoding import encode_weighted, tokenize_weighted
 
@@ -87,7 +92,8 @@ def test_weighted_prompts(models):
     plain_ids = tokenize(tok, ["a red cat"])
     ids, weights = tokenize_weighted(tok, ["a red cat"])
     assert torch.equal(ids, plain_ids) and torch.all(weights == 1)  # no emphasis: the plain encoding
-    assert torch.allclose(encode_weighted(m.text_encoder, ids, weights), encode(m.text_encoder, ids), atol=1e-6)
+    assert_outputs_close(encode_weighted(m.text_encoder, ids, weights), encode(m.text_encoder, ids),
+                         what="weights of 1 vs plain")
 
     ids, weights = tokenize_weighted(tok, ["a (red:1.5) cat, [dog]"])
     assert torch.equal(ids, tokenize(tok, ["a red cat, dog"]))  # same tokens, the syntax is gone
@@ -97,7 +103,10 @@ def test_weighted_prompts(models):
     assert weights[0, 0, 1 + dog].item() == pytest.approx(1 / 1.1)
     states = encode_weighted(m.text_encoder, ids, weights)
     plain = encode(m.text_encoder, ids)
-    assert states.mean().item() == pytest.approx(plain.mean().item(), rel=1e-4)  # mean kept, as WebUI does
+    # The mean is kept, as WebUI does. It is a mean of O(1) states that nearly cancel (~2e-4), so the check is
+    # absolute: measured |difference| 0.8-2.3e-8 across CPU kernel settings (EPYC native / avx2 / default); 2e-7 is
+    # 9x that, and leaving out the rescaling moves the mean by 1.2e-6.
+    assert states.mean().item() == pytest.approx(plain.mean().item(), abs=2e-7)
     ratio = (states[0, 1 + red] / plain[0, 1 + red]).median().item()
     assert ratio > 1.3  # the emphasised token's states are scaled up
 

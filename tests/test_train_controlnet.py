@@ -4,7 +4,6 @@ ControlNet in diffusers' pipeline (both layouts), alignment of conditioning imag
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from tests.numerics import FAMILY_CASE, assert_outputs_close, check_golden_losses, golden_case_args
 from tests.recipe_helpers import logged_losses, run_script
 
 
@@ -19,7 +19,6 @@ def run(argv: list[str], stop_after: int | None = None) -> None:
     run_script("train_controlnet", argv, stop_after)
 
 
-GOLDEN = Path(__file__).parent / "golden" / "controlnet_losses.json"
 
 
 def draw_pair(index: int, size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
@@ -89,23 +88,27 @@ CASES = {
                                              "--control_net_lr", "2e-4", "--gradient_checkpointing"]),
     "sd2v": (True, ["--max_train_steps", "3"]),
 }
+# The option each case is there for (tests/golden/README.md: what removing it does to the losses).
+COVERS = {
+    "folders_flip": ["--flip_aug"],
+    "folders_cached_accum": ["--cache_latents"],
+    "dataset_name_diffusers_flags": ["--proportion_empty_prompts", "0.5"],
+    "sd2v": FAMILY_CASE,
+}
 
 
+@pytest.mark.numbers
 @pytest.mark.parametrize("case", list(CASES))
 def test_golden_losses(case, workspace):
     root = workspace
     sd2, extra = CASES[case]
     model = "sd2v.safetensors" if sd2 else "sd1.safetensors"
-    extra = [a.replace("{root}", str(root)) for a in extra]
+    extra = [a.replace("{root}", str(root)) for a in golden_case_args(case, extra, COVERS)]
     argv = (base_args(root, f"golden_{case}", model) if "--dataset_name" in extra
             else folder_args(root, f"golden_{case}", model)) + extra
     run(argv)
     losses = logged_losses(root / f"golden_{case}" / "logs")
-    if os.environ.get("UPDATE_GOLDEN"):
-        data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-        data[case] = losses
-        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    assert losses == pytest.approx(json.loads(GOLDEN.read_text())[case], rel=1e-5, abs=1e-6)
+    check_golden_losses("controlnet_losses.json", case, losses)
     assert (root / f"golden_{case}" / "cn.safetensors").is_file()
     assert (root / f"golden_{case}" / "cn_diffusers" / "config.json").is_file()
 
@@ -148,6 +151,29 @@ def test_validation_grid(workspace):
     assert np.array_equal(np.asarray(image)[:, :64], condition)
 
 
+def test_validation_size_keeps_the_condition_aspect():
+    from library.controlnet_training import validation_size
+
+    assert validation_size((64, 96), (64, 64), 8) == (48, 72)  # scaled to the training area, 2:3 kept
+    assert validation_size((1024, 1536), (512, 512), 8) == (416, 624)
+    assert validation_size((100, 60), (512, 512), 8) == (96, 56)  # never upscaled; sides a multiple of 8
+    assert validation_size((64, 64), (64, 64), 8) == (64, 64)
+
+
+def test_validation_grid_of_a_portrait_condition_image(workspace):
+    """A 64x96 condition image is sampled at its own aspect (48x72 at --resolution 64), not squashed square."""
+    root = workspace
+    run(folder_args(root, "validation_portrait") + [
+        "--max_train_steps", "1", "--validation_image", str(root / "cond" / "002.png"), "--validation_prompt", "a box",
+        "--validation_steps", "1", "--num_validation_images", "1", "--validation_inference_steps", "1"])
+    (path,) = (root / "validation_portrait" / "validation").glob("cn_000001_00.png")
+    row = Image.open(path)
+    assert Image.open(root / "cond" / "002.png").size == (64, 96) and row.size == (48 * 2, 72)
+    sample = np.asarray(row)[:, 48:]
+    assert sample.shape[:2] == (72, 48) and sample.std() > 0  # a real sample, 2:3 like the condition image
+
+
+@pytest.mark.numbers
 def test_saved_controlnet_gives_the_trained_output_in_diffusers(workspace, tmp_path):
     """The ControlNet from our diffusers folder and from our single file (read by diffusers itself) equal the model
     at the end of training, and give the same StableDiffusionControlNetPipeline output."""
@@ -179,7 +205,7 @@ def test_saved_controlnet_gives_the_trained_output_in_diffusers(workspace, tmp_p
         pipe.set_progress_bar_config(disable=True)
         outputs.append(pipe("a box", image=condition, num_inference_steps=2, width=64, height=64, output_type="np",
                             generator=torch.Generator().manual_seed(0)).images)
-    assert np.abs(outputs[0] - outputs[1]).max() <= 1e-6
+    assert_outputs_close(outputs[0], outputs[1], what="ControlNet from our folder vs our single file")
 
 
 def test_conditioning_image_stays_aligned_through_bucket_crop_and_flip(workspace, tmp_path):

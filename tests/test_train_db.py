@@ -4,7 +4,6 @@ generation, the fused backward pass, and the saved checkpoints read by diffusers
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,9 +12,9 @@ import torch
 
 from library.safetensors_io import SafetensorsReader
 
+from tests.numerics import FAMILY_CASE, check_golden_losses, golden_case_args
 from tests.recipe_helpers import logged_losses, run_script as run
 
-GOLDEN = Path(__file__).parent / "golden" / "full_model_losses.json"
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +76,29 @@ CASES = {
     "ft_imagefolder": ("fine_tune", ["--train_data_dir", "{root}/imagefolder", "--max_train_steps", "3",
                                      "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]),
 }
+# The option each case is there for (tests/golden/README.md: what removing it does to the losses).
+COVERS = {
+    "db_prior_te_stop": ["--prior_loss_weight", "0.5"],
+    "db_no_prior_unet_only_cached": ["--cache_latents"],
+    "db_no_token_padding_flip": ["--no_token_padding"],
+    "db_sd2v_te": FAMILY_CASE,
+    "ft_json": ["--dataset_repeats", "2"],
+    "ft_json_ema_te": ["--train_text_encoder"],
+    "ft_imagefolder": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "1"],
+}
 
 
+@pytest.mark.numbers
 @pytest.mark.parametrize("case", list(CASES))
 def test_golden_losses(case, workspace):
     root = workspace
     script, extra = CASES[case]
+    extra = golden_case_args(case, extra, COVERS)
     model = "sd2v.safetensors" if "sd2v" in case else "sd1.safetensors"
     base = db_args(root, f"golden_{case}", model) if script == "train_db" else common_args(root, f"golden_{case}")
     run(script, base + [a.replace("{root}", str(root)) for a in extra])
     losses = logged_losses(root / f"golden_{case}" / "logs")
-    if os.environ.get("UPDATE_GOLDEN"):
-        data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-        data[case] = losses
-        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    expected = json.loads(GOLDEN.read_text())[case]
-    assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    check_golden_losses("full_model_losses.json", case, losses)
     weights = file_tensors(root / f"golden_{case}" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
 
@@ -309,3 +315,66 @@ def test_full_bf16_trains_half_precision_weights(workspace):
     assert out[key].dtype == torch.float32 and torch.isfinite(out[key]).all()
     assert not torch.equal(out[key], base[key])
     assert torch.equal(out[key], out[key].bfloat16().float())  # trained in bf16: every value is a bf16 value
+
+
+def test_saved_epoch_is_the_epoch_in_the_file_name(workspace):
+    """ss_epoch counts completed epochs as kohya does: an epoch save says the number in its file name; the final
+    save counts a last, partial epoch too (kohya's num_train_epochs). 4 images x 2 repeats, batch 2: 4 steps an
+    epoch, so 6 steps end half-way through epoch 2."""
+    root = workspace
+    run("train_db", db_args(root, "epochs") + ["--max_train_steps", "6", "--save_every_n_epochs", "1",
+                                              "--stop_text_encoder_training", "-1"])
+    saved = {p.name: SafetensorsReader(p).metadata for p in (root / "epochs").glob("*.safetensors")}
+    assert {name: (m["ss_epoch"], m["ss_steps"]) for name, m in saved.items()} == {
+        "model-000001.safetensors": ("1", "4"), "model.safetensors": ("2", "6")}
+
+
+def test_half_precision_run_saves_untrained_components_exactly(workspace):
+    """bf16 holds the frozen text encoder and VAE in bf16 for compute; the saved model still carries the base
+    model's own tensors for what nothing trained (bit-identical, fp32 as asked), and the trained ones as trained."""
+    root = workspace
+    ft_args = ["--train_data_dir", str(root / "data" / "2_sks shape"), "--in_json", str(root / "meta.json"),
+               "--max_train_steps", "2", "--mixed_precision", "bf16", "--save_precision", "float"]
+    run("fine_tune", common_args(root, "ft_bf16") + ft_args)
+    run("train_db", db_args(root, "db_bf16") + ["--max_train_steps", "2", "--mixed_precision", "bf16",
+                                               "--save_precision", "float", "--stop_text_encoder_training", "1"])
+    base = file_tensors(root / "sd1.safetensors")
+
+    def changed(out: dict[str, torch.Tensor], prefix: str) -> int:
+        keys = [k for k in base if k.startswith(prefix)]
+        assert keys and all(out[k].dtype == torch.float32 for k in keys)
+        return sum(not torch.equal(out[k], base[k]) for k in keys)
+
+    fine_tuned, dreambooth = file_tensors(root / "ft_bf16" / "model.safetensors"), \
+        file_tensors(root / "db_bf16" / "model.safetensors")
+    assert changed(fine_tuned, "cond_stage_model.") == 0 and changed(fine_tuned, "first_stage_model.") == 0
+    assert changed(fine_tuned, "model.diffusion_model.") > 0
+    # train_db trained the text encoder for a step: it is saved as trained; the VAE never trains.
+    assert changed(dreambooth, "cond_stage_model.") > 0 and changed(dreambooth, "first_stage_model.") == 0
+
+
+def test_untrained_components_keep_the_held_weights_when_the_source_changed(tiny_checkpoints, caplog):
+    """The source is read again at save time: if it no longer holds what was loaded (the file was replaced during
+    the run), the held weights are saved rather than a foreign model's, with a warning."""
+    from dataclasses import replace
+
+    from library.full_finetune import take_untrained_from_source
+    from library.model_loading import checkpoint_from_models, instantiate_models
+    from library.tensor_files import LazyTensor
+
+    source = tiny_checkpoints["sd1"]
+    held = checkpoint_from_models(instantiate_models(source, dtype=torch.bfloat16))
+    exact = replace(held, tensors=dict(held.tensors))
+    take_untrained_from_source(exact, source, ["vae", "text_encoder"])
+    for component in ("vae", "text_encoder"):
+        assert all(torch.equal(exact.tensors[component][k].load(), v.load())
+                   for k, v in source.tensors[component].items())
+        assert all(v.dtype == torch.float32 for v in exact.tensors[component].values())
+
+    key = next(iter(source.tensors["vae"]))
+    changed_vae = dict(source.tensors["vae"], **{key: LazyTensor.of(source.tensors["vae"][key].load() + 1)})
+    changed = replace(source, tensors=dict(source.tensors, vae=changed_vae))
+    kept = replace(held, tensors=dict(held.tensors))
+    take_untrained_from_source(kept, changed, ["vae", "text_encoder"])
+    assert kept.tensors["vae"] is held.tensors["vae"] and "not what was loaded" in caplog.text
+    assert kept.tensors["text_encoder"]["encoder.layers.0.mlp.fc1.weight"].dtype == torch.float32

@@ -3,13 +3,12 @@ in diffusers' load_textual_inversion and in WebUI's .pt layout, bad input."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.numerics import FAMILY_CASE, assert_outputs_close, check_golden_losses, golden_case_args
 from tests.recipe_helpers import logged_losses, run_script
 
 
@@ -17,7 +16,6 @@ def run(argv: list[str], stop_after: int | None = None) -> None:
     run_script("train_textual_inversion", argv, stop_after)
 
 
-GOLDEN = Path(__file__).parent / "golden" / "textual_inversion_losses.json"
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +45,23 @@ CASES = {
     "sd2v_style_template": ("sd2v.safetensors", ["--use_style_template", "--init_word", "art", "--max_train_steps",
                                                  "3"]),
 }
+# The option each case is there for (tests/golden/README.md: what removing it does to the losses).
+COVERS = {
+    "sd1_captions_2vec": ["--num_vectors_per_token", "2"],
+    "sd1_object_template_cached": ["--cache_latents"],
+    "sd2v_style_template": FAMILY_CASE,
+}
 
 
+@pytest.mark.numbers
 @pytest.mark.parametrize("case", list(CASES))
 def test_golden_losses(case, workspace):
     root = workspace
     model, extra = CASES[case]
+    extra = golden_case_args(case, extra, COVERS)
     run(ti_args(root, f"golden_{case}", model) + extra)
     losses = logged_losses(root / f"golden_{case}" / "logs")
-    if os.environ.get("UPDATE_GOLDEN"):
-        data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-        data[case] = losses
-        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    assert losses == pytest.approx(json.loads(GOLDEN.read_text())[case], rel=1e-5, abs=1e-6)
+    check_golden_losses("textual_inversion_losses.json", case, losses)
 
 
 def test_resume_reproduces_the_uninterrupted_run(workspace):
@@ -98,6 +100,7 @@ def test_only_the_new_rows_train():
     assert emb.weight.shape == (12, 4)
 
 
+@pytest.mark.numbers
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_saved_embedding_in_diffusers_and_webui_layout(fmt, workspace):
     """diffusers' load_textual_inversion reads our file; its text encoder output for a prompt with the token equals
@@ -143,7 +146,7 @@ def test_saved_embedding_in_diffusers_and_webui_layout(fmt, workspace):
                          return_tensors="pt").input_ids
     with torch.no_grad():
         got = pipe.text_encoder(ids).last_hidden_state
-    assert torch.allclose(got, expected, atol=1e-6)
+    assert_outputs_close(got, expected, what="embedding via diffusers' load_textual_inversion vs ours")
     without = "a plain shape"  # prompts without the token are unchanged by the embedding
     with torch.no_grad():
         plain = encode(ours.text_encoder, tokenize(ours.tokenizer, [without]))
@@ -182,11 +185,18 @@ def test_token_that_collides_with_the_vocabulary(workspace):
 def test_known_single_token_warns(workspace, caplog):
     import logging
 
-    args = ti_args(workspace, "warn") + ["--max_train_steps", "1"]
+    args = ti_args(workspace, "warn") + ["--max_train_steps", "1", "--caption_prefix", "sks"]
     args[args.index("zwxq")] = "sks"
     with caplog.at_level(logging.WARNING):
         run(args)
     assert any("already a known CLIP token" in r.getMessage() for r in caplog.records)
+
+
+def test_token_in_no_caption_is_an_error(workspace):
+    """The captions say "zwxq shape": a token string in none of them would train nothing."""
+    expect_error(ti_args(workspace, "absent") + ["--max_train_steps", "1", "--token_string", "qxvz"],
+                 "--token_string 'qxvz'", "no caption contains it", "--use_object_template")
+    assert not (workspace / "absent" / "emb.safetensors").exists()
 
 
 def test_init_word_longer_than_the_vectors(workspace):
