@@ -287,3 +287,15 @@ def test_bad_columns_validation_and_family(workspace, tmp_path):
     expect_error(folder_args(root, "bad4", "sd2v.safetensors") + [
         "--controlnet_model_name_or_path", str(root / "sd1_controlnet" / "cn.safetensors"), "--max_train_steps", "1"],
         "--controlnet_model_name_or_path", "cn.safetensors")
+
+
+def test_proportion_empty_prompts_is_the_caption_dropout_rate():
+    """The diffusers example's --proportion_empty_prompts is kohya's --caption_dropout_rate (whose rate is checked in
+    test_captions.py); the golden losses cannot see it on a tiny model (tests/golden/README.md)."""
+    import train_controlnet
+    from library import train_args
+
+    argv = ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", "o", "--proportion_empty_prompts",
+            "0.3"]
+    args = train_controlnet.diffusers_example_flags(train_args.parse_args(train_controlnet.setup_parser(), argv))
+    assert args.caption_dropout_rate == 0.3
