@@ -26,7 +26,7 @@ def workspace(tmp_path_factory):
     return root
 
 
-PIVOTAL_COVERS = ["--pivotal_steps", "2"]  # what the golden case "lora_pivotal" is there for (tests/golden/README.md)
+PIVOTAL_COVERS = ["--pivotal_init_word", "shape"]  # what the golden case "lora_pivotal" is there for (tests/golden/README.md)
 PIVOT = ["--pivotal_token", "zwxq", "--pivotal_num_vectors", "2", "--pivotal_init_word", "shape"]
 
 
@@ -52,8 +52,8 @@ def test_lora_with_pivotal_token_golden_resume_and_files(workspace):
 
     root = workspace
     extra = ["--max_train_steps", "4", "--pivotal_steps", "2", "--save_every_n_steps", "2", "--save_state"]
-    run("train_network", lora_args(root, "lora_full") + golden_case_args("lora_pivotal", extra,
-                                                                         {"lora_pivotal": PIVOTAL_COVERS}))
+    run("train_network", lora_args(root, "lora_full", pivot=False) + golden_case_args("lora_pivotal", PIVOT + extra,
+                                                                                      {"lora_pivotal": PIVOTAL_COVERS}))
     losses = logged_losses(root / "lora_full" / "logs")
     check_golden_losses("pivotal_losses.json", "lora_pivotal", losses)
 

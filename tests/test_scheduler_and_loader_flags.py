@@ -65,6 +65,21 @@ def test_scheduler_class_gives_torch_own_learning_rates(argv, reference):
     assert _lrs(ours, ours_opt, 10) == _lrs(theirs, theirs_opt, 10)
 
 
+@pytest.mark.parametrize("warmup", ["2", "0.2", "20%"])
+def test_named_cosine_schedule_with_warmup_follows_its_formula(warmup):
+    """`--lr_scheduler cosine --lr_warmup_steps W` (the golden cases' scheduler flags, which a few loss steps cannot
+    tell apart): a linear ramp over W steps, then a half cosine to 0 at the last step; W as steps, ratio or %."""
+    import math
+
+    config = _config(["--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", warmup])
+    optimizer = _optimizer()
+    scheduler = build_scheduler(config, optimizer, total_steps=10)
+    # The rate in force at each of steps 1..10, then after the last.
+    got = [optimizer.param_groups[0]["lr"]] + _lrs(scheduler, optimizer, 10)
+    want = [1e-3 * s / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(11)]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-18)
+
+
 def test_piecewise_constant_reads_step_rules_from_lr_scheduler_args():
     config = _config(["--learning_rate", "1.0", "--lr_scheduler", "piecewise_constant",
                            "--lr_scheduler_args", "step_rules='1:2,0.1:4,0.01'"])

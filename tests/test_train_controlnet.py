@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from tests.numerics import FAMILY_CASE, assert_outputs_close, check_golden_losses, golden_case_args
+from tests.numerics import CAPTIONS_LOST, FAMILY_CASE, assert_outputs_close, check_golden_losses, golden_case_args
 from tests.recipe_helpers import logged_losses, run_script
 
 
@@ -92,7 +92,7 @@ CASES = {
 COVERS = {
     "folders_flip": ["--flip_aug"],
     "folders_cached_accum": ["--cache_latents"],
-    "dataset_name_diffusers_flags": ["--proportion_empty_prompts", "0.5"],
+    "dataset_name_diffusers_flags": CAPTIONS_LOST,
     "sd2v": FAMILY_CASE,
 }
 

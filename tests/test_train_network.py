@@ -16,7 +16,7 @@ import torch
 
 from library.safetensors_io import SafetensorsReader
 
-from tests.numerics import (FAMILY_CASE, FP32_OUTPUT_REL, assert_outputs_close, check_golden_losses, golden_case_args,
+from tests.numerics import (CACHE_MIXES_IMAGES, FAMILY_CASE, FP32_OUTPUT_REL, assert_outputs_close, check_golden_losses, golden_case_args,
                             relative_deviation)
 from tests.recipe_helpers import logged_losses, run_script
 
@@ -77,7 +77,7 @@ CASES = {
 }
 # The option each case is there for (tests/golden/README.md: what removing it does to the losses).
 COVERS = {
-    "sd1_cached": ["--cache_latents"],
+    "sd1_cached": CACHE_MIXES_IMAGES,
     "sd1_uncached_reg_flip_accum": ["--gradient_accumulation_steps", "2"],
     "sd1_locon_minsnr_offset": ["--min_snr_gamma", "5"],
     "sd2v_unet_only": FAMILY_CASE,
