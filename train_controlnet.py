@@ -226,8 +226,8 @@ def train(args: argparse.Namespace) -> Path:
                    "optimizer_type": start.optimizer.optimizer_type, "learning_rate": lr,
                    "dataset_items": hashlib.sha256("\n".join(f"{i.record.path}|{i.record.conditioning}|{i.bucket}"
                                                              for i in dataset.items).encode()).hexdigest()[:16]}
-    trainer = Trainer(task=task, unet=models.unet, text_encoder=models.text_encoder, vae=models.vae,
-                      tokenizer=models.tokenizer, dataset=dataset, batches=batches,
+    trainer = Trainer(task=task, unet=models.unet, vae=models.vae, text_conditioner=setup.text_conditioner(args, models),
+                      dataset=dataset, batches=batches,
                       objective=DiffusionObjective(train_args.objective_config(args, prediction)),
                       optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, accelerator=accelerator,
                       run_fingerprint=fingerprint, trainable_parameters=param_groups[0]["params"],

@@ -256,7 +256,7 @@ def train(args: argparse.Namespace) -> Path:
                     save_model_as=args.save_model_as, metadata=metadata,
                     scale_weight_norms=args.scale_weight_norms, pivot=pivot,
                     bundle_embeddings=args.bundle_embeddings)
-    trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=models.tokenizer,
+    trainer = Trainer(task=task, unet=unet, vae=vae, text_conditioner=setup.text_conditioner(args, models),
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
                           train_args.objective_config(args, prediction)),
                       optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,

@@ -149,7 +149,7 @@ def train(args: argparse.Namespace) -> Path:
                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
                    "dataset_items": hashlib.sha256("\n".join(f"{i.record.path}|{i.bucket}" for i in dataset.items)
                                                    .encode()).hexdigest()[:16]}
-    trainer = Trainer(task=task, unet=models.unet, text_encoder=text_encoder, vae=models.vae, tokenizer=tokenizer,
+    trainer = Trainer(task=task, unet=models.unet, vae=models.vae, text_conditioner=setup.text_conditioner(args, models),
                       dataset=dataset, batches=batches,
                       objective=DiffusionObjective(train_args.objective_config(args, prediction)),
                       optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,

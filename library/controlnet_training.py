@@ -31,10 +31,10 @@ class ControlNetTask:
     def denoise(self, noisy_latents, timesteps, text_conditioning, batch):
         control = batch["control"].to(noisy_latents.device, self.controlnet.dtype)
         down, mid = self.controlnet(noisy_latents.to(self.controlnet.dtype), timesteps,
-                                    encoder_hidden_states=text_conditioning.to(self.controlnet.dtype),
+                                    **text_conditioning.to(self.controlnet.dtype).unet_kwargs(),
                                     controlnet_cond=control, return_dict=False)
         dtype = self.unet.dtype
-        return self.unet(noisy_latents, timesteps, text_conditioning,
+        return self.unet(noisy_latents, timesteps, **text_conditioning.unet_kwargs(),
                          down_block_additional_residuals=[d.to(dtype) for d in down],
                          mid_block_additional_residual=mid.to(dtype)).sample
 

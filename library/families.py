@@ -3,8 +3,10 @@
 Everything that differs between SD 1.x, SD 2.x 512-base and SD 2.x 768-v lives here (configs, text-encoder
 kind, prediction type, VAE scale, default resolution, metadata names), so code elsewhere asks the record
 instead of testing `v2` / `v_parameterization` booleans. Every family here has exactly one text encoder, and
-the rest of the suite assumes that too (`ModelConfigs.text_encoder`, `SDModels.text_encoder`, the key maps, the
-training loop and LoRA all handle one encoder); SDXL, with two, needs those to become lists first.
+most of the suite assumes that too (`ModelConfigs.text_encoder`, `SDModels.text_encoder`, the key maps and LoRA
+handle one encoder); SDXL, with two, needs those to become lists first. The training loop already does not: it
+gets a `text_conditioning.TextConditioner` (tokenizers and encoders as lists) and passes its `TextConditioning`
+(hidden states, pooled output, the U-Net's added conditioning) on.
 
 Each family ships its diffusers component configs in `library/model_configs/<family>/`. Besides the real
 ("full") size, every family has a "tiny" size with the same block structure and much smaller widths, used by

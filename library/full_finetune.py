@@ -341,9 +341,8 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
                          open_source=lambda: setup.open_base_model(args))
     config = setup.loop_config(args, start, family, max_train_steps, default_project=recipe.name,
                                max_grad_norm=max_grad_norm)
-    if recipe.pad_captions_to_longest:
-        config = replace(config, pad_captions_to_longest=True)
-    trainer = Trainer(task=task, unet=unet, text_encoder=text_encoder, vae=models.vae, tokenizer=models.tokenizer,
+    trainer = Trainer(task=task, unet=unet, vae=models.vae,
+                      text_conditioner=setup.text_conditioner(args, models, pad_to_longest=recipe.pad_captions_to_longest),
                       dataset=dataset, batches=batches,
                       objective=DiffusionObjective(train_args.objective_config(args, prediction)),
                       optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, accelerator=accelerator,

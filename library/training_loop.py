@@ -27,7 +27,7 @@ from tqdm import tqdm
 from library.atomic_files import atomic_directory
 from library.diffusion_objective import DiffusionObjective
 from library.run_logging import LogSettings, RunLog
-from library.text_encoding import encode, encode_weighted, tokenize, tokenize_weighted
+from library.text_conditioning import TextConditioner, TextConditioning
 from library.train_dataset import EpochBatches, SampleKey, TrainingDataset, collate
 
 logger = logging.getLogger(__name__)
@@ -65,10 +65,6 @@ class LoopConfig:
     gradient_accumulation_steps: int = 1
     seed: int = 0
     max_grad_norm: float = 1.0
-    max_token_length: int | None = None
-    clip_skip: int | None = None
-    weighted_captions: bool = False
-    pad_captions_to_longest: bool = False  # train_db --no_token_padding
     vae_scale_factor: float = 0.18215
     save_every_n_steps: int | None = None
     save_every_n_epochs: int | None = None
@@ -138,13 +134,13 @@ class _CurrentBatches:
 
 
 class Trainer:
-    def __init__(self, *, task: TrainingTask, unet, text_encoder, vae, tokenizer, dataset: TrainingDataset,
+    def __init__(self, *, task: TrainingTask, unet, vae, text_conditioner: TextConditioner, dataset: TrainingDataset,
                  batches: EpochBatches, objective: DiffusionObjective, optimizer, lr_scheduler, config: LoopConfig,
                  accelerator, run_fingerprint: dict, trainable_parameters: list[torch.nn.Parameter],
                  weight_dtype: torch.dtype = torch.float32, on_log: Callable[[dict], None] | None = None,
                  sampler: Callable[..., object] | None = None, sample_trainable: torch.nn.Module | None = None,
                  lr_names: list[str] | None = None):
-        self.task, self.unet, self.text_encoder, self.vae, self.tokenizer = task, unet, text_encoder, vae, tokenizer
+        self.task, self.unet, self.vae, self.text_conditioner = task, unet, vae, text_conditioner
         self.dataset, self.batches, self.objective = dataset, batches, objective
         self.optimizer, self.lr_scheduler, self.config = optimizer, lr_scheduler, config
         self.accelerator = accelerator
@@ -212,16 +208,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # One step
 
-    def _conditioning(self, captions: list[str]) -> torch.Tensor:
+    def _conditioning(self, captions: list[str]) -> TextConditioning:
         # Under autocast like the U-Net: the frozen text encoder may be half precision while its LoRA (or the
         # whole encoder, train_db) trains in fp32; kohya runs it the same way.
         with torch.set_grad_enabled(self.task.train_text_encoder), self.accelerator.autocast():
-            if self.config.weighted_captions:
-                ids, weights = tokenize_weighted(self.tokenizer, captions, self.config.max_token_length)
-                return encode_weighted(self.text_encoder, ids, weights, clip_skip=self.config.clip_skip)
-            ids = tokenize(self.tokenizer, captions, self.config.max_token_length,
-                           pad_to_longest=self.config.pad_captions_to_longest)
-            return encode(self.text_encoder, ids, clip_skip=self.config.clip_skip)
+            return self.text_conditioner(captions)
 
     def _latents(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
         if "latents" in batch:
@@ -245,7 +236,7 @@ class Trainer:
             if denoise is not None:
                 prediction = denoise(noisy, timesteps, cond.to(self.weight_dtype), batch)
             else:
-                prediction = self.unet(noisy, timesteps, cond.to(self.weight_dtype)).sample
+                prediction = self.unet(noisy, timesteps, **cond.to(self.weight_dtype).unet_kwargs()).sample
         return self.objective.loss(prediction, noised.target, noised.timesteps.to(device),
                                    loss_weights=batch["loss_weight"].to(device), mask=batch.get("mask"))
 

@@ -29,6 +29,7 @@ from library.optimizers import OptimizerConfig, build_optimizer, build_scheduler
 from library.precision import Precision, check_device_supports, precision_policy
 from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint
 from library.tensor_files import CheckpointError
+from library.text_conditioning import CaptionEncoding, TextConditioner
 from library.train_dataset import EpochBatches, TrainingDataset
 from library.training_loop import LoopConfig, Trainer
 
@@ -223,8 +224,7 @@ def loop_config(args: argparse.Namespace, start: RunStart, family, max_train_ste
         batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         seed=start.seed,
         max_grad_norm=start.optimizer.max_grad_norm if max_grad_norm is None else max_grad_norm,
-        max_token_length=args.max_token_length, clip_skip=args.clip_skip,
-        weighted_captions=args.weighted_captions, vae_scale_factor=family.vae_scale_factor,
+        vae_scale_factor=family.vae_scale_factor,
         save_every_n_steps=args.save_every_n_steps, save_every_n_epochs=args.save_every_n_epochs,
         save_last_n_steps=args.save_last_n_steps, save_last_n_epochs=args.save_last_n_epochs,
         save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end,
@@ -234,6 +234,14 @@ def loop_config(args: argparse.Namespace, start: RunStart, family, max_train_ste
         data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_data_loader_workers=args.persistent_data_loader_workers,
         stop_after_steps=stop_after_steps())
+
+
+def text_conditioner(args: argparse.Namespace, models: SDModels, *, pad_to_longest: bool = False) -> TextConditioner:
+    """The family's captions -> U-Net conditioning, with kohya's caption-encoding flags (`pad_to_longest`: train_db's
+    --no_token_padding)."""
+    encoding = CaptionEncoding(max_token_length=args.max_token_length, clip_skip=args.clip_skip,
+                               weighted=args.weighted_captions, pad_to_longest=pad_to_longest)
+    return TextConditioner([models.tokenizer], [models.text_encoder], encoding)
 
 
 def load_sample_prompts(args: argparse.Namespace, family) -> list:

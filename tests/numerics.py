@@ -138,11 +138,11 @@ def _epsilon_target_for_v():
 
 
 def _captions_lost():
-    from library import training_loop
+    from library import text_conditioning
 
-    undo_plain = _patch(training_loop, "tokenize", lambda original: lambda tokenizer, captions, *a, **k:
+    undo_plain = _patch(text_conditioning, "tokenize", lambda original: lambda tokenizer, captions, *a, **k:
                         original(tokenizer, [""] * len(captions), *a, **k))
-    undo_weighted = _patch(training_loop, "tokenize_weighted", lambda original: lambda tokenizer, captions, *a, **k:
+    undo_weighted = _patch(text_conditioning, "tokenize_weighted", lambda original: lambda tokenizer, captions, *a, **k:
                            original(tokenizer, [""] * len(captions), *a, **k))
     return lambda: (undo_plain(), undo_weighted())
 
