@@ -37,8 +37,8 @@ GOLDEN_DIR = Path(__file__).parent / "golden"
 # update, and it grows. Measured spread, largest relative deviation of any case: step 1 5.3e-5, later steps 2.4e-3
 # (an AMD EPYC against numbers recorded on an Intel Xeon with AVX-512/AMX; ATEN_CPU_CAPABILITY=default on the EPYC:
 # 2.4e-5 / 1.6e-3). The goldens were re-recorded on the EPYC when the tiny models were calibrated
-# (library/tiny_models.py); against those, ATEN_CPU_CAPABILITY=default gives 1.7e-5 / 8.5e-5 (ONEDNN_MAX_CPU_ISA=AVX2
-# is this CPU's own ISA). Each tolerance is 4-5x the largest spread; what each case guards moves its losses by
+# (library/tiny_models.py); against those, ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 gives 2e-7 / 1.9e-4
+# (AVX2 is this CPU's own oneDNN ISA). Each tolerance is 4-5x the largest spread; what each case guards moves its losses by
 # 11x .. 4000x the tolerance: tests/golden/README.md.
 GOLDEN_FIRST_STEP_REL = 2.5e-4
 GOLDEN_LOSS_REL = 1e-2
@@ -140,11 +140,11 @@ def _epsilon_target_for_v():
 def _captions_lost():
     from library import text_conditioning
 
-    undo_plain = _patch(text_conditioning, "tokenize", lambda original: lambda tokenizer, captions, *a, **k:
-                        original(tokenizer, [""] * len(captions), *a, **k))
-    undo_weighted = _patch(text_conditioning, "tokenize_weighted", lambda original: lambda tokenizer, captions, *a, **k:
-                           original(tokenizer, [""] * len(captions), *a, **k))
-    return lambda: (undo_plain(), undo_weighted())
+    def empty_captions(original):
+        return lambda tokenizer, captions, *args, **kwargs: original(tokenizer, [""] * len(captions), *args, **kwargs)
+
+    undos = [_patch(text_conditioning, name, empty_captions) for name in ("tokenize", "tokenize_weighted")]
+    return lambda: [undo() for undo in undos]
 
 
 def _cache_mixes_images():

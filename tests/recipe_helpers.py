@@ -21,6 +21,19 @@ def run_script(script: str, argv: list[str], stop_after: int | None = None) -> N
         os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
 
 
+def tiny_workspace(root: Path, *, images: int, folder: str, prefix: str = "sks shape, ",
+                   models: dict[str, str] | None = None) -> Path:
+    """A recipe test's workspace: `images` synthetic 64 px images with captions under root/data/<folder> (seed 0),
+    and tiny models (family name -> file name; default: SD 1.x as sd1.safetensors)."""
+    from tools.make_synthetic_dataset import write_dataset
+    from tools.make_tiny_model import main as make_model
+
+    write_dataset(root / "data", images=images, size=64, seed=0, folder=folder, prefix=prefix)
+    for family, name in (models or {"sd1": "sd1.safetensors"}).items():
+        assert make_model(["--family", family, str(root / name)]) == 0
+    return root
+
+
 def logged_losses(log_root: Path) -> list[float]:
     """loss/current per step from the TensorBoard runs under `log_root` (a resumed run adds a second one)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

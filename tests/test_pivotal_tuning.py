@@ -11,19 +11,13 @@ import torch
 from library.safetensors_io import SafetensorsReader
 
 from tests.numerics import check_golden_losses, golden_case_args
-from tests.recipe_helpers import logged_losses, run_script as run
+from tests.recipe_helpers import logged_losses, run_script as run, tiny_workspace
 
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tools.make_synthetic_dataset import write_dataset
-    from tools.make_tiny_model import main as make_model
-
-    root = tmp_path_factory.mktemp("pivotal")
-    write_dataset(root / "data", images=4, size=64, seed=0, folder="2_zwxq shape", prefix="zwxq shape, ")
-    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("pivotal"), images=4, folder="2_zwxq shape", prefix="zwxq shape, ")
 
 
 PIVOTAL_COVERS = ["--pivotal_init_word", "shape"]  # what the golden case "lora_pivotal" is there for (tests/golden/README.md)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from library.safetensors_io import SafetensorsReader
-from tests.recipe_helpers import logged_losses, run_script
+from tests.recipe_helpers import logged_losses, run_script, tiny_workspace
 
 MODES = {
     "fp32": ["--mixed_precision", "no"],
@@ -44,12 +44,7 @@ SINGLE_TOKEN_QK = re.compile(r"mid_block_attentions_0_transformer_blocks_0_attn1
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tools.make_synthetic_dataset import write_dataset
-    from tools.make_tiny_model import main as make_model
-
-    root = tmp_path_factory.mktemp("precision_modes")
-    write_dataset(root / "data", images=4, size=64, seed=0, folder="2_sks shape")
-    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
+    root = tiny_workspace(tmp_path_factory.mktemp("precision_modes"), images=4, folder="2_sks shape")
     (root / "prompts.txt").write_text("sks shape, red circle --w 64 --h 64 --s 2 --d 1\n")
     return root
 

@@ -21,7 +21,7 @@ from library import train_args
 from library.optimizers import OptimizerConfig, build_scheduler
 from library.safetensors_io import SafetensorsReader
 
-from tests.recipe_helpers import logged_losses, run_script
+from tests.recipe_helpers import logged_losses, run_script, tiny_workspace
 
 
 # ------------------------------------------------------------------ --lr_scheduler_type: the scheduler itself
@@ -120,13 +120,7 @@ def test_a_value_that_is_not_a_literal_names_the_flag():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tools.make_synthetic_dataset import write_dataset
-    from tools.make_tiny_model import main as make_model
-
-    root = tmp_path_factory.mktemp("scheduler_and_loader")
-    write_dataset(root / "data", images=4, size=64, seed=0, folder="1_sks shape")
-    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("scheduler_and_loader"), images=4, folder="1_sks shape")
 
 
 def base_args(root: Path, out: str) -> list[str]:

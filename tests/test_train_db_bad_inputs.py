@@ -11,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.recipe_helpers import tiny_workspace
 from tests.test_train_db import common_args, run
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tools.make_synthetic_dataset import write_dataset
-    from tools.make_tiny_model import main as make_model
-
-    root = tmp_path_factory.mktemp("train_db_bad")
-    write_dataset(root / "data", images=3, size=64, seed=0, folder="2_sks shape")
-    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("train_db_bad"), images=3, folder="2_sks shape")
 
 
 def expect_error(script: str, argv: list[str], *needles: str) -> str:

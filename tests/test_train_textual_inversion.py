@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.numerics import FAMILY_CASE, assert_outputs_close, check_golden_losses, golden_case_args
-from tests.recipe_helpers import logged_losses, run_script
+from tests.recipe_helpers import logged_losses, run_script, tiny_workspace
 
 
 def run(argv: list[str], stop_after: int | None = None) -> None:
@@ -20,14 +20,8 @@ def run(argv: list[str], stop_after: int | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tools.make_synthetic_dataset import write_dataset
-    from tools.make_tiny_model import main as make_model
-
-    root = tmp_path_factory.mktemp("ti")
-    write_dataset(root / "data", images=4, size=64, seed=0, folder="2_zwxq shape", prefix="zwxq shape, ")
-    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
-    assert make_model(["--family", "sd2-768-v", str(root / "sd2v.safetensors")]) == 0
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("ti"), images=4, folder="2_zwxq shape", prefix="zwxq shape, ",
+                          models={"sd1": "sd1.safetensors", "sd2-768-v": "sd2v.safetensors"})
 
 
 def ti_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]:
