@@ -35,9 +35,10 @@ from library import sampling  # noqa: E402
 from library import textual_inversion as ti  # noqa: E402
 from library.model_loading import SDModels, TextModelShim, instantiate_models, replace_vae  # noqa: E402
 from library.sampling import ImageJob, PromptFileError, SamplePrompt  # noqa: E402
-from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint  # noqa: E402
+from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint, require_arch  # noqa: E402
 from library.tensor_files import CheckpointError  # noqa: E402
 from library.text_encoding import CHUNK, fitting_token_length, token_count  # noqa: E402
+from library.text_conditioning import CaptionEncoding  # noqa: E402
 
 logger = logging.getLogger("gen_img")
 
@@ -225,6 +226,7 @@ def read_model(args: argparse.Namespace) -> SDCheckpoint:
                         v_parameterization=args.v_parameterization)
     try:
         checkpoint = read_checkpoint(args.ckpt, hints, allow_unsafe_pickle=args.allow_unsafe_pickle)
+        require_arch(checkpoint, "gen_img.py")
         if args.vae:
             replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
     except CheckpointError as e:
@@ -387,12 +389,12 @@ def run(args: argparse.Namespace) -> list[Path]:
             for (network, _), multiplier in zip(applied, first.network_multipliers or ()):
                 network.set_multiplier(multiplier)
             images = sampling.generate_images(
-                [expanded(job.prompt) for job in batch], [job.seed for job in batch], unet=models.unet, vae=models.vae,
-                text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                [expanded(job.prompt) for job in batch], [job.seed for job in batch], models=models,
                 scheduler=sampling.make_scheduler(first.sampler, models.prediction_type.value,
                                                   zero_terminal_snr=args.zero_terminal_snr),
-                clip_skip=args.clip_skip, max_token_length=lengths[first.prompt, first.negative_prompt],
-                weighted=True, vae_scale_factor=models.family.vae_scale_factor, progress=True,
+                encoding=CaptionEncoding(clip_skip=args.clip_skip, weighted=True,
+                                         max_token_length=lengths[first.prompt, first.negative_prompt]),
+                progress=True,
                 init_images=[init_images[job.index % len(init_images)] for job in batch] if init_images else None)
             for job, image in zip(batch, images):
                 written.append(sampling.save_png(image, paths[job.index], png_text(job.prompt, job.seed, args)))

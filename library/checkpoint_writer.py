@@ -27,7 +27,7 @@ from library.atomic_files import OutputPathError, atomic_directory, atomic_file
 from library.families import TextEncoderKind
 from library.key_maps import LDM_SCHEDULE_BUFFERS, join_diffusers
 from library.safetensors_io import TensorEntry, write_safetensors
-from library.sd_checkpoint import COMPONENTS, EXTRAS_FILE, SDCheckpoint
+from library.sd_checkpoint import EXTRAS_FILE, SDCheckpoint, weight_files
 from library.tensor_files import LazyTensor
 
 logger = logging.getLogger(__name__)
@@ -96,10 +96,10 @@ def original_tensors(checkpoint: SDCheckpoint, dtype: torch.dtype | None = None)
     for key, lazy in checkpoint.extras.items():
         # Schedule buffers keep their precision: they are constants, and fp16 would only lose digits.
         out[key] = lazy if key in LDM_SCHEDULE_BUFFERS else _cast(lazy, dtype)
-    if checkpoint.family.text_encoder_kind is TextEncoderKind.OPENCLIP_H and not any(
-            k.endswith("text_projection") for k in out):
-        logger.info("SD 2.x text encoder written without the unused last layer and text_projection (the source "
-                    "had none); WebUI and ComfyUI load such files, they use the penultimate layer")
+    for slot in checkpoint.family.text_encoders:
+        if slot.kind is TextEncoderKind.OPENCLIP_H and slot.original_prefix + "text_projection" not in out:
+            logger.info("SD 2.x text encoder written without the unused last layer and text_projection (the source "
+                        "had none); WebUI and ComfyUI load such files, they use the penultimate layer")
     return out
 
 
@@ -159,19 +159,15 @@ def save_original(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtyp
 def _model_index(checkpoint: SDCheckpoint) -> dict:
     from diffusers import __version__ as diffusers_version
 
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers_version,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", checkpoint.configs.scheduler["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
+    family = checkpoint.family
+    index = {"_class_name": family.pipeline_class, "_diffusers_version": diffusers_version,
+             **{name: [None, None] for name in family.pipeline_absent}, **dict(family.pipeline_flags),
+             "scheduler": ["diffusers", checkpoint.configs.scheduler["_class_name"]],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    for slot in family.text_encoders:
+        index[slot.component] = ["transformers", slot.kind.transformers_class]
+        index[slot.tokenizer] = ["transformers", "CLIPTokenizer"]
+    return dict(sorted(index.items()))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -187,6 +183,7 @@ def write_config_folder(checkpoint: SDCheckpoint, folder: Path) -> None:
     from transformers import CLIPTextConfig
 
     from library.model_loading import load_tokenizer
+    from library.tokenizer import save_tokenizer
 
     _write_json(folder / "model_index.json", _model_index(checkpoint))
     for part in ("unet", "vae"):
@@ -194,11 +191,11 @@ def write_config_folder(checkpoint: SDCheckpoint, folder: Path) -> None:
                     dict(_complete_config(part, getattr(checkpoint.configs, part)), _diffusers_version=diffusers_version))
     _write_json(folder / "scheduler" / "scheduler_config.json",
                 dict(checkpoint.configs.scheduler, _diffusers_version=diffusers_version))
-    te_config = {k: v for k, v in checkpoint.configs.text_encoder.items() if not k.startswith("_")}
-    CLIPTextConfig(**te_config).save_pretrained(folder / "text_encoder")
-    from library.tokenizer import save_tokenizer
-
-    save_tokenizer(load_tokenizer(checkpoint.family), folder / "tokenizer")
+    for slot in checkpoint.family.text_encoders:
+        te_config = {k: v for k, v in checkpoint.configs.text_encoders[slot.component].items() if not k.startswith("_")}
+        te_config["architectures"] = [slot.kind.transformers_class]
+        CLIPTextConfig(**te_config).save_pretrained(folder / slot.component)
+        save_tokenizer(load_tokenizer(slot), folder / slot.tokenizer)
 
 
 def _complete_config(component: str, config: dict) -> dict:
@@ -213,12 +210,6 @@ def _complete_config(component: str, config: dict) -> dict:
             if not k.startswith("_") or k == "_class_name"}
 
 
-def _component_file(component: str, safetensors: bool) -> str:
-    if component == "text_encoder":
-        return "model.safetensors" if safetensors else "pytorch_model.bin"
-    return "diffusion_pytorch_model.safetensors" if safetensors else "diffusion_pytorch_model.bin"
-
-
 def save_diffusers(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None) -> None:
     use_safetensors = fmt is SaveFormat.DIFFUSERS_SAFETENSORS
     if dest.is_dir() and any(dest.iterdir()) and not (dest / "model_index.json").is_file():
@@ -227,12 +218,15 @@ def save_diffusers(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dty
                               "(no model_index.json). Choose a new folder name for the output.")
     with atomic_directory(dest) as tmp:
         write_config_folder(checkpoint, tmp)
-        for component in COMPONENTS:
+        for component in checkpoint.family.components:
             tensors = {name: _cast(lazy, dtype) for name, lazy in checkpoint.tensors[component].items()}
-            if component == "text_encoder":
-                # transformers 4.x only reads `text_model.`-prefixed CLIPTextModel keys (5.x reads both).
-                tensors = {"text_model." + name: lazy for name, lazy in tensors.items()}
-            path = tmp / component / _component_file(component, use_safetensors)
+            if component not in ("unet", "vae"):
+                # transformers 4.x only reads `text_model.`-prefixed CLIPTextModel keys (5.x reads both);
+                # CLIPTextModelWithProjection has that level already.
+                tensors = {(name if name.startswith("text_model.") or name == "text_projection.weight"
+                            else "text_model." + name): lazy for name, lazy in tensors.items()}
+            safetensors_name, bin_name = weight_files(component)
+            path = tmp / component / (safetensors_name if use_safetensors else bin_name)
             _write_tensors(path, tensors, use_safetensors, metadata={"format": "pt"})
         if checkpoint.extras:
             extras = {k: (v if k in LDM_SCHEDULE_BUFFERS else _cast(v, dtype)) for k, v in checkpoint.extras.items()}

@@ -83,6 +83,7 @@ def generate_class_images(plan: ClassImagePlan, *, prompt, models, sampler_name:
     from tqdm import tqdm
 
     from library.sampling import generate_batch, make_scheduler, save_png, sampler_name as canonical, webui_parameters
+    from library.text_conditioning import CaptionEncoding
 
     if not plan.to_generate:
         return []
@@ -96,9 +97,8 @@ def generate_class_images(plan: ClassImagePlan, *, prompt, models, sampler_name:
         for start in range(0, len(plan.to_generate), batch_size):
             indices = plan.to_generate[start:start + batch_size]
             seeds = [image_seed(seed, i) for i in indices]
-            images = generate_batch(prompt, unet=models.unet, vae=models.vae, text_encoder=models.text_encoder,
-                                    tokenizer=models.tokenizer, scheduler=scheduler, seeds=seeds,
-                                    clip_skip=clip_skip, vae_scale_factor=models.family.vae_scale_factor)
+            images = generate_batch(prompt, models=models, scheduler=scheduler, seeds=seeds,
+                                    encoding=CaptionEncoding(clip_skip=clip_skip))
             for index, seed_used, image in zip(indices, seeds, images):
                 path = plan.folder / f"class_{index:05d}.png"
                 written.append(save_png(image, path, webui_parameters(prompt, sampler=name, seed=seed_used)))

@@ -37,6 +37,10 @@ from library import key_maps
 from library.atomic_files import OutputPathError, atomic_directory, atomic_file
 from library.checkpoint_writer import modelspec_keys
 from library.families import FAMILIES, ModelFamily, ModelSize
+
+# The families whose ControlNets this module reads and writes. SDXL ControlNets (extra size/crop embeddings, the
+# diffusers layout) come with the SDXL ControlNet trainer.
+CONTROLNET_FAMILIES: dict[str, ModelFamily] = {name: f for name, f in FAMILIES.items() if f.arch in ("sd1", "sd2")}
 from library.key_maps import KeyTable, TensorMapping, key_table, shape_compatible
 from library.safetensors_io import TensorEntry, write_safetensors
 from library.sd_checkpoint import _listing, _load_json, _reshaped
@@ -136,7 +140,7 @@ def family_of_config(config: dict) -> ModelFamily | None:
     """The SD family a ControlNet (or U-Net) config belongs to, at full or tiny size; None if none fits.
     SD 2.x base and 768-v differ only in `upcast_attention`."""
     fits = []
-    for family in FAMILIES.values():
+    for family in CONTROLNET_FAMILIES.values():
         for size in ModelSize:
             unet = family.configs(size).unet
             if (unet["cross_attention_dim"] == config.get("cross_attention_dim")
@@ -154,7 +158,7 @@ def _describe_context_dim(dim: int) -> str:
     known = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
     if dim in known:
         return f"an {known[dim]} ControlNet"
-    for family in FAMILIES.values():
+    for family in CONTROLNET_FAMILIES.values():
         if family.configs(ModelSize.TINY).unet["cross_attention_dim"] == dim:
             return f"a tiny test-size {'SD 2.x' if family.is_v2 else 'SD 1.x'} ControlNet"
     return "a ControlNet of an unknown family"
@@ -432,11 +436,11 @@ def _base_unet_for(path: Path, family: ModelFamily | None, base_unet_config: dic
                          family.description if family else "the given base model")
         return family or family_of_config(base_unet_config), base_unet_config
     if family is None:
-        fitting = [f for f in FAMILIES.values()
+        fitting = [f for f in CONTROLNET_FAMILIES.values()
                    if any(f.configs(s).unet["cross_attention_dim"] == context_dim
                           and f.configs(s).unet["block_out_channels"][0] == width for s in ModelSize)]
         if len(fitting) != 1:
-            names = ", ".join(f.name for f in fitting) or ", ".join(FAMILIES)
+            names = ", ".join(f.name for f in fitting) or ", ".join(CONTROLNET_FAMILIES)
             raise ControlNetFormatError(
                 f"{path}: an original-layout ControlNet does not say which base model it belongs "
                 f"to; it looks like {_describe_context_dim(context_dim)}. Give the base family "

@@ -11,8 +11,12 @@ bug in this file and raises at table-build time, so a table is always complete.
 
 Shape changes that exist between the layouts:
 - the VAE mid-block attention stores q/k/v/proj_out as 1x1 convolutions in the original, Linear in diffusers;
-- OpenCLIP (SD 2.x) fuses q, k and v into one `in_proj_weight` / `in_proj_bias`;
+- OpenCLIP (SD 2.x, SDXL) fuses q, k and v into one `in_proj_weight` / `in_proj_bias`;
+- OpenCLIP stores the text projection as the matrix it multiplies by (`x @ text_projection`), diffusers as a
+  Linear weight: one is the transpose of the other (SDXL's `text_encoder_2`);
 - SD 2.x UNet proj_in/proj_out may be 1x1 convs or Linear (the config's `use_linear_projection` follows the file).
+
+Where a text encoder lives in an original file, and in which layout, is the family's `TextEncoderSlot`.
 """
 
 from __future__ import annotations
@@ -22,12 +26,10 @@ from functools import lru_cache
 
 import torch
 
-from library.families import TextEncoderKind
+from library.families import TextEncoderKind, TextEncoderSlot
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_L_PREFIX = "cond_stage_model.transformer.text_model."
-OPENCLIP_PREFIX = "cond_stage_model.model."
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,12 @@ class TensorMapping:
     diffusers: tuple[str, ...]  # several names: fused along dim 0 in the original (q, k, v)
     original_shape: tuple[int, ...]
     diffusers_shapes: tuple[tuple[int, ...], ...]
+    transposed: bool = False  # the original is the transpose of the (one) diffusers tensor
 
 
 @dataclass(frozen=True)
 class KeyTable:
-    component: str  # "unet" | "vae" | "text_encoder"
+    component: str  # "unet" | "vae" | a text encoder's pipeline component ("text_encoder", "text_encoder_2")
     mappings: tuple[TensorMapping, ...]
 
     def by_original(self) -> dict[str, TensorMapping]:
@@ -76,6 +79,8 @@ def shape_compatible(actual: tuple[int, ...], expected: tuple[int, ...]) -> bool
 
 def split_original(mapping: TensorMapping, tensor: torch.Tensor) -> list[torch.Tensor]:
     """Original tensor -> the diffusers tensor(s) it holds, in `mapping.diffusers` order."""
+    if mapping.transposed:
+        return [reshape_checked(tensor.T.contiguous(), mapping.diffusers_shapes[0], mapping.original)]
     if len(mapping.diffusers) == 1:
         return [reshape_checked(tensor, mapping.diffusers_shapes[0], mapping.original)]
     sizes = [s[0] for s in mapping.diffusers_shapes]
@@ -88,6 +93,8 @@ def split_original(mapping: TensorMapping, tensor: torch.Tensor) -> list[torch.T
 def join_diffusers(mapping: TensorMapping, tensors: list[torch.Tensor]) -> torch.Tensor:
     """The diffusers tensor(s) of a mapping -> the original tensor."""
     checked = [reshape_checked(t, s, n) for t, s, n in zip(tensors, mapping.diffusers_shapes, mapping.diffusers)]
+    if mapping.transposed:
+        return reshape_checked(checked[0].T.contiguous(), mapping.original_shape, mapping.diffusers[0])
     if len(checked) == 1:
         return reshape_checked(checked[0], mapping.original_shape, mapping.diffusers[0])
     return torch.cat(checked, dim=0)
@@ -109,6 +116,9 @@ def _unet_renames(config: dict) -> list[tuple[str, str]]:
         ("mid_block.resnets.0", "middle_block.0"),
         ("mid_block.attentions.0", "middle_block.1"),
         ("mid_block.resnets.1", "middle_block.2"),
+        # SDXL's pooled-text + size/crop conditioning MLP (absent from SD 1.x / 2.x configs).
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
     ]
     resnets = ["mid_block.resnets.0", "mid_block.resnets.1"]
     # LDM numbers input blocks consecutively: conv_in is 0, then per down block `lpb` (resnet [+ attention])
@@ -170,13 +180,14 @@ def _vae_renames(config: dict) -> list[tuple[str, str]]:
 
 
 def _openclip_renames(num_layers: int) -> list[tuple[str, str]]:
+    """(diffusers module below the text model, OpenCLIP module) pairs."""
     renames = [("embeddings.token_embedding", "token_embedding"), ("final_layer_norm", "ln_final")]
     for i in range(num_layers):
         d, o = f"encoder.layers.{i}", f"transformer.resblocks.{i}"
         renames += [(f"{d}.layer_norm1", f"{o}.ln_1"), (f"{d}.layer_norm2", f"{o}.ln_2"),
                     (f"{d}.self_attn.out_proj", f"{o}.attn.out_proj"),
                     (f"{d}.mlp.fc1", f"{o}.mlp.c_fc"), (f"{d}.mlp.fc2", f"{o}.mlp.c_proj")]
-    return [(d, OPENCLIP_PREFIX + o) for d, o in renames]
+    return renames
 
 
 def _rename(key: str, renames: list[tuple[str, str]]) -> str | None:
@@ -199,10 +210,10 @@ def _original_shape(diffusers_key: str, shape: tuple[int, ...], component: str) 
 # Tables
 
 
-def _diffusers_shapes(component: str, config: dict) -> dict[str, tuple[int, ...]]:
+def _diffusers_shapes(component: str, config: dict, kind: TextEncoderKind | None) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape of the diffusers model, without allocating it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    import transformers
 
     with torch.device("meta"):
         if component == "unet":
@@ -210,21 +221,21 @@ def _diffusers_shapes(component: str, config: dict) -> dict[str, tuple[int, ...]
         elif component == "vae":
             model = AutoencoderKL.from_config(config)
         else:
-            model = CLIPTextModel(CLIPTextConfig(**config))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            model = getattr(transformers, kind.transformers_class)(transformers.CLIPTextConfig(**config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
 
 
 @lru_cache(maxsize=32)
-def _table_cached(component: str, config_json: str, te_kind: TextEncoderKind | None) -> KeyTable:
+def _table_cached(component: str, config_json: str, slot: TextEncoderSlot | None) -> KeyTable:
     import json
 
     config = json.loads(config_json)
-    shapes = _diffusers_shapes(component, config)
-    if component == "text_encoder" and te_kind is TextEncoderKind.CLIP_L:
-        mappings = [TensorMapping(CLIP_L_PREFIX + k, (k,), s, (s,)) for k, s in shapes.items()]
+    shapes = _diffusers_shapes(component, config, slot.kind if slot else None)
+    if slot is not None and slot.kind is TextEncoderKind.CLIP_L:
+        mappings = [TensorMapping(slot.original_prefix + k, (k,), s, (s,)) for k, s in shapes.items()]
         return KeyTable(component, tuple(mappings))
-    if component == "text_encoder":
-        return _openclip_table(shapes, config["num_hidden_layers"])
+    if slot is not None:
+        return _openclip_table(component, shapes, config["num_hidden_layers"], slot.original_prefix)
     renames = _unet_renames(config) if component == "unet" else _vae_renames(config)
     mappings = []
     for key, shape in shapes.items():
@@ -235,23 +246,29 @@ def _table_cached(component: str, config_json: str, te_kind: TextEncoderKind | N
     return KeyTable(component, tuple(mappings))
 
 
-def _openclip_table(shapes: dict[str, tuple[int, ...]], num_layers: int) -> KeyTable:
-    renames = _openclip_renames(num_layers)
+def _openclip_table(component: str, shapes: dict[str, tuple[int, ...]], num_layers: int, prefix: str) -> KeyTable:
+    # CLIPTextModelWithProjection keeps the text model below `text_model.`; CLIPTextModel (transformers 5) does not.
+    wrap = "text_model." if any(k.startswith("text_model.") for k in shapes) else ""
+    renames = [(wrap + d, prefix + o) for d, o in _openclip_renames(num_layers)]
     mappings = []
     handled = set()
     for i in range(num_layers):
         for kind in ("weight", "bias"):
-            parts = tuple(f"encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv")
+            parts = tuple(f"{wrap}encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv")
             part_shapes = tuple(shapes[p] for p in parts)
             fused_shape = (sum(s[0] for s in part_shapes), *part_shapes[0][1:])
-            mappings.append(TensorMapping(f"{OPENCLIP_PREFIX}transformer.resblocks.{i}.attn.in_proj_{kind}",
+            mappings.append(TensorMapping(f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}",
                                           parts, fused_shape, part_shapes))
             handled.update(parts)
     # OpenCLIP stores the positional embedding as a bare parameter, not an Embedding module.
-    mappings.append(TensorMapping(OPENCLIP_PREFIX + "positional_embedding", ("embeddings.position_embedding.weight",),
-                                  shapes["embeddings.position_embedding.weight"],
-                                  (shapes["embeddings.position_embedding.weight"],)))
-    handled.add("embeddings.position_embedding.weight")
+    position = wrap + "embeddings.position_embedding.weight"
+    mappings.append(TensorMapping(prefix + "positional_embedding", (position,), shapes[position], (shapes[position],)))
+    handled.add(position)
+    if "text_projection.weight" in shapes:
+        out_dim, width = shapes["text_projection.weight"]
+        mappings.append(TensorMapping(prefix + "text_projection", ("text_projection.weight",), (width, out_dim),
+                                      ((out_dim, width),), transposed=True))
+        handled.add("text_projection.weight")
     for key, shape in shapes.items():
         if key in handled:
             continue
@@ -259,33 +276,50 @@ def _openclip_table(shapes: dict[str, tuple[int, ...]], num_layers: int) -> KeyT
         if original is None:
             raise AssertionError(f"no key-map rule for diffusers text-encoder tensor {key!r}")
         mappings.append(TensorMapping(original, (key,), shape, (shape,)))
-    return KeyTable("text_encoder", tuple(mappings))
+    return KeyTable(component, tuple(mappings))
 
 
-def key_table(component: str, config: dict, text_encoder_kind: TextEncoderKind | None = None) -> KeyTable:
-    """The complete key table of one component ("unet", "vae" or "text_encoder") for a diffusers config."""
+def key_table(component: str, config: dict, text_encoder: TextEncoderSlot | None = None) -> KeyTable:
+    """The complete key table of one component for a diffusers config: "unet", "vae", or a text encoder (then
+    `text_encoder`, the family's slot for it, says where and in which layout an original file keeps it)."""
     import json
 
-    if component not in ("unet", "vae", "text_encoder"):
-        raise ValueError(f"unknown component {component!r}")
-    if component == "text_encoder" and text_encoder_kind is None:
-        raise ValueError("text_encoder tables need the text encoder kind")
-    kind = text_encoder_kind if component == "text_encoder" else None
-    return _table_cached(component, json.dumps(config, sort_keys=True), kind)
+    if component in ("unet", "vae"):
+        text_encoder = None
+    elif text_encoder is None or text_encoder.component != component:
+        raise ValueError(f"the key table of {component!r} needs that text encoder's slot of the family")
+    return _table_cached(component, json.dumps(config, sort_keys=True), text_encoder)
+
+
+def token_embedding_key(slot: TextEncoderSlot) -> str:
+    """The original key of a text encoder's token embedding (its width tells the model size)."""
+    if slot.kind.openclip_layout:
+        return slot.original_prefix + "token_embedding.weight"
+    return slot.original_prefix + "embeddings.token_embedding.weight"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Original-layout tensors that are not part of the diffusers models
 
 
-def openclip_extra_keys(num_diffusers_layers: int) -> tuple[str, ...]:
-    """OpenCLIP tensors an original SD 2.x file has beyond the diffusers text encoder (whose last layer is
-    the original's penultimate one): the last resblock, the text projection and the logit scale."""
-    last = f"{OPENCLIP_PREFIX}transformer.resblocks.{num_diffusers_layers}."
-    parts = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
-             "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-             "mlp.c_proj.weight", "mlp.c_proj.bias"]
-    return tuple(last + p for p in parts) + (OPENCLIP_PREFIX + "text_projection", OPENCLIP_PREFIX + "logit_scale")
+_OPENCLIP_LAYER_PARTS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+                         "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight",
+                         "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def text_encoder_extra_keys(slot: TextEncoderSlot, num_diffusers_layers: int) -> tuple[str, ...]:
+    """Tensors an original file may hold for a text encoder beyond the diffusers model; kept as extras:
+    - CLIP ViT-L: the `position_ids` buffer (transformers recreates it);
+    - OpenCLIP ViT-H (SD 2.x): the last resblock (diffusers keeps the original's penultimate layer as its last),
+      the text projection and the logit scale;
+    - OpenCLIP ViT-bigG (SDXL): the logit scale (diffusers keeps every layer and the projection)."""
+    p = slot.original_prefix
+    if slot.kind is TextEncoderKind.CLIP_L:
+        return (p + "embeddings.position_ids",)
+    if slot.kind is TextEncoderKind.OPENCLIP_BIGG:
+        return (p + "logit_scale",)
+    last = f"{p}transformer.resblocks.{num_diffusers_layers}."
+    return tuple(last + part for part in _OPENCLIP_LAYER_PARTS) + (p + "text_projection", p + "logit_scale")
 
 
 # The LDM training wrapper registers its DDPM schedule as buffers; many checkpoints carry them. They are
@@ -296,8 +330,6 @@ LDM_SCHEDULE_BUFFERS = (
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "model_ema.decay", "model_ema.num_updates",
 )
-# Buffers of the CLIP text model that transformers recreates itself.
-CLIP_L_BUFFERS = (CLIP_L_PREFIX + "embeddings.position_ids",)
 
 
 def ema_key(original_unet_key: str) -> str:

@@ -14,19 +14,23 @@ from pathlib import Path
 import torch
 
 from library import key_maps
-from library.families import ModelFamily, PredictionType, TextEncoderKind
+from library.families import ModelFamily, PredictionType, TextEncoderKind, TextEncoderSlot
 from library.key_maps import key_table, shape_compatible, split_original
-from library.sd_checkpoint import COMPONENTS, SDCheckpoint, _listing, _load_json, _open_component, _validated_component
+from library.sd_checkpoint import SDCheckpoint, _listing, _load_json, _open_component, _validated_component
 from library.tensor_files import CheckpointError, LazyTensor, open_tensor_file
 from library.tokenizer import PadStyle, load_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-def load_tokenizer(family: ModelFamily):
-    # OpenCLIP-trained text encoders (SD 2.x) saw prompts padded with id 0, CLIP ViT-L (SD 1.x) with EOS.
-    pad = PadStyle.ZERO if family.text_encoder_kind is TextEncoderKind.OPENCLIP_H else PadStyle.EOS
-    return load_clip_tokenizer(pad)
+def load_tokenizer(slot: TextEncoderSlot):
+    """The tokenizer of one text encoder. OpenCLIP-trained encoders (SD 2.x, SDXL's second) saw prompts padded
+    with id 0, CLIP ViT-L (SD 1.x, SDXL's first) with EOS."""
+    return load_clip_tokenizer(PadStyle.ZERO if slot.kind.openclip_layout else PadStyle.EOS)
+
+
+def load_tokenizers(family: ModelFamily) -> list:
+    return [load_tokenizer(slot) for slot in family.text_encoders]
 
 
 class TextModelShim(torch.nn.Module):
@@ -45,37 +49,70 @@ class SDModels:
     prediction_type: PredictionType
     unet: torch.nn.Module
     vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    text_encoders: list[torch.nn.Module]  # in `family.text_encoders` order
+    tokenizers: list  # one per text encoder, same order
     scheduler_config: dict
 
+    def component(self, name: str) -> torch.nn.Module:
+        """A model by its pipeline component name ("unet", "vae", "text_encoder", "text_encoder_2")."""
+        if name in ("unet", "vae"):
+            return getattr(self, name)
+        for slot, model in zip(self.family.text_encoders, self.text_encoders):
+            if slot.component == name:
+                return model
+        raise ValueError(f"{self.family.description} has no component {name!r}")
 
-def _empty_model(component: str, config: dict):
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The text encoder of a one-encoder family (SD 1.x / 2.x), for code that handles only those."""
+        return self._only(self.text_encoders, "text encoder")
+
+    @property
+    def tokenizer(self):
+        return self._only(self.tokenizers, "tokenizer")
+
+    def _only(self, items: list, what: str):
+        if len(items) != 1:
+            raise ValueError(f"{self.family.description} has {len(items)} {what}s; this code path handles models "
+                             f"with one {what} (SD 1.x / 2.x)")
+        return items[0]
+
+
+def new_text_encoder(kind: TextEncoderKind, config: dict) -> torch.nn.Module:
+    """A randomly initialised transformers text encoder of `kind` (CLIPTextModel or CLIPTextModelWithProjection)."""
+    import transformers
+
+    return getattr(transformers, kind.transformers_class)(transformers.CLIPTextConfig(**config))
+
+
+def _empty_model(checkpoint: SDCheckpoint, component: str):
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
+    config = checkpoint.configs.of(component)
     with init_empty_weights():  # parameters on the meta device; buffers (position_ids) stay real
         if component == "unet":
             return UNet2DConditionModel.from_config(config)
         if component == "vae":
             return AutoencoderKL.from_config(config)
-        return CLIPTextModel(CLIPTextConfig(**config))
+        return new_text_encoder(checkpoint.family.text_encoder_slot(component).kind, config)
 
 
 def instantiate_models(checkpoint: SDCheckpoint, *, dtype: torch.dtype = torch.float32,
                        component_dtypes: dict[str, torch.dtype] | None = None) -> SDModels:
-    """Build the UNet, VAE and text encoder with the checkpoint's weights (in `dtype`, or per component)."""
+    """Build the UNet, VAE and text encoders with the checkpoint's weights (in `dtype`, or per component)."""
     models = {component: instantiate_component(checkpoint, component, (component_dtypes or {}).get(component, dtype))
-              for component in COMPONENTS}
-    return SDModels(checkpoint.family, checkpoint.prediction_type, models["unet"], models["vae"],
-                    models["text_encoder"], load_tokenizer(checkpoint.family), dict(checkpoint.configs.scheduler))
+              for component in checkpoint.family.components}
+    family = checkpoint.family
+    return SDModels(family, checkpoint.prediction_type, models["unet"], models["vae"],
+                    [models[slot.component] for slot in family.text_encoders], load_tokenizers(family),
+                    dict(checkpoint.configs.scheduler))
 
 
 def instantiate_component(checkpoint: SDCheckpoint, component: str, dtype: torch.dtype = torch.float32):
-    """One model ("unet", "vae" or "text_encoder") with the checkpoint's weights, e.g. only the VAE for a tool
-    that encodes latents; identical to the same component from `instantiate_models`."""
-    model = _empty_model(component, getattr(checkpoint.configs, component))
+    """One model ("unet", "vae" or a text encoder's component name) with the checkpoint's weights, e.g. only the
+    VAE for a tool that encodes latents; identical to the same component from `instantiate_models`."""
+    model = _empty_model(checkpoint, component)
     state = {k: v.load().to(dtype) for k, v in checkpoint.tensors[component].items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
@@ -87,18 +124,16 @@ def checkpoint_from_models(models: SDModels, *, extras: dict[str, torch.Tensor] 
     """The inverse of `instantiate_models`: wrap live models so the writers can save them."""
     from library.families import ModelConfigs
 
+    slots = models.family.text_encoders
     configs = ModelConfigs(
         unet=_public_config(dict(models.unet.config), "UNet2DConditionModel"),
         vae=_public_config(dict(models.vae.config), "AutoencoderKL"),
-        text_encoder=_text_encoder_config(models.text_encoder),
+        text_encoders={slot.component: _text_encoder_config(model) for slot, model in zip(slots, models.text_encoders)},
         scheduler=dict(models.scheduler_config, prediction_type=models.prediction_type.value),
     )
-    tensors = {
-        "unet": {k: LazyTensor.of(v) for k, v in models.unet.state_dict().items()},
-        "vae": {k: LazyTensor.of(v) for k, v in models.vae.state_dict().items()},
-        "text_encoder": {k: LazyTensor.of(v) for k, v in models.text_encoder.state_dict().items()
-                         if k != "embeddings.position_ids"},
-    }
+    tensors = {component: {k: LazyTensor.of(v) for k, v in models.component(component).state_dict().items()
+                           if not k.endswith("position_ids")}  # a buffer transformers recreates
+               for component in models.family.components}
     return SDCheckpoint(models.family, models.prediction_type, configs, tensors,
                         extras={k: LazyTensor.of(v) for k, v in (extras or {}).items()},
                         metadata=dict(metadata or {}))
@@ -120,7 +155,7 @@ _TEXT_ENCODER_FIELDS = ("attention_dropout", "dropout", "hidden_act", "hidden_si
 def _text_encoder_config(text_encoder) -> dict:
     config = text_encoder.config.to_dict()
     out = {k: config[k] for k in _TEXT_ENCODER_FIELDS if k in config}
-    out.update({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"})
+    out.update({"architectures": [type(text_encoder).__name__], "model_type": "clip_text_model"})
     return out
 
 
@@ -149,7 +184,7 @@ def read_vae(path: str | Path, checkpoint: SDCheckpoint, *, allow_unsafe_pickle:
                                   "made for this model, or leave out --vae")
         source = _open_component(folder, "vae")
         checkpoint._open.append(source)
-        return _validated_component(source, table, "vae")
+        return _validated_component(source, table)
     source = open_tensor_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
     checkpoint._open.append(source)
     tensors = source.tensors

@@ -221,53 +221,45 @@ def load_prompts(path: str | Path, defaults: SamplePrompt = SamplePrompt("")) ->
 
 
 @torch.no_grad()
-def generate(prompt: SamplePrompt, *, unet, vae, text_encoder, tokenizer, scheduler, seed: int,
-             clip_skip: int | None = None, max_token_length: int | None = None, vae_scale_factor: float = 0.18215):
+def generate(prompt: SamplePrompt, *, models, scheduler, seed: int, encoding=None):
     """One image (PIL) for a prompt, reproducible for a seed."""
-    return generate_batch(prompt, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                          scheduler=scheduler, seeds=[seed], clip_skip=clip_skip, max_token_length=max_token_length,
-                          vae_scale_factor=vae_scale_factor)[0]
+    return generate_batch(prompt, models=models, scheduler=scheduler, seeds=[seed], encoding=encoding)[0]
 
 
 @torch.no_grad()
-def generate_batch(prompt: SamplePrompt, *, unet, vae, text_encoder, tokenizer, scheduler, seeds: list[int],
-                   clip_skip: int | None = None, max_token_length: int | None = None,
-                   vae_scale_factor: float = 0.18215) -> list:
+def generate_batch(prompt: SamplePrompt, *, models, scheduler, seeds: list[int], encoding=None) -> list:
     """One image per seed for the same prompt, in one batch."""
-    return generate_images([prompt] * len(seeds), seeds, unet=unet, vae=vae, text_encoder=text_encoder,
-                           tokenizer=tokenizer, scheduler=scheduler, clip_skip=clip_skip,
-                           max_token_length=max_token_length, vae_scale_factor=vae_scale_factor)
+    return generate_images([prompt] * len(seeds), seeds, models=models, scheduler=scheduler, encoding=encoding)
+
+
+def size_of(prompt: SamplePrompt):
+    """The size conditioning of a generated image (SDXL): the image's own size, uncropped, as diffusers' default."""
+    from library.text_conditioning import SizeConditioning
+
+    return SizeConditioning(original_size=(prompt.height, prompt.width), target_size=(prompt.height, prompt.width))
 
 
 @torch.no_grad()
-def encode_prompts(texts: list[str], *, text_encoder, tokenizer, clip_skip: int | None = None,
-                   max_token_length: int | None = None, weighted: bool = False) -> torch.Tensor:
-    """Conditioning [len(texts), 75*n + 2, D]; each distinct text is encoded once. `weighted`: WebUI's
-    `(word:1.2)` / `[word]` / BREAK syntax (`text_encoding.encode_weighted`); otherwise the text is read as is."""
-    from library.text_encoding import encode, encode_weighted, tokenize, tokenize_weighted
-
-    unique = list(dict.fromkeys(texts))
-    if weighted:
-        ids, weights = tokenize_weighted(tokenizer, unique, max_token_length)
-        states = encode_weighted(text_encoder, ids, weights, clip_skip=clip_skip)
-    else:
-        states = encode(text_encoder, tokenize(tokenizer, unique, max_token_length), clip_skip=clip_skip)
-    return states[[unique.index(text) for text in texts]]
+def encode_prompts(texts: list[str], sizes: list, conditioner):
+    """The conditioning of each (text, size); each distinct pair is encoded once."""
+    unique = list(dict.fromkeys(zip(texts, sizes)))
+    cond = conditioner([text for text, _ in unique], [size for _, size in unique])
+    return cond.rows([unique.index(pair) for pair in zip(texts, sizes)])
 
 
 @torch.no_grad()
-def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, unet, vae, text_encoder, tokenizer, scheduler,
-                    clip_skip: int | None = None, max_token_length: int | None = None, weighted: bool = False,
-                    init_images: list | None = None, vae_scale_factor: float = 0.18215, output_type: str = "pil",
-                    progress: bool = False) -> list:
-    """One image per (prompt, seed), in one batch, through diffusers' StableDiffusionPipeline (or its img2img
-    pipeline when `init_images`, PIL images of the output size, are given) with our conditioning.
+def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, scheduler, encoding=None,
+                    init_images: list | None = None, output_type: str = "pil", progress: bool = False) -> list:
+    """One image per (prompt, seed), in one batch, through the family's diffusers pipeline (StableDiffusionPipeline,
+    StableDiffusionXLPipeline, or their img2img pipelines when `init_images`, PIL images of the output size, are
+    given) with our conditioning: the family's conditioner over `models`' encoders (`encoding`: clip skip, token
+    length, weighted prompts; `text_conditioning.CaptionEncoding`), so prompts read exactly as captions do in training.
 
     The prompts may differ in text and negative prompt but must share size, steps, CFG scale and strength. Each
     image's noise (initial latents, ancestral samplers' step noise, img2img's VAE sample) comes from its own seed's
     generator, so an image depends on its seed, not on the batch it was made in. `output_type`: "pil" or "np"
     (floats in [0, 1], for exact comparisons)."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from library.text_conditioning import CaptionEncoding, SizeConditioning, conditioner_for
 
     first = prompts[0]
     settings = {(p.width, p.height, p.steps, p.scale, p.strength) for p in prompts}
@@ -276,22 +268,53 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, unet, vae,
                          "and strength")
     if init_images is not None and (first.strength is None or len(init_images) != len(prompts)):
         raise ValueError("generate_images: img2img needs one init image per prompt and a strength")
-    n = len(prompts)
-    states = encode_prompts([p.prompt for p in prompts] + [p.negative_prompt for p in prompts],
-                            text_encoder=text_encoder, tokenizer=tokenizer, clip_skip=clip_skip,
-                            max_token_length=max_token_length, weighted=weighted).to(unet.device, unet.dtype)
-    pipeline_class = StableDiffusionImg2ImgPipeline if init_images is not None else StableDiffusionPipeline
-    pipe = pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.vae.config.scaling_factor = vae_scale_factor
+    family, n = models.family, len(prompts)
+    conditioner = conditioner_for(family, models.tokenizers, models.text_encoders, encoding or CaptionEncoding())
+    size = size_of(first)
+    # diffusers' default negative aesthetic score for the refiner (the prompt's is 6.0)
+    negative_size = SizeConditioning(size.original_size, size.crop_top_left, size.target_size, aesthetic_score=2.5)
+    cond = encode_prompts([p.prompt for p in prompts] + [p.negative_prompt for p in prompts],
+                          [size] * n + [negative_size] * n, conditioner).to(models.unet.dtype)
+    positive, negative = cond.rows(slice(0, n)), cond.rows(slice(n, 2 * n))
+    if dict(family.pipeline_flags).get("force_zeros_for_empty_prompt"):
+        # SDXL's pipeline conditions an empty negative prompt on zeros, not on the encoded empty text.
+        empty = [i for i, p in enumerate(prompts) if not p.negative_prompt]
+        if empty:
+            negative.hidden_states[empty] = 0
+            negative.pooled[empty] = 0
+    pipe = family_pipeline(models, scheduler, img2img=init_images is not None)
+    pipe.vae.config.scaling_factor = family.vae_scale_factor
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-    size = {"image": init_images, "strength": first.strength} if init_images is not None else \
+    size_kwargs = {"image": init_images, "strength": first.strength} if init_images is not None else \
         {"width": first.width, "height": first.height}
-    with autocast_if_mixed(unet, vae, text_encoder):
-        return pipe(prompt_embeds=states[:n], negative_prompt_embeds=states[n:], num_inference_steps=first.steps,
-                    guidance_scale=first.scale, generator=generators if n > 1 else generators[0],
-                    output_type=output_type, **size).images
+    embeds = {"prompt_embeds": positive.hidden_states, "negative_prompt_embeds": negative.hidden_states}
+    if positive.pooled is not None:
+        embeds.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
+    embeds.update(SizeConditioning.pipeline_kwargs(family.text_conditioning, size, negative_size))
+    with autocast_if_mixed(models.unet, models.vae, *models.text_encoders):
+        return pipe(**embeds, num_inference_steps=first.steps, guidance_scale=first.scale,
+                    generator=generators if n > 1 else generators[0], output_type=output_type, **size_kwargs).images
+
+
+def family_pipeline(models, scheduler, *, img2img: bool = False):
+    """The family's diffusers pipeline (txt2img, or img2img) around our models, built from the family record."""
+    import inspect
+
+    import diffusers
+
+    family = models.family
+    name = family.img2img_pipeline_class if img2img else family.pipeline_class
+    cls = getattr(diffusers, name)
+    parts = {"unet": models.unet, "vae": models.vae, "scheduler": scheduler,
+             **{absent: None for absent in family.pipeline_absent}}
+    for slot, encoder, tokenizer in zip(family.text_encoders, models.text_encoders, models.tokenizers):
+        parts.update({slot.component: encoder, slot.tokenizer: tokenizer})
+    accepted = inspect.signature(cls.__init__).parameters
+    parts.update({key: value for key, value in family.pipeline_flags if key in accepted})
+    if "add_watermarker" in accepted:
+        parts["add_watermarker"] = False  # an invisible watermark would make images differ from the model's output
+    return cls(**{key: value for key, value in parts.items() if key in accepted})
 
 
 def autocast_if_mixed(*models):
@@ -388,13 +411,13 @@ class TrainingSampler:
     TensorBoard. Prompts without `--d` get the seed (run seed + index), so samples are comparable across saves."""
 
     def __init__(self, prompts: list[SamplePrompt], *, models, default_sampler: str, prediction_type: str,
-                 output_dir: Path, output_name: str, seed: int, clip_skip: int | None, max_token_length: int | None,
-                 vae_scale_factor: float, zero_terminal_snr: bool = False, model_name: str = ""):
+                 output_dir: Path, output_name: str, seed: int, encoding, zero_terminal_snr: bool = False,
+                 model_name: str = ""):
         self.prompts, self.models = prompts, models
         self.default_sampler = sampler_name(default_sampler)
         self.prediction_type, self.zero_terminal_snr = prediction_type, zero_terminal_snr
         self.output_dir, self.output_name, self.seed = Path(output_dir), output_name, seed
-        self.clip_skip, self.max_token_length, self.vae_scale_factor = clip_skip, max_token_length, vae_scale_factor
+        self.encoding = encoding  # the run's caption encoding (clip skip, token length): prompts read as captions
         self.model_name = model_name
 
     def __call__(self, *, epoch: int | None, step: int, run_log=None, trainable=None) -> list[Path]:
@@ -410,12 +433,9 @@ class TrainingSampler:
             for index, prompt in enumerate(self.prompts):
                 seed = prompt.seed if prompt.seed is not None else self.seed + index
                 name = prompt.sampler or self.default_sampler
-                image = generate(prompt, unet=self.models.unet, vae=self.models.vae,
-                                 text_encoder=self.models.text_encoder, tokenizer=self.models.tokenizer,
+                image = generate(prompt, models=self.models, seed=seed, encoding=self.encoding,
                                  scheduler=make_scheduler(name, self.prediction_type,
-                                                          zero_terminal_snr=self.zero_terminal_snr),
-                                 seed=seed, clip_skip=self.clip_skip, max_token_length=self.max_token_length,
-                                 vae_scale_factor=self.vae_scale_factor)
+                                                          zero_terminal_snr=self.zero_terminal_snr))
                 path = self.output_dir / "sample" / f"{self.output_name}_{tag}_{index:02d}_{stamp}_{seed}.png"
                 paths.append(save_png(image, path, webui_parameters(prompt, sampler=name, seed=seed,
                                                                     model_name=self.model_name)))

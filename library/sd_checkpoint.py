@@ -19,22 +19,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from library import key_maps
-from library.families import (FAMILIES, ModelConfigs, ModelFamily, ModelSize, PredictionType, TextEncoderKind,
-                              family_for)
-from library.key_maps import KeyTable, TensorMapping, key_table, reshape_checked, shape_compatible, split_original
+from library.families import (FAMILIES, SD1, ModelConfigs, ModelFamily, ModelSize, PredictionType,
+                              TextEncoderKind, family_for)
+from library.key_maps import (KeyTable, TensorMapping, key_table, reshape_checked, shape_compatible, split_original,
+                              token_embedding_key)
 from library.tensor_files import CheckpointError, LazyTensor, TensorSource, open_tensor_file
 
 logger = logging.getLogger(__name__)
-
-COMPONENTS = ("unet", "vae", "text_encoder")
-
 
 @dataclass
 class SDCheckpoint:
     family: ModelFamily
     prediction_type: PredictionType  # usually family.prediction_type; differs for rare v-prediction SD 1.x models
     configs: ModelConfigs
-    tensors: dict[str, dict[str, LazyTensor]]  # component -> diffusers key -> tensor
+    tensors: dict[str, dict[str, LazyTensor]]  # component (family.components) -> diffusers key -> tensor
     # Tensors of an original file that have no place in the diffusers models (SD 2.x's last text-encoder layer
     # and projection, DDPM schedule buffers, unused EMA weights). Kept so that converting back restores them.
     extras: dict[str, LazyTensor] = field(default_factory=dict)
@@ -44,11 +42,9 @@ class SDCheckpoint:
     _open: list[TensorSource] = field(default_factory=list, repr=False)
 
     def tables(self) -> dict[str, KeyTable]:
-        return {
-            "unet": key_table("unet", self.configs.unet),
-            "vae": key_table("vae", self.configs.vae),
-            "text_encoder": key_table("text_encoder", self.configs.text_encoder, self.family.text_encoder_kind),
-        }
+        """The key table of every component, in `family.components` order."""
+        slots = {slot.component: slot for slot in self.family.text_encoders}
+        return {c: key_table(c, self.configs.of(c), slots.get(c)) for c in self.family.components}
 
     def close(self) -> None:
         for source in self._open:
@@ -87,15 +83,24 @@ def read_checkpoint(path: str | Path, hints: FamilyHints = FamilyHints(), *, ext
 # Family resolution
 
 
+# What each architecture is, in the words of an error message.
+_ARCH_NAMES = {
+    "sd1": "an SD 1.x model (CLIP ViT-L text encoder)",
+    "sd2": "an SD 2.x model (OpenCLIP ViT-H text encoder)",
+    "sdxl": "an SDXL base model (CLIP ViT-L + OpenCLIP ViT-bigG text encoders)",
+    "sdxl-refiner": "an SDXL refiner (OpenCLIP ViT-bigG text encoder only)",
+}
+
+
 def _check_v2_hint(arch: str, hints: FamilyHints, path: Path) -> None:
     if hints.v2 is True and arch != "sd2":
-        raise CheckpointError(f"{path}: --v2 was given, but the weights are an SD 1.x model (CLIP ViT-L text "
-                              "encoder). Remove --v2; the family is detected from the file.")
+        raise CheckpointError(f"{path}: --v2 was given, but the weights are {_ARCH_NAMES[arch]}. Remove --v2; "
+                              "the family is detected from the file.")
     if hints.v2 is False and arch != "sd1":
-        raise CheckpointError(f"{path}: --v1 was given, but the weights are an SD 2.x model (OpenCLIP ViT-H text "
-                              "encoder). Remove --v1 (or pass --v2); the family is detected from the file.")
-    if hints.v2 is None and arch == "sd2":
-        logger.info("%s: detected an SD 2.x model", path)
+        raise CheckpointError(f"{path}: --v1 was given, but the weights are {_ARCH_NAMES[arch]}. Remove --v1"
+                              f"{' (or pass --v2)' if arch == 'sd2' else ''}; the family is detected from the file.")
+    if hints.v2 is None and arch != "sd1":
+        logger.info("%s: detected %s", path, _ARCH_NAMES[arch])
 
 
 def _resolve_prediction(declared: PredictionType | None, where: str, hints: FamilyHints,
@@ -129,9 +134,6 @@ def _prediction_from_original(source: TensorSource) -> tuple[PredictionType | No
 
 def _detect_original_arch(keys: set[str], source: TensorSource) -> str:
     path = source.path
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(f"{path}: this is an SDXL checkpoint; SDXL is not supported yet (SD 1.x and 2.x are); "
-                              "use an SD 1.x / 2.x model")
     if "control_model.time_embed.0.weight" in keys or any(k.startswith("controlnet_cond_embedding.") for k in keys):
         raise CheckpointError(f"{path}: this is a ControlNet, not a Stable Diffusion checkpoint")
     conv_in = source.tensors.get(key_maps.UNET_PREFIX + "input_blocks.0.0.weight")
@@ -140,17 +142,24 @@ def _detect_original_arch(keys: set[str], source: TensorSource) -> str:
             raise CheckpointError(f"{path}: this is a LoRA file, not a Stable Diffusion checkpoint. Pass the base "
                                   "model here; a LoRA is applied on top of one (or used as a network to train).")
         raise CheckpointError(f"{path}: no Stable Diffusion UNet found (missing "
-                              f"{key_maps.UNET_PREFIX}input_blocks.0.0.weight); is this a full SD 1.x/2.x "
-                              "checkpoint? (A VAE-only file goes to --vae.)")
+                              f"{key_maps.UNET_PREFIX}input_blocks.0.0.weight); is this a full SD 1.x / 2.x / "
+                              "SDXL checkpoint? (A VAE-only file goes to --vae.)")
     if len(conv_in.shape) == 4 and conv_in.shape[1] != 4:
         raise CheckpointError(f"{path}: the UNet takes {conv_in.shape[1]} input channels (an inpainting or "
                               "instruct-pix2pix model); only standard 4-channel models are supported")
-    if any(k.startswith(key_maps.OPENCLIP_PREFIX + "transformer.resblocks.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    raise CheckpointError(f"{path}: no text encoder found (neither cond_stage_model.transformer.* (SD 1.x) nor "
-                          "cond_stage_model.model.* (SD 2.x)); the file is incomplete")
+    # Each architecture keeps its text encoders under its own prefixes (the families' slots); the one whose
+    # encoders are all there is the file's. No two architectures share a prefix.
+    found = [arch for arch, family in _FAMILY_OF_ARCH.items()
+             if all(any(k.startswith(slot.original_prefix) for k in keys) for slot in family.text_encoders)]
+    if len(found) == 1:
+        return found[0]
+    expected = "; ".join(f"{' + '.join(s.original_prefix + '*' for s in f.text_encoders)} ({_ARCH_NAMES[arch]})"
+                         for arch, f in _FAMILY_OF_ARCH.items())
+    raise CheckpointError(f"{path}: no complete set of text encoders found; expected one of: {expected}. The file "
+                          "is incomplete (a U-Net-only file?) or not a Stable Diffusion checkpoint.")
+
+
+_FAMILY_OF_ARCH = {family.arch: family for family in FAMILIES.values()}  # families of one arch share slots
 
 
 _LORA_MARKERS = ("lora_down", "lora_up", "lora_A.", "lora_B.", ".lora.down.", ".lora.up.", "hada_w1", "lokr_w1")
@@ -164,11 +173,10 @@ def _looks_like_lora(keys: set[str], metadata: dict[str, str]) -> bool:
 
 def _normalize_original_keys(source: TensorSource) -> None:
     # Some early SD 1.x files store the CLIP text model without the `text_model.` level.
-    old = "cond_stage_model.transformer."
-    if any(k.startswith(old) and not k.startswith(key_maps.CLIP_L_PREFIX) for k in source.tensors):
+    old, new = "cond_stage_model.transformer.", SD1.text_encoders[0].original_prefix
+    if any(k.startswith(old) and not k.startswith(new) for k in source.tensors):
         source.tensors = {
-            (key_maps.CLIP_L_PREFIX + k[len(old):] if k.startswith(old) and not k.startswith(key_maps.CLIP_L_PREFIX)
-             else k): v
+            (new + k[len(old):] if k.startswith(old) and not k.startswith(new) else k): v
             for k, v in source.tensors.items()
         }
 
@@ -177,31 +185,33 @@ def _original_configs(family: ModelFamily, source: TensorSource) -> ModelConfigs
     """The family's configs at the size the file has, adjusted to the file's layout choices."""
     t = source.tensors
     conv_in_channels = t[key_maps.UNET_PREFIX + "input_blocks.0.0.weight"].shape[0]
-    if family.text_encoder_kind is TextEncoderKind.CLIP_L:
-        te_width = t[key_maps.CLIP_L_PREFIX + "embeddings.token_embedding.weight"].shape[1] \
-            if key_maps.CLIP_L_PREFIX + "embeddings.token_embedding.weight" in t else None
-    else:
-        te_width = t[key_maps.OPENCLIP_PREFIX + "token_embedding.weight"].shape[1] \
-            if key_maps.OPENCLIP_PREFIX + "token_embedding.weight" in t else None
+    te_widths = {slot.component: (t[token_embedding_key(slot)].shape[1] if token_embedding_key(slot) in t else None)
+                 for slot in family.text_encoders}
     for size in ModelSize:
         configs = family.configs(size)
-        if configs.unet["block_out_channels"][0] == conv_in_channels and te_width in (None, configs.text_encoder["hidden_size"]):
+        if configs.unet["block_out_channels"][0] == conv_in_channels and all(
+                width in (None, configs.text_encoders[c]["hidden_size"]) for c, width in te_widths.items()):
             break
     else:
+        widths = ", ".join(f"{c} width {w}" for c, w in te_widths.items())
         raise CheckpointError(f"{source.path}: unrecognised model width (UNet conv_in has {conv_in_channels} "
-                              f"channels, text encoder width {te_width}); expected a standard {family.description}")
+                              f"channels, {widths}); expected a standard {family.description}")
     unet = dict(configs.unet)
     proj_in = t.get(key_maps.UNET_PREFIX + "input_blocks.1.1.proj_in.weight")
     if proj_in is not None:
         # SD 2.x files store proj_in/proj_out as Linear, older conversions as 1x1 conv: follow the file so that
         # converting back gives the same tensors.
         unet["use_linear_projection"] = len(proj_in.shape) == 2
-    text_encoder = dict(configs.text_encoder)
-    if family.text_encoder_kind is TextEncoderKind.CLIP_L:
-        layers = _count_layers(t, key_maps.CLIP_L_PREFIX + "encoder.layers.")
-        text_encoder["num_hidden_layers"] = layers or text_encoder["num_hidden_layers"]
+    text_encoders = {}
+    for slot in family.text_encoders:
+        text_encoders[slot.component] = dict(configs.text_encoders[slot.component])
+        if slot.kind is TextEncoderKind.CLIP_L:
+            # Some SD 1.x merges drop the last layers (a baked-in clip skip): follow the file.
+            layers = _count_layers(t, slot.original_prefix + "encoder.layers.")
+            text_encoders[slot.component]["num_hidden_layers"] = layers or configs.text_encoders[slot.component][
+                "num_hidden_layers"]
     scheduler = dict(configs.scheduler)
-    return replace(configs, unet=unet, text_encoder=text_encoder, scheduler=scheduler)
+    return replace(configs, unet=unet, text_encoders=text_encoders, scheduler=scheduler)
 
 
 def _count_layers(tensors, prefix: str) -> int:
@@ -266,10 +276,11 @@ def _map_original_tensors(checkpoint: SDCheckpoint, source: TensorSource, *, ext
                 out[name] = LazyTensor(mapping.diffusers_shapes[i], lazy.dtype,
                                        _part_loader(mapping, lazy, i))
         checkpoint.tensors[component] = out
-    _raise_key_problems(source.path, missing, wrong_shape)
-    known_extras = set(key_maps.LDM_SCHEDULE_BUFFERS) | set(key_maps.CLIP_L_BUFFERS)
-    if checkpoint.family.text_encoder_kind is TextEncoderKind.OPENCLIP_H:
-        known_extras |= set(key_maps.openclip_extra_keys(checkpoint.configs.text_encoder["num_hidden_layers"]))
+    _raise_key_problems(source.path, missing, wrong_shape, checkpoint.family)
+    known_extras = set(key_maps.LDM_SCHEDULE_BUFFERS)
+    for slot in checkpoint.family.text_encoders:
+        layers = checkpoint.configs.text_encoders[slot.component]["num_hidden_layers"]
+        known_extras |= set(key_maps.text_encoder_extra_keys(slot, layers))
     unknown = []
     for key in sorted(set(tensors) - used):
         if key in known_extras or key.startswith("model_ema.") or (extract_ema and key.startswith(key_maps.UNET_PREFIX)):
@@ -292,24 +303,28 @@ def _listing(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _raise_key_problems(path: Path, missing: list[str], wrong_shape: list[str]) -> None:
+def _raise_key_problems(path: Path, missing: list[str], wrong_shape: list[str],
+                        family: ModelFamily | None = None) -> None:
+    detected = f"the detected family ({family.description})" if family else "the detected family"
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing: {_listing(missing)}. The file is "
-                              "incomplete or not a standard model of the detected family.")
+                              f"incomplete or not a standard model of {detected}.")
     if wrong_shape:
         raise CheckpointError(f"{path}: {len(wrong_shape)} tensor(s) with the wrong shape: "
-                              f"{_listing(wrong_shape, 4)}. The file does not match the detected family.")
+                              f"{_listing(wrong_shape, 4)}. The file does not match {detected}.")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Diffusers folders
 
-# Weight file names in the order diffusers / transformers look for them.
-_WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
-}
+def weight_files(component: str) -> tuple[str, str]:
+    """A component's weight file names in a diffusers folder, in the order diffusers / transformers look for them
+    (.safetensors, then .bin): diffusers models for "unet" / "vae", transformers models for the text encoders."""
+    if component in ("unet", "vae"):
+        return ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    return ("model.safetensors", "pytorch_model.bin")
+
+
 EXTRAS_FILE = "original_extras.safetensors"
 
 
@@ -329,8 +344,8 @@ def _load_json(path: Path) -> dict:
 
 def _read_diffusers(path: Path, hints: FamilyHints) -> SDCheckpoint:
     if not (path / "model_index.json").is_file():
-        weight_files = {name for names in _WEIGHT_FILES.values() for name in names}
-        if (path / "config.json").is_file() and any((path / name).is_file() for name in weight_files):
+        names = set(weight_files("unet") + weight_files("text_encoder"))
+        if (path / "config.json").is_file() and any((path / name).is_file() for name in names):
             what = "a single diffusers model (e.g. a VAE or UNet folder), not a whole pipeline"
             if (path.parent / "model_index.json").is_file():
                 what += f"; the pipeline is probably its parent folder {path.parent}"
@@ -339,33 +354,34 @@ def _read_diffusers(path: Path, hints: FamilyHints) -> SDCheckpoint:
         raise CheckpointError(f"{path}: {what}: there is no model_index.json. Point at the pipeline folder that "
                               "holds model_index.json, unet/, vae/ and text_encoder/, or at a .safetensors/.ckpt file.")
     index = _load_json(path / "model_index.json")
-    if index.get("_class_name") not in (None, "StableDiffusionPipeline"):
-        raise CheckpointError(f"{path}: model_index.json describes a {index.get('_class_name')}; only "
-                              "StableDiffusionPipeline folders (SD 1.x / 2.x) are supported")
-    configs = {}
-    for part, sub in (("unet", "unet/config.json"), ("vae", "vae/config.json"),
-                      ("text_encoder", "text_encoder/config.json"), ("scheduler", "scheduler/scheduler_config.json")):
+
+    def config(sub: str) -> dict:
         if not (path / sub).is_file():
             raise CheckpointError(f"{path}: missing {sub}; the diffusers folder is incomplete")
-        configs[part] = _load_json(path / sub)
-    arch = "sd2" if configs["text_encoder"].get("hidden_act") == "gelu" else "sd1"
+        return _strip_private(_load_json(path / sub))
+
+    arch = _diffusers_arch(path, index, config)
     _check_v2_hint(arch, hints, path)
-    declared = configs["scheduler"].get("prediction_type")
+    scheduler = config("scheduler/scheduler_config.json")
+    declared = scheduler.get("prediction_type")
     prediction = _resolve_prediction(PredictionType.parse(declared) if declared else None,
                                      "scheduler/scheduler_config.json", hints, path)
     family = family_for(arch, prediction)
-    cross = configs["unet"].get("cross_attention_dim")
-    if cross != configs["text_encoder"].get("hidden_size"):
+    text_encoders = {slot.component: config(f"{slot.component}/config.json") for slot in family.text_encoders}
+    unet = config("unet/config.json")
+    cross = unet.get("cross_attention_dim")
+    widths = [c.get("hidden_size") for c in text_encoders.values()]
+    if cross != sum(w or 0 for w in widths):
         raise CheckpointError(f"{path}: unet cross_attention_dim {cross} does not match the text encoder width "
-                              f"{configs['text_encoder'].get('hidden_size')}")
-    model_configs = _with_prediction(ModelConfigs(**{k: _strip_private(v) for k, v in configs.items()}), prediction)
+                              f"{' + '.join(map(str, widths))}")
+    model_configs = _with_prediction(ModelConfigs(unet=unet, vae=config("vae/config.json"), text_encoders=text_encoders,
+                                                  scheduler=scheduler), prediction)
     checkpoint = SDCheckpoint(family, prediction, model_configs, {}, source=path)
     try:
-        tables = checkpoint.tables()
-        for component in COMPONENTS:
+        for component, table in checkpoint.tables().items():
             source = _open_component(path / component, component)
             checkpoint._open.append(source)
-            checkpoint.tensors[component] = _validated_component(source, tables[component], component)
+            checkpoint.tensors[component] = _validated_component(source, table)
         if (path / EXTRAS_FILE).is_file():
             extras = open_tensor_file(path / EXTRAS_FILE)
             checkpoint._open.append(extras)
@@ -376,20 +392,42 @@ def _read_diffusers(path: Path, hints: FamilyHints) -> SDCheckpoint:
     return checkpoint
 
 
+_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+_SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+
+
+def _diffusers_arch(path: Path, index: dict, config) -> str:
+    """The architecture of a pipeline folder, from model_index.json (and SD 1.x / 2.x from the text encoder)."""
+    name = index.get("_class_name")
+
+    def present(component: str) -> bool:  # diffusers writes [null, null] for a component a pipeline does without
+        entry = index.get(component)
+        return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+    if name in _SDXL_PIPELINES:
+        if not present("text_encoder_2"):
+            raise CheckpointError(f"{path}: model_index.json describes a {name} without text_encoder_2; the folder "
+                                  "is incomplete")
+        return "sdxl" if present("text_encoder") else "sdxl-refiner"
+    if name not in (None, *_SD_PIPELINES):
+        raise CheckpointError(f"{path}: model_index.json describes a {name}; supported are "
+                              f"{', '.join(_SD_PIPELINES + _SDXL_PIPELINES)} folders (SD 1.x / 2.x / SDXL)")
+    return "sd2" if config("text_encoder/config.json").get("hidden_act") == "gelu" else "sd1"
+
+
 def _strip_private(config: dict) -> dict:
     # Keep "_class_name" (diffusers needs it) but drop bookkeeping such as "_diffusers_version", "_name_or_path".
     return {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
 
 
 def _open_component(folder: Path, component: str) -> TensorSource:
-    for name in _WEIGHT_FILES[component]:
+    for name in weight_files(component):
         if (folder / name).is_file():
             return open_tensor_file(folder / name)
     index_files = sorted(folder.glob("*.index.json"))
     if index_files:
         raise CheckpointError(f"{folder}: sharded weights ({index_files[0].name}) are not supported for SD 1.x/2.x "
                               "components; save the component unsharded")
-    raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(_WEIGHT_FILES[component])})")
+    raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(weight_files(component))})")
 
 
 # diffusers before 0.14 named the VAE attention projections differently; its own loader still renames them.
@@ -403,22 +441,30 @@ def _legacy_vae_name(key: str) -> str:
     return key
 
 
-def _validated_component(source: TensorSource, table: KeyTable, component: str) -> dict[str, LazyTensor]:
+def _text_model_name(key: str, expected: dict) -> str:
+    # transformers 4.x writes CLIPTextModel keys below `text_model.`, 5.x does not (CLIPTextModelWithProjection
+    # keeps the level in both); accept either spelling.
+    if key in expected:
+        return key
+    other = key[len("text_model."):] if key.startswith("text_model.") else "text_model." + key
+    return other if other in expected else key
+
+
+def _validated_component(source: TensorSource, table: KeyTable) -> dict[str, LazyTensor]:
+    """A diffusers folder's component tensors, checked against the component's key table."""
     tensors = source.tensors
-    if component == "vae":
-        tensors = {_legacy_vae_name(k): v for k, v in tensors.items()}
-    if component == "text_encoder":
-        # transformers 4.x writes `text_model.`-prefixed keys, 5.x does not; accept both.
-        tensors = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in tensors.items()}
-        tensors.pop("embeddings.position_ids", None)  # a buffer transformers recreates
     expected = {name: m.diffusers_shapes[i] for m in table.mappings for i, name in enumerate(m.diffusers)}
+    if table.component == "vae":
+        tensors = {_legacy_vae_name(k): v for k, v in tensors.items()}
+    elif table.component != "unet":
+        tensors = {_text_model_name(k, expected): v for k, v in tensors.items() if not k.endswith("position_ids")}
     missing = [k for k in expected if k not in tensors]
     wrong = [f"{k}: {tuple(tensors[k].shape)} (expected {expected[k]})" for k in expected
              if k in tensors and not shape_compatible(tensors[k].shape, expected[k])]
     _raise_key_problems(source.path, missing, wrong)
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
-        raise CheckpointError(f"{source.path}: {len(unknown)} unknown tensor(s) for this {component} config: "
+        raise CheckpointError(f"{source.path}: {len(unknown)} unknown tensor(s) for this {table.component} config: "
                               f"{_listing(unknown)}")
     return {k: _reshaped(tensors[k], expected[k], k) for k in expected}
 
@@ -427,6 +473,21 @@ def _reshaped(lazy: LazyTensor, shape: tuple[int, ...], name: str) -> LazyTensor
     if tuple(lazy.shape) == tuple(shape):
         return lazy
     return LazyTensor(shape, lazy.dtype, lambda: reshape_checked(lazy.load(), shape, name))
+
+
+SD_ARCHS = ("sd1", "sd2")
+
+
+def require_arch(checkpoint: SDCheckpoint, tool: str, archs: tuple[str, ...] = SD_ARCHS) -> None:
+    """Refuse, by name, a model a tool does not handle (yet): e.g. SDXL in a tool made for SD 1.x / 2.x. Closes the
+    checkpoint's files before raising."""
+    if checkpoint.family.arch in archs:
+        return
+    checkpoint.close()
+    handled = " / ".join(_ARCH_NAMES[a].split(" (")[0].removeprefix("an ").removesuffix(" model") for a in archs)
+    raise CheckpointError(f"{checkpoint.source or 'the model'}: this is {_ARCH_NAMES[checkpoint.family.arch]}; "
+                          f"{tool} handles {handled} models and does not support it yet. "
+                          "(tools/convert_diffusers20_original_sd.py and tools/merge_models.py do.)")
 
 
 def family_by_name(name: str) -> ModelFamily:

@@ -5,7 +5,9 @@ cut into n windows of 75, each encoded as `<BOS> 75 tokens <EOS or PAD>` (77, wh
 outputs are joined back as `<BOS> n*75 middle states <last EOS/PAD>`: a sequence of 75*n + 2 states.
 
 `--clip_skip n` conditions on the n-th hidden state from the end, passed through the final layer norm (n = 1 is
-the normal output). Note diffusers' `clip_skip` argument counts one lower (its 1 is kohya's 2).
+the normal output). Note diffusers' `clip_skip` argument counts one lower (its 1 is kohya's 2). SDXL conditions on
+the penultimate hidden state *without* the final layer norm (`final_norm=False`), and on the second encoder's
+projected pooled output (`encode_with_pooled`).
 """
 
 from __future__ import annotations
@@ -55,22 +57,35 @@ def tokenize(tokenizer, captions: list[str], max_token_length: int | None = None
     return torch.stack(chunks, dim=1)
 
 
-def encode(text_encoder, input_ids: torch.Tensor, *, clip_skip: int | None = None) -> torch.Tensor:
-    """Conditioning [B, 75*n + 2, D] from token ids [B, n, 77]."""
+def encode(text_encoder, input_ids: torch.Tensor, *, clip_skip: int | None = None,
+           final_norm: bool = True) -> torch.Tensor:
+    """Conditioning [B, 75*n + 2, D] from token ids [B, n, 77]: the `clip_skip`-th hidden state from the end
+    (None: the last), through the final layer norm unless `final_norm` is False."""
+    return encode_with_pooled(text_encoder, input_ids, clip_skip=clip_skip, final_norm=final_norm)[0]
+
+
+def encode_with_pooled(text_encoder, input_ids: torch.Tensor, *, clip_skip: int | None = None,
+                       final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`encode`'s conditioning, and the encoder's projected pooled output of each caption's first window [B, P]
+    (kohya and diffusers pool the first window of a long prompt) if the encoder has a projection, else None."""
     b, n, length = input_ids.shape
     flat = input_ids.reshape(b * n, length).to(text_encoder.device)
-    if clip_skip is None or clip_skip <= 1:
-        states = text_encoder(flat).last_hidden_state
-    else:
-        out = text_encoder(flat, output_hidden_states=True)
+    skip = clip_skip if clip_skip and clip_skip > 1 else 1
+    out = text_encoder(flat, output_hidden_states=skip > 1 or not final_norm)
+    if skip == 1 and final_norm:
+        states = out.last_hidden_state
+    elif final_norm:
         # transformers 5 CLIPTextModel exposes final_layer_norm directly (4.x had it under .text_model).
         norm = getattr(text_encoder, "final_layer_norm", None) or text_encoder.text_model.final_layer_norm
-        states = norm(out.hidden_states[-clip_skip])
+        states = norm(out.hidden_states[-skip])
+    else:
+        states = out.hidden_states[-skip]
+    pooled = out.text_embeds.reshape(b, n, -1)[:, 0] if hasattr(out, "text_embeds") else None
     states = states.reshape(b, n, length, -1)
     if n == 1:
-        return states[:, 0]
+        return states[:, 0], pooled
     middle = [states[:, i, 1:-1] for i in range(n)]
-    return torch.cat([states[:, 0, :1], *middle, states[:, -1, -1:]], dim=1)
+    return torch.cat([states[:, 0, :1], *middle, states[:, -1, -1:]], dim=1), pooled
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,7 +153,11 @@ def encode_weighted(text_encoder, input_ids: torch.Tensor, weights: torch.Tensor
                     clip_skip: int | None = None) -> torch.Tensor:
     """Conditioning with per-token emphasis, as WebUI computes it: the hidden states are scaled by their token's
     weight, then the whole is rescaled so its mean equals the unweighted mean."""
-    states = encode(text_encoder, input_ids, clip_skip=clip_skip)
+    return apply_weights(encode(text_encoder, input_ids, clip_skip=clip_skip), weights)
+
+
+def apply_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`encode_weighted`'s emphasis on already encoded states [B, 75*n + 2, D], weights [B, n, 77]."""
     b, n, length = weights.shape
     if n == 1:
         flat = weights[:, 0]

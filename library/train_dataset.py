@@ -28,6 +28,7 @@ from library.buckets import (BucketAssigner, BucketBatchSampler, CropPlan, Image
 from library.captions import process_caption
 from library.dataset_sources import ConditioningUse, ImageRecord
 from library.images import load_image
+from library.text_conditioning import SizeConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,12 @@ class TrainingDataset(torch.utils.data.Dataset):
         return plan_resize_and_crop(item.record.size, self._choices[item.cache_id],
                                     random_crop=item.record.subset.random_crop, rng=rng)
 
+    def sample_plan(self, item: Item, key: SampleKey | None) -> CropPlan:
+        """The resize and crop of one sample: a random crop is drawn from the sample's own stream, so the photo,
+        its mask, its conditioning image and its size conditioning all get the same one."""
+        random_crop = item.record.subset.random_crop and key is not None
+        return self.plan(item, _rng(self.seed, "crop", key.epoch, key.index) if random_crop else None)
+
     def mask_source(self, item: Item) -> Path | None:
         """The image whose R channel is the item's loss mask (--masked_loss), if any."""
         return item.record.conditioning if self.conditioning_use is ConditioningUse.LOSS_MASK else None
@@ -125,7 +132,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         item = self.items[key.index]
         subset = item.record.subset
         flip = self.flips(item, key)
-        out = {"loss_weight": item.loss_weight, "path": str(item.record.path), "slot": key.slot}
+        out = {"loss_weight": item.loss_weight, "path": str(item.record.path), "slot": key.slot,
+               "size": size_conditioning(self.sample_plan(item, key), flip)}
         if self.latent_cache is not None:
             out["latents"] = self.latent_cache.get(item, flip)
             mask = self.latent_cache.get_mask(item, flip)
@@ -145,8 +153,7 @@ class TrainingDataset(torch.utils.data.Dataset):
     def load_pixels(self, item: Item, key: SampleKey | None, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pixels [3, H, W] of the item's bucket size (and its alpha mask [1, H, W] through the same crop plan)."""
         subset = item.record.subset
-        rng = _rng(self.seed, "crop", key.epoch, key.index) if subset.random_crop and key else None
-        plan = self.plan(item, rng)
+        plan = self.sample_plan(item, key)
         loaded = load_image(item.record.path, want_alpha=subset.alpha_mask)
         image = apply_plan_to_image(loaded.rgb, plan)
         if subset.color_aug and key is not None:
@@ -169,9 +176,7 @@ class TrainingDataset(torch.utils.data.Dataset):
     def load_control(self, item: Item, key: SampleKey | None, flip: bool) -> torch.Tensor:
         """The ControlNet conditioning image [3, H, W] in 0..1 (not normalised to -1..1: ControlNet takes it so),
         through exactly the photo's resize, crop and flip (the same plan, from the same random stream)."""
-        subset = item.record.subset
-        rng = _rng(self.seed, "crop", key.epoch, key.index) if subset.random_crop and key else None
-        array = np.asarray(self._companion(item, self.plan(item, rng)), dtype=np.float32) / 255.0
+        array = np.asarray(self._companion(item, self.sample_plan(item, key)), dtype=np.float32) / 255.0
         control = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         return control.flip(-1) if flip else control
 
@@ -218,9 +223,19 @@ def color_augment(image: Image.Image, rng: random.Random) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values ** gamma * 255.0), 0, 255).astype(np.uint8), "RGB")
 
 
+def size_conditioning(plan: CropPlan, flip: bool) -> SizeConditioning:
+    """SDXL's size/crop conditioning of a sample: the image's original size, the top-left corner of the crop in the
+    resized image, and the bucket; with a horizontal flip the crop's left edge is measured in the flipped image
+    (kohya does the same), so the ids describe the pixels the model actually sees."""
+    (width, height), (resized_w, _), (bucket_w, bucket_h) = plan.source_size, plan.resized_size, plan.bucket
+    left = resized_w - plan.crop_left - bucket_w if flip else plan.crop_left
+    return SizeConditioning(original_size=(height, width), crop_top_left=(plan.crop_top, left),
+                            target_size=(bucket_h, bucket_w))
+
+
 def collate(samples: list[dict]) -> dict:
     batch = {"caption": [s["caption"] for s in samples], "path": [s["path"] for s in samples],
-             "slot": [s["slot"] for s in samples],
+             "slot": [s["slot"] for s in samples], "sizes": [s["size"] for s in samples],
              "loss_weight": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32)}
     for key in ("latents", "pixels", "mask", "control"):
         if key in samples[0]:

@@ -208,11 +208,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # One step
 
-    def _conditioning(self, captions: list[str]) -> TextConditioning:
+    def _conditioning(self, batch: dict) -> TextConditioning:
         # Under autocast like the U-Net: the frozen text encoder may be half precision while its LoRA (or the
-        # whole encoder, train_db) trains in fp32; kohya runs it the same way.
+        # whole encoder, train_db) trains in fp32; kohya runs it the same way. Each sample's size and crop go along
+        # (SDXL conditions on them; other families' conditioners ignore them).
         with torch.set_grad_enabled(self.task.train_text_encoder), self.accelerator.autocast():
-            return self.text_conditioner(captions)
+            return self.text_conditioner(batch["caption"], batch["sizes"])
 
     def _latents(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
         if "latents" in batch:
@@ -228,7 +229,7 @@ class Trainer:
     def _loss(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
         device = self.accelerator.device
         latents = self._latents(batch, generators).to(device)
-        cond = self._conditioning(batch["caption"])
+        cond = self._conditioning(batch)
         noised = self.objective.noised(latents, generators)
         denoise = getattr(self.task, "denoise", None)
         with self.accelerator.autocast():

@@ -27,9 +27,9 @@ from library.latent_cache import CacheSettings, LatentCache
 from library.model_loading import SDModels, instantiate_models, replace_vae
 from library.optimizers import OptimizerConfig, build_optimizer, build_scheduler, optimizer_class
 from library.precision import Precision, check_device_supports, precision_policy
-from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint
+from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint, require_arch
 from library.tensor_files import CheckpointError
-from library.text_conditioning import CaptionEncoding, TextConditioner
+from library.text_conditioning import CaptionEncoding, TextConditioner, conditioner_for
 from library.train_dataset import EpochBatches, TrainingDataset
 from library.training_loop import LoopConfig, Trainer
 
@@ -77,6 +77,7 @@ def open_base_model(args: argparse.Namespace) -> SDCheckpoint:
     hints = FamilyHints(v2=True if args.v2 else None, v_parameterization=args.v_parameterization)
     checkpoint = read_checkpoint(args.pretrained_model_name_or_path, hints,
                                  allow_unsafe_pickle=args.allow_unsafe_pickle)
+    require_arch(checkpoint, "this trainer")
     try:
         if args.vae:
             replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
@@ -105,7 +106,7 @@ def load_models(args: argparse.Namespace, checkpoint: SDCheckpoint, accelerator)
     with checkpoint:
         models = instantiate_models(checkpoint, dtype=precision.weight_dtype,
                                     component_dtypes={"vae": precision.vae_dtype})
-    for model in (models.unet, models.text_encoder, models.vae):
+    for model in (models.unet, models.vae, *models.text_encoders):
         model.to(accelerator.device).requires_grad_(False)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
@@ -241,7 +242,7 @@ def text_conditioner(args: argparse.Namespace, models: SDModels, *, pad_to_longe
     --no_token_padding)."""
     encoding = CaptionEncoding(max_token_length=args.max_token_length, clip_skip=args.clip_skip,
                                weighted=args.weighted_captions, pad_to_longest=pad_to_longest)
-    return TextConditioner([models.tokenizer], [models.text_encoder], encoding)
+    return conditioner_for(models.family, models.tokenizers, models.text_encoders, encoding)
 
 
 def load_sample_prompts(args: argparse.Namespace, family) -> list:
@@ -266,8 +267,8 @@ def make_sampler(args: argparse.Namespace, prompts: list, models: SDModels, star
     try:
         return TrainingSampler(
             prompts, models=models, default_sampler=args.sample_sampler, prediction_type=models.prediction_type.value,
-            output_dir=start.output_dir, output_name=start.output_name, seed=start.seed, clip_skip=args.clip_skip,
-            max_token_length=args.max_token_length, vae_scale_factor=models.family.vae_scale_factor,
+            output_dir=start.output_dir, output_name=start.output_name, seed=start.seed,
+            encoding=CaptionEncoding(max_token_length=args.max_token_length, clip_skip=args.clip_skip),
             zero_terminal_snr=args.zero_terminal_snr, model_name=Path(args.pretrained_model_name_or_path).stem)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 from library.atomic_files import check_writable_output  # noqa: E402
 from library.checkpoint_writer import modelspec_keys, parse_save_precision  # noqa: E402
 from library.families import PredictionType  # noqa: E402
-from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint  # noqa: E402
+from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint, require_arch  # noqa: E402
 from networks.lora_checkpoint import check_same_structure, lora_layers, weight_difference  # noqa: E402
 from networks.lora_files import (LoRAFactors, LoRAFileError, check_lora_output_path, lora_metadata,  # noqa: E402
                                  write_lora_file)
@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> Path:
     hints = FamilyHints(v2=True if args.v2 else None, v_parameterization=args.v_parameterization)
     with read_checkpoint(args.model_org, hints) as original, read_checkpoint(args.model_tuned, hints) as tuned:
         logger.info("%s: %s", args.model_org, original.family.description)
+        require_arch(original, "extract_lora_from_models.py")
         check_same_structure(original, tuned, (args.model_org, args.model_tuned))
         modules = extract(original, tuned, dim=args.dim, conv_dim=args.conv_dim, clamp_quantile=args.clamp_quantile,
                           min_diff=args.min_diff, load_dtype=parse_save_precision(args.load_precision),

@@ -33,13 +33,15 @@ class LoRALayer:
 def lora_layers(checkpoint: SDCheckpoint, *, conv: bool = True) -> dict[str, LoRALayer]:
     """LoRA module name -> the checkpoint weight it changes. `conv` includes the ResNet / sampler layers (LoCon)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
+    from library.model_loading import new_text_encoder
+
+    (slot,) = checkpoint.family.text_encoders  # the LoRA tools handle one-encoder families (SD 1.x / 2.x)
     with torch.device("meta"):  # structure only
         unet = UNet2DConditionModel.from_config(checkpoint.configs.unet)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**checkpoint.configs.text_encoder))
+        text_encoder = new_text_encoder(slot.kind, checkpoint.configs.text_encoders[slot.component])
     layers = {}
-    for component, model, targets in zip(("text_encoder", "unet"), (text_encoder, unet),
+    for component, model, targets in zip((slot.component, "unet"), (text_encoder, unet),
                                          lora_targets(text_encoder, unet, conv=conv)):
         paths = {id(module): path for path, module in model.named_modules()}
         tensors = checkpoint.tensors[component]
@@ -133,7 +135,9 @@ def check_same_structure(original: SDCheckpoint, tuned: SDCheckpoint, names: tup
     if original.family.arch != tuned.family.arch:
         raise LoRAFileError(f"{names[0]} is a {original.family.description} but {names[1]} is a "
                             f"{tuned.family.description}: models of different families cannot be combined")
-    for component in ("unet", "text_encoder"):
+    for component in original.family.components:
+        if component == "vae":
+            continue
         a, b = original.tensors[component], tuned.tensors[component]
         wrong = sorted(k for k in a if k in b and not shapes_fit(a[k].shape, b[k].shape))
         missing = sorted(set(a) ^ set(b))

@@ -36,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 
 from library.atomic_files import check_writable_output  # noqa: E402
 from library.checkpoint_writer import SAVE_DTYPES, SaveFormat, parse_save_precision, save_checkpoint  # noqa: E402
-from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
+from library.sd_checkpoint import FamilyHints, read_checkpoint, require_arch  # noqa: E402
 from networks.lora_checkpoint import merge_into_checkpoint  # noqa: E402
 from networks.lora_files import (LoRAFactors, LoRAFile, LoRAFileError, check_lora_output_path,  # noqa: E402
                                  check_same_layers, identity_metadata, lora_metadata, read_lora_files, short_list,
@@ -84,6 +84,7 @@ def merge_into_model(args: argparse.Namespace) -> Path:
     save_dtype = parse_save_precision(args.save_precision) or merge_dtype
     with read_checkpoint(args.sd_model, FamilyHints(v2=True if args.v2 else None)) as checkpoint:
         logger.info("%s: %s", args.sd_model, checkpoint.family.description)
+        require_arch(checkpoint, "merge_lora.py")
         merged = merge_into_checkpoint(checkpoint, list(zip(loras, ratios)), merge_dtype)
         base_title = checkpoint.metadata.get("modelspec.title") or Path(args.sd_model).stem
         metadata = None if args.no_metadata else {

@@ -382,6 +382,9 @@ def test_wrong_tensor_shape_in_a_diffusers_folder(tmp_path, tiny_files):
      ["--v_parameterization was given", "modelspec.prediction_type", "epsilon", "Remove the flag"]),
     ("sd2-512", "diffusers_safetensors", FamilyHints(v_parameterization=True),
      ["--v_parameterization was given", "scheduler/scheduler_config.json", "epsilon", "Remove the flag"]),
+    ("sdxl", "safetensors", FamilyHints(v2=True), ["--v2 was given", "SDXL base", "Remove --v2"]),
+    ("sdxl", "diffusers", FamilyHints(v2=False), ["--v1 was given", "SDXL base", "Remove --v1"]),
+    ("sdxl-refiner", "safetensors", FamilyHints(v2=True), ["--v2 was given", "SDXL refiner", "Remove --v2"]),
 ])
 def test_family_hint_contradicting_the_weights(tiny_files, family, fmt, hints, needles):
     path = tiny_files[family][fmt]
@@ -547,24 +550,59 @@ def test_json_config_that_is_not_an_object(tmp_path, tiny_files, capsys):
 # 14. Other model types passed as an SD model
 
 
-def test_sdxl_original_file(tmp_path, capsys):
-    path = tmp_path / "sdxl_like.safetensors"
-    save_tensors(path, {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4),
-                        "conditioner.embedders.1.model.ln_final.weight": torch.ones(4),
-                        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)})
-    raises_naming(CheckpointError, lambda: read_checkpoint(path), "sdxl_like.safetensors", "SDXL",
-                  "not supported yet")
+def test_incomplete_sdxl_file(tmp_path, capsys, tiny_files):
+    with SafetensorsReader(tiny_files["sdxl"]["safetensors"]) as reader:
+        tensors = {k: reader.read(k) for k in reader.keys()
+                   if not k.startswith("conditioner.embedders.1.model.transformer.resblocks.1.")}
+    path = tmp_path / "sdxl_part.safetensors"
+    save_tensors(path, tensors)
+    raises_naming(CheckpointError, lambda: read_checkpoint(path), "sdxl_part.safetensors", "missing",
+                  "conditioner.embedders.1.model.transformer.resblocks.1.", "Stable Diffusion XL base")
     err = convert_fails(capsys, path, out=tmp_path / "out_folder", existing=False)
-    assert "SDXL is not supported yet" in err
+    assert "missing" in err
 
 
-def test_sdxl_diffusers_folder(tmp_path, tiny_files):
+def test_sdxl_pipeline_folder_without_its_second_text_encoder(tmp_path, tiny_files):
     folder = linked_copy(tiny_files["sd1"]["diffusers_safetensors"], tmp_path / "pipeline")
     index = json.loads((folder / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionXLPipeline"
     replace_file(folder / "model_index.json", json.dumps(index))
     raises_naming(CheckpointError, lambda: read_checkpoint(folder), "model_index.json", "StableDiffusionXLPipeline",
-                  "only StableDiffusionPipeline")
+                  "without text_encoder_2")
+
+
+def test_unknown_pipeline_folder(tmp_path, tiny_files):
+    folder = linked_copy(tiny_files["sd1"]["diffusers_safetensors"], tmp_path / "pipeline")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "FluxPipeline"
+    replace_file(folder / "model_index.json", json.dumps(index))
+    raises_naming(CheckpointError, lambda: read_checkpoint(folder), "model_index.json", "FluxPipeline",
+                  "StableDiffusionXLPipeline")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_sdxl_model_in_a_tool_for_sd_models(tmp_path, capsys, tiny_files, family):
+    """Tools not (yet) made for SDXL refuse it by name before any work, rather than failing on a key."""
+    import gen_img
+    from networks import merge_lora
+
+    model = tiny_files[family]["safetensors"]
+    with pytest.raises(SystemExit) as info:
+        gen_img.main(["--ckpt", str(model), "--outdir", str(tmp_path / "images"), "--prompt", "a cat",
+                      "--steps", "1", "--W", "64", "--H", "64"])
+    err = str(info.value.code)
+    assert err.startswith("error:") and model.name in err and "SDXL" in err and "gen_img.py" in err
+    assert "not support it yet" in err
+    capsys.readouterr()
+    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+    lora = tmp_path / "lora.safetensors"
+    save_tensors(lora, {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 64),
+                        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(64, 4),
+                        "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0)})
+    assert merge_lora.main(["--sd_model", str(model), "--models", str(lora),
+                            "--save_to", str(tmp_path / "merged.safetensors")]) == 2
+    assert "merge_lora.py handles SD 1.x / SD 2.x models" in capsys.readouterr().err
+    assert not (tmp_path / "merged.safetensors").exists()
 
 
 LORAS = {

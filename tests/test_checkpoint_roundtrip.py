@@ -53,8 +53,9 @@ def original_file_tensors(path):
 def test_key_tables_are_complete_and_one_to_one(family_name, size):
     family = FAMILIES[family_name]
     configs = family.configs(size)
-    for component in ("unet", "vae", "text_encoder"):
-        table = key_table(component, getattr(configs, component), family.text_encoder_kind)
+    slots = {slot.component: slot for slot in family.text_encoders}
+    for component in family.components:
+        table = key_table(component, configs.of(component), slots.get(component))
         originals = [m.original for m in table.mappings]
         diffusers = [name for m in table.mappings for name in m.diffusers]
         assert len(set(originals)) == len(originals)
@@ -65,18 +66,19 @@ def test_sd15_key_count_matches_the_published_checkpoint():
     # The widely used v1-5-pruned-emaonly.safetensors holds 1,131 tensors: 686 UNet + 248 VAE + 196 CLIP
     # + the CLIP position_ids buffer.
     configs = SD1.configs()
-    counts = [len(key_table(c, getattr(configs, c), SD1.text_encoder_kind).mappings)
-              for c in ("unet", "vae", "text_encoder")]
+    (slot,) = SD1.text_encoders
+    counts = [len(key_table(c, configs.of(c), slot).mappings) for c in ("unet", "vae", "text_encoder")]
     assert counts == [686, 248, 196]
-    assert sum(counts) + len(key_maps.CLIP_L_BUFFERS) == 1131
+    assert sum(counts) + len(key_maps.text_encoder_extra_keys(slot, 12)) == 1131  # the position_ids buffer
 
 
 def test_key_table_names_follow_the_ldm_layout():
     configs = SD2_512.configs()
     unet = key_table("unet", configs.unet).by_diffusers()
     vae = key_table("vae", configs.vae).by_diffusers()
-    te = key_table("text_encoder", configs.text_encoder, SD2_512.text_encoder_kind).by_diffusers()
-    P, V, O = key_maps.UNET_PREFIX, key_maps.VAE_PREFIX, key_maps.OPENCLIP_PREFIX
+    (slot,) = SD2_512.text_encoders
+    te = key_table("text_encoder", configs.of("text_encoder"), slot).by_diffusers()
+    P, V, O = key_maps.UNET_PREFIX, key_maps.VAE_PREFIX, "cond_stage_model.model."
     expected = [
         (unet, "down_blocks.1.resnets.0.conv_shortcut.weight", P + "input_blocks.4.0.skip_connection.weight"),
         (unet, "down_blocks.2.downsamplers.0.conv.weight", P + "input_blocks.9.0.op.weight"),
@@ -168,14 +170,13 @@ def test_save_precision_casts_weights_and_keeps_schedule_buffers(tiny_files, tmp
 @pytest.mark.parametrize("family_name", FAMILY_NAMES)
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
 def test_diffusers_from_single_file_reads_our_file(family_name, fmt, tiny_files, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
+    family = FAMILIES[family_name]
     with read_checkpoint(tiny_files[family_name]["diffusers_safetensors"]) as source:
         config_dir = tmp_path / "config"
         write_config_folder(source, config_dir)
-        pipe = StableDiffusionPipeline.from_single_file(str(tiny_files[family_name][fmt]), config=str(config_dir),
-                                                        local_files_only=True)
-        for component in ("unet", "vae", "text_encoder"):
+        pipe = pipeline_class(family).from_single_file(str(tiny_files[family_name][fmt]), config=str(config_dir),
+                                                       local_files_only=True)
+        for component in family.components:
             loaded = getattr(pipe, component).state_dict()
             loaded.pop("embeddings.position_ids", None)
             expected = source.tensors[component]
@@ -183,6 +184,13 @@ def test_diffusers_from_single_file_reads_our_file(family_name, fmt, tiny_files,
             for key, lazy in expected.items():
                 assert torch.equal(loaded[key], lazy.load()), f"{component}.{key}"
     assert pipe.scheduler.config.prediction_type == FAMILIES[family_name].prediction_type.value
+
+
+def pipeline_class(family):
+    """diffusers' pipeline class of a family (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)."""
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_class)
 
 
 def test_diffusers_reads_sd2_file_written_without_original_extras(tmp_path):
@@ -195,7 +203,7 @@ def test_diffusers_reads_sd2_file_written_without_original_extras(tmp_path):
     checkpoint = tiny_checkpoint(SD2_512, with_original_extras=False)
     path = save_checkpoint(checkpoint, tmp_path / "sd2.safetensors", SaveFormat.SAFETENSORS)
     keys = set(original_file_tensors(path))
-    assert key_maps.OPENCLIP_PREFIX + "text_projection" not in keys
+    assert "cond_stage_model.model.text_projection" not in keys
     assert not any(".resblocks.2." in k for k in keys)  # the tiny diffusers encoder has layers 0 and 1
     write_config_folder(checkpoint, tmp_path / "config")
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(tmp_path / "config"), local_files_only=True)
@@ -207,19 +215,19 @@ def test_diffusers_reads_sd2_file_written_without_original_extras(tmp_path):
 
 @pytest.mark.parametrize("family_name", FAMILY_NAMES)
 def test_diffusers_from_pretrained_reads_our_folder(family_name, tiny_checkpoints, tiny_files):
-    from diffusers import StableDiffusionPipeline
-
+    family = FAMILIES[family_name]
     folder = tiny_files[family_name]["diffusers_safetensors"]
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe = pipeline_class(family).from_pretrained(str(folder), local_files_only=True)
     expected = tiny_checkpoints[family_name]
-    for component in ("unet", "vae", "text_encoder"):
+    for component in family.components:
         loaded = getattr(pipe, component).state_dict()
         loaded.pop("embeddings.position_ids", None)
         assert loaded.keys() == expected.tensors[component].keys()
         for key, lazy in expected.tensors[component].items():
             assert torch.equal(loaded[key], lazy.load()), f"{component}.{key}"
-    assert pipe.scheduler.config.prediction_type == FAMILIES[family_name].prediction_type.value
-    assert pipe.tokenizer.pad_token_id == (0 if FAMILIES[family_name].is_v2 else 49407)
+    assert pipe.scheduler.config.prediction_type == family.prediction_type.value
+    for slot in family.text_encoders:  # OpenCLIP-trained encoders pad with "!" (id 0), CLIP ViT-L with EOS
+        assert getattr(pipe, slot.tokenizer).pad_token_id == (0 if slot.kind.openclip_layout else 49407)
 
 
 def test_diffusers_text_encoder_keys_carry_the_text_model_prefix(tiny_files):
@@ -238,7 +246,7 @@ def test_sd2_original_extras_live_beside_the_diffusers_models(tiny_files):
     folder = tiny_files["sd2-512"]["diffusers_safetensors"]
     with SafetensorsReader(folder / EXTRAS_FILE) as reader:
         names = set(reader.keys())
-    assert names == set(key_maps.openclip_extra_keys(2))
+    assert names == set(key_maps.text_encoder_extra_keys(SD2_512.text_encoders[0], 2))
     assert not (tiny_files["sd1"]["diffusers_safetensors"] / EXTRAS_FILE).exists()
 
 
@@ -281,7 +289,7 @@ def test_old_clip_layout_and_position_ids_are_accepted(tiny_files, tmp_path):
         assert checkpoint.family is SD1
         out = save_checkpoint(checkpoint, tmp_path / "new.safetensors", SaveFormat.SAFETENSORS)
     new = original_file_tensors(out)
-    assert set(new) == set(tensors) | set(key_maps.CLIP_L_BUFFERS)
+    assert set(new) == set(tensors) | {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
 
 
 def test_linear_projection_option_reshapes_conv_projections(tiny_files, tmp_path):

@@ -69,3 +69,40 @@ def test_conditioning_with_another_aspect_ratio_is_refused(tmp_path):
                               seed=0)
     with pytest.raises(ValueError, match="mask/a.png.*aspect ratio"):
         dataset[SampleKey(1, 0, 0)]
+
+
+@pytest.mark.parametrize("random_crop", [False, True])
+def test_size_conditioning_describes_the_pixels_the_model_sees(tmp_path, random_crop):
+    """SDXL's original size / crop / target ids of each sample, checked against the sample's pixels: a picture whose
+    red channel ramps left to right and green top to bottom says where each pixel came from. With a flip the crop
+    is measured in the flipped picture (kohya's rule), so the ids always describe what the model sees."""
+    folder = tmp_path / "img"
+    folder.mkdir()
+    width, height = 192, 96
+    xs, ys = np.meshgrid(np.arange(width), np.arange(height))
+    picture = np.stack([(xs + 0.5) / width * 255, (ys + 0.5) / height * 255, np.zeros_like(xs)], axis=-1)
+    Image.fromarray(np.round(picture).astype(np.uint8)).save(folder / "ramp.png")
+    records, _ = scan_subset(Subset(image_dir=folder, flip_aug=True, random_crop=random_crop))
+    assigner = BucketAssigner(BucketConfig(resolution=(64, 64), enable_bucket=True, min_bucket_reso=32,
+                                           max_bucket_reso=128, bucket_reso_steps=32))
+    dataset = TrainingDataset([DatasetGroup([(r, 1) for r in records], assigner, 1)], seed=5)
+    seen = set()
+    for epoch in range(1, 9):
+        sample = dataset[SampleKey(epoch, 0, 0)]
+        size, pixels = sample["size"], sample["pixels"] * 127.5 + 127.5
+        target_h, target_w = pixels.shape[1:]
+        assert size.original_size == (height, width) and size.target_size == (target_h, target_w)
+        scale = max(target_w / width, target_h / height)  # resized to cover the bucket, then cropped
+        top, left = size.crop_top_left
+        flipped = dataset.flips(dataset.items[0], SampleKey(epoch, 0, 0))
+        seen.add((flipped, left))
+        for j in (0, target_w // 2, target_w - 1):
+            x = (left + j + 0.5) / scale  # where column j is in the (flipped) picture
+            expected = (width - x if flipped else x) / width * 255
+            assert abs(pixels[0, :, j].mean().item() - expected) < 4, (epoch, j, flipped)  # resampling blur
+        for i in (0, target_h - 1):
+            y = (top + i + 0.5) / scale
+            assert abs(pixels[1, i, :].mean().item() - y / height * 255) < 4, (epoch, i)
+    assert any(f for f, _ in seen) and any(not f for f, _ in seen)  # both orientations were checked
+    if random_crop:
+        assert len({left for _, left in seen}) > 2  # and several crops

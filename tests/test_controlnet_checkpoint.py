@@ -9,14 +9,13 @@ import json
 import pytest
 import torch
 
-from library.controlnet_checkpoint import (CONTROL_PREFIX, ControlNetCheckpoint, ControlNetFormatError,
+from library.controlnet_checkpoint import (CONTROL_PREFIX, CONTROLNET_FAMILIES, ControlNetCheckpoint, ControlNetFormatError,
                                            controlnet_checkpoint, controlnet_config_for_family, controlnet_key_table,
                                            load_controlnet, read_controlnet, save_controlnet,
                                            save_controlnet_diffusers, save_controlnet_original)
 from library.families import FAMILIES, SD1, SD2_512, SD2_768_V, ModelSize
 from library.safetensors_io import SafetensorsReader, save_tensors
 from library.tensor_files import CheckpointError, LazyTensor
-from tests.conftest import FAMILY_NAMES
 from tools import convert_controlnet
 
 
@@ -29,7 +28,7 @@ def tiny_controlnets():
     from library.tiny_models import build_tiny_models
 
     out = {}
-    for i, (name, family) in enumerate(FAMILIES.items()):
+    for i, (name, family) in enumerate(CONTROLNET_FAMILIES.items()):
         model = ControlNetModel.from_unet(build_tiny_models(family, seed=i).unet)
         generator = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
@@ -80,7 +79,7 @@ def model_keys(config: dict) -> set[str]:
 # Key table and configs
 
 
-@pytest.mark.parametrize("family_name", FAMILY_NAMES)
+@pytest.mark.parametrize("family_name", list(CONTROLNET_FAMILIES))
 @pytest.mark.parametrize("size", list(ModelSize))
 def test_key_table_covers_every_controlnet_key_one_to_one(family_name, size):
     config = controlnet_config_for_family(FAMILIES[family_name], size)
@@ -93,7 +92,7 @@ def test_key_table_covers_every_controlnet_key_one_to_one(family_name, size):
     assert len(table.by_original()) == len(table.by_diffusers()) == len(table.mappings)
 
 
-@pytest.mark.parametrize("family_name", FAMILY_NAMES)
+@pytest.mark.parametrize("family_name", list(CONTROLNET_FAMILIES))
 def test_key_table_agrees_with_diffusers_converter(family_name):
     """diffusers' own original -> diffusers converter (fed names instead of tensors, so full size costs nothing)
     sends every original key of our table to the same diffusers key."""
@@ -130,7 +129,7 @@ def test_key_table_names_follow_the_original_release():
         assert table[name].original == CONTROL_PREFIX + original, name
 
 
-@pytest.mark.parametrize("family_name", FAMILY_NAMES)
+@pytest.mark.parametrize("family_name", list(CONTROLNET_FAMILIES))
 def test_family_config_is_what_from_unet_builds(family_name):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
@@ -148,7 +147,7 @@ def test_family_config_is_what_from_unet_builds(family_name):
 # Round trips
 
 
-@pytest.mark.parametrize("family_name", FAMILY_NAMES)
+@pytest.mark.parametrize("family_name", list(CONTROLNET_FAMILIES))
 def test_diffusers_original_diffusers_is_bit_exact(family_name, tiny_files, tmp_path):
     folder = tiny_files[family_name]["diffusers"]
     with read_controlnet(folder) as checkpoint:
@@ -184,7 +183,7 @@ def test_original_diffusers_original_is_bit_exact(family_name, dtype, variant, t
     assert_same(expected, file_tensors(back_pth))
 
 
-@pytest.mark.parametrize("family_name", FAMILY_NAMES)
+@pytest.mark.parametrize("family_name", list(CONTROLNET_FAMILIES))
 def test_diffusers_reads_our_original_export(family_name, tiny_controlnets, tiny_files):
     """diffusers' ControlNetModel.from_single_file (its own converter, offline, config from our folder) loads our
     original-layout file with tensors identical to the source model."""

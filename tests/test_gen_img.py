@@ -20,6 +20,7 @@ from library.model_loading import checkpoint_from_models
 from library.sampling import (SAMPLER_ALIASES, SAMPLERS, SamplePrompt, encode_prompts, generate_images,
                               make_scheduler, plan_images)
 from library.tiny_models import build_tiny_models
+from library.text_conditioning import CaptionEncoding, conditioner_for
 from networks.lora import create_network
 from tests.numerics import assert_images_close, assert_images_differ, assert_outputs_close
 
@@ -136,9 +137,8 @@ def test_lora_equals_diffusers_load_lora_weights(files):
         network.apply_to(models.text_encoder, models.unet)
         network.load_state_dict(weights)
     prompt = SamplePrompt("a red circle", NEGATIVE, width=64, height=64, steps=4, scale=5.0)
-    ours = generate_images([prompt], [7], unet=models.unet, vae=models.vae, text_encoder=models.text_encoder,
-                           tokenizer=models.tokenizer, scheduler=make_scheduler("euler_a", "epsilon"),
-                           weighted=True, output_type="np")[0]
+    ours = generate_images([prompt], [7], models=models, scheduler=make_scheduler("euler_a", "epsilon"),
+                           encoding=CaptionEncoding(weighted=True), output_type="np")[0]
     pipe = diffusers_pipe(files, kohya_euler_a)
     base = pipe("a red circle", negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=4,
                 guidance_scale=5.0, generator=generators(7)[0], output_type="np").images[0]
@@ -175,8 +175,7 @@ def test_every_sampler_name_gives_a_finite_image(files, tmp_path):
     models = build_tiny_models(SD1, seed=3)
     prompt = SamplePrompt("a cat", width=64, height=64, steps=3)
     for name in names:
-        (image,) = generate_images([prompt], [1], unet=models.unet, vae=models.vae, text_encoder=models.text_encoder,
-                                   tokenizer=models.tokenizer, scheduler=make_scheduler(name, "epsilon"),
+        (image,) = generate_images([prompt], [1], models=models, scheduler=make_scheduler(name, "epsilon"),
                                    output_type="np")
         assert np.isfinite(image).all() and image.std() > 0.01, name
     # and through the script: --ss per prompt line, each image saying (in WebUI's name if it has one) which
@@ -224,8 +223,9 @@ def test_weighted_and_long_prompts_reach_the_pipeline(files, tmp_path):
     text = "a (red:1.4) [blue] circle " + "word " * 100
     (path,) = run(files, tmp_path, "--prompt", f"{text}--d 4", "--steps", 3)
     models = build_tiny_models(SD1, seed=3)
-    embeds = encode_prompts([text.strip(), ""], text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                            max_token_length=150, weighted=True)
+    conditioner = conditioner_for(models.family, models.tokenizers, models.text_encoders,
+                                  CaptionEncoding(max_token_length=150, weighted=True))
+    embeds = encode_prompts([text.strip(), ""], [None, None], conditioner).hidden_states
     assert embeds.shape[1] == 152
     pipe = StableDiffusionPipeline.from_pretrained(str(files["sd1_diffusers"]), local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)

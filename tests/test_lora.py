@@ -143,7 +143,7 @@ def test_golden_module_counts_on_full_size_configs(family_name):
     configs = FAMILIES[family_name].configs()
     with torch.device("meta"):  # full-size structure without allocating its weights
         unet = UNet2DConditionModel.from_config(configs.unet)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs.text_encoder))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs.of("text_encoder")))
     te, attention, locon, kxk = GOLDEN_COUNTS[family_name]
     network = create_network(1.0, 8, 1, None, text_encoder, unet)
     assert (len(network.text_encoder_loras), len(network.unet_loras)) == (te, attention)

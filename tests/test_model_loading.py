@@ -20,22 +20,37 @@ from tests.numerics import assert_outputs_close
 @pytest.mark.parametrize("family_name", FAMILY_NAMES)
 def test_instantiated_models_match_diffusers_pipeline_outputs(family_name, tiny_files):
     """Our models from the single file compute what diffusers' own loader computes from our diffusers folder."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     with read_checkpoint(tiny_files[family_name]["safetensors"]) as checkpoint:
         models = instantiate_models(checkpoint)
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_files[family_name]["diffusers_safetensors"]),
-                                                   local_files_only=True)
-    ids = models.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
-    assert torch.equal(ids, pipe.tokenizer("a photo of a cat", padding="max_length", max_length=77,
-                                           return_tensors="pt").input_ids)
+    family = models.family
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
+        str(tiny_files[family_name]["diffusers_safetensors"]), local_files_only=True)
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        ours = models.text_encoder(ids).last_hidden_state
-        theirs = pipe.text_encoder(ids).last_hidden_state
-        assert_outputs_close(ours, theirs, what=f"{family_name} text encoder")
-        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        assert_outputs_close(models.unet(latents, 500, ours).sample, pipe.unet(latents, 500, theirs).sample,
-                             what=f"{family_name} U-Net")
+        contexts = []
+        for slot, encoder, tokenizer in zip(family.text_encoders, models.text_encoders, models.tokenizers):
+            def tokens(tok):
+                return tok("a photo of a cat!", padding="max_length", max_length=77, return_tensors="pt").input_ids
+            ids = tokens(tokenizer)
+            assert torch.equal(ids, tokens(getattr(pipe, slot.tokenizer))), slot.tokenizer
+            ours, theirs = encoder(ids), getattr(pipe, slot.component)(ids)
+            assert_outputs_close(ours.last_hidden_state, theirs.last_hidden_state, what=f"{family_name} {slot.component}")
+            if slot.kind.with_projection:
+                assert_outputs_close(ours.text_embeds, theirs.text_embeds, what=f"{family_name} {slot.component} pooled")
+            contexts.append(ours.last_hidden_state)
+        context = torch.cat(contexts, dim=-1)  # SDXL: both encoders' states side by side
+        added = {}
+        if models.unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + size/crop (score) time ids
+            pooled_width = ours.text_embeds.shape[-1]
+            n_ids = (models.unet.config.projection_class_embeddings_input_dim - pooled_width) // \
+                models.unet.config.addition_time_embed_dim
+            added = {"added_cond_kwargs": {"text_embeds": torch.randn(1, pooled_width, generator=generator),
+                                           "time_ids": torch.rand(1, n_ids, generator=generator) * 1024}}
+        latents = torch.randn(1, 4, 8, 8, generator=generator)
+        assert_outputs_close(models.unet(latents, 500, context, **added).sample,
+                             pipe.unet(latents, 500, context, **added).sample, what=f"{family_name} U-Net")
         image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
         assert_outputs_close(models.vae.encode(image).latent_dist.mean, pipe.vae.encode(image).latent_dist.mean,
                              what=f"{family_name} VAE")

@@ -13,6 +13,7 @@ from library.families import SD1, SD2_768_V
 from library.sampling import (SAMPLER_ALIASES, SAMPLERS, PromptFileError, SamplePrompt, generate, load_prompts,
                               make_scheduler, save_png, webui_parameters)
 from library.tiny_models import build_tiny_models
+from library.text_conditioning import CaptionEncoding
 from tests.numerics import assert_images_close
 
 
@@ -61,8 +62,7 @@ def test_generate_matches_diffusers_pipeline(tiny):
     from diffusers import StableDiffusionPipeline
 
     prompt = SamplePrompt("a red circle", "blurry", width=64, height=64, steps=4, scale=5.0)
-    ours = generate(prompt, unet=tiny.unet, vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
-                    scheduler=make_scheduler("ddim", "epsilon"), seed=11)
+    ours = generate(prompt, models=tiny, scheduler=make_scheduler("ddim", "epsilon"), seed=11)
     pipe = StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
                                    unet=tiny.unet, scheduler=make_scheduler("ddim", "epsilon"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -70,15 +70,13 @@ def test_generate_matches_diffusers_pipeline(tiny):
                   guidance_scale=5.0, generator=torch.Generator().manual_seed(11)).images[0]
     assert ours.size == (64, 64)
     assert_images_close(ours, theirs, what="sample vs diffusers' pipeline")  # same models, other text encoding code
-    again = generate(prompt, unet=tiny.unet, vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
-                     scheduler=make_scheduler("ddim", "epsilon"), seed=11)
+    again = generate(prompt, models=tiny, scheduler=make_scheduler("ddim", "epsilon"), seed=11)
     assert np.array_equal(np.asarray(ours), np.asarray(again))
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS) + list(SAMPLER_ALIASES))
 def test_every_sampler_name_runs(tiny, name):
-    image = generate(SamplePrompt("a cat", width=64, height=64, steps=3), unet=tiny.unet, vae=tiny.vae,
-                     text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
+    image = generate(SamplePrompt("a cat", width=64, height=64, steps=3), models=tiny,
                      scheduler=make_scheduler(name, "epsilon"), seed=1)
     assert image.size == (64, 64)
 
@@ -87,9 +85,8 @@ def test_v_prediction_scheduler_and_long_prompt():
     models = build_tiny_models(SD2_768_V, seed=2)
     scheduler = make_scheduler("euler", "v_prediction")
     assert scheduler.config.prediction_type == "v_prediction"
-    image = generate(SamplePrompt(" ".join(["word"] * 100), width=64, height=64, steps=2), unet=models.unet,
-                     vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                     scheduler=scheduler, seed=0, max_token_length=150, clip_skip=2)
+    image = generate(SamplePrompt(" ".join(["word"] * 100), width=64, height=64, steps=2), models=models,
+                     scheduler=scheduler, seed=0, encoding=CaptionEncoding(max_token_length=150, clip_skip=2))
     assert image.size == (64, 64)
 
 
@@ -99,3 +96,52 @@ def test_png_carries_webui_parameters(tmp_path):
     path = save_png(Image.new("RGB", (64, 64)), tmp_path / "sample" / "x.png", text)
     assert Image.open(path).text["parameters"] == ("a cat\nNegative prompt: dog\nSteps: 7, Sampler: euler_a, "
                                                    "CFG scale: 6.0, Seed: 42, Size: 64x64, Model: tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    from library.families import SDXL, SDXL_REFINER
+
+    return {"sdxl": build_tiny_models(SDXL, seed=4), "sdxl-refiner": build_tiny_models(SDXL_REFINER, seed=4)}
+
+
+@pytest.mark.numbers
+@pytest.mark.parametrize("negative", ["blurry", ""])
+def test_sdxl_samples_match_diffusers_sdxl_pipeline(tiny_sdxl, negative):
+    """The shared sampler on SDXL (our conditioning: both encoders, pooled, size ids) against diffusers'
+    StableDiffusionXLPipeline encoding the prompt itself; an empty negative prompt is all zeros in both."""
+    from library.sampling import family_pipeline, generate_images
+
+    models = tiny_sdxl["sdxl"]
+    prompt = SamplePrompt("a red circle", negative, width=64, height=64, steps=3, scale=5.0)
+    ours = generate_images([prompt], [11], models=models, scheduler=make_scheduler("euler", "epsilon"))[0]
+    pipe = family_pipeline(models, make_scheduler("euler", "epsilon"))
+    theirs = pipe("a red circle", negative_prompt=negative or None, width=64, height=64, num_inference_steps=3,
+                  guidance_scale=5.0, generator=torch.Generator().manual_seed(11)).images[0]
+    assert_images_close(ours, theirs, what="SDXL sample vs diffusers' SDXL pipeline")
+    other = generate_images([replace_prompt(prompt, "a blue square")], [11], models=models,
+                            scheduler=make_scheduler("euler", "epsilon"))[0]
+    assert np.abs(np.asarray(other, np.int16) - np.asarray(ours, np.int16)).mean() > 1  # the prompt matters
+
+
+def replace_prompt(prompt, text):
+    from dataclasses import replace
+
+    return replace(prompt, prompt=text)
+
+
+@pytest.mark.numbers
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_sdxl_img2img_matches_diffusers(tiny_sdxl, family):
+    """img2img (the refiner's only mode): our conditioning (refiner: aesthetic-score time ids) vs diffusers'."""
+    from library.sampling import family_pipeline, generate_images
+
+    models = tiny_sdxl[family]
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    prompt = SamplePrompt("a red circle", "blurry", width=64, height=64, steps=4, scale=5.0, strength=0.6)
+    ours = generate_images([prompt], [3], models=models, scheduler=make_scheduler("euler", "epsilon"),
+                           init_images=[init])[0]
+    pipe = family_pipeline(models, make_scheduler("euler", "epsilon"), img2img=True)
+    theirs = pipe("a red circle", negative_prompt="blurry", image=init, strength=0.6, num_inference_steps=4,
+                  guidance_scale=5.0, generator=torch.Generator().manual_seed(3)).images[0]
+    assert_images_close(ours, theirs, what=f"{family} img2img vs diffusers")

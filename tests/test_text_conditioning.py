@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.families import FAMILIES
-from library.text_conditioning import CaptionEncoding, TextConditioner, TextConditioning
+from library.families import FAMILIES, TextConditioningKind
+from library.text_conditioning import (CaptionEncoding, SizeConditioning, TextConditioner, TextConditioning,
+                                       conditioner_for)
 from library.tiny_models import build_tiny_models
 from tests.numerics import assert_outputs_close
 from tests.test_text_encoding import diffusers_embeds
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: build_tiny_models(FAMILIES[name], seed=3) for name in ("sd1", "sd2-512")}
+    return {name: build_tiny_models(FAMILIES[name], seed=3) for name in ("sd1", "sd2-512", "sdxl", "sdxl-refiner")}
 
 
 @pytest.mark.numbers
@@ -57,8 +58,70 @@ def test_added_conditioning_reaches_the_unet_as_added_cond_kwargs():
 
 def test_a_one_encoder_conditioner_refuses_two_encoders(models):
     m = models["sd1"]
-    with pytest.raises(ValueError, match="one tokenizer and one text encoder, got 2 and 2"):
+    with pytest.raises(ValueError, match="TextConditioner takes 1 tokenizer.* got 2 and 2"):
         TextConditioner([m.tokenizer] * 2, [m.text_encoder] * 2)
+
+
+def sdxl_pipeline(m):
+    """diffusers' own SDXL pipeline (base or refiner) around the same models: an independent prompt encoder."""
+    import diffusers
+
+    parts = dict(vae=m.vae, unet=m.unet, scheduler=diffusers.EulerDiscreteScheduler(), text_encoder_2=m.text_encoders[-1],
+                 tokenizer_2=m.tokenizers[-1])
+    if m.family.text_conditioning is TextConditioningKind.SDXL:
+        return diffusers.StableDiffusionXLPipeline(text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], **parts)
+    return diffusers.StableDiffusionXLImg2ImgPipeline(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                                                      **parts)
+
+
+@pytest.mark.numbers
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_sdxl_conditioning_matches_diffusers_encode_prompt(models, family):
+    """Hidden states (penultimate layers, no final norm, side by side), the pooled embedding and the time ids are
+    what StableDiffusionXL(Img2Img)Pipeline computes for the same prompts and sizes."""
+    m = models[family]
+    prompts = ["a photo of a cat, sitting on a red sofa", "a dog!"]
+    sizes = [SizeConditioning((768, 1024), (16, 32), (512, 640)), SizeConditioning((512, 512), aesthetic_score=2.5)]
+    cond = conditioner_for(m.family, m.tokenizers, m.text_encoders)(prompts, sizes)
+    pipe = sdxl_pipeline(m)
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert_outputs_close(cond.hidden_states, embeds, what=f"{family} hidden states vs diffusers")
+    assert_outputs_close(cond.pooled, pooled, what=f"{family} pooled vs diffusers")
+    assert cond.added_cond["text_embeds"] is cond.pooled
+    for row, size in zip(cond.added_cond["time_ids"], sizes):
+        if family == "sdxl":
+            theirs = pipe._get_add_time_ids(size.original_size, size.crop_top_left, size.target_size or
+                                            size.original_size, torch.float32,
+                                            text_encoder_projection_dim=pooled.shape[-1])
+        else:
+            theirs, _ = pipe._get_add_time_ids(size.original_size, size.crop_top_left, size.original_size,
+                                               size.aesthetic_score, 2.5, size.original_size, size.crop_top_left,
+                                               size.original_size, torch.float32,
+                                               text_encoder_projection_dim=pooled.shape[-1])
+        assert torch.equal(row, theirs[0])
+    with torch.no_grad():  # and the U-Net takes it as it is
+        noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        assert m.unet(noise, 10, **cond.unet_kwargs()).sample.shape == noise.shape
+
+
+def test_sdxl_conditioner_needs_sizes_and_refuses_clip_skip(models):
+    m = models["sdxl"]
+    conditioner = conditioner_for(m.family, m.tokenizers, m.text_encoders)
+    with pytest.raises(ValueError, match="one SizeConditioning per caption"):
+        conditioner(["a cat"])
+    with pytest.raises(ValueError, match="--clip_skip 2: SDXL conditions on fixed layers"):
+        conditioner_for(m.family, m.tokenizers, m.text_encoders, CaptionEncoding(clip_skip=2))
+    long = conditioner(["word " * 100], [SizeConditioning((64, 64))])
+    assert long.hidden_states.shape == (1, 77, 80)  # cut at 75 tokens unless --max_token_length
+    longer = conditioner_for(m.family, m.tokenizers, m.text_encoders, CaptionEncoding(max_token_length=150))(
+        ["word " * 100], [SizeConditioning((64, 64))])
+    assert longer.hidden_states.shape == (1, 152, 80) and longer.pooled.shape == (1, 48)
+    # the pooled embedding is the first window's (kohya, diffusers)
+    assert_outputs_close(longer.pooled, long.pooled, what="pooled output of the first 75-token window")
+    weighted = conditioner_for(m.family, m.tokenizers, m.text_encoders, CaptionEncoding(weighted=True))(
+        ["a (dog:1.5)"], [SizeConditioning((64, 64))])
+    plain = conditioner(["a (dog:1.5)"], [SizeConditioning((64, 64))])
+    assert not torch.allclose(plain.hidden_states, weighted.hidden_states)
 
 
 def test_the_training_loop_makes_no_tokenizer_or_text_encoder_call():

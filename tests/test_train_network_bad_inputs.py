@@ -84,6 +84,18 @@ def image_folder(data: Path) -> Path:
 # 1-2. Folder layout
 
 
+def test_an_sdxl_model_is_refused_by_name(tmp_path):
+    """Until the SDXL trainers exist, an SDXL base model given to train_network.py stops before any work."""
+    from tools.make_tiny_model import main as make_model
+
+    assert make_model(["--family", "sdxl", str(tmp_path / "sdxl.safetensors")]) == 0
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "out"
+    expect_error(args_for(tmp_path, data, out, model="sdxl.safetensors"), "sdxl.safetensors", "SDXL base",
+                 "does not support it yet")
+    assert_no_model(out)
+
+
 @pytest.mark.parametrize("folder", ["3_sks shape", "photos"])
 def test_train_data_dir_pointing_at_the_image_folder(models, tmp_path, folder):
     data = make_data(tmp_path / "data", folder=folder)

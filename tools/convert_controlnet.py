@@ -27,7 +27,7 @@ from library.atomic_files import OutputPathError, check_writable_output  # noqa:
 from library.checkpoint_writer import parse_save_precision  # noqa: E402
 from library.controlnet_checkpoint import ControlNetLayout, read_controlnet, save_controlnet  # noqa: E402
 from library.families import FAMILIES  # noqa: E402
-from library.sd_checkpoint import read_checkpoint  # noqa: E402
+from library.sd_checkpoint import read_checkpoint, require_arch  # noqa: E402
 from library.tensor_files import CheckpointError  # noqa: E402
 from tools.convert_diffusers20_original_sd import check_no_overlap  # noqa: E402
 
@@ -63,6 +63,7 @@ def convert(args: argparse.Namespace) -> Path:
     base_unet_config = None
     if args.base_model:
         with read_checkpoint(args.base_model, allow_unsafe_pickle=args.allow_unsafe_pickle) as base:
+            require_arch(base, "convert_controlnet.py")
             family, base_unet_config = base.family, base.configs.unet
         logger.info("base model %s: %s", args.base_model, family.description)
     with read_controlnet(source, family=family, base_unet_config=base_unet_config,

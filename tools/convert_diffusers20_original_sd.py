@@ -1,4 +1,4 @@
-"""Convert a Stable Diffusion 1.x / 2.x model between the original single-file layout (WebUI / ComfyUI
+"""Convert a Stable Diffusion 1.x / 2.x / SDXL model between the original single-file layout (WebUI / ComfyUI
 `.safetensors` / `.ckpt`) and diffusers folders, or between single-file formats and precisions.
 
 kohya-ss/sd-scripts' interface:
@@ -7,8 +7,9 @@ kohya-ss/sd-scripts' interface:
     python tools/convert_diffusers20_original_sd.py diffusers_folder out.safetensors --fp16
 
 The output format follows the output path: `.safetensors`, `.ckpt`, or a folder (diffusers; `--use_safetensors`
-for `.safetensors` weights inside). The family (SD 1.x, 2.x base, 2.x 768-v) is detected from the weights;
-`--v1` / `--v2` / `--v_parameterization` are checked against it.
+for `.safetensors` weights inside). The family (SD 1.x, 2.x base, 2.x 768-v, SDXL base, SDXL refiner) is
+detected from the weights; `--v1` / `--v2` / `--v_parameterization` are checked against it. (kohya's converter
+handles SD 1.x / 2.x only; SDXL folders are StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline ones.)
 """
 
 from __future__ import annotations
