@@ -1,4 +1,4 @@
-"""Generate images with a Stable Diffusion 1.x / 2.x model (kohya-ss/sd-scripts' gen_img.py interface).
+"""Generate images with a Stable Diffusion 1.x / 2.x / SDXL model (kohya-ss/sd-scripts' gen_img.py interface).
 
     python gen_img.py --ckpt model.safetensors --outdir outputs --W 512 --H 512 --steps 30 --sampler euler_a \\
         --network_weights my_lora.safetensors --network_mul 0.8 --seed 42 --images_per_prompt 4 \\
@@ -10,8 +10,10 @@ The recipe: check options -> open the model (any layout, family detected) -> rea
 
 Prompts (`--prompt`, or `--from_file` with one per line) take kohya's per-prompt options: `--n` negative prompt,
 `--w` / `--h` size, `--d` seeds (comma list, one per image), `--l` CFG scale, `--s` steps, `--ss` sampler, `--t`
-img2img strength, `--am` network multipliers, `--f` file name. Weights `(word:1.2)`, `[word]` and `BREAK` are
-read as WebUI reads them; prompts longer than 75 tokens use 2 or 3 CLIP windows (up to 225 tokens).
+img2img strength, `--am` network multipliers, `--f` file name, and for SDXL `--ow` / `--oh` / `--nw` / `--nh` /
+`--ct` / `--cl` (size conditioning; `--original_width` etc. set them for every prompt). Weights `(word:1.2)`,
+`[word]` and `BREAK` are read as WebUI reads them; prompts longer than 75 tokens use 2 or 3 CLIP windows (up to
+225 tokens), through both encoders for SDXL. The SDXL refiner works as img2img (`--image_path`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from library.sampling import ImageJob, PromptFileError, SamplePrompt  # noqa: E4
 from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint, require_arch  # noqa: E402
 from library.tensor_files import CheckpointError  # noqa: E402
 from library.text_encoding import CHUNK, fitting_token_length, token_count  # noqa: E402
-from library.text_conditioning import CaptionEncoding  # noqa: E402
+from library.text_conditioning import CaptionEncoding, conditioner_for  # noqa: E402
 
 logger = logging.getLogger("gen_img")
 
@@ -53,6 +55,7 @@ def setup_parser() -> argparse.ArgumentParser:
     family = g.add_mutually_exclusive_group()
     family.add_argument("--v1", action="store_true", help="assert an SD 1.x model (detected anyway)")
     family.add_argument("--v2", action="store_true", help="assert an SD 2.x model (detected anyway)")
+    family.add_argument("--sdxl", action="store_true", help="assert an SDXL model (detected anyway)")
     g.add_argument("--v_parameterization", action="store_true",
                    help="the model predicts v (SD 2.x 768-v); only needed when the file does not say so itself")
     g.add_argument("--zero_terminal_snr", action="store_true", help="sample with a zero-terminal-SNR schedule")
@@ -89,6 +92,14 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="CLIP windows per prompt (75 tokens each); default: as many as the longest prompt needs")
     g.add_argument("--max_token_length", type=int, choices=[75, 150, 225], default=None,
                    help="the same in tokens (this suite's training flag)")
+    g.add_argument("--original_width", type=int, default=None,
+                   help="SDXL: the original width the model is told (default: the image width); prompt option --ow")
+    g.add_argument("--original_height", type=int, default=None, help="SDXL: likewise the height (--oh)")
+    g.add_argument("--original_width_negative", type=int, default=None,
+                   help="SDXL: the negative prompt's original width (default: --original_width); --nw")
+    g.add_argument("--original_height_negative", type=int, default=None, help="SDXL: likewise the height (--nh)")
+    g.add_argument("--crop_top", type=int, default=None, help="SDXL: crop conditioning, top (default 0); --ct")
+    g.add_argument("--crop_left", type=int, default=None, help="SDXL: crop conditioning, left (default 0); --cl")
     g.add_argument("--image_path", default=None, help="img2img: an image, or a folder of images used in turn")
     g.add_argument("--strength", type=float, default=None, help="img2img denoising strength (default 0.8)")
 
@@ -189,9 +200,14 @@ def network_kwargs(text: str) -> dict[str, str]:
     return kwargs
 
 
-def read_prompts(args: argparse.Namespace, default_size: int, applied_networks: int) -> list[SamplePrompt]:
+def read_prompts(args: argparse.Namespace, family, applied_networks: int) -> list[SamplePrompt]:
+    default_size = family.default_resolution
     defaults = SamplePrompt("", width=args.W or default_size, height=args.H or default_size, scale=args.scale,
-                            steps=args.steps, sampler=sampling.sampler_name(args.sampler))
+                            steps=args.steps, sampler=sampling.sampler_name(args.sampler),
+                            original_width=args.original_width, original_height=args.original_height,
+                            negative_original_width=args.original_width_negative,
+                            negative_original_height=args.original_height_negative, crop_top=args.crop_top,
+                            crop_left=args.crop_left)
     try:
         if args.prompt is not None:
             prompts = [sampling.parse_prompt_line(args.prompt, defaults, where="--prompt")]
@@ -205,6 +221,10 @@ def read_prompts(args: argparse.Namespace, default_size: int, applied_networks: 
         where = prompt.where or "prompt"
         if not prompt.prompt:
             raise fail(f"{where}: empty prompt")
+        try:
+            sampling.check_prompt_fits(prompt, family)
+        except PromptFileError as e:
+            raise fail(str(e)) from None
         muls = prompt.network_multipliers
         if muls is not None and not applied_networks:
             raise fail(f"{where}: --am needs networks that are applied, not merged (--network_merge) or absent")
@@ -226,7 +246,15 @@ def read_model(args: argparse.Namespace) -> SDCheckpoint:
                         v_parameterization=args.v_parameterization)
     try:
         checkpoint = read_checkpoint(args.ckpt, hints, allow_unsafe_pickle=args.allow_unsafe_pickle)
-        require_arch(checkpoint, "gen_img.py")
+        require_arch(checkpoint, "gen_img.py", archs=("sd1", "sd2", "sdxl", "sdxl-refiner"))
+        if args.sdxl and checkpoint.family.arch not in ("sdxl", "sdxl-refiner"):
+            checkpoint.close()
+            raise CheckpointError(f"{args.ckpt}: --sdxl was given, but the model is {checkpoint.family.description}. "
+                                  "Remove --sdxl; the family is detected from the file.")
+        if checkpoint.family.arch == "sdxl-refiner" and not args.image_path:
+            checkpoint.close()
+            raise CheckpointError(f"{args.ckpt}: the SDXL refiner refines an image (img2img): give --image_path "
+                                  "(e.g. images made with the base model)")
         if args.vae:
             replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
     except CheckpointError as e:
@@ -238,7 +266,7 @@ def read_model(args: argparse.Namespace) -> SDCheckpoint:
 def load_models(checkpoint: SDCheckpoint, device: torch.device, dtype: torch.dtype) -> SDModels:
     with checkpoint:
         models = instantiate_models(checkpoint, dtype=dtype)
-    for model in (models.unet, models.vae, models.text_encoder):
+    for model in (models.unet, models.vae, *models.text_encoders):
         # Not requires_grad_(False): sampling runs under no_grad anyway, and frozen weights can make CPU kernels
         # round differently from diffusers' own pipelines (seen on the SD 2.x U-Net: 6e-5).
         model.to(device)
@@ -252,7 +280,10 @@ def add_networks(specs: list[NetworkSpec], models: SDModels, device: torch.devic
     for spec in specs:
         module = importlib.import_module(spec.module)
         # External kohya-interface modules name text-encoder layers by module path; see TextModelShim.
-        text_encoder = models.text_encoder if spec.module == "networks.lora" else TextModelShim(models.text_encoder)
+        # kohya's interface: one text encoder, or SDXL's two as a list.
+        encoders = models.text_encoders if spec.module == "networks.lora" else \
+            [TextModelShim(encoder) for encoder in models.text_encoders]
+        text_encoder = encoders[0] if len(encoders) == 1 else encoders
         try:
             network, weights = module.create_network_from_weights(spec.multiplier, str(spec.weights), models.vae,
                                                                   text_encoder, models.unet, for_inference=True,
@@ -354,14 +385,21 @@ def run(args: argparse.Namespace) -> list[Path]:
     init_images = load_init_images(args.image_path)
     checkpoint = read_model(args)
     try:
-        prompts = read_prompts(args, checkpoint.family.default_resolution, sum(not spec.merge for spec in specs))
+        prompts = read_prompts(args, checkpoint.family, sum(not spec.merge for spec in specs))
     except SystemExit:
         checkpoint.close()
         raise
     models = load_models(checkpoint, device, dtype)
+    try:  # the caption encoding must suit the family (SDXL conditions on fixed layers: no --clip_skip)
+        conditioner_for(models.family, models.tokenizers, models.text_encoders, CaptionEncoding(clip_skip=args.clip_skip))
+    except ValueError as e:
+        raise fail(str(e)) from None
     applied = add_networks(specs, models, device, dtype)
     try:  # textual-inversion words: the prompt word is the file name (WebUI's rule)
-        words = ti.load_embeddings(models.text_encoder, models.tokenizer, args.textual_inversion_embeddings or [])
+        if args.textual_inversion_embeddings and len(models.text_encoders) > 1:
+            raise ValueError("embeddings for SDXL (clip_l / clip_g) are not supported yet; leave the option out")
+        words = ti.load_embeddings(models.text_encoders[0], models.tokenizers[0],
+                                   args.textual_inversion_embeddings or [])
     except ValueError as e:
         raise fail(f"--textual_inversion_embeddings: {e}") from None
 
@@ -372,13 +410,18 @@ def run(args: argparse.Namespace) -> list[Path]:
                                        strength=args.strength, multipliers=[mul for _, mul in applied]))
             for job in sampling.plan_images(prompts, images_per_prompt=args.images_per_prompt, n_iter=args.n_iter,
                                             seed=args.seed, iter_same_seed=args.iter_same_seed)]
-    lengths = token_lengths([expanded(p) for p in prompts], models.tokenizer, args.max_token_length or
+    for p in {job.prompt for job in jobs}:
+        if p.strength is not None and int(p.steps * p.strength) < 1:  # diffusers' img2img runs int(steps * strength)
+            raise fail(f"{p.where or 'prompt'}: img2img with strength {p.strength} and {p.steps} steps runs no "
+                       "denoising step (steps x strength < 1); raise --steps or --strength")
+    # (every encoder of a family shares CLIP's vocabulary: one tokenizer counts for all)
+    lengths = token_lengths([expanded(p) for p in prompts], models.tokenizers[0], args.max_token_length or
                             (args.max_embeddings_multiples or 0) * CHUNK or None)
 
     def batch_key(job: ImageJob):  # what the images of one batch share
         p = expanded(job.prompt)
         return (p.width, p.height, p.steps, p.scale, p.strength, p.sampler, p.network_multipliers,
-                lengths[p.prompt, p.negative_prompt])
+                lengths[p.prompt, p.negative_prompt], sampling.size_of(p), sampling.size_of(p, negative=True))
 
     outdir = Path(args.outdir)
     paths = output_paths(outdir, jobs, sequential=args.sequential_file_name)

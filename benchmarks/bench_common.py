@@ -32,14 +32,14 @@ def machine_line() -> str:
             f"python {platform.python_version()}, torch {importlib.metadata.version('torch')}")
 
 
-def build_model(size: str, dest: Path) -> None:
-    """Child process: random-weight SD 1.5 models -> original-layout fp32 .safetensors."""
+def build_model(size: str, dest: Path, family: str = "sd1") -> None:
+    """Child process: random-weight models of a family (default SD 1.5) -> original-layout fp32 .safetensors."""
     from library.checkpoint_writer import SaveFormat, save_checkpoint
     from library.families import FAMILIES, ModelSize
     from library.model_loading import checkpoint_from_models
     from library.tiny_models import build_random_models
 
-    models = build_random_models(FAMILIES["sd1"], ModelSize(size), seed=0, perturb=False)
+    models = build_random_models(FAMILIES[family], ModelSize(size), seed=0, perturb=False)
     save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS)
 
 

@@ -1,8 +1,13 @@
-"""Wall time and peak memory of `tools/convert_diffusers20_original_sd.py` on an SD 1.5-size model.
+"""Wall time and peak memory of `tools/convert_diffusers20_original_sd.py` on an SD 1.5-size (or SDXL) model.
 
     . .venv/bin/activate && export HF_HUB_OFFLINE=1
     python benchmarks/bench_conversion.py --size tiny   # smoke check, under a minute
     python benchmarks/bench_conversion.py               # full size: ~4.3 GB fp32 file, ~3-4 minutes, ~25 GB disk
+    python benchmarks/bench_conversion.py --family sdxl # ~13.9 GB fp32 file, ~15 minutes, ~36 GB disk
+
+With `--family sdxl` the steps run in an order that lets each file be deleted once it is no longer needed (the
+round trips are checked against per-tensor digests of the source, taken before it is deleted), and the `.ckpt` row
+is left out (torch.save holds the whole model in memory: 14 GB).
 
 A model with the SD 1.5 architecture and random weights (no download) is written once as an original-layout
 fp32 `.safetensors` by a child process (so the benchmark process never holds the model). Then every step runs in
@@ -63,18 +68,51 @@ def compare(original: Path, other: Path, cast=None) -> str:
         return f"PASS ({len(a)} tensors, byte-identical)"
 
 
+def tensor_digests(path: Path, dtype: str) -> dict[str, str]:
+    """name -> sha256 of each tensor's bytes, cast to `dtype` when floating point (read one tensor at a time)."""
+    import hashlib
+
+    import torch
+
+    from library.safetensors_io import SafetensorsReader
+
+    out = {}
+    with SafetensorsReader(path) as reader:
+        for key in reader.keys():
+            tensor = reader.read(key)
+            if tensor.is_floating_point():
+                tensor = tensor.to(getattr(torch, dtype))
+            out[key] = hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
     p.add_argument("--workdir", type=Path, default=None, help="where the files go (default: a new temp dir in /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (default: delete it at the end)")
     p.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)  # internal: the model-building child
+    p.add_argument("--digest", nargs=3, help=argparse.SUPPRESS)  # internal: FILE DTYPE JSON_OUT, in a child
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.build_into:
-        build_model(args.size, args.build_into)
+        build_model(args.size, args.build_into, args.family)
         return 0
+    if args.digest:
+        import json
+
+        Path(args.digest[2]).write_text(json.dumps(tensor_digests(Path(args.digest[0]), args.digest[1])))
+        return 0
+
+    def digests_in_child(path: Path, dtype: str) -> dict[str, str]:
+        # torch stays out of this process (see below); a child reads and hashes the file
+        import json
+
+        out = work / f"digests_{dtype}.json"
+        run_step([py, __file__, "--digest", str(path), dtype, str(out)], log)
+        return json.loads(out.read_text())
 
     work = work_dir(args.workdir, "bench_conversion_")
     log = work / "bench.log"
@@ -85,7 +123,7 @@ def main() -> int:
     print(f"{machine_line()}; work dir {work}")
     print(f"benchmark process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
           "(a floor under every row)")
-    wall, rss = run_step([py, __file__, "--size", args.size, "--build-into", str(src)], log)
+    wall, rss = run_step([py, __file__, "--size", args.size, "--family", args.family, "--build-into", str(src)], log)
     size = src.stat().st_size
     print(f"built {args.size} model: {size / 2**20:.0f} MiB in {wall:.1f} s (build peak RSS {rss:.0f} MiB)")
 
@@ -105,8 +143,17 @@ def main() -> int:
         ("single file -> .ckpt fp32 (torch.save, not streamed)", [py, TOOL, src, work / "model.ckpt"],
          work / "model.ckpt", True),
     ]
+    large = args.family == "sdxl"
+    if large:
+        # Disk order: both directions out of the source, then the source goes (its digests stay), then back.
+        steps = steps[:4] + [steps[5], ("(digests; source deleted)", None, None, False), steps[4], steps[6]]
+    digests = {}
     rows, copy_time = [], None
     for label, argv, out, delete_after in steps:
+        if argv is None:
+            digests = {dtype: digests_in_child(src, dtype) for dtype in ("float32", "float16")}
+            src.unlink()
+            continue
         wall, rss = run_step([str(a) for a in argv], log)
         copy_time = copy_time or wall
         written = tree_size(out) if out is not None else 0
@@ -114,6 +161,11 @@ def main() -> int:
             out.unlink()
         rows.append((label, wall, rss, written))
         print(f"  {label}: {wall:.1f} s, peak RSS {rss:.0f} MiB", flush=True)
+        if large and out in (rt32, rt16):  # checked now, then deleted with its diffusers folder
+            dtype, folder = ("float32", d32) if out == rt32 else ("float16", d16)
+            digests[out] = "PASS" if digests_in_child(out, dtype) == digests[dtype] else "FAIL: tensors differ"
+            out.unlink()
+            shutil.rmtree(folder)
 
     print(f"\nmodel file: {size / 2**20:.0f} MiB ({args.size}, fp32, original layout)\n")
     print("| step | wall s | peak RSS MiB | peak RSS / model file size | time / copy time | output MiB |")
@@ -124,8 +176,12 @@ def main() -> int:
 
     import torch
 
-    checks = [("fp32 round trip (single -> diffusers -> single)", compare(src, rt32)),
-              ("fp16 round trip (vs the original cast to fp16)", compare(src, rt16, torch.float16))]
+    if large:
+        checks = [("fp32 round trip (single -> diffusers -> single), per-tensor digests", digests[rt32]),
+                  ("fp16 round trip (vs the original cast to fp16), per-tensor digests", digests[rt16])]
+    else:
+        checks = [("fp32 round trip (single -> diffusers -> single)", compare(src, rt32)),
+                  ("fp16 round trip (vs the original cast to fp16)", compare(src, rt16, torch.float16))]
     print()
     for what, verdict in checks:
         print(f"{what}: {verdict}")

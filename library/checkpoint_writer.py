@@ -8,8 +8,9 @@ Original-layout files have the key layout WebUI and ComfyUI expect for the famil
 `cond_stage_model.transformer.text_model.*`, SD 2.x in the OpenCLIP layout with fused q/k/v). Diffusers folders
 store the text encoder with `text_model.`-prefixed keys, which transformers 4.x and 5.x both read.
 
-Safetensors outputs are streamed one tensor at a time (peak memory ~ one tensor); every output is written to a
-temporary name and renamed into place, so a crash never leaves a half-written model.
+Safetensors outputs are streamed one tensor at a time (peak memory ~ one tensor); a tensor that only changes its
+name (or shape) between layouts, as most do, is copied file to file without being loaded at all. Every output is
+written to a temporary name and renamed into place, so a crash never leaves a half-written model.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def original_tensors(checkpoint: SDCheckpoint, dtype: torch.dtype | None = None)
         for mapping in table.mappings:
             parts = [tensors[name] for name in mapping.diffusers]
             lazy = LazyTensor(mapping.original_shape, parts[0].dtype,
-                              lambda m=mapping, p=parts: join_diffusers(m, [x.load() for x in p]))
+                              lambda m=mapping, p=parts: join_diffusers(m, [x.load() for x in p]),
+                              raw=parts[0].raw if mapping.same_bytes else None)
             out[mapping.original] = _cast(lazy, dtype)
     for key, lazy in checkpoint.extras.items():
         # Schedule buffers keep their precision: they are constants, and fp16 would only lose digits.
@@ -134,17 +136,19 @@ def modelspec_metadata(checkpoint: SDCheckpoint, *, title: str, extra: dict[str,
 
 def save_original(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None,
                   epoch: int | None = None, global_step: int | None = None,
-                  metadata: dict[str, str] | None = None) -> None:
+                  metadata: dict[str, str] | None = None, on_tensor=None) -> None:
+    """`on_tensor`: called after each tensor is written (a progress bar)."""
     tensors = original_tensors(checkpoint, dtype)
     if fmt is SaveFormat.SAFETENSORS:
-        entries = [TensorEntry(k, v.dtype, v.shape, v.load) for k, v in tensors.items()]
-        write_safetensors(dest, entries, modelspec_metadata(checkpoint, title=dest.stem, extra=metadata))
+        entries = [TensorEntry(k, v.dtype, v.shape, v.load, v.raw) for k, v in tensors.items()]
+        write_safetensors(dest, entries, modelspec_metadata(checkpoint, title=dest.stem, extra=metadata),
+                          on_tensor=on_tensor)
         return
     if fmt is not SaveFormat.CKPT:
         raise ValueError(f"save_original cannot write {fmt.value}")
     # torch.save needs the whole dict in memory; tensors from a pickle source are memory-mapped, so this costs
     # about one copy of the model.
-    state_dict = {k: v.load() for k, v in tensors.items()}
+    state_dict = {k: _ticked(v.load(), on_tensor) for k, v in tensors.items()}
     values = dict(checkpoint.values)
     values["epoch"] = epoch if epoch is not None else values.get("epoch", 0)
     values["global_step"] = global_step if global_step is not None else values.get("global_step", 0)
@@ -210,7 +214,8 @@ def _complete_config(component: str, config: dict) -> dict:
             if not k.startswith("_") or k == "_class_name"}
 
 
-def save_diffusers(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None) -> None:
+def save_diffusers(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None,
+                   on_tensor=None) -> None:
     use_safetensors = fmt is SaveFormat.DIFFUSERS_SAFETENSORS
     if dest.is_dir() and any(dest.iterdir()) and not (dest / "model_index.json").is_file():
         # The folder is replaced as a whole; never do that to a folder that is not a model we could have written.
@@ -227,20 +232,29 @@ def save_diffusers(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dty
                             else "text_model." + name): lazy for name, lazy in tensors.items()}
             safetensors_name, bin_name = weight_files(component)
             path = tmp / component / (safetensors_name if use_safetensors else bin_name)
-            _write_tensors(path, tensors, use_safetensors, metadata={"format": "pt"})
+            _write_tensors(path, tensors, use_safetensors, metadata={"format": "pt"}, on_tensor=on_tensor)
         if checkpoint.extras:
             extras = {k: (v if k in LDM_SCHEDULE_BUFFERS else _cast(v, dtype)) for k, v in checkpoint.extras.items()}
             # Not part of any diffusers model: kept beside them so converting back to a single file restores them.
             _write_tensors(tmp / EXTRAS_FILE, extras, True, metadata={
                 "format": "pt", "description": "original-layout tensors without a diffusers place "
-                                                "(restored when converting back to a single file)"})
+                                                "(restored when converting back to a single file)"},
+                           on_tensor=on_tensor)
 
 
-def _write_tensors(path: Path, tensors: dict[str, LazyTensor], use_safetensors: bool, metadata: dict[str, str]) -> None:
+def _write_tensors(path: Path, tensors: dict[str, LazyTensor], use_safetensors: bool, metadata: dict[str, str],
+                   on_tensor=None) -> None:
     if use_safetensors:
-        write_safetensors(path, [TensorEntry(k, v.dtype, v.shape, v.load) for k, v in tensors.items()], metadata)
+        write_safetensors(path, [TensorEntry(k, v.dtype, v.shape, v.load, v.raw) for k, v in tensors.items()],
+                          metadata, on_tensor=on_tensor)
     else:
-        torch.save({k: v.load().contiguous() for k, v in tensors.items()}, path)
+        torch.save({k: _ticked(v.load().contiguous(), on_tensor) for k, v in tensors.items()}, path)
+
+
+def _ticked(tensor: torch.Tensor, on_tensor) -> torch.Tensor:
+    if on_tensor is not None:
+        on_tensor()
+    return tensor
 
 
 def save_checkpoint(checkpoint: SDCheckpoint, dest: str | Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None,
@@ -250,40 +264,22 @@ def save_checkpoint(checkpoint: SDCheckpoint, dest: str | Path, fmt: SaveFormat,
     `atomic_files.check_writable_output`. With `progress`, a bar with ETA counts the tensors written."""
     dest = Path(dest)
     started = time.perf_counter()
-    with _ProgressTensors(checkpoint, enabled=progress, desc=f"writing {dest.name}") as counted:
-        if fmt.is_diffusers:
-            save_diffusers(counted, dest, fmt, dtype=dtype)
-        else:
-            save_original(counted, dest, fmt, dtype=dtype, epoch=epoch, global_step=global_step, metadata=metadata)
-    logger.info("wrote %s (%s) in %.1f s", dest, fmt.value, time.perf_counter() - started)
-    return dest
-
-
-class _ProgressTensors:
-    """A view of a checkpoint whose tensor loads tick a progress bar (the writers stay unaware of it)."""
-
-    def __init__(self, checkpoint: SDCheckpoint, *, enabled: bool, desc: str):
-        self.checkpoint, self.enabled, self.desc = checkpoint, enabled, desc
-        self.bar = None
-
-    def __enter__(self) -> SDCheckpoint:
-        if not self.enabled:
-            return self.checkpoint
-        from dataclasses import replace
-
+    bar = None
+    if progress:
         from tqdm import tqdm
 
-        total = sum(len(t) for t in self.checkpoint.tensors.values()) + len(self.checkpoint.extras)
-        self.bar = tqdm(total=total, desc=self.desc, unit="tensor")
-        tick = lambda lazy: LazyTensor(lazy.shape, lazy.dtype, lambda: self._loaded(lazy.load()))  # noqa: E731
-        return replace(self.checkpoint,
-                       tensors={c: {k: tick(v) for k, v in t.items()} for c, t in self.checkpoint.tensors.items()},
-                       extras={k: tick(v) for k, v in self.checkpoint.extras.items()}, _open=[])
-
-    def _loaded(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.bar.update(1)
-        return tensor
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        total = (sum(len(t) for t in checkpoint.tensors.values()) + len(checkpoint.extras) if fmt.is_diffusers
+                 else len(original_tensors(checkpoint)))  # (the original layout fuses some tensors)
+        bar = tqdm(total=total, desc=f"writing {dest.name}", unit="tensor")
+    tick = (lambda: bar.update(1)) if bar is not None else None  # noqa: E731
+    try:
+        if fmt.is_diffusers:
+            save_diffusers(checkpoint, dest, fmt, dtype=dtype, on_tensor=tick)
+        else:
+            save_original(checkpoint, dest, fmt, dtype=dtype, epoch=epoch, global_step=global_step,
+                          metadata=metadata, on_tensor=tick)
+    finally:
+        if bar is not None:
+            bar.close()
+    logger.info("wrote %s (%s) in %.1f s", dest, fmt.value, time.perf_counter() - started)
+    return dest

@@ -21,6 +21,7 @@ Where a text encoder lives in an original file, and in which layout, is the fami
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -41,6 +42,12 @@ class TensorMapping:
     original_shape: tuple[int, ...]
     diffusers_shapes: tuple[tuple[int, ...], ...]
     transposed: bool = False  # the original is the transpose of the (one) diffusers tensor
+
+    @property
+    def same_bytes(self) -> bool:
+        """Whether the tensor's bytes move unchanged between the layouts (renamed, perhaps reshaped), so a writer
+        may copy them from the source file; fused (q, k, v) and transposed tensors are recomputed."""
+        return len(self.diffusers) == 1 and not self.transposed
 
 
 @dataclass(frozen=True)
@@ -190,13 +197,32 @@ def _openclip_renames(num_layers: int) -> list[tuple[str, str]]:
     return renames
 
 
-def _rename(key: str, renames: list[tuple[str, str]]) -> str | None:
+def _rename(key: str, renames: Sequence[tuple[str, str]]) -> str | None:
     """Rename `key` by its longest matching module prefix."""
     best = None
     for src, dst in renames:
         if (key == src or key.startswith(src + ".")) and (best is None or len(src) > len(best[0])):
             best = (src, dst)
     return None if best is None else best[1] + key[len(best[0]):]
+
+
+@lru_cache(maxsize=8)
+def _unet_renames_of(layers_per_block: int, down_block_types: tuple[str, ...],
+                     up_block_types: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(_unet_renames({"layers_per_block": layers_per_block, "down_block_types": down_block_types,
+                                "up_block_types": up_block_types}))
+
+
+def original_unet_module(config: dict, module_path: str) -> str:
+    """The original (LDM / Stability) path of a diffusers U-Net module or tensor, without `model.diffusion_model.`:
+    `down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in`. The renames of the U-Net key table, so the
+    path agrees with the checkpoint keys by construction (kohya's SDXL LoRA names are built from it)."""
+    renames = _unet_renames_of(config["layers_per_block"], tuple(config["down_block_types"]),
+                               tuple(config["up_block_types"]))
+    original = _rename(module_path, renames)
+    if original is None:
+        raise ValueError(f"no original-layout name for the diffusers U-Net module {module_path!r}")
+    return original[len(UNET_PREFIX):]
 
 
 def _original_shape(diffusers_key: str, shape: tuple[int, ...], component: str) -> tuple[int, ...]:

@@ -11,6 +11,11 @@ Files written here are byte-identical to ``safetensors.torch.save_file`` output
 for the same tensors (metadata keys are written sorted; the official library
 writes them in hash order, which varies between runs).
 
+A tensor whose bytes already lie unchanged in another file (``RawBytes``: a
+conversion that only renames or reshapes it) is copied file to file by the
+kernel (``os.copy_file_range``) without becoming a Python object: converting a
+checkpoint then costs little more than copying it.
+
 Format: an 8-byte little-endian header length N, N bytes of UTF-8 JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {..}}``
 (offsets relative to the end of the header), then the raw little-endian bytes.
@@ -30,6 +35,7 @@ import torch
 from library.atomic_files import atomic_file
 
 __all__ = [
+    "RawBytes",
     "SafetensorsFormatError",
     "SafetensorsReader",
     "TensorEntry",
@@ -87,13 +93,23 @@ class TensorInfo(NamedTuple):
     nbytes: int
 
 
+class RawBytes(NamedTuple):
+    """Where a tensor's bytes lie in a file, exactly as they are to be written (row-major, little-endian)."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
 class TensorEntry(NamedTuple):
-    """A tensor to write: declared up front, produced by ``load()`` only when its turn comes."""
+    """A tensor to write: declared up front, produced by ``load()`` only when its turn comes (or, with ``raw``,
+    its bytes copied from where they lie)."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
+    raw: RawBytes | None = None
 
 
 def _nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
@@ -232,6 +248,10 @@ class SafetensorsReader:
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
+    def raw_bytes(self, name: str) -> RawBytes:
+        """Where the tensor's bytes lie in the file."""
+        return RawBytes(self.path, self._offsets[name], self.info(name).nbytes)
+
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh, writable memory that nothing else shares."""
         info = self.info(name)
@@ -320,23 +340,31 @@ def _check_entries(entries: list[TensorEntry], metadata: dict[str, str] | None) 
 
 
 def write_safetensors(
-    path: Path | str, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None
+    path: Path | str, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None, *,
+    on_tensor: Callable[[], None] | None = None,
 ) -> None:
     """Write a safetensors file holding only one tensor in memory at a time.
 
     The header is built from the declared dtypes and shapes; each ``load()`` is
-    called in turn and must return exactly the declared dtype and shape.  The
-    file appears at ``path`` only once it is complete.
+    called in turn and must return exactly the declared dtype and shape (an
+    entry with ``raw`` bytes is copied instead).  The file appears at ``path``
+    only once it is complete.  ``on_tensor`` is called after each tensor (a
+    progress bar).
     """
-    entries = [TensorEntry(e.name, e.dtype, tuple(e.shape), e.load) for e in entries]
+    entries = [TensorEntry(e.name, e.dtype, tuple(e.shape), e.load, e.raw) for e in entries]
     _check_entries(entries, metadata)
     # Same order as the official writer, so that the files are byte-identical.
     entries.sort(key=lambda e: (-_DTYPE_RANK[e.dtype], e.name))
     header = _build_header(entries, metadata)
 
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f, _RawCopier(f) as copier:
         f.write(header)
         for e in entries:
+            if e.raw is not None:
+                copier.copy(e)
+                if on_tensor is not None:
+                    on_tensor()
+                continue
             tensor = e.load()
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"load() for tensor {e.name!r} returned {type(tensor).__name__}, not a torch.Tensor")
@@ -351,6 +379,57 @@ def write_safetensors(
                 f.write(memoryview(data.numpy()))
                 del data
             del tensor  # drop it before the next load(), so only one is alive
+            if on_tensor is not None:
+                on_tensor()
+
+
+class _RawCopier:
+    """Copies byte ranges of source files to the end of the output file: in the kernel where the system can
+    (`os.copy_file_range`, Linux), else in 16 MiB chunks through this process."""
+
+    _CHUNK = 16 << 20
+
+    def __init__(self, out):
+        self.out = out
+        self.sources: dict[Path, object] = {}
+        self.kernel_copy = hasattr(os, "copy_file_range")
+
+    def __enter__(self) -> "_RawCopier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for source in self.sources.values():
+            source.close()
+
+    def copy(self, entry: TensorEntry) -> None:
+        raw = entry.raw
+        if raw.nbytes != _nbytes(entry.dtype, entry.shape):
+            raise ValueError(f"tensor {entry.name!r}: {raw.nbytes} raw bytes for {entry.dtype} {list(entry.shape)}")
+        source = self.sources.get(raw.path) or self.sources.setdefault(raw.path, open(raw.path, "rb"))
+        self.out.flush()  # the kernel copy appends at the descriptor's position: nothing may wait in the buffer
+        done = 0
+        while done < raw.nbytes and self.kernel_copy:
+            try:
+                n = os.copy_file_range(source.fileno(), self.out.fileno(), raw.nbytes - done, raw.offset + done)
+            except OSError:  # e.g. a file system that cannot: copy through this process instead
+                self.kernel_copy = False
+                break
+            if n == 0:
+                raise _truncated(raw, entry.name)
+            done += n
+        self.out.seek(0, os.SEEK_END)  # the buffered writer takes up the descriptor's new position
+        source.seek(raw.offset + done)
+        while done < raw.nbytes:
+            chunk = source.read(min(self._CHUNK, raw.nbytes - done))
+            if not chunk:
+                raise _truncated(raw, entry.name)
+            self.out.write(chunk)
+            done += len(chunk)
+
+
+def _truncated(raw: RawBytes, name: str) -> SafetensorsFormatError:
+    return SafetensorsFormatError(f"{raw.path}: the file ended inside tensor {name!r}; was it changed or truncated "
+                                  "while being read? Fetch it again.")
 
 
 def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

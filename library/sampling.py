@@ -3,7 +3,8 @@ sampler names, one generation function (`generate_images`), kohya's seed rules a
 
 Prompt files (kohya's formats): `.txt` — one prompt per line, `#` comments, per-line options after ` --`:
 `--n` negative prompt, `--w` / `--h` size, `--d` seed (gen_img: a comma list, one per image), `--l` CFG scale,
-`--s` steps, `--ss` sampler, and gen_img's `--t` img2img strength, `--am` network multipliers, `--f` file name;
+`--s` steps, `--ss` sampler, and gen_img's `--t` img2img strength, `--am` network multipliers, `--f` file name,
+SDXL's `--ow` / `--oh` original size, `--nw` / `--nh` the negative prompt's original size, `--ct` / `--cl` crop;
 `.toml` — `[prompt]` defaults plus `[[prompt.subset]]` entries; `.json` — a list of strings or of dicts with the
 same keys (`prompt`, `negative_prompt`, `width`, `height`, `seed`, `scale`, `sample_steps`, `sample_sampler`).
 
@@ -64,7 +65,19 @@ class SamplePrompt:
     strength: float | None = None  # `--t`: img2img denoising strength (None: the run's --strength)
     network_multipliers: tuple[float, ...] | None = None  # `--am`: one per network (None: the run's --network_mul)
     filename: str | None = None  # `--f`: output file name
+    # SDXL's size conditioning (None: the image size; crop 0): `--ow --oh`, `--nw --nh` (negative), `--ct --cl`
+    original_width: int | None = None
+    original_height: int | None = None
+    negative_original_width: int | None = None
+    negative_original_height: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
     where: str = field(default="", compare=False)  # "prompts.txt line 3", for messages about this prompt
+
+    @property
+    def sets_size_conditioning(self) -> bool:
+        return any(v is not None for v in (self.original_width, self.original_height, self.negative_original_width,
+                                           self.negative_original_height, self.crop_top, self.crop_left))
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -104,15 +117,15 @@ def _round_size(value: int) -> int:
 _OPTION = re.compile(r"^(\w+)(?:\s+(.*))?$", re.S)
 # Options of kohya's gen_img.py / other model families that this suite does not implement: refused, naming the
 # feature, rather than silently giving another image than the file asks for.
-_UNSUPPORTED = {"nl": "negative scale", "c": "CLIP guidance prompt", "ow": "SDXL size conditioning",
-                "oh": "SDXL size conditioning", "nw": "SDXL size conditioning", "nh": "SDXL size conditioning",
-                "ct": "SDXL crop conditioning", "cl": "SDXL crop conditioning", "dsd1": "Deep Shrink",
+_UNSUPPORTED = {"nl": "negative scale", "c": "CLIP guidance prompt", "dsd1": "Deep Shrink",
                 "dst1": "Deep Shrink", "dsd2": "Deep Shrink", "dst2": "Deep Shrink", "dsr": "Deep Shrink",
                 "glt": "Gradual Latent", "glr": "Gradual Latent", "gle": "Gradual Latent", "gls": "Gradual Latent",
                 "glsn": "Gradual Latent", "glus": "Gradual Latent"}
 # Options of other model families' sample prompts (ControlNet image, guidance, ...): accepted, ignored here.
 _IGNORED = ("cn", "g", "ctr", "rcfg", "fs")
-KNOWN_OPTIONS = "--n --w --h --d --l --s --ss --t --am --f"
+KNOWN_OPTIONS = "--n --w --h --d --l --s --ss --t --am --f --ow --oh --nw --nh --ct --cl"
+_SIZE_OPTIONS = {"ow": "original_width", "oh": "original_height", "nw": "negative_original_width",
+                 "nh": "negative_original_height", "ct": "crop_top", "cl": "crop_left"}
 
 
 def parse_prompt_line(line: str, defaults: SamplePrompt, *, where: str) -> SamplePrompt:
@@ -129,7 +142,7 @@ def parse_prompt_line(line: str, defaults: SamplePrompt, *, where: str) -> Sampl
                                   f"supported here; remove it (supported: {KNOWN_OPTIONS})")
         if key in _IGNORED:
             continue
-        if not match or key not in ("n", "w", "h", "d", "l", "s", "ss", "t", "am", "f"):
+        if not match or key not in ("n", "w", "h", "d", "l", "s", "ss", "t", "am", "f", *_SIZE_OPTIONS):
             raise PromptFileError(f"{where}: unknown option '--{key}' (known: {KNOWN_OPTIONS})")
         if not value:
             raise PromptFileError(f"{where}: --{key} needs a value")
@@ -159,6 +172,11 @@ def _option_fields(key: str, value: str) -> dict:
         return {"strength": _strength(float(value))}
     if key == "am":
         return {"network_multipliers": tuple(float(v) for v in value.split(","))}
+    if key in _SIZE_OPTIONS:
+        number = int(value)
+        if number < 0:
+            raise ValueError("sizes and crops are pixel counts, not negative")
+        return {_SIZE_OPTIONS[key]: number}
     return {"filename": value}  # "f"
 
 
@@ -232,11 +250,28 @@ def generate_batch(prompt: SamplePrompt, *, models, scheduler, seeds: list[int],
     return generate_images([prompt] * len(seeds), seeds, models=models, scheduler=scheduler, encoding=encoding)
 
 
-def size_of(prompt: SamplePrompt):
-    """The size conditioning of a generated image (SDXL): the image's own size, uncropped, as diffusers' default."""
+def size_of(prompt: SamplePrompt, *, negative: bool = False):
+    """The size conditioning of a generated image (SDXL): by default the image's own size, uncropped (diffusers'
+    default); `--ow --oh --ct --cl` (and `--nw --nh` for the negative prompt, which else takes the prompt's) change
+    it. The refiner's aesthetic score: diffusers' defaults, 6 for the prompt and 2.5 for the negative."""
     from library.text_conditioning import SizeConditioning
 
-    return SizeConditioning(original_size=(prompt.height, prompt.width), target_size=(prompt.height, prompt.width))
+    height = prompt.original_height or prompt.height
+    width = prompt.original_width or prompt.width
+    if negative:
+        height, width = prompt.negative_original_height or height, prompt.negative_original_width or width
+    return SizeConditioning(original_size=(height, width), crop_top_left=(prompt.crop_top or 0, prompt.crop_left or 0),
+                            target_size=(prompt.height, prompt.width), aesthetic_score=2.5 if negative else 6.0)
+
+
+def check_prompt_fits(prompt: SamplePrompt, family) -> None:
+    """Refuse options that would do nothing for this model (SDXL size conditioning on an SD 1.x / 2.x model)."""
+    from library.families import TextConditioningKind
+
+    if prompt.sets_size_conditioning and family.text_conditioning is TextConditioningKind.HIDDEN_STATES:
+        raise PromptFileError(f"{prompt.where or 'prompt'}: SDXL size conditioning (--ow / --oh / --nw / --nh / --ct "
+                              f"/ --cl, or gen_img's --original_* / --crop_* flags) does nothing for "
+                              f"{family.description}: remove it")
 
 
 @torch.no_grad()
@@ -262,17 +297,16 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     from library.text_conditioning import CaptionEncoding, SizeConditioning, conditioner_for
 
     first = prompts[0]
-    settings = {(p.width, p.height, p.steps, p.scale, p.strength) for p in prompts}
+    settings = {(p.width, p.height, p.steps, p.scale, p.strength, size_of(p), size_of(p, negative=True))
+                for p in prompts}
     if len(settings) != 1 or len(seeds) != len(prompts):
-        raise ValueError("generate_images: one seed per prompt, and all prompts with the same size, steps, scale "
-                         "and strength")
+        raise ValueError("generate_images: one seed per prompt, and all prompts with the same size (and size "
+                         "conditioning), steps, scale and strength")
     if init_images is not None and (first.strength is None or len(init_images) != len(prompts)):
         raise ValueError("generate_images: img2img needs one init image per prompt and a strength")
     family, n = models.family, len(prompts)
     conditioner = conditioner_for(family, models.tokenizers, models.text_encoders, encoding or CaptionEncoding())
-    size = size_of(first)
-    # diffusers' default negative aesthetic score for the refiner (the prompt's is 6.0)
-    negative_size = SizeConditioning(size.original_size, size.crop_top_left, size.target_size, aesthetic_score=2.5)
+    size, negative_size = size_of(first), size_of(first, negative=True)
     cond = encode_prompts([p.prompt for p in prompts] + [p.negative_prompt for p in prompts],
                           [size] * n + [negative_size] * n, conditioner).to(models.unet.dtype)
     positive, negative = cond.rows(slice(0, n)), cond.rows(slice(n, 2 * n))

@@ -273,8 +273,8 @@ def _map_original_tensors(checkpoint: SDCheckpoint, source: TensorSource, *, ext
                 wrong_shape.append(f"{key}: {tuple(lazy.shape)} (expected {mapping.original_shape})")
                 continue
             for i, name in enumerate(mapping.diffusers):
-                out[name] = LazyTensor(mapping.diffusers_shapes[i], lazy.dtype,
-                                       _part_loader(mapping, lazy, i))
+                out[name] = LazyTensor(mapping.diffusers_shapes[i], lazy.dtype, _part_loader(mapping, lazy, i),
+                                       raw=lazy.raw if mapping.same_bytes else None)
         checkpoint.tensors[component] = out
     _raise_key_problems(source.path, missing, wrong_shape, checkpoint.family)
     known_extras = set(key_maps.LDM_SCHEDULE_BUFFERS)
@@ -472,7 +472,7 @@ def _validated_component(source: TensorSource, table: KeyTable) -> dict[str, Laz
 def _reshaped(lazy: LazyTensor, shape: tuple[int, ...], name: str) -> LazyTensor:
     if tuple(lazy.shape) == tuple(shape):
         return lazy
-    return LazyTensor(shape, lazy.dtype, lambda: reshape_checked(lazy.load(), shape, name))
+    return LazyTensor(shape, lazy.dtype, lambda: reshape_checked(lazy.load(), shape, name), raw=lazy.raw)
 
 
 SD_ARCHS = ("sd1", "sd2")

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from library.safetensors_io import SafetensorsFormatError, SafetensorsReader
+from library.safetensors_io import RawBytes, SafetensorsFormatError, SafetensorsReader
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,14 @@ class UnsafePickleError(CheckpointError):
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor known by shape and dtype, read (or computed) only when `load()` is called."""
+    """A tensor known by shape and dtype, read (or computed) only when `load()` is called. `raw`: where exactly the
+    bytes `load()` returns lie in a safetensors file, if they do (a writer may copy them without loading); a
+    reshape keeps them, any other change of the values must drop them."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    raw: RawBytes | None = None
 
     @staticmethod
     def of(tensor: torch.Tensor) -> "LazyTensor":
@@ -103,7 +106,8 @@ def _open_safetensors(path: Path) -> TensorSource:
     tensors = {}
     for name in reader.keys():
         info = reader.info(name)
-        tensors[name] = LazyTensor(tuple(info.shape), info.dtype, lambda n=name: reader.read(n))
+        tensors[name] = LazyTensor(tuple(info.shape), info.dtype, lambda n=name: reader.read(n),
+                                   raw=reader.raw_bytes(name))
     return TensorSource(path, tensors, dict(reader.metadata), {}, closer=reader.close)
 
 

@@ -11,8 +11,9 @@ when no weight of it differs by more than --min_diff (kohya). --clamp_quantile c
 (1 = no clipping: with a rank that holds the whole difference, the LoRA then reproduces it exactly).
 
 Both models may be in any format the suite reads (original .safetensors / .ckpt, diffusers folder) and must be
-of one family (detected; --v2 / --v_parameterization are checked against the files). They are read one weight at
-a time, never whole.
+of one family: SD 1.x, SD 2.x or SDXL (detected; --v2 / --sdxl / --v_parameterization are checked against the
+files). For SDXL both text encoders are extracted (lora_te1_ / lora_te2_) when either differs by more than
+--min_diff, as kohya does. They are read one weight at a time, never whole.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 from library.atomic_files import check_writable_output  # noqa: E402
 from library.checkpoint_writer import modelspec_keys, parse_save_precision  # noqa: E402
 from library.families import PredictionType  # noqa: E402
-from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint, require_arch  # noqa: E402
+from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint  # noqa: E402
 from networks.lora_checkpoint import check_same_structure, lora_layers, weight_difference  # noqa: E402
 from networks.lora_files import (LoRAFactors, LoRAFileError, check_lora_output_path, lora_metadata,  # noqa: E402
                                  write_lora_file)
@@ -47,7 +48,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--v2", action="store_true", help="assert the models are SD 2.x (detected anyway)")
     p.add_argument("--v_parameterization", action="store_true",
                    help="the models predict v; only needed when the files do not say so themselves")
-    p.add_argument("--sdxl", action="store_true", help="SDXL models (not supported yet: refused)")
+    p.add_argument("--sdxl", action="store_true", help="assert the models are SDXL (detected anyway)")
     p.add_argument("--model_org", required=True, help="the original model (.safetensors / .ckpt / diffusers folder)")
     p.add_argument("--model_tuned", required=True, help="the fine-tuned model")
     p.add_argument("--save_to", required=True, help="output LoRA (.safetensors / .pt)")
@@ -87,7 +88,7 @@ def extract(original: SDCheckpoint, tuned: SDCheckpoint, *, dim: int, conv_dim: 
     if conv_dim is not None:
         check_rank_fits("--conv_dim", conv_dim, {n: limit(l) for n, l in layers.items() if is_kxk(l)})
 
-    text_encoder = {n: l for n, l in layers.items() if l.component == "text_encoder"}
+    text_encoder = {n: l for n, l in layers.items() if l.component != "unet"}  # every text encoder of the family
     te_max = max((float(weight_difference(original, tuned, l, load_dtype).abs().max()) for l in text_encoder.values()),
                  default=0.0)
     if te_max <= min_diff:
@@ -110,23 +111,31 @@ def family_metadata(checkpoint: SDCheckpoint, title: str, *, with_modelspec: boo
     """What a LoRA for this model says about its base (as train_network.py writes it)."""
     family = checkpoint.family
     v = checkpoint.prediction_type is PredictionType.V_PREDICTION
+    # SD 2.x has a v family of its own; a v-prediction SD 1.x gets "sd_v1_v". kohya writes SDXL's version as it is
+    # (modelspec.prediction_type says "v" for a v-prediction SDXL).
     metadata = {"ss_v2": str(family.is_v2),
-                "ss_base_model_version": family.ss_base_model_version + ("_v" if v and not family.is_v2 else "")}
+                "ss_base_model_version": family.ss_base_model_version + ("_v" if v and family.arch == "sd1" else "")}
     if with_modelspec:
         metadata.update(modelspec_keys(family, checkpoint.prediction_type, kind="lora", implementation="diffusers"))
         metadata["modelspec.title"] = title
     return metadata
 
 
+def check_sdxl_flag(checkpoint: SDCheckpoint, path: str) -> None:
+    """kohya's --sdxl says which loader to use; here the family is detected, and the flag only checked."""
+    if not checkpoint.family.arch.startswith("sdxl"):
+        raise LoRAFileError(f"{path}: --sdxl was given, but this is {checkpoint.family.description}. Remove --sdxl; "
+                            "the family is detected from the file.")
+
+
 def run(args: argparse.Namespace) -> Path:
-    if args.sdxl:
-        raise LoRAFileError("--sdxl: SDXL models are not supported yet (SD 1.x and 2.x are)")
     dest = check_lora_output_path(args.save_to)
     check_writable_output(dest, sources=[args.model_org, args.model_tuned])
     hints = FamilyHints(v2=True if args.v2 else None, v_parameterization=args.v_parameterization)
     with read_checkpoint(args.model_org, hints) as original, read_checkpoint(args.model_tuned, hints) as tuned:
         logger.info("%s: %s", args.model_org, original.family.description)
-        require_arch(original, "extract_lora_from_models.py")
+        if args.sdxl:
+            check_sdxl_flag(original, args.model_org)
         check_same_structure(original, tuned, (args.model_org, args.model_tuned))
         modules = extract(original, tuned, dim=args.dim, conv_dim=args.conv_dim, clamp_quantile=args.clamp_quantile,
                           min_diff=args.min_diff, load_dtype=parse_save_precision(args.load_precision),

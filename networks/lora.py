@@ -1,14 +1,18 @@
-"""LoRA and LoCon for SD 1.x / 2.x with kohya-ss/sd-scripts' file format and `--network_module` interface.
+"""LoRA and LoCon for SD 1.x / 2.x and SDXL with kohya-ss/sd-scripts' file format and `--network_module` interface.
 
 A file written here loads in kohya, WebUI, ComfyUI and diffusers, and their files load here, because we keep
 kohya's contract exactly:
 - module discovery: every nn.Linear / nn.Conv2d inside the U-Net's `Transformer2DModel`s (attention LoRA), plus
-  inside `ResnetBlock2D` / `Downsample2D` / `Upsample2D` when LoCon (`conv_dim`) is on; in the text encoder,
-  inside `CLIPAttention` and `CLIPMLP`;
-- names: `lora_unet_<diffusers path>` and `lora_te_text_model_<path>`, with "." -> "_";
+  inside `ResnetBlock2D` / `Downsample2D` / `Upsample2D` when LoCon (`conv_dim`) is on; in the text encoders,
+  inside `CLIPAttention` and `CLIPMLP` (SDXL's `text_projection` is not targeted);
+- names, with "." -> "_": `lora_te_text_model_<path>` for a model with one text encoder, `lora_te1_...` /
+  `lora_te2_...` for SDXL's two (`text_encoder_prefixes`); `lora_unet_<path>` where the U-Net path is diffusers'
+  for SD 1.x / 2.x and Stability's original layout for SDXL (`unet_names_in_original_layout` says why);
 - tensors: `<name>.lora_down.weight` [r, in(, k, k)], `<name>.lora_up.weight` [out, r(, 1, 1)], `<name>.alpha`
   (scalar; scale = alpha / r);
 - math: y = W x + up(down(x)) * multiplier * alpha / r, down kaiming-uniform and up zero at init.
+
+`text_encoder` arguments take one module or a list (kohya passes SDXL's as [CLIP ViT-L, OpenCLIP bigG]).
 
 The LoRA is injected by swapping the wrapped module's `forward` (as kohya does), not by replacing the module, so
 the base model's state_dict keys never change; `restore()` undoes the swap exactly.
@@ -19,6 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,13 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from library.atomic_files import atomic_file
+from library.key_maps import original_unet_module
 from library.safetensors_io import save_tensors
 from library.tensor_files import open_tensor_file
 
 logger = logging.getLogger(__name__)
 
 PREFIX_UNET = "lora_unet"
-PREFIX_TEXT_ENCODER = "lora_te"
+PREFIX_TEXT_ENCODER = "lora_te"  # `lora_te1`, `lora_te2` when a model has several (text_encoder_prefixes)
 # Matched by class name, like kohya: these are the blocks whose layers kohya's files target.
 UNET_ATTENTION_CONTAINERS = ("Transformer2DModel",)
 UNET_CONV_CONTAINERS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -158,9 +165,44 @@ def weight_delta(up: torch.Tensor, down: torch.Tensor, scale: float, *,
     return (up2d @ down2d).reshape(up.shape[0], *down.shape[1:]) * scale
 
 
+def text_encoder_prefixes(count: int) -> list[str]:
+    """kohya's rule: a model with one text encoder names it `lora_te`, one with several `lora_te1`, `lora_te2`, ...
+    in the order given (SDXL: CLIP ViT-L, then OpenCLIP bigG). The families' `TextEncoderSlot.lora_prefix` follow it."""
+    if count == 1:
+        return [PREFIX_TEXT_ENCODER]
+    return [f"{PREFIX_TEXT_ENCODER}{i}" for i in range(1, count + 1)]
+
+
+def unet_names_in_original_layout(unet: nn.Module) -> bool:
+    """Whether this U-Net's LoRA modules are named by Stability's original layout: the one place that decides it.
+
+    kohya's SD 1.x / 2.x scripts run diffusers' UNet2DConditionModel, so their files name U-Net modules by diffusers'
+    paths (`lora_unet_down_blocks_1_attentions_0_proj_in`); kohya's SDXL scripts run Stability's own U-Net
+    (sdxl_original_unet.py), so SDXL files name them by the original layout (`lora_unet_input_blocks_4_1_proj_in`),
+    and WebUI / ComfyUI read SDXL LoRAs that way. We run diffusers' U-Net for every family and translate its paths
+    with the U-Net key map. SDXL's U-Nets (base and refiner) are the ones conditioned on the pooled text and the
+    image size: `addition_embed_type == "text_time"`."""
+    config = getattr(unet, "config", None) or {}
+    return config.get("addition_embed_type") == "text_time"
+
+
+def text_encoder_list(text_encoder) -> list[nn.Module]:
+    """kohya's `text_encoder` argument as a list: one module, a list / tuple of them (SDXL), or None (none)."""
+    if text_encoder is None:
+        return []
+    encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    if any(encoder is None for encoder in encoders):
+        raise ValueError("a text encoder in the list is None; pass the model's text encoders in order "
+                         "(SDXL: [CLIP ViT-L, OpenCLIP bigG])")
+    if len({id(encoder) for encoder in encoders}) != len(encoders):
+        raise ValueError("the same text encoder is given twice")
+    return encoders
+
+
 def find_targets(root: nn.Module, containers: tuple[str, ...], prefix: str,
-                 path_prefix: str = "") -> dict[str, nn.Module]:
-    """kohya's discovery: lora name -> every Linear / Conv2d inside a module whose class name is in `containers`.
+                 module_path: Callable[[str], str] = lambda path: path) -> dict[str, nn.Module]:
+    """kohya's discovery: lora name -> every Linear / Conv2d inside a module whose class name is in `containers`,
+    named `prefix` + `module_path(its path in root)` with "." -> "_".
 
     isinstance (not kohya's exact class-name test) so that subclasses such as old diffusers' LoRACompatibleConv
     are still found."""
@@ -170,7 +212,7 @@ def find_targets(root: nn.Module, containers: tuple[str, ...], prefix: str,
             continue
         for child_path, child in container.named_modules():
             if isinstance(child, (nn.Linear, nn.Conv2d)):
-                full_path = ".".join(p for p in (path_prefix + path, child_path) if p)
+                full_path = module_path(".".join(p for p in (path, child_path) if p))
                 name = f"{prefix}_{full_path.replace('.', '_')}"
                 if name in found and found[name] is not child:
                     raise ValueError(f"two modules map to the LoRA name {name}")
@@ -178,27 +220,106 @@ def find_targets(root: nn.Module, containers: tuple[str, ...], prefix: str,
     return found
 
 
-def lora_targets(text_encoder: nn.Module | None, unet: nn.Module | None, *, conv: bool
+def text_encoder_targets(text_encoder) -> list[dict[str, nn.Module]]:
+    """The layers a kohya LoRA can target in each text encoder (one dict per encoder, in the order given)."""
+    encoders = text_encoder_list(text_encoder)
+    targets = []
+    for prefix, encoder in zip(text_encoder_prefixes(len(encoders)), encoders):
+        # Every kohya/WebUI/ComfyUI/diffusers file names TE modules `<prefix>_text_model_encoder_...`:
+        # CLIPTextModelWithProjection and transformers 4's CLIPTextModel have that `text_model.` level,
+        # transformers 5's CLIPTextModel does not: add it back.
+        level = "" if hasattr(encoder, "text_model") else "text_model."
+        targets.append(find_targets(encoder, TEXT_ENCODER_CONTAINERS, prefix, lambda path, level=level: level + path))
+    return targets
+
+
+def unet_targets(unet: nn.Module, *, conv: bool) -> dict[str, nn.Module]:
+    """The U-Net layers a kohya LoRA can target; `conv` adds ResNet blocks and down/upsamplers (LoCon)."""
+    containers = UNET_ATTENTION_CONTAINERS + (UNET_CONV_CONTAINERS if conv else ())
+    if not unet_names_in_original_layout(unet):
+        return find_targets(unet, containers, PREFIX_UNET)
+    config = dict(unet.config)
+    return find_targets(unet, containers, PREFIX_UNET, lambda path: original_unet_module(config, path))
+
+
+def lora_targets(text_encoder, unet: nn.Module | None, *, conv: bool
                  ) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
-    """(text-encoder, U-Net) layers a kohya LoRA can target, by LoRA name. `conv` adds the layers of ResNet
-    blocks and down/upsamplers (LoCon); a file may hold any subset. Works on meta-device models too."""
-    te_targets, unet_targets = {}, {}
-    if text_encoder is not None:
-        # Every kohya/WebUI/ComfyUI/diffusers file names TE modules `lora_te_text_model_encoder_...`:
-        # transformers 4's CLIPTextModel has that `text_model.` level, transformers 5's does not: add it back.
-        te_path = "" if hasattr(text_encoder, "text_model") else "text_model."
-        te_targets = find_targets(text_encoder, TEXT_ENCODER_CONTAINERS, PREFIX_TEXT_ENCODER, te_path)
-    if unet is not None:
-        containers = UNET_ATTENTION_CONTAINERS + (UNET_CONV_CONTAINERS if conv else ())
-        unet_targets = find_targets(unet, containers, PREFIX_UNET)
-    return te_targets, unet_targets
+    """(text-encoder, U-Net) layers a kohya LoRA can target, by LoRA name; `text_encoder` is one module or a list
+    (SDXL). `conv` adds the layers of ResNet blocks and down/upsamplers (LoCon); a file may hold any subset. Works on
+    meta-device models too."""
+    te_targets: dict[str, nn.Module] = {}
+    for targets in text_encoder_targets(text_encoder):
+        te_targets.update(targets)
+    return te_targets, (unet_targets(unet, conv=conv) if unet is not None else {})
+
+
+# ------------------------------------------------------------------ what module names say about their model
+
+# How a kohya file names U-Net modules: diffusers' paths (SD 1.x / 2.x) or Stability's original layout (SDXL).
+_DIFFUSERS_LAYOUT = "diffusers' down_blocks / mid_block / up_blocks layout"
+_ORIGINAL_LAYOUT = "Stability's input_blocks / middle_block / output_blocks layout"
+_UNET_LAYOUTS = {_DIFFUSERS_LAYOUT: ("down_blocks_", "mid_block_", "up_blocks_"),
+                 _ORIGINAL_LAYOUT: ("input_blocks_", "middle_block_", "output_blocks_")}
+_SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")
+
+
+@dataclass(frozen=True)
+class NameStyle:
+    """What a set of kohya module names says about the model it was made for: the text-encoder prefixes and the
+    U-Net layout are the two things that differ between the families' files."""
+
+    text_encoder_prefixes: tuple[str, ...]  # e.g. ("lora_te",) or ("lora_te1", "lora_te2")
+    unet_layouts: tuple[str, ...]  # keys of _UNET_LAYOUTS found (two: the names mix layouts)
+
+    @property
+    def family(self) -> str | None:
+        """The family the names point to: "SDXL", "SD 1.x / 2.x", or None when they do not tell (no names of
+        either kind, or U-Net names in both layouts)."""
+        if len(self.unet_layouts) > 1:
+            return None
+        sdxl = (any(p in _SDXL_TEXT_ENCODER_PREFIXES for p in self.text_encoder_prefixes)
+                or self.unet_layouts == (_ORIGINAL_LAYOUT,))
+        if sdxl:
+            return "SDXL"
+        return "SD 1.x / 2.x" if self.text_encoder_prefixes or self.unet_layouts else None
+
+    @property
+    def clues(self) -> str:
+        parts = []
+        if self.text_encoder_prefixes:
+            encoders = "text encoders" if len(self.text_encoder_prefixes) > 1 else "text encoder"
+            parts.append(f"{encoders} {' / '.join(p + '_' for p in self.text_encoder_prefixes)}")
+        parts += [f"U-Net names in {layout}" for layout in self.unet_layouts]
+        return ", ".join(parts)
+
+
+def name_style(names: Iterable[str]) -> NameStyle:
+    names = list(names)
+    prefixes = tuple(p for p in (PREFIX_TEXT_ENCODER, *_SDXL_TEXT_ENCODER_PREFIXES)
+                     if any(n.startswith(p + "_") for n in names))
+    unet = [n[len(PREFIX_UNET) + 1:] for n in names if n.startswith(PREFIX_UNET + "_")]
+    layouts = tuple(layout for layout, starts in _UNET_LAYOUTS.items() if any(n.startswith(starts) for n in unet))
+    return NameStyle(prefixes, layouts)
+
+
+def family_mismatch_hint(lora_names: Iterable[str], model_names: Iterable[str]) -> str:
+    """A sentence for an error message saying which family a LoRA's module names point to when it is not the
+    model's (e.g. an SDXL LoRA on an SD 1.x model), or that its U-Net names use the other layout; "" otherwise."""
+    lora, model = name_style(lora_names), name_style(model_names)
+    if lora.family and model.family and lora.family != model.family:
+        return (f"Its names are those of a LoRA for {lora.family} ({lora.clues}); this model is {model.family} "
+                f"({model.clues}).")
+    if lora.unet_layouts and model.unet_layouts and lora.unet_layouts != model.unet_layouts:
+        return (f"Its U-Net names are in {' and '.join(lora.unet_layouts)}; this model's LoRA names are in "
+                f"{model.unet_layouts[0]} (kohya's layout for {model.family}).")
+    return ""
 
 
 class LoRANetwork(nn.Module):
-    """All LoRA modules of one U-Net + text encoder. The modules are registered under their kohya names, so
+    """All LoRA modules of one U-Net and its text encoder(s). The modules are registered under their kohya names, so
     `state_dict()` keys are exactly the file's keys."""
 
-    def __init__(self, text_encoder: nn.Module | None, unet: nn.Module | None, *, multiplier: float = 1.0,
+    def __init__(self, text_encoder, unet: nn.Module | None, *, multiplier: float = 1.0,
                  lora_dim: int = 4, alpha: float | None = 1.0, dropout: float | None = None,
                  rank_dropout: float | None = None, module_dropout: float | None = None,
                  conv_lora_dim: int | None = None, conv_alpha: float | None = None,
@@ -209,6 +330,11 @@ class LoRANetwork(nn.Module):
         self.multiplier = multiplier
         self.block_lr_weights: list[float] | None = None  # set_block_lr_weight
         self.loraplus_ratios = (None, None)  # (unet, text encoder): set_loraplus_lr_ratio
+        text_encoders = text_encoder_list(text_encoder)
+        # Kept out of the module tree; used to check apply_to's arguments and to refuse the SD block table.
+        self._models = (text_encoders, unet)
+        if block_dims is not None or conv_block_dims is not None:
+            require_sd_block_table(unet, "block_dims / conv_block_dims")
 
         def dim_alpha(name: str, module: nn.Module):
             if modules_dim is not None:  # from a file: exactly the modules (and ranks) it has
@@ -235,21 +361,30 @@ class LoRANetwork(nn.Module):
             return loras
 
         conv = bool(conv_lora_dim or conv_block_dims or modules_dim is not None)
-        te_targets, unet_targets = lora_targets(text_encoder, unet, conv=conv)
+        te_targets, unet_targets = lora_targets(text_encoders, unet, conv=conv)
         if modules_dim is not None:
             unknown = sorted(set(modules_dim) - set(te_targets) - set(unet_targets))
             if unknown:
-                raise ValueError(f"{len(unknown)} LoRA module(s) in the weights match no layer of these models "
-                                 f"(wrong base model family, or LDM/SDXL-style names?): {', '.join(unknown[:20])}")
+                hint = (family_mismatch_hint(modules_dim, [*te_targets, *unet_targets])
+                        or "Is it a LoRA for another base model family?")
+                more = f" (+{len(unknown) - 12} more)" if len(unknown) > 12 else ""
+                raise ValueError(f"{len(unknown)} of {len(modules_dim)} LoRA module(s) in the weights match no layer "
+                                 f"of these models. {hint} Unmatched: {', '.join(unknown[:12])}{more}")
         self.text_encoder_loras = build(te_targets)
         self.unet_loras = build(unet_targets)
-        self._models = [text_encoder, unet]  # kept out of the module tree; used to check apply_to's arguments
-        logger.info("LoRA: %d text-encoder modules, %d U-Net modules", len(self.text_encoder_loras),
+        counts = [f"{len(loras)} {prefix}" for prefix, loras in self._text_encoder_loras_by_prefix()]
+        logger.info("LoRA: %s text-encoder modules, %d U-Net modules", " + ".join(counts) or "0",
                     len(self.unet_loras))
 
     @property
     def loras(self) -> list[LoRAModule]:
         return self.text_encoder_loras + self.unet_loras
+
+    def _text_encoder_loras_by_prefix(self) -> list[tuple[str, list[LoRAModule]]]:
+        """(prefix, modules) per text encoder the network was built for, in their order."""
+        prefixes = text_encoder_prefixes(len(self._models[0])) if self._models[0] else []
+        return [(prefix, [lora for lora in self.text_encoder_loras if lora.lora_name.startswith(prefix + "_")])
+                for prefix in prefixes]
 
     def _drop(self, loras: list[LoRAModule]) -> None:
         for lora in loras:
@@ -260,10 +395,12 @@ class LoRANetwork(nn.Module):
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
         """Inject into the models. A part not applied is discarded (as in kohya): neither trained nor saved."""
         # Catches a network built on one model instance and applied to a copy (it would silently do nothing).
-        pairs = zip((_single_text_encoder(text_encoder), unet), self._models, ("text encoder", "U-Net"))
-        for given, built, what in pairs:
-            if given is not None and built is not None and given is not built:
-                raise ValueError(f"apply_to: this network was built for another {what} instance")
+        given_encoders, (built_encoders, built_unet) = text_encoder_list(text_encoder), self._models
+        if given_encoders and built_encoders and (len(given_encoders) != len(built_encoders) or any(
+                given is not built for given, built in zip(given_encoders, built_encoders))):
+            raise ValueError("apply_to: this network was built for another text encoder instance (or list of them)")
+        if unet is not None and built_unet is not None and unet is not built_unet:
+            raise ValueError("apply_to: this network was built for another U-Net instance")
         if not apply_text_encoder:
             self._drop(self.text_encoder_loras)
         if not apply_unet:
@@ -306,16 +443,28 @@ class LoRANetwork(nn.Module):
             lora.merge_to_base(dtype=dtype, device=device)
         logger.info("merged %d LoRA modules into the base weights", len(self.loras))
 
-    def prepare_optimizer_params(self, text_encoder_lr: float | None, unet_lr: float | None,
+    def prepare_optimizer_params(self, text_encoder_lr: float | list[float | None] | None, unet_lr: float | None,
                                  default_lr: float | None) -> tuple[list[dict], list[str]]:
         """Param groups "textencoder" and "unet" (kohya's names, used for TensorBoard lr/<name>). A part whose
-        learning rate is None (after falling back to default_lr) or 0 gets no group and is frozen."""
+        learning rate is None (after falling back to default_lr) or 0 gets no group and is frozen.
+
+        `text_encoder_lr` may be a list: one value (as kohya's networks.lora reads --text_encoder_lr: SDXL's two
+        encoders share it), or one per text encoder, which gives groups "textencoder1", "textencoder2"."""
         if not any(lora.is_applied for lora in self.loras):
             raise RuntimeError("prepare_optimizer_params: call apply_to() first")
         self.requires_grad_(True)
         groups, descriptions = [], []
         unet_ratio, te_ratio = self.loraplus_ratios
-        parts = [("textencoder", self.text_encoder_loras, text_encoder_lr, te_ratio)]
+        te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+        per_encoder = self._text_encoder_loras_by_prefix()
+        if len(te_lrs) <= 1 or not self.text_encoder_loras:
+            parts = [("textencoder", self.text_encoder_loras, te_lrs[0] if te_lrs else None, te_ratio)]
+        elif len(te_lrs) == len(per_encoder):
+            parts = [(f"textencoder{i}", loras, lr, te_ratio)
+                     for i, ((_, loras), lr) in enumerate(zip(per_encoder, te_lrs), start=1)]
+        else:
+            raise ValueError(f"text encoder learning rates {te_lrs}: give one, or one per text encoder "
+                             f"({len(per_encoder)})")
         if self.block_lr_weights is None:
             parts.append(("unet", self.unet_loras, unet_lr, unet_ratio))
         else:
@@ -347,6 +496,8 @@ class LoRANetwork(nn.Module):
 
     def set_block_lr_weight(self, weights: list[float] | None) -> None:
         """Per-U-Net-block learning-rate multipliers (25 entries, kohya's block indices; see unet_block_index)."""
+        if weights is not None:
+            require_sd_block_table(self._models[1], "down_lr_weight / mid_lr_weight / up_lr_weight")
         self.block_lr_weights = weights
 
     def set_loraplus_lr_ratio(self, ratio: float | None, unet_ratio: float | None = None,
@@ -433,6 +584,15 @@ def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------- kohya's U-Net block indices
 
 NUM_BLOCKS = 25  # 0: not a block (conv_in, time embedding); 1-11: down; 12: mid; 13-24: up (SD 1.x / 2.x)
+
+
+def require_sd_block_table(unet: nn.Module | None, options: str) -> None:
+    """The block-wise options (`options`, for the message) number blocks by SD 1.x / 2.x's table: refuse them for
+    an SDXL U-Net (kohya's SDXL table has 23 blocks and other names; it comes with the SDXL trainer)."""
+    if unet is not None and unet_names_in_original_layout(unet):
+        raise ValueError(f"--network_args {options}: kohya's block-wise options number the U-Net blocks by the "
+                         "SD 1.x / 2.x table (25 blocks); this is an SDXL U-Net, whose 23-block table comes with "
+                         "the SDXL trainer. Leave these options out for SDXL.")
 _BLOCK_NAME = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)")
 
 
@@ -552,17 +712,18 @@ def parse_network_args(kwargs: dict[str, object], neuron_dropout: float | None =
     return NetworkArgs(**values)
 
 
-def _single_text_encoder(text_encoder):
-    if isinstance(text_encoder, (list, tuple)):
-        if len(text_encoder) != 1:
-            raise NotImplementedError("networks.lora here supports one text encoder (SD 1.x / 2.x), not SDXL")
-        return text_encoder[0]
-    return text_encoder
+# The options that number U-Net blocks by SD 1.x / 2.x's 25-block table (see unet_block_index).
+_SD_BLOCK_OPTIONS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                     "mid_lr_weight", "up_lr_weight")
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
                    unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
+    """kohya's factory: `text_encoder` is one text encoder or a list of them (SDXL: [CLIP ViT-L, OpenCLIP bigG])."""
     args = parse_network_args(kwargs, neuron_dropout)
+    given = [name for name in _SD_BLOCK_OPTIONS if getattr(args, name) is not None]
+    if given:
+        require_sd_block_table(unet, ", ".join(given))
     lora_dim = 4 if network_dim is None else network_dim  # kohya's defaults
     alpha = 1.0 if network_alpha is None else network_alpha
     block_dims = _block_list(args.block_dims, "block_dims", int, None)
@@ -577,7 +738,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         block_dims = [0 if w == 0 else d for w, d in zip(lr_weights, block_dims or [lora_dim] * NUM_BLOCKS)]
         block_alphas = block_alphas or [alpha] * NUM_BLOCKS
     network = LoRANetwork(
-        _single_text_encoder(text_encoder), unet, multiplier=multiplier, lora_dim=lora_dim, alpha=alpha,
+        text_encoder, unet, multiplier=multiplier, lora_dim=lora_dim, alpha=alpha,
         dropout=args.dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
         conv_lora_dim=args.conv_dim, conv_alpha=args.conv_alpha, block_dims=block_dims, block_alphas=block_alphas,
         conv_block_dims=conv_block_dims, conv_block_alphas=conv_block_alphas)
@@ -610,7 +771,7 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
     dims, alphas = dims_from_weights(weights_sd)
     dropouts = {} if for_inference else dict(dropout=args.dropout, rank_dropout=args.rank_dropout,
                                               module_dropout=args.module_dropout)
-    network = LoRANetwork(_single_text_encoder(text_encoder), unet, multiplier=multiplier,
+    network = LoRANetwork(text_encoder, unet, multiplier=multiplier,
                           modules_dim=dims, modules_alpha=alphas, **dropouts)
     return network, weights_sd
 

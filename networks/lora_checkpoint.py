@@ -1,11 +1,12 @@
 """kohya LoRA modules against full Stable Diffusion checkpoints: which tensor each module changes, whether a LoRA
 fits a model, merging LoRAs into a checkpoint and taking the weight differences of two checkpoints.
 
-The module names come from networks.lora's own discovery (`lora_targets`), run on the checkpoint's models built
-on the meta device (no weights, no memory), so the tools and training agree on names by construction. The
-tensor a module changes is its layer's `.weight` among the checkpoint's diffusers-named tensors. Work then goes
-one tensor at a time through the checkpoint's lazy tensors, so merging into or extracting from a full-size model
-never holds a whole model in memory.
+The module names come from networks.lora's own discovery (`text_encoder_targets`, `unet_targets`), run on the
+checkpoint's models built on the meta device (no weights, no memory), so the tools and training agree on names by
+construction, for every family (SDXL: `lora_te1_` / `lora_te2_` and the U-Net in Stability's layout). The tensor a
+module changes is its layer's `.weight` among the checkpoint's diffusers-named tensors of that component. Work then
+goes one tensor at a time through the checkpoint's lazy tensors, so merging into or extracting from a full-size
+model never holds a whole model in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from library.sd_checkpoint import SDCheckpoint
 from library.tensor_files import LazyTensor
-from networks.lora import lora_targets
+from networks.lora import family_mismatch_hint, text_encoder_targets, unet_targets
 from networks.lora_files import LoRAFactors, LoRAFile, LoRAFileError, short_list
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoRALayer:
-    component: str  # "unet" | "text_encoder"
+    component: str  # "unet" | a text encoder's pipeline component ("text_encoder", "text_encoder_2")
     key: str  # the weight's diffusers name in SDCheckpoint.tensors[component]
     shape: tuple[int, ...]  # the weight's shape in the checkpoint
 
@@ -36,13 +37,17 @@ def lora_layers(checkpoint: SDCheckpoint, *, conv: bool = True) -> dict[str, LoR
 
     from library.model_loading import new_text_encoder
 
-    (slot,) = checkpoint.family.text_encoders  # the LoRA tools handle one-encoder families (SD 1.x / 2.x)
+    slots = checkpoint.family.text_encoders
     with torch.device("meta"):  # structure only
         unet = UNet2DConditionModel.from_config(checkpoint.configs.unet)
-        text_encoder = new_text_encoder(slot.kind, checkpoint.configs.text_encoders[slot.component])
+        text_encoders = [new_text_encoder(slot.kind, checkpoint.configs.text_encoders[slot.component])
+                         for slot in slots]
+    # The network names the encoders in the family's order, which is also the order of the checkpoint's slots.
+    parts = [(slot.component, model, targets)
+             for slot, model, targets in zip(slots, text_encoders, text_encoder_targets(text_encoders))]
+    parts.append(("unet", unet, unet_targets(unet, conv=conv)))
     layers = {}
-    for component, model, targets in zip((slot.component, "unet"), (text_encoder, unet),
-                                         lora_targets(text_encoder, unet, conv=conv)):
+    for component, model, targets in parts:
         paths = {id(module): path for path, module in model.named_modules()}
         tensors = checkpoint.tensors[component]
         for name, module in targets.items():
@@ -77,18 +82,17 @@ def match_lora(lora: LoRAFile, layers: dict[str, LoRALayer], model_description: 
             lines.append(f"{len(unmatched)} module(s) name no layer of this model:\n    {short_list(unmatched, 8)}")
         if wrong:
             lines.append(f"{len(wrong)} module(s) have the wrong shape:\n    {short_list(wrong, 8)}")
-        lines.append(_family_hint(lora, unmatched))
+        lines.append(_family_hint(lora, layers))
         raise LoRAFileError("\n  ".join(line for line in lines if line))
     return {name: layers[name] for name in lora.modules}
 
 
-def _family_hint(lora: LoRAFile, unmatched: list[str]) -> str:
+def _family_hint(lora: LoRAFile, layers: dict[str, LoRALayer]) -> str:
+    """Which family the LoRA's names point to (SDXL: lora_te1_ / lora_te2_, U-Net in Stability's layout; SD 1.x /
+    2.x: lora_te_, diffusers' layout) when it is not this model's, and what its metadata says."""
     said = [f"{k}={lora.metadata[k]}" for k in ("ss_base_model_version", "modelspec.architecture")
             if lora.metadata.get(k)]
-    hint = "Is the LoRA for another model family?"
-    if any(n.startswith(("lora_te1_", "lora_te2_")) or "_input_blocks_" in n or "_output_blocks_" in n
-           for n in unmatched):
-        hint += " Its names (lora_te1_ / lora_te2_ / input_blocks) are SDXL's."
+    hint = family_mismatch_hint(lora.modules, layers) or "Is the LoRA for another model family?"
     if said:
         hint += f" Its metadata says {', '.join(said)}."
     return hint + " Nothing was written."

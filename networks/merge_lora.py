@@ -14,10 +14,12 @@ Into one LoRA (no --sd_model):
   reported otherwise. (kohya instead adds the up and down matrices of the inputs separately, which is not the sum
   of the updates and squares the ratio of a single LoRA, issue #868.)
 
-Inputs: LoRA files as .safetensors / .pt / .ckpt; the model as an original .safetensors / .ckpt or a diffusers
-folder. The output format follows --save_to: .safetensors, .ckpt or a folder (diffusers) for a model;
-.safetensors (with metadata) or .pt for a LoRA. Outputs are written atomically, with `modelspec.merged_from`
-naming the inputs.
+Inputs: LoRA files as .safetensors / .pt / .ckpt; the model (SD 1.x, SD 2.x or SDXL: detected from the file) as
+an original .safetensors / .ckpt or a diffusers folder. A LoRA made for another family is refused, saying which
+family its names point to. networks/sdxl_merge_lora.py, kohya's SDXL name for this tool, runs this one.
+
+The output format follows --save_to: .safetensors, .ckpt or a folder (diffusers) for a model; .safetensors (with
+metadata) or .pt for a LoRA. Outputs are written atomically, with `modelspec.merged_from` naming the inputs.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tqdm import tqdm  # noqa: E402
 
 from library.atomic_files import check_writable_output  # noqa: E402
 from library.checkpoint_writer import SAVE_DTYPES, SaveFormat, parse_save_precision, save_checkpoint  # noqa: E402
-from library.sd_checkpoint import FamilyHints, read_checkpoint, require_arch  # noqa: E402
+from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
 from networks.lora_checkpoint import merge_into_checkpoint  # noqa: E402
 from networks.lora_files import (LoRAFactors, LoRAFile, LoRAFileError, check_lora_output_path,  # noqa: E402
                                  check_same_layers, identity_metadata, lora_metadata, read_lora_files, short_list,
@@ -84,7 +86,6 @@ def merge_into_model(args: argparse.Namespace) -> Path:
     save_dtype = parse_save_precision(args.save_precision) or merge_dtype
     with read_checkpoint(args.sd_model, FamilyHints(v2=True if args.v2 else None)) as checkpoint:
         logger.info("%s: %s", args.sd_model, checkpoint.family.description)
-        require_arch(checkpoint, "merge_lora.py")
         merged = merge_into_checkpoint(checkpoint, list(zip(loras, ratios)), merge_dtype)
         base_title = checkpoint.metadata.get("modelspec.title") or Path(args.sd_model).stem
         metadata = None if args.no_metadata else {
@@ -164,7 +165,11 @@ def merge_into_lora(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    args = setup_parser().parse_args(argv)
+    return run(setup_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Merge as the arguments say; the exit status (2 with the message on stderr for a bad input)."""
     try:
         if args.sd_model is not None:
             if args.concat or args.shuffle:

@@ -39,6 +39,10 @@ def models(root: Path) -> None:
     save_checkpoint(other, root / "model_b.ckpt", SaveFormat.CKPT)
     save_checkpoint(other, root / "model_c_diffusers", SaveFormat.DIFFUSERS_SAFETENSORS)
     save_checkpoint(tiny_checkpoint(FAMILIES["sd2-768-v"], seed=2), root / "sd2_768v_folder", SaveFormat.DIFFUSERS)
+    save_checkpoint(tiny_checkpoint(FAMILIES["sdxl"], seed=3), root / "sd_xl_base_1.0.safetensors",
+                    SaveFormat.SAFETENSORS)
+    save_checkpoint(tiny_checkpoint(FAMILIES["sdxl-refiner"], seed=4), root / "sd_xl_refiner_1.0.safetensors",
+                    SaveFormat.SAFETENSORS)
     # An old pickle with EMA weights (model_ema.* beside the U-Net), as sd-v1-4-full-ema.ckpt is.
     tensors = load_file(base)
     for key in [k for k in tensors if k.startswith(key_maps.UNET_PREFIX)]:

@@ -583,26 +583,90 @@ def test_unknown_pipeline_folder(tmp_path, tiny_files):
 @pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
 def test_sdxl_model_in_a_tool_for_sd_models(tmp_path, capsys, tiny_files, family):
     """Tools not (yet) made for SDXL refuse it by name before any work, rather than failing on a key."""
-    import gen_img
-    from networks import merge_lora
+    from tools import convert_controlnet
 
     model = tiny_files[family]["safetensors"]
-    with pytest.raises(SystemExit) as info:
-        gen_img.main(["--ckpt", str(model), "--outdir", str(tmp_path / "images"), "--prompt", "a cat",
-                      "--steps", "1", "--W", "64", "--H", "64"])
-    err = str(info.value.code)
-    assert err.startswith("error:") and model.name in err and "SDXL" in err and "gen_img.py" in err
+    out = tmp_path / "controlnet"
+    assert convert_controlnet.main([str(tmp_path / "cn.safetensors"), str(out), "--base_model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and model.name in err and "SDXL" in err and "convert_controlnet.py" in err
     assert "not support it yet" in err
+    assert not out.exists()
+
+
+def tiny_lora(path: Path, family: str) -> Path:
+    """A LoCon file written by our network on the family's tiny model, as its trainer would save it."""
+    from library.families import FAMILIES
+    from library.tiny_models import build_tiny_models
+    from networks.lora import create_network
+
+    models = build_tiny_models(FAMILIES[family])
+    network = create_network(1.0, 4, 1, None, models.text_encoders, models.unet, conv_dim="4")
+    network.save_weights(path, None, {"ss_base_model_version": FAMILIES[family].ss_base_model_version})
+    return path
+
+
+SDXL_NAMES = ["a LoRA for SDXL", "text encoders lora_te1_ / lora_te2_",
+              "U-Net names in Stability's input_blocks / middle_block / output_blocks layout"]
+SD_NAMES = ["a LoRA for SD 1.x / 2.x", "text encoder lora_te_",
+            "U-Net names in diffusers' down_blocks / mid_block / up_blocks layout"]
+
+
+@pytest.mark.parametrize("lora_family,model_family,lora_is,model_is", [
+    ("sdxl", "sd1", SDXL_NAMES, "this model is SD 1.x / 2.x"),
+    ("sd1", "sdxl", SD_NAMES, "this model is SDXL (text encoders lora_te1_ / lora_te2_"),
+    ("sd2-512", "sdxl-refiner", SD_NAMES, "this model is SDXL (text encoder lora_te_"),
+])
+def test_lora_for_another_family_says_which_family_it_is(tmp_path, capsys, tiny_files, lora_family, model_family,
+                                                        lora_is, model_is):
+    """Merged into a checkpoint file (merge_lora.py) or into / onto live models (networks.lora: --base_weights,
+    --network_weights, gen_img), a LoRA of another family fails naming the file and what its module names are,
+    and nothing is written or changed."""
+    from library.families import FAMILIES
+    from library.tiny_models import build_tiny_models
+    from networks import merge_lora
+    from networks.lora import create_network_from_weights, merge_weight_files
+
+    lora = tiny_lora(tmp_path / f"{lora_family}_lora.safetensors", lora_family)
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(PREVIOUS_OUTPUT)
     capsys.readouterr()
-    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
-    lora = tmp_path / "lora.safetensors"
-    save_tensors(lora, {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 64),
-                        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(64, 4),
-                        "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0)})
-    assert merge_lora.main(["--sd_model", str(model), "--models", str(lora),
-                            "--save_to", str(tmp_path / "merged.safetensors")]) == 2
-    assert "merge_lora.py handles SD 1.x / SD 2.x models" in capsys.readouterr().err
-    assert not (tmp_path / "merged.safetensors").exists()
+    assert merge_lora.main(["--sd_model", str(tiny_files[model_family]["safetensors"]), "--models", str(lora),
+                            "--save_to", str(out)]) == 2
+    err = capsys.readouterr().err
+    for needle in (str(lora), "does not fit this model", *lora_is, model_is, "Nothing was written"):
+        assert needle in err, f"{needle!r} not in: {err}"
+    assert_nothing_written(out, PREVIOUS_OUTPUT)
+
+    models = build_tiny_models(FAMILIES[model_family])
+    before = {k: v.clone() for k, v in models.unet.state_dict().items()}
+    raises_naming(ValueError, lambda: merge_weight_files([str(lora)], None, models.text_encoders, models.unet),
+                  str(lora), "match no layer of these models", *lora_is, model_is)
+    raises_naming(ValueError, lambda: create_network_from_weights(1.0, str(lora), None, models.text_encoders,
+                                                                  models.unet), *lora_is, model_is)
+    assert all(torch.equal(v, before[k]) for k, v in models.unet.state_dict().items())
+
+
+def test_sdxl_lora_with_diffusers_unet_names_is_told_apart(tmp_path, tiny_files, capsys):
+    """diffusers' SDXL trainers export kohya-style files whose U-Net names keep diffusers' layout; kohya's SDXL
+    files (and ours) use Stability's. The message says so instead of a bare "match no layer"."""
+    from library.safetensors_io import SafetensorsReader
+    from networks import merge_lora
+
+    with SafetensorsReader(tiny_lora(tmp_path / "sdxl.safetensors", "sdxl")) as reader:
+        tensors = {k: reader.read(k) for k in reader.keys() if k.startswith("lora_te")}
+        stem = "lora_unet_input_blocks_4_1_proj_in"
+        tensors.update({k.replace(stem, "lora_unet_down_blocks_1_attentions_0_proj_in"): reader.read(k)
+                        for k in reader.keys() if k.startswith(stem + ".")})
+    save_tensors(tmp_path / "diffusers_named.safetensors", tensors)
+    out = tmp_path / "merged.safetensors"
+    assert merge_lora.main(["--sd_model", str(tiny_files["sdxl"]["safetensors"]), "--models",
+                            str(tmp_path / "diffusers_named.safetensors"), "--save_to", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 module(s) name no layer" in err and "lora_unet_down_blocks_1_attentions_0_proj_in" in err
+    assert ("Its U-Net names are in diffusers' down_blocks / mid_block / up_blocks layout; this model's LoRA names "
+            "are in Stability's input_blocks / middle_block / output_blocks layout (kohya's layout for SDXL)") in err
+    assert not out.exists()
 
 
 LORAS = {

@@ -359,7 +359,7 @@ def test_network_args_parsing():
         create_network(1.0, 4, 1, None, models.text_encoder, models.unet, rank_dropout="1.5")
     with pytest.raises(ValueError, match="conflicts"):
         create_network(1.0, 4, 1, None, models.text_encoder, models.unet, neuron_dropout=0.1, dropout="0.2")
-    with pytest.raises(NotImplementedError, match="SDXL"):
+    with pytest.raises(ValueError, match="given twice"):  # a list is SDXL's encoders, each once
         create_network(1.0, 4, 1, None, [models.text_encoder] * 2, models.unet)
 
 

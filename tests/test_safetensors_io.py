@@ -333,3 +333,42 @@ def test_streaming_conversion_keeps_peak_memory_near_one_tensor(tmp_path):
     assert increase < 0.4 * size, f"peak RSS grew by {increase / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
 
     assert filecmp.cmp(src, dst, shallow=False)  # same names, order, metadata and data
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_raw_byte_copies_equal_loaded_writes(tmp_path, monkeypatch, kernel_copy):
+    """Entries whose bytes are copied from a source file (renamed, reshaped) give the file that loading and writing
+    them gives: byte-identical, with the kernel copy and with the copy through the process (other systems)."""
+    import library.safetensors_io as sio
+
+    tensors = _all_kinds()
+    save_file(tensors, tmp_path / "source.safetensors")
+    if not kernel_copy:
+        monkeypatch.delattr(sio.os, "copy_file_range", raising=False)
+    monkeypatch.setattr(sio._RawCopier, "_CHUNK", 5)  # several chunks per tensor on the fallback path
+    with SafetensorsReader(tmp_path / "source.safetensors") as reader:
+        loaded = [TensorEntry(f"renamed.{k}", t.dtype, tuple(t.shape), lambda k=k: reader.read(k))
+                  for k, t in tensors.items()]
+        copied = [TensorEntry(f"renamed.{k}", t.dtype, tuple(t.shape), _never_loaded, reader.raw_bytes(k))
+                  for k, t in tensors.items()]
+        write_safetensors(tmp_path / "loaded.safetensors", loaded, {"a": "b"})
+        write_safetensors(tmp_path / "copied.safetensors", copied, {"a": "b"})
+    assert filecmp.cmp(tmp_path / "loaded.safetensors", tmp_path / "copied.safetensors", shallow=False)
+
+
+def _never_loaded():
+    raise AssertionError("a raw entry must be copied, not loaded")
+
+
+def test_raw_copy_from_a_source_truncated_meanwhile_fails_and_writes_nothing(tmp_path):
+    tensors = _all_kinds()
+    save_file(tensors, tmp_path / "source.safetensors")
+    with SafetensorsReader(tmp_path / "source.safetensors") as reader:
+        entries = [TensorEntry(k, t.dtype, tuple(t.shape), _never_loaded, reader.raw_bytes(k))
+                   for k, t in tensors.items()]
+    size = (tmp_path / "source.safetensors").stat().st_size
+    with open(tmp_path / "source.safetensors", "r+b") as f:
+        f.truncate(size - 16)
+    with pytest.raises(SafetensorsFormatError, match="source.safetensors: the file ended inside tensor"):
+        write_safetensors(tmp_path / "out.safetensors", entries)
+    assert not (tmp_path / "out.safetensors").exists()

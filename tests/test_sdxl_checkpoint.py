@@ -198,3 +198,21 @@ def test_separate_vae_file_replaces_the_sdxl_vae(tiny_files, tmp_path):
             assert torch.equal(checkpoint.tensors["vae"][key].load(), lazy.load()), key
         assert torch.equal(checkpoint.tensors["unet"]["conv_in.weight"].load(),
                            original_file_tensors(tiny_files["sdxl"]["safetensors"])[U + "input_blocks.0.0.weight"])
+
+
+@pytest.mark.parametrize("source_format, target", [("safetensors", SaveFormat.DIFFUSERS_SAFETENSORS),
+                                                   ("diffusers_safetensors", SaveFormat.SAFETENSORS)])
+def test_conversion_copies_renamed_tensors_without_loading_them(tiny_files, tmp_path, monkeypatch,
+                                                                source_format, target):
+    """Most tensors only change their name between layouts: their bytes are copied file to file. Only what the
+    conversion computes is read into memory: OpenCLIP's fused q/k/v and its transposed text projection."""
+    reads = []
+    read = SafetensorsReader.read
+    monkeypatch.setattr(SafetensorsReader, "read", lambda self, name: reads.append(name) or read(self, name))
+    with read_checkpoint(tiny_files["sdxl"][source_format]) as checkpoint:
+        out = save_checkpoint(checkpoint, tmp_path / ("out" + ("" if target.is_diffusers else ".safetensors")),
+                              target)
+    computed = {name for name in reads if "in_proj" in name or "self_attn" in name or "text_projection" in name}
+    assert reads and set(reads) == computed
+    with read_checkpoint(out) as back, read_checkpoint(tiny_files["sdxl"][source_format]) as source:
+        assert_same_tensors(back, source)

@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from library.atomic_files import OutputPathError, check_writable_output  # noqa: E402
 from library.checkpoint_writer import parse_save_precision  # noqa: E402
-from library.controlnet_checkpoint import ControlNetLayout, read_controlnet, save_controlnet  # noqa: E402
-from library.families import FAMILIES  # noqa: E402
+from library.controlnet_checkpoint import (  # noqa: E402
+    CONTROLNET_FAMILIES, ControlNetLayout, read_controlnet, save_controlnet)
 from library.sd_checkpoint import read_checkpoint, require_arch  # noqa: E402
 from library.tensor_files import CheckpointError  # noqa: E402
 from tools.convert_diffusers20_original_sd import check_no_overlap  # noqa: E402
@@ -37,7 +37,7 @@ logger = logging.getLogger("convert_controlnet")
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     base = p.add_mutually_exclusive_group()
-    base.add_argument("--base_family", choices=list(FAMILIES), default=None,
+    base.add_argument("--base_family", choices=list(CONTROLNET_FAMILIES), default=None,
                       help="the base model family the ControlNet belongs to (checked against the weights)")
     base.add_argument("--base_model", default=None,
                       help="the base model (original file or diffusers folder); its U-Net config is used")
@@ -59,7 +59,7 @@ def convert(args: argparse.Namespace) -> Path:
     inputs = [source] + ([Path(args.base_model)] if args.base_model else [])
     check_writable_output(dest, sources=inputs)
     check_no_overlap(dest, inputs)
-    family = FAMILIES[args.base_family] if args.base_family else None
+    family = CONTROLNET_FAMILIES[args.base_family] if args.base_family else None
     base_unet_config = None
     if args.base_model:
         with read_checkpoint(args.base_model, allow_unsafe_pickle=args.allow_unsafe_pickle) as base:
