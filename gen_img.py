@@ -62,6 +62,8 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_unsafe_pickle", action="store_true", help="load .ckpt files that need arbitrary code")
     g.add_argument("--fp16", action="store_true", help="run in fp16 (CUDA only)")
     g.add_argument("--bf16", action="store_true", help="run in bf16 (CUDA or CPU)")
+    g.add_argument("--no_half_vae", action="store_true",
+                   help="keep the VAE in fp32 under --fp16 / --bf16 (the SDXL VAE overflows in fp16)")
     g.add_argument("--xformers", action="store_true", help="accepted for kohya compatibility; PyTorch SDPA is used")
     g.add_argument("--sdpa", action="store_true", help="accepted for kohya compatibility (the default)")
 
@@ -263,9 +265,11 @@ def read_model(args: argparse.Namespace) -> SDCheckpoint:
     return checkpoint
 
 
-def load_models(checkpoint: SDCheckpoint, device: torch.device, dtype: torch.dtype) -> SDModels:
-    with checkpoint:
-        models = instantiate_models(checkpoint, dtype=dtype)
+def load_models(checkpoint: SDCheckpoint, device: torch.device, dtype: torch.dtype, *,
+                no_half_vae: bool = False) -> SDModels:
+    with checkpoint:  # --no_half_vae: the VAE stays fp32 (the SDXL VAE overflows in fp16)
+        models = instantiate_models(checkpoint, dtype=dtype,
+                                    component_dtypes={"vae": torch.float32} if no_half_vae else None)
     for model in (models.unet, models.vae, *models.text_encoders):
         # Not requires_grad_(False): sampling runs under no_grad anyway, and frozen weights can make CPU kernels
         # round differently from diffusers' own pipelines (seen on the SD 2.x U-Net: 6e-5).
@@ -389,17 +393,14 @@ def run(args: argparse.Namespace) -> list[Path]:
     except SystemExit:
         checkpoint.close()
         raise
-    models = load_models(checkpoint, device, dtype)
+    models = load_models(checkpoint, device, dtype, no_half_vae=args.no_half_vae)
     try:  # the caption encoding must suit the family (SDXL conditions on fixed layers: no --clip_skip)
         conditioner_for(models.family, models.tokenizers, models.text_encoders, CaptionEncoding(clip_skip=args.clip_skip))
     except ValueError as e:
         raise fail(str(e)) from None
     applied = add_networks(specs, models, device, dtype)
     try:  # textual-inversion words: the prompt word is the file name (WebUI's rule)
-        if args.textual_inversion_embeddings and len(models.text_encoders) > 1:
-            raise ValueError("embeddings for SDXL (clip_l / clip_g) are not supported yet; leave the option out")
-        words = ti.load_embeddings(models.text_encoders[0], models.tokenizers[0],
-                                   args.textual_inversion_embeddings or [])
+        words = ti.load_embeddings(models, args.textual_inversion_embeddings or [])
     except ValueError as e:
         raise fail(f"--textual_inversion_embeddings: {e}") from None
 

@@ -60,6 +60,10 @@ class TextEncoderSlot:
     kind: TextEncoderKind
     original_prefix: str  # where an original (WebUI / ComfyUI) single file keeps its tensors
     lora_prefix: str  # kohya's LoRA module-name prefix: "lora_te" (one encoder), "lora_te1" / "lora_te2" (SDXL)
+    # The key of this encoder's vectors in a textual-inversion file that holds one tensor per encoder: WebUI and
+    # ComfyUI read SDXL embeddings as {"clip_l": ..., "clip_g": ...} (ComfyUI also "clip_l" / "clip_h" for SD 1.x
+    # / 2.x, whose usual files hold one `emb_params` tensor).
+    embedding_key: str = ""
 
 
 class PredictionType(enum.Enum):
@@ -204,9 +208,9 @@ _TINY_OVERRIDES = {
 # SD 1.x / 2.x keep their one text encoder under `cond_stage_model.`: the HF layout below `transformer.` (SD 1.x),
 # the OpenCLIP layout below `model.` (SD 2.x).
 _SD1_TEXT_ENCODER = TextEncoderSlot("text_encoder", "tokenizer", TextEncoderKind.CLIP_L,
-                                    "cond_stage_model.transformer.text_model.", "lora_te")
+                                    "cond_stage_model.transformer.text_model.", "lora_te", "clip_l")
 _SD2_TEXT_ENCODER = TextEncoderSlot("text_encoder", "tokenizer", TextEncoderKind.OPENCLIP_H,
-                                    "cond_stage_model.model.", "lora_te")
+                                    "cond_stage_model.model.", "lora_te", "clip_h")
 
 SD1 = ModelFamily(
     name="sd1", arch="sd1", text_encoders=(_SD1_TEXT_ENCODER,), prediction_type=PredictionType.EPSILON,
@@ -232,12 +236,12 @@ SD2_768_V = ModelFamily(
 # SDXL single files (Stability's generative-models layout) keep their encoders under `conditioner.embedders.N.`:
 # CLIP ViT-L in the HF layout, OpenCLIP bigG in the OpenCLIP layout. The refiner has bigG only, as embedder 0.
 _SDXL_TEXT_ENCODER_1 = TextEncoderSlot("text_encoder", "tokenizer", TextEncoderKind.CLIP_L,
-                                       "conditioner.embedders.0.transformer.text_model.", "lora_te1")
+                                       "conditioner.embedders.0.transformer.text_model.", "lora_te1", "clip_l")
 _SDXL_TEXT_ENCODER_2 = TextEncoderSlot("text_encoder_2", "tokenizer_2", TextEncoderKind.OPENCLIP_BIGG,
-                                       "conditioner.embedders.1.model.", "lora_te2")
+                                       "conditioner.embedders.1.model.", "lora_te2", "clip_g")
 # kohya names the encoder of a one-encoder model `lora_te` (it has no refiner LoRA); we follow that rule.
 _SDXL_REFINER_TEXT_ENCODER = TextEncoderSlot("text_encoder_2", "tokenizer_2", TextEncoderKind.OPENCLIP_BIGG,
-                                             "conditioner.embedders.0.model.", "lora_te")
+                                             "conditioner.embedders.0.model.", "lora_te", "clip_g")
 
 SDXL = ModelFamily(
     name="sdxl", arch="sdxl", text_encoders=(_SDXL_TEXT_ENCODER_1, _SDXL_TEXT_ENCODER_2),

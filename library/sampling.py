@@ -284,7 +284,8 @@ def encode_prompts(texts: list[str], sizes: list, conditioner):
 
 @torch.no_grad()
 def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, scheduler, encoding=None,
-                    init_images: list | None = None, output_type: str = "pil", progress: bool = False) -> list:
+                    init_images: list | None = None, output_type: str = "pil", progress: bool = False,
+                    vae_apart: bool | None = None) -> list:
     """One image per (prompt, seed), in one batch, through the family's diffusers pipeline (StableDiffusionPipeline,
     StableDiffusionXLPipeline, or their img2img pipelines when `init_images`, PIL images of the output size, are
     given) with our conditioning: the family's conditioner over `models`' encoders (`encoding`: clip skip, token
@@ -293,7 +294,8 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     The prompts may differ in text and negative prompt but must share size, steps, CFG scale and strength. Each
     image's noise (initial latents, ancestral samplers' step noise, img2img's VAE sample) comes from its own seed's
     generator, so an image depends on its seed, not on the batch it was made in. `output_type`: "pil" or "np"
-    (floats in [0, 1], for exact comparisons)."""
+    (floats in [0, 1], for exact comparisons). `vae_apart`: run the VAE outside the pipeline (default: when its
+    precision differs from the U-Net's, as with --no_half_vae)."""
     from library.text_conditioning import CaptionEncoding, SizeConditioning, conditioner_for
 
     first = prompts[0]
@@ -320,15 +322,42 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     pipe.vae.config.scaling_factor = family.vae_scale_factor
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-    size_kwargs = {"image": init_images, "strength": first.strength} if init_images is not None else \
-        {"width": first.width, "height": first.height}
+    generator = generators if n > 1 else generators[0]
+    # A VAE in another precision than the U-Net (--no_half_vae: fp32 beside a half U-Net) runs on its own, in its
+    # precision, outside the pipeline: the pipeline would run it under the U-Net's autocast (or fail on the dtypes).
+    own_vae = models.vae.dtype != models.unet.dtype if vae_apart is None else vae_apart
+    if init_images is not None:
+        image = encode_init_images(pipe, init_images, generator) if own_vae else init_images
+        size_kwargs = {"image": image, "strength": first.strength}
+    else:
+        size_kwargs = {"width": first.width, "height": first.height}
     embeds = {"prompt_embeds": positive.hidden_states, "negative_prompt_embeds": negative.hidden_states}
     if positive.pooled is not None:
         embeds.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
     embeds.update(SizeConditioning.pipeline_kwargs(family.text_conditioning, size, negative_size))
-    with autocast_if_mixed(models.unet, models.vae, *models.text_encoders):
-        return pipe(**embeds, num_inference_steps=first.steps, guidance_scale=first.scale,
-                    generator=generators if n > 1 else generators[0], output_type=output_type, **size_kwargs).images
+    with autocast_if_mixed(models.unet, *models.text_encoders, *([] if own_vae else [models.vae])):
+        images = pipe(**embeds, num_inference_steps=first.steps, guidance_scale=first.scale, generator=generator,
+                      output_type="latent" if own_vae else output_type, **size_kwargs).images
+    return decode_latents(pipe, images, output_type) if own_vae else images
+
+
+def encode_init_images(pipe, images: list, generator) -> torch.Tensor:
+    """img2img's starting latents, made as the img2img pipelines make them (a posterior sample drawn from each
+    image's generator, then scaled) but with the VAE in its own precision; the pipelines take them as `image`."""
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)
+    if isinstance(generator, list):
+        latents = torch.cat([vae.encode(pixels[i:i + 1]).latent_dist.sample(g) for i, g in enumerate(generator)])
+    else:
+        latents = vae.encode(pixels).latent_dist.sample(generator)
+    return (latents * vae.config.scaling_factor).to(pipe.unet.dtype)
+
+
+def decode_latents(pipe, latents: torch.Tensor, output_type: str) -> list:
+    """The pipelines' last step (unscale, VAE decode, postprocess) with the VAE in its own precision."""
+    vae = pipe.vae
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels, output_type=output_type)
 
 
 def family_pipeline(models, scheduler, *, img2img: bool = False):

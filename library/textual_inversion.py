@@ -7,6 +7,8 @@ updates the whole table and copies the old rows back after every step).
 
 Files: `.safetensors` with `emb_params` [n, dim] (kohya, WebUI, ComfyUI, diffusers), and the WebUI `.pt` layout
 (`string_to_param["*"]`, `string_to_token`, `name`, `step`), also written for `--save_model_as ckpt` as kohya does.
+Models with several text encoders (SDXL) read one tensor per encoder, keyed by the family's
+`TextEncoderSlot.embedding_key` (`clip_l`, `clip_g`).
 """
 
 from __future__ import annotations
@@ -190,9 +192,7 @@ def save_embedding(path: Path, vectors: torch.Tensor, *, token_string: str, step
     return path
 
 
-def load_embedding(path: Path, *, dim: int) -> torch.Tensor:
-    """The vectors [n, dim] of an embedding file (kohya / WebUI `.safetensors` `emb_params`, WebUI `.pt`
-    `string_to_param`, a diffusers `{token: tensor}` file), checked against the text encoder's width."""
+def _read_embedding_file(path: Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise EmbeddingFileError(f"{path}: no such embedding file")
@@ -201,31 +201,80 @@ def load_embedding(path: Path, *, dim: int) -> torch.Tensor:
             from library.safetensors_io import SafetensorsReader
 
             with SafetensorsReader(path) as reader:
-                data = {k: reader.read(k) for k in reader.keys()}
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+                return {k: reader.read(k) for k in reader.keys()}
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
         raise EmbeddingFileError(f"{path}: cannot be read as an embedding ({e})") from None
+
+
+def _per_encoder_keys(data: object) -> list[str]:
+    """The `clip_*` keys of a file that holds one tensor per text encoder (SDXL: clip_l, clip_g)."""
+    return sorted(k for k in data if isinstance(k, str) and k.startswith("clip_")) if isinstance(data, dict) else []
+
+
+def _checked(path: Path, vectors: object, dim: int, what: str) -> torch.Tensor:
+    if not isinstance(vectors, torch.Tensor):
+        raise EmbeddingFileError(f"{path}: the embedding holds no tensor{what}")
+    vectors = vectors.reshape(-1, vectors.shape[-1]) if vectors.dim() != 2 else vectors
+    if vectors.shape[-1] != dim:
+        family = {768: "SD 1.x", 1024: "SD 2.x"}.get(vectors.shape[-1], "another model")
+        raise EmbeddingFileError(f"{path}: vectors{what} of width {vectors.shape[-1]} (an embedding for {family}), "
+                                 f"but this model's text encoder is {dim} wide; use an embedding made for this model "
+                                 "family")
+    return vectors.float()
+
+
+def load_embedding(path: Path, *, dim: int, key: str = "clip_l") -> torch.Tensor:
+    """The vectors [n, dim] of an embedding file for a model with one text encoder (kohya / WebUI `.safetensors`
+    `emb_params`, WebUI `.pt` `string_to_param`, a diffusers `{token: tensor}` file, or a file keyed by the encoder
+    as ComfyUI reads it, e.g. `clip_l`), checked against the text encoder's width. A file with vectors for several
+    encoders (an SDXL embedding) is refused: taking one of its parts would silently change what it means."""
+    path = Path(path)
+    data = _read_embedding_file(path)
+    several = _per_encoder_keys(data)
+    if len(several) > 1:
+        raise EmbeddingFileError(f"{path}: an embedding for a model with several text encoders ({', '.join(several)}"
+                                 f": SDXL), but this model has one text encoder; use an embedding made for it")
     if isinstance(data, dict) and "string_to_param" in data:
         params = data["string_to_param"]
         vectors = next(iter(params.values())) if isinstance(params, dict) and params else None
     elif isinstance(data, dict) and "emb_params" in data:
         vectors = data["emb_params"]
+    elif isinstance(data, dict) and key in data:
+        vectors = data[key]
     elif isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
         vectors = next(iter(data.values()))  # diffusers' {token: tensor}
     else:
         keys = ", ".join(map(str, list(data)[:5])) if isinstance(data, dict) else type(data).__name__
         raise EmbeddingFileError(f"{path}: not an embedding file (expected emb_params or string_to_param; found "
                                  f"{keys})")
-    if not isinstance(vectors, torch.Tensor):
-        raise EmbeddingFileError(f"{path}: the embedding holds no tensor")
-    vectors = vectors.reshape(-1, vectors.shape[-1]) if vectors.dim() != 2 else vectors
-    if vectors.shape[-1] != dim:
-        family = {768: "SD 1.x", 1024: "SD 2.x"}.get(vectors.shape[-1], "another model")
-        raise EmbeddingFileError(f"{path}: vectors of width {vectors.shape[-1]} (an embedding for {family}), but "
-                                 f"this model's text encoder is {dim} wide; use an embedding made for this model "
-                                 "family")
-    return vectors.float()
+    return _checked(path, vectors, dim, "")
+
+
+def load_encoder_embeddings(path: Path, encoders: list[tuple[str, int]], model: str) -> list[torch.Tensor]:
+    """The vectors of an embedding file for each text encoder, given as (embedding key, width) in the family's
+    order. One encoder: any single-encoder layout (`load_embedding`). Several (SDXL): one tensor per encoder under
+    its key (`clip_l` [n, 768], `clip_g` [n, 1280], the layout WebUI, ComfyUI and kohya's SDXL trainer use), with the
+    same number of vectors in each."""
+    path = Path(path)
+    if len(encoders) == 1:
+        (key, dim), = encoders
+        return [load_embedding(path, dim=dim, key=key)]
+    data = _read_embedding_file(path)
+    wanted = [key for key, _ in encoders]
+    found = _per_encoder_keys(data)
+    if not isinstance(data, dict) or any(key not in data for key in wanted) or set(found) - set(wanted):
+        has = ", ".join(map(str, list(data)[:5])) if isinstance(data, dict) else type(data).__name__
+        raise EmbeddingFileError(f"{path}: {model} needs an embedding with one tensor per text encoder "
+                                 f"({', '.join(wanted)}); this file has {has or 'nothing'}"
+                                 f"{' (an embedding for a one-encoder model such as SD 1.x / 2.x)' if not found else ''}"
+                                 "; use an embedding made for this model family")
+    vectors = [_checked(path, data[key], dim, f" under {key}") for key, dim in encoders]
+    if len({len(v) for v in vectors}) > 1:
+        counts = ", ".join(f"{key}: {len(v)}" for (key, _), v in zip(encoders, vectors))
+        raise EmbeddingFileError(f"{path}: its encoders have different numbers of vectors ({counts}); a word needs "
+                                 "the same number in each")
+    return vectors
 
 
 def template_caption(templates: tuple[str, ...], new_tokens: NewTokens, rng: random.Random) -> str:
@@ -242,20 +291,28 @@ def bundle_key(token_string: str) -> str:
     return f"bundle_emb.{token_string}.string_to_param.*"
 
 
-def load_embeddings(text_encoder, tokenizer, files: list[str]) -> list[NewTokens]:
-    """Add each embedding file as a frozen word named after the file's stem (WebUI's rule), all in one layer."""
-    dim = text_encoder.get_input_embeddings().embedding_dim
-    tokens, vectors = [], []
+def load_embeddings(models, files: list[str]) -> list[NewTokens]:
+    """Add each embedding file as a frozen word named after the file's stem (WebUI's rule), in every text encoder
+    of the model (`SDModels`: SDXL's two get their own vectors), all words of one encoder in one layer. Returns the
+    words as the first tokenizer has them (every tokenizer gets the same token strings)."""
+    slots = models.family.text_encoders
+    encoders = [(slot.embedding_key, encoder.get_input_embeddings().embedding_dim)
+                for slot, encoder in zip(slots, models.text_encoders)]
+    words: list[NewTokens] = []
+    per_encoder: list[list[torch.Tensor]] = [[] for _ in slots]
     for file in files:
         path = Path(file)
-        v = load_embedding(path, dim=dim)
-        tokens.append(add_tokens(tokenizer, path.stem, len(v)))
-        vectors.append(v)
-    if tokens:
-        layer = install(text_encoder, torch.cat(vectors))
-        layer.added.requires_grad_(False)
-        logger.info("embeddings: %s", ", ".join(f"{t.token_string} ({len(t.ids)} vectors)" for t in tokens))
-    return tokens
+        vectors = load_encoder_embeddings(path, encoders, models.family.description)
+        added = [add_tokens(tokenizer, path.stem, len(v)) for tokenizer, v in zip(models.tokenizers, vectors)]
+        words.append(added[0])
+        for i, v in enumerate(vectors):
+            per_encoder[i].append(v)
+    for encoder, vectors in zip(models.text_encoders, per_encoder):
+        if vectors:
+            install(encoder, torch.cat(vectors)).added.requires_grad_(False)
+    if words:
+        logger.info("embeddings: %s", ", ".join(f"{t.token_string} ({len(t.ids)} vectors)" for t in words))
+    return words
 
 
 class PivotalEmbedding:

@@ -120,7 +120,7 @@ def add_embeddings(args: argparse.Namespace, models: SDModels, precision: Precis
     from library import textual_inversion as ti
 
     try:
-        tokens = ti.load_embeddings(models.text_encoder, models.tokenizer, args.textual_inversion_embeddings or [])
+        tokens = ti.load_embeddings(models, args.textual_inversion_embeddings or [])
         pivot = None
         if args.pivotal_token:
             pivot = ti.add_pivotal_token(models.text_encoder, models.tokenizer, token_string=args.pivotal_token,

@@ -15,7 +15,7 @@ from PIL import Image
 
 import gen_img
 from library.checkpoint_writer import SaveFormat, save_checkpoint
-from library.families import SD1, SD2_768_V
+from library.families import SD1, SD2_768_V, SDXL
 from library.model_loading import checkpoint_from_models
 from library.sampling import (SAMPLER_ALIASES, SAMPLERS, SamplePrompt, encode_prompts, generate_images,
                               make_scheduler, plan_images)
@@ -278,6 +278,50 @@ def test_bf16_runs_and_fp16_is_refused_on_cpu(files, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--fp16 needs a CUDA GPU"):
             run(files, tmp_path, "--prompt", "x", "--fp16")
+
+
+@pytest.mark.numbers
+@pytest.mark.parametrize("family", [SD1, SDXL], ids=["sd1", "sdxl"])
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+def test_vae_apart_from_the_pipeline_matches_the_pipelines_own_vae_steps(family, img2img):
+    """--no_half_vae runs the VAE on its own (encode for img2img, decode), outside the pipeline; on one precision
+    both paths must give the same image, so the VAE steps (scaling, posterior sample from each image's generator
+    before the noise) are the pipelines' own. Same ops on the same inputs: measured equal to the last bit; the
+    image tolerance (1e-5 of the range) leaves room for a reordered batch reduction."""
+    models = build_tiny_models(family, seed=3)
+    prompts = [SamplePrompt("a red circle", NEGATIVE, width=64, height=64, steps=3, scale=5.0,
+                            strength=0.6 if img2img else None)] * 2
+    init = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in (0, 1)]
+    kwargs = dict(models=models, scheduler=make_scheduler("euler_a", "epsilon"), output_type="np",
+                  init_images=init if img2img else None)
+    inside = np.stack(generate_images(prompts, [7, 8], vae_apart=False, **kwargs))
+    apart = np.stack(generate_images(prompts, [7, 8], vae_apart=True, **kwargs))
+    assert np.abs(inside[0] - inside[1]).max() > 0.05  # two seeds, two images
+    assert_outputs_close(apart, inside, rel=1e-5, what="VAE apart vs inside the pipeline")
+
+
+def test_no_half_vae_keeps_the_vae_in_fp32_outside_autocast(files, tmp_path, monkeypatch):
+    """gen_img --bf16 --no_half_vae: the U-Net runs in bf16, the VAE decodes fp32 latents with fp32 weights and no
+    autocast (which would put its convolutions back in bf16); without the flag the VAE is bf16."""
+    from diffusers import AutoencoderKL
+
+    seen, latents = [], []
+    decode = AutoencoderKL.decode
+
+    def spy(self, z, *args, **kwargs):
+        seen.append((self.dtype, z.dtype, torch.is_autocast_enabled("cpu")))
+        latents.append(z.clone())
+        return decode(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "decode", spy)
+    (fp32_vae,) = run(files, tmp_path, "--prompt", "a red circle --d 2", "--steps", 2, "--bf16", "--no_half_vae",
+                      outdir="fp32_vae")
+    (bf16_vae,) = run(files, tmp_path, "--prompt", "a red circle --d 2", "--steps", 2, "--bf16", outdir="bf16_vae")
+    assert seen == [(torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, False)]
+    # The U-Net's work is the same in both runs (bf16, same seed): the fp32 VAE gets those latents, unscaled in fp32
+    # (the bf16 VAE's are unscaled in bf16, which is the fp32 quotient rounded).
+    assert torch.equal(latents[0].to(torch.bfloat16), latents[1])
+    assert not np.array_equal(pixels(fp32_vae), pixels(bf16_vae))  # ...and decodes them in another precision
 
 
 # ------------------------------------------------------------------ bad input

@@ -133,17 +133,55 @@ def test_sdxl_lora_applied_or_merged_equals_diffusers_load_lora_weights(files, s
     assert_images_close(pixels(merged), pixels(applied), what="SDXL LoRA merged vs applied")
 
 
+@pytest.mark.numbers
+def test_sdxl_embedding_equals_diffusers_load_textual_inversion(files, tmp_path):
+    """An SDXL embedding file (clip_l and clip_g, two vectors each: WebUI's / ComfyUI's layout) gives the image
+    diffusers gives after loading each tensor into its encoder, as diffusers documents for SDXL."""
+    from library.safetensors_io import save_tensors
+
+    models = build_tiny_models(SDXL, seed=6)
+    widths = [encoder.get_input_embeddings().embedding_dim for encoder in models.text_encoders]
+    generator = torch.Generator().manual_seed(3)
+    vectors = {key: torch.randn(2, width, generator=generator) * 0.5 for key, width in zip(("clip_l", "clip_g"), widths)}
+    path = tmp_path / "zwxq.safetensors"
+    save_tensors(path, vectors, {})
+    (with_word,) = run(files, tmp_path, "--prompt", "a zwxq circle --n blurry --d 5",
+                       "--textual_inversion_embeddings", path, outdir="ti")
+    (plain,) = run(files, tmp_path, "--prompt", "a circle --n blurry --d 5", outdir="plain")
+    assert np.abs(pixels(with_word) - pixels(plain)).max() > 10  # the word matters
+    pipe = diffusers_pipe(files)
+    pipe.load_textual_inversion(vectors["clip_l"], token="zwxq", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vectors["clip_g"], token="zwxq", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    theirs = pipe("a zwxq circle", negative_prompt="blurry", width=64, height=64, num_inference_steps=3,
+                  guidance_scale=5.0, generator=torch.Generator().manual_seed(5)).images[0]
+    assert_images_close(pixels(with_word), theirs, what="gen_img SDXL embedding vs diffusers load_textual_inversion")
+
+
 @pytest.mark.parametrize("model, extra, needles", [
     ("refiner", [], ["refiner", "--image_path"]),
     ("sd1", ["--sdxl"], ["--sdxl was given", "Stable Diffusion 1.x"]),
     ("sd1", ["--original_width", 1024], ["SDXL size conditioning", "Stable Diffusion 1.x"]),
     ("sdxl", ["--clip_skip", 2], ["--clip_skip 2", "SDXL conditions on fixed layers"]),
-    ("sdxl", ["--textual_inversion_embeddings", "x.pt"], ["--textual_inversion_embeddings", "SDXL"]),
+    ("sdxl", ["--textual_inversion_embeddings", "sd1.pt"],
+     ["--textual_inversion_embeddings", "sd1.pt", "one tensor per text encoder (clip_l, clip_g)", "string_to_param",
+      "one-encoder model"]),
+    ("sd1", ["--textual_inversion_embeddings", "sdxl.safetensors"],
+     ["--textual_inversion_embeddings", "sdxl.safetensors", "several text encoders (clip_g, clip_l: SDXL)"]),
+    ("sdxl", ["--textual_inversion_embeddings", "uneven.safetensors"],
+     ["uneven.safetensors", "different numbers of vectors (clip_l: 2, clip_g: 1)"]),
 ])
 def test_what_cannot_work_is_refused_by_name(files, tmp_path, model, extra, needles):
     if extra[:1] == ["--textual_inversion_embeddings"]:
-        extra = [extra[0], tmp_path / "x.pt"]
-        torch.save({"string_to_param": {"*": torch.zeros(1, 32)}}, extra[1])
+        from library.safetensors_io import save_tensors
+
+        extra = [extra[0], tmp_path / extra[1]]
+        if extra[1].name == "sd1.pt":
+            torch.save({"string_to_param": {"*": torch.zeros(1, 32)}}, extra[1])
+        else:
+            l_count = 2 if extra[1].name == "uneven.safetensors" else 1
+            save_tensors(extra[1], {"clip_l": torch.zeros(l_count, 32), "clip_g": torch.zeros(1, 48)}, {})
     with pytest.raises(SystemExit) as info:
         run(files, tmp_path, "--prompt", "a cat", *extra, model=model)
     message = str(info.value.code)
