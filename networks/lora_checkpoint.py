@@ -102,16 +102,21 @@ def _family_hint(lora: LoRAFile, layers: dict[str, LoRALayer]) -> str:
 
 
 def merge_into_checkpoint(checkpoint: SDCheckpoint, loras: list[tuple[LoRAFile, float]],
-                          dtype: torch.dtype = torch.float32) -> SDCheckpoint:
+                          dtype: torch.dtype = torch.float32,
+                          module_weights: list[dict[str, float]] | None = None) -> SDCheckpoint:
     """The checkpoint with W + sum ratio * ΔW on every layer the LoRAs touch, all other tensors as they are.
+    `module_weights` (--lbws): per LoRA, a weight per module that multiplies its ratio; a module at weight 0 is
+    not merged, so its layer's tensor stays exactly as it was.
 
     Each merged weight is computed when written: W in `dtype` (kohya's --precision), the sum of the deltas added in
     fp32, rounded once to `dtype`. Nothing is computed until the writer asks for the tensor."""
     layers = lora_layers(checkpoint, conv=True)
     per_tensor: dict[tuple[str, str], list[tuple[LoRAFactors, float]]] = {}
-    for lora, ratio in loras:
+    for i, (lora, ratio) in enumerate(loras):
         for name, layer in match_lora(lora, layers, checkpoint.family.description).items():
-            per_tensor.setdefault((layer.component, layer.key), []).append((lora.modules[name], ratio))
+            weight = module_weights[i][name] if module_weights is not None else 1.0
+            if weight != 0:
+                per_tensor.setdefault((layer.component, layer.key), []).append((lora.modules[name], ratio * weight))
     tensors = {component: dict(t) for component, t in checkpoint.tensors.items()}
     for (component, key), terms in per_tensor.items():
         tensors[component][key] = _merged(tensors[component][key], terms, dtype, key)

@@ -14,6 +14,16 @@ Into one LoRA (no --sd_model):
   reported otherwise. (kohya instead adds the up and down matrices of the inputs separately, which is not the sum
   of the updates and squares the ratio of a single LoRA, issue #868.)
 
+`--lbws` (kohya's LoRA block weights, networks/lora_block_weights.py) gives each LoRA one weight per U-Net block
+(BASE = the text encoders, IN00..IN11, MID, OUT00..OUT11), as a JSON list of 12, 17, 20 or 26 numbers:
+
+    python networks/merge_lora.py --sd_model model.safetensors --models style.safetensors --ratios 0.8 \\
+        --lbws "[1,0,0,0,0,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]" --save_to merged.safetensors
+
+A module then contributes ratio * weight * ΔW, into a model and into a LoRA alike: the block weight multiplies the
+update as the ratio does (kohya multiplies both factors of a LoRA-into-LoRA merge by it, which squares it). Into a
+model, the weights of modules at block weight 0 are left exactly as they were.
+
 Inputs: LoRA files as .safetensors / .pt / .ckpt; the model (SD 1.x, SD 2.x or SDXL: detected from the file) as
 an original .safetensors / .ckpt or a diffusers folder. A LoRA made for another family is refused, saying which
 family its names point to. networks/sdxl_merge_lora.py, kohya's SDXL name for this tool, runs this one.
@@ -39,6 +49,8 @@ from tqdm import tqdm  # noqa: E402
 from library.atomic_files import check_writable_output  # noqa: E402
 from library.checkpoint_writer import SAVE_DTYPES, SaveFormat, parse_save_precision, save_checkpoint  # noqa: E402
 from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
+from networks.lora_block_weights import (add_lbws_argument, module_block_weights, parse_lbws,  # noqa: E402
+                                         weighted_terms)
 from networks.lora_checkpoint import merge_into_checkpoint  # noqa: E402
 from networks.lora_files import (LoRAFactors, LoRAFile, LoRAFileError, check_lora_output_path,  # noqa: E402
                                  check_same_layers, identity_metadata, lora_metadata, read_lora_files, short_list,
@@ -69,6 +81,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--concat", action="store_true",
                    help="LoRA + LoRA: concatenate the ranks, so the result is the exact sum (rank = sum of ranks)")
     p.add_argument("--shuffle", action="store_true", help="LoRA + LoRA: permute the ranks of each output module")
+    add_lbws_argument(p)
     return p
 
 
@@ -81,12 +94,14 @@ def merge_into_model(args: argparse.Namespace) -> Path:
     sources = [Path(args.sd_model), *map(Path, args.models)]
     check_writable_output(dest, sources=sources)
     check_no_overlap(dest, sources)
+    lbws = parse_lbws(args.lbws, len(args.models))
     loras, ratios = read_lora_files(args.models, args.ratios)
     merge_dtype = SAVE_DTYPES[args.precision]
     save_dtype = parse_save_precision(args.save_precision) or merge_dtype
     with read_checkpoint(args.sd_model, FamilyHints(v2=True if args.v2 else None)) as checkpoint:
         logger.info("%s: %s", args.sd_model, checkpoint.family.description)
-        merged = merge_into_checkpoint(checkpoint, list(zip(loras, ratios)), merge_dtype)
+        merged = merge_into_checkpoint(checkpoint, list(zip(loras, ratios)), merge_dtype,
+                                       module_block_weights(loras, lbws, checkpoint))
         base_title = checkpoint.metadata.get("modelspec.title") or Path(args.sd_model).stem
         metadata = None if args.no_metadata else {
             "modelspec.title": dest.stem,
@@ -98,13 +113,12 @@ def merge_into_model(args: argparse.Namespace) -> Path:
 
 
 def merge_lora_files(loras: list[LoRAFile], ratios: list[float], *, concat: bool = False, shuffle: bool = False,
+                     block_weights: list[dict[str, float]] | None = None,
                      ) -> tuple[dict[str, LoRAFactors], dict[str, Retention]]:
-    """One LoRA from several: (modules, retention of the modules that had to be re-factored)."""
+    """One LoRA from several: (modules, retention of the modules that had to be re-factored). `block_weights`: per
+    LoRA, a weight per module (--lbws) that multiplies its ratio."""
     check_same_layers(loras)
-    terms: dict[str, list[tuple[LoRAFactors, float]]] = {}
-    for lora, ratio in zip(loras, ratios):
-        for name, factors in lora.modules.items():
-            terms.setdefault(name, []).append((factors, ratio))
+    terms = weighted_terms(loras, ratios, block_weights)
     if not concat:
         mixed = [f"{name}: ranks {', '.join(str(f.rank) for f, _ in t)}" for name, t in terms.items()
                  if len({f.rank for f, _ in t}) > 1]
@@ -151,8 +165,10 @@ def _report_refactored(retention: dict[str, Retention]) -> None:
 def merge_into_lora(args: argparse.Namespace) -> Path:
     dest = check_lora_output_path(args.save_to)
     check_writable_output(dest, sources=args.models)
+    lbws = parse_lbws(args.lbws, len(args.models))
     loras, ratios = read_lora_files(args.models, args.ratios)
-    modules, _ = merge_lora_files(loras, ratios, concat=args.concat, shuffle=args.shuffle)
+    modules, _ = merge_lora_files(loras, ratios, concat=args.concat, shuffle=args.shuffle,
+                                  block_weights=module_block_weights(loras, lbws))
     carried = identity_metadata(loras[0])
     if args.no_metadata:
         metadata = lora_metadata({k: v for k, v in carried.items() if k.startswith("ss_")}, modules)

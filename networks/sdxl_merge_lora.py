@@ -5,8 +5,15 @@ merge_lora.py detects the model family from the file (SDXL included), so nothing
     python networks/sdxl_merge_lora.py --sd_model sd_xl_base_1.0.safetensors --models style.safetensors \\
         --ratios 0.8 --save_to merged.safetensors
 
-kohya's `--lbws` (per-block ratios for each LoRA) is refused: its block table and presets are not implemented
-here. Merge at one ratio per LoRA, or apply block weights in the UI that loads the LoRA.
+kohya's `--lbws` (LoRA block weights: one JSON list per LoRA) is merge_lora.py's. SDXL's U-Net has input and output
+blocks 0..8, so its full table is the 20-value preset (BASE, IN00..IN08, MID, OUT00..OUT08); a weight other than 1
+for IN09..IN11 / OUT09..OUT11 changes nothing and is warned about:
+
+    python networks/sdxl_merge_lora.py --sd_model sd_xl_base_1.0.safetensors --models style.safetensors \\
+        --ratios 0.8 --lbws "[1,0,0,0,0,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]" --save_to merged.safetensors
+
+A module contributes ratio * block weight * ΔW, into a model or into a LoRA (kohya's LoRA-into-LoRA merge squares
+the block weight: it multiplies both factors by it).
 """
 
 from __future__ import annotations
@@ -25,20 +32,12 @@ from networks import merge_lora  # noqa: E402
 def setup_parser():
     parser = merge_lora.setup_parser()
     parser.description = __doc__
-    parser.add_argument("--lbws", nargs="*", default=None,
-                        help="kohya's per-block ratios (not supported: refused; see above)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    args = setup_parser().parse_args(argv)
-    if args.lbws is not None:
-        print("error: --lbws (per-block ratios) is not supported; nothing was written. Merge with one --ratios "
-              "value per LoRA, or apply block weights where the LoRA is loaded.", file=sys.stderr)
-        return 2
-    del args.lbws
-    return merge_lora.run(args)
+    return merge_lora.run(setup_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ layer's limit) the result is the exact sum. Output alpha = rank (scale 1), as ko
     python networks/svd_merge_lora.py --models a.safetensors b.safetensors --ratios 0.7 0.5 \\
         --new_rank 32 --new_conv_rank 16 --save_to ab.safetensors
 
+`--lbws` (kohya's LoRA block weights, one JSON list of 12, 17, 20 or 26 numbers per LoRA: see
+networks/lora_block_weights.py) multiplies each module's ratio by its U-Net block's weight before the sum, so a module
+contributes ratio * weight * ΔW:
+
+    python networks/svd_merge_lora.py --models a.safetensors b.safetensors --ratios 1 1 --new_rank 32 \\
+        --lbws "[1,1,1,1,1,1,1,1,1,1,1,1]" "[0,0,0,0,0,0,1,1,1,1,1,1]" --save_to ab.safetensors
+
 `--clamp_quantile` (kohya's fixed 0.99) clips outlying factor entries; 1 turns clipping off, which is needed for
 an exact result.
 """
@@ -26,6 +33,8 @@ from tqdm import tqdm  # noqa: E402
 
 from library.atomic_files import check_writable_output  # noqa: E402
 from library.checkpoint_writer import SAVE_DTYPES, parse_save_precision  # noqa: E402
+from networks.lora_block_weights import (add_lbws_argument, module_block_weights, parse_lbws,  # noqa: E402
+                                         weighted_terms)
 from networks.lora_files import (LoRAFactors, LoRAFile, LoRAFileError, check_lora_output_path,  # noqa: E402
                                  check_same_layers, identity_metadata, lora_metadata, read_lora_files,
                                  write_lora_file)
@@ -49,12 +58,16 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="clip factor entries beyond this quantile (kohya: 0.99); 1 = no clipping")
     p.add_argument("--device", default=None, help="device for the SVD, e.g. cuda (default cpu)")
     p.add_argument("--no_metadata", action="store_true", help="write only the essential ss_* metadata")
+    add_lbws_argument(p)
     return p
 
 
 def svd_merge(loras: list[LoRAFile], ratios: list[float], *, new_rank: int, new_conv_rank: int | None = None,
               clamp_quantile: float = 0.99, device: str | None = None,
+              block_weights: list[dict[str, float]] | None = None,
               ) -> tuple[dict[str, LoRAFactors], dict[str, Retention]]:
+    """sum_i ratio_i * ΔW_i per module, re-factored; `block_weights`: per LoRA, a weight per module (--lbws) that
+    multiplies its ratio."""
     new_conv_rank = new_conv_rank or new_rank
     for flag, value in (("--new_rank", new_rank), ("--new_conv_rank", new_conv_rank)):
         if value < 1:
@@ -62,10 +75,7 @@ def svd_merge(loras: list[LoRAFile], ratios: list[float], *, new_rank: int, new_
     if not 0.0 < clamp_quantile <= 1.0:
         raise LoRAFileError(f"--clamp_quantile {clamp_quantile}: must be in (0, 1]; 1 = no clipping")
     check_same_layers(loras)
-    terms: dict[str, list[tuple[LoRAFactors, float]]] = {}
-    for lora, ratio in zip(loras, ratios):
-        for name, factors in lora.modules.items():
-            terms.setdefault(name, []).append((factors, ratio))
+    terms = weighted_terms(loras, ratios, block_weights)
     firsts = {name: t[0][0] for name, t in terms.items()}
     check_rank_fits("--new_rank", new_rank, {n: f.max_rank for n, f in firsts.items() if not f.is_kxk_conv})
     check_rank_fits("--new_conv_rank", new_conv_rank, {n: f.max_rank for n, f in firsts.items() if f.is_kxk_conv})
@@ -90,13 +100,15 @@ def svd_merge(loras: list[LoRAFile], ratios: list[float], *, new_rank: int, new_
 def run(args: argparse.Namespace) -> Path:
     dest = check_lora_output_path(args.save_to)
     check_writable_output(dest, sources=args.models)
+    lbws = parse_lbws(args.lbws, len(args.models))
     loras, ratios = read_lora_files(args.models, args.ratios)
     load_dtype = SAVE_DTYPES[args.precision]
     for lora in loras:  # kohya reads the inputs in --precision
         lora.modules = {n: LoRAFactors(f.down.to(load_dtype), f.up.to(load_dtype), f.alpha)
                         for n, f in lora.modules.items()}
     modules, _ = svd_merge(loras, ratios, new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
-                           clamp_quantile=args.clamp_quantile, device=args.device)
+                           clamp_quantile=args.clamp_quantile, device=args.device,
+                           block_weights=module_block_weights(loras, lbws))
     carried = identity_metadata(loras[0])
     if args.no_metadata:
         metadata = lora_metadata({k: v for k, v in carried.items() if k.startswith("ss_")}, modules)

@@ -379,12 +379,30 @@ def test_merge_lora_into_an_sdxl_checkpoint_file(tmp_path, sdxl_file):
     assert metadata["modelspec.merged_from"] == "sdxl_base, lora"
 
 
-def test_sdxl_merge_lora_refuses_lbws_by_name(tmp_path, sdxl_file, capsys):
-    """kohya's per-block ratios are not implemented: refused by name before any work, nothing written."""
-    out = tmp_path / "out.safetensors"
-    assert sdxl_merge_lora.main(["--sd_model", str(sdxl_file), "--models", "a.safetensors", "--lbws", "[1,0,1]",
-                                 "--save_to", str(out)]) == 2
-    assert "--lbws" in capsys.readouterr().err and not out.exists()
+def test_sdxl_merge_lora_lbws_base_only_changes_only_the_text_encoders(tmp_path, sdxl_file):
+    """kohya's --lbws on SDXL's 20-block table with BASE = 1 and every U-Net block 0: both encoders' LoRA layers are
+    merged (bit-equal to W + ratio * ΔW, as in the test above), the U-Net is the base's bit for bit.
+    tests/test_lora_block_weights.py checks every block and preset."""
+    lora = our_lora(tmp_path / "lora.safetensors", conv=True, seed=5)
+    out = tmp_path / "merged.safetensors"
+    assert sdxl_merge_lora.main(["--sd_model", str(sdxl_file), "--models", str(lora), "--ratios", str(MULTIPLIER),
+                                 "--lbws", json.dumps([1] + [0] * 19), "--save_to", str(out)]) == 0
+    modules = read_lora_file(lora).modules
+    with read_checkpoint(sdxl_file) as base, read_checkpoint(out) as merged:
+        layers = lora_layers(base)
+        changed = set()
+        for name, factors in modules.items():
+            layer = layers[name]
+            if layer.component != "unet":
+                want = (base.tensors[layer.component][layer.key].load()
+                        + MULTIPLIER * factors.delta().reshape(layer.shape))
+                assert torch.equal(merged.tensors[layer.component][layer.key].load(), want), name
+                changed.add((layer.component, layer.key))
+        assert {component for component, _ in changed} == {"text_encoder", "text_encoder_2"}
+        for component, tensors in base.tensors.items():
+            for key, lazy in tensors.items():
+                if (component, key) not in changed:
+                    assert torch.equal(merged.tensors[component][key].load(), lazy.load()), key
 
 
 # ------------------------------------------------------------------------------------------------ 5. extraction
