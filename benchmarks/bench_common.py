@@ -43,6 +43,25 @@ def build_model(size: str, dest: Path, family: str = "sd1") -> None:
     save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS)
 
 
+def model_file_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the scripts that build one random-weight model file and run tools on it (bench_conversion,
+    bench_loading, bench_gen_img): --size, --family, --workdir, --keep, and the internal --build-into."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
+    p.add_argument("--workdir", type=Path, default=None, help="where the files go (default: a new temp dir in /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (default: delete it at the end)")
+    p.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)  # internal: the model-building child
+    return p
+
+
+def finish_work(work: Path, log: Path, keep: bool) -> None:
+    if keep:
+        print(f"kept {work} (log: {log})")
+    else:
+        shutil.rmtree(work)
+
+
 def work_dir(given: Path | None, prefix: str) -> Path:
     """The work folder: `given` (created if missing) or else a new temp dir in /tmp named `prefix...`."""
     work = given or Path(tempfile.mkdtemp(prefix=prefix))

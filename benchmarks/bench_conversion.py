@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, build_model, machine_line, run_child, work_dir  # noqa: E402
+from bench_common import (ROOT, build_model, finish_work, machine_line, model_file_parser, run_child,  # noqa: E402
+                          work_dir)
 
 TOOL = str(ROOT / "tools" / "convert_diffusers20_original_sd.py")
 # What the tool imports at start-up; writing a diffusers folder also imports diffusers and transformers.
@@ -87,12 +88,7 @@ def tensor_digests(path: Path, dtype: str) -> dict[str, str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["full", "tiny"], default="full")
-    p.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
-    p.add_argument("--workdir", type=Path, default=None, help="where the files go (default: a new temp dir in /tmp)")
-    p.add_argument("--keep", action="store_true", help="keep the work dir (default: delete it at the end)")
-    p.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)  # internal: the model-building child
+    p = model_file_parser(__doc__)
     p.add_argument("--digest", nargs=3, help=argparse.SUPPRESS)  # internal: FILE DTYPE JSON_OUT, in a child
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -185,10 +181,7 @@ def main() -> int:
     print()
     for what, verdict in checks:
         print(f"{what}: {verdict}")
-    if args.keep:
-        print(f"kept {work} (log: {log})")
-    else:
-        shutil.rmtree(work)
+    finish_work(work, log, args.keep)
     return 0 if all(v.startswith("PASS") for _, v in checks) else 1
 
 

@@ -16,6 +16,7 @@ written to a temporary name and renamed into place, so a crash never leaves a ha
 from __future__ import annotations
 
 import enum
+import importlib.metadata
 import json
 import logging
 import time
@@ -161,7 +162,7 @@ def save_original(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtyp
 
 
 def _model_index(checkpoint: SDCheckpoint) -> dict:
-    from diffusers import __version__ as diffusers_version
+    diffusers_version = importlib.metadata.version("diffusers")  # importing diffusers itself takes seconds
 
     family = checkpoint.family
     index = {"_class_name": family.pipeline_class, "_diffusers_version": diffusers_version,
@@ -183,7 +184,7 @@ def write_config_folder(checkpoint: SDCheckpoint, folder: Path) -> None:
     """Everything of a diffusers pipeline folder except the weights: model_index, configs, tokenizer.
 
     Also what diffusers' `from_single_file(..., config=folder)` needs to read one of our single files offline."""
-    from diffusers import __version__ as diffusers_version
+    diffusers_version = importlib.metadata.version("diffusers")  # importing diffusers itself takes seconds
     from transformers import CLIPTextConfig
 
     from library.model_loading import load_tokenizer
@@ -204,14 +205,19 @@ def write_config_folder(checkpoint: SDCheckpoint, folder: Path) -> None:
 
 def _complete_config(component: str, config: dict) -> dict:
     """The config with every default spelled out, as diffusers' own save_pretrained writes it, so a folder's
-    config does not depend on which layout the model came from."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    config does not depend on which layout the model came from (built once, then read from `meta_model_cache`)."""
+    from library.meta_model_cache import cached
 
-    cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
-    with torch.device("meta"):
-        full = dict(cls.from_config(config).config)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in full.items()
-            if not k.startswith("_") or k == "_class_name"}
+    def complete() -> dict:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
+        with torch.device("meta"):
+            full = dict(cls.from_config(config).config)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in full.items()
+                if not k.startswith("_") or k == "_class_name"}
+
+    return cached({"fact": "complete_config", "component": component, "config": config}, complete)
 
 
 def save_diffusers(checkpoint: SDCheckpoint, dest: Path, fmt: SaveFormat, *, dtype: torch.dtype | None = None,

@@ -237,7 +237,17 @@ def _original_shape(diffusers_key: str, shape: tuple[int, ...], component: str) 
 
 
 def _diffusers_shapes(component: str, config: dict, kind: TextEncoderKind | None) -> dict[str, tuple[int, ...]]:
-    """Every tensor name and shape of the diffusers model, without allocating it."""
+    """Every tensor name and shape of the diffusers model, in its state-dict order, without allocating it (built on
+    the meta device once, then read from `meta_model_cache`, so that reading a checkpoint need not import diffusers)."""
+    from library.meta_model_cache import cached
+
+    inputs = {"fact": "state_dict_shapes", "component": component, "kind": kind.value if kind else None,
+              "config": config}
+    pairs = cached(inputs, lambda: [[k, list(s)] for k, s in _meta_model_shapes(component, config, kind).items()])
+    return {key: tuple(shape) for key, shape in pairs}
+
+
+def _meta_model_shapes(component: str, config: dict, kind: TextEncoderKind | None) -> dict[str, tuple[int, ...]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     import transformers
 

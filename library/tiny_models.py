@@ -8,6 +8,9 @@ swapped or dropped tensor cannot go unnoticed in a round trip.
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 from library import key_maps
@@ -68,6 +71,19 @@ def _calibrate_like_a_trained_model(unet: torch.nn.Module, vae: torch.nn.Module)
 
 def build_tiny_models(family: ModelFamily, *, seed: int = 0) -> SDModels:
     return build_random_models(family, ModelSize.TINY, seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_models_once(family_name: str, seed: int) -> SDModels:
+    from library.families import FAMILIES
+
+    return build_tiny_models(FAMILIES[family_name], seed=seed)
+
+
+def fresh_tiny_models(family_name: str, seed: int = 0) -> SDModels:
+    """A fresh copy of the family's tiny models, free to change: built once per process, then copied (a copy is
+    much cheaper than a build)."""
+    return copy.deepcopy(_tiny_models_once(family_name, seed))
 
 
 def original_only_tensors(family: ModelFamily, configs, *, seed: int = 0) -> dict[str, torch.Tensor]:

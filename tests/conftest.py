@@ -8,6 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Pin the suite to the CPU (also in the scripts it starts): on a GPU host accelerate, gen_img and the samplers would
 # pick CUDA, and the golden numbers and tolerances are CPU measurements (tests/numerics.py). There are no GPU tests.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# The meta-model facts cache (library/meta_model_cache.py) of this test session only, shared with the scripts the
+# tests start: tests neither read nor fill the user's ~/.cache.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+os.environ["SDTRAIN_META_CACHE"] = tempfile.mkdtemp(prefix="sdtrain_meta_test_")
+atexit.register(shutil.rmtree, os.environ["SDTRAIN_META_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -5,8 +5,6 @@ gives its message and writes nothing."""
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import math
 import subprocess
@@ -21,7 +19,7 @@ from library.families import FAMILIES
 from library.model_loading import checkpoint_from_models, instantiate_models
 from library.safetensors_io import SafetensorsReader, save_tensors
 from library.sd_checkpoint import read_checkpoint
-from library.tiny_models import build_tiny_models
+from library.tiny_models import fresh_tiny_models
 from networks import (check_lora_weights, extract_lora_from_models, merge_lora, resize_lora,  # noqa: F401
                       svd_merge_lora)
 from networks.lora import create_network, create_network_from_weights, lora_targets, read_weights
@@ -38,14 +36,8 @@ LOCON = {"conv_dim": "4", "conv_alpha": "1"}
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-@functools.lru_cache(maxsize=None)
-def _built(family: str, seed: int):
-    return build_tiny_models(FAMILIES[family], seed=seed)
-
-
 def tiny(family: str = "sd1", seed: int = 0):
-    """A fresh copy of a tiny model (built once per process: a copy is much cheaper than a build)."""
-    return copy.deepcopy(_built(family, seed))
+    return fresh_tiny_models(family, seed)
 
 
 def te_input(models):

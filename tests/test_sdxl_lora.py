@@ -14,7 +14,6 @@ its docstring) and fails by 190x the tolerance or more, or on a shape or key che
 from __future__ import annotations
 
 import copy
-import functools
 import json
 
 import pytest
@@ -27,7 +26,7 @@ from library.key_maps import UNET_PREFIX, key_table, original_unet_module
 from library.model_loading import checkpoint_from_models, instantiate_models, new_text_encoder
 from library.safetensors_io import SafetensorsReader
 from library.sd_checkpoint import read_checkpoint
-from library.tiny_models import build_tiny_models
+from library.tiny_models import fresh_tiny_models
 from networks import (check_lora_weights, extract_lora_from_models, merge_lora, resize_lora, sdxl_merge_lora,
                       svd_merge_lora)
 from networks.lora import (create_network, create_network_from_weights, lora_targets, text_encoder_prefixes,
@@ -40,14 +39,8 @@ MULTIPLIER = 0.7
 LOCON = {"conv_dim": "4", "conv_alpha": "1"}
 
 
-@functools.lru_cache(maxsize=None)
-def _built(family: str, seed: int):
-    return build_tiny_models(FAMILIES[family], seed=seed)
-
-
 def tiny(family: str = "sdxl", seed: int = 0):
-    """A fresh copy of a tiny model (built once per process)."""
-    return copy.deepcopy(_built(family, seed))
+    return fresh_tiny_models(family, seed)
 
 
 def randomise_up(network, seed: int = 0, std: float = 0.1) -> None:
@@ -281,7 +274,7 @@ def test_apply_restore_and_optimizer_groups_with_two_text_encoders():
                                           ("down_lr_weight", "sine"), ("mid_lr_weight", "2"), ("up_lr_weight", "zeros"),
                                           ("block_alphas", ",".join(["1"] * 25))])
 def test_sd_block_table_options_are_refused_for_sdxl(option, value):
-    models = _built("sdxl", 0)
+    models = tiny("sdxl")
     with pytest.raises(ValueError, match=rf"--network_args {option}: .*SD 1.x / 2.x table.*SDXL U-Net"):
         create_network(1.0, 4, 1, None, models.text_encoders, models.unet, **{option: value})
 
