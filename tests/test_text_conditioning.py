@@ -104,6 +104,27 @@ def test_sdxl_conditioning_matches_diffusers_encode_prompt(models, family):
         assert m.unet(noise, 10, **cond.unet_kwargs()).sample.shape == noise.shape
 
 
+@pytest.mark.numbers
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_sdxl_long_prompt_is_encoded_window_by_window(models, weighted):
+    """A 105-token prompt with a 150-token limit: two 75-token windows through both encoders, joined as kohya and
+    WebUI join them (BOS, each window's tokens, the last EOS). Each window equals what diffusers' encode_prompt gives
+    for that window's text alone (it reads one window), the pooled embedding is the first window's (kohya's and
+    diffusers' rule). Without weights in the text, the weighted parser gives the same windows."""
+    m = models["sdxl"]
+    head, words = "a photo of a cat", 100  # 5 + 100 one-token words: window 1 holds the rest, 30 words
+    text = head + " word" * words
+    encoding = CaptionEncoding(max_token_length=150, weighted=weighted)
+    cond = conditioner_for(m.family, m.tokenizers, m.text_encoders, encoding)([text], [SizeConditioning((64, 64))])
+    assert cond.hidden_states.shape[1] == 152
+    pipe = sdxl_pipeline(m)
+    first, _, pooled, _ = pipe.encode_prompt([text], device="cpu", do_classifier_free_guidance=False)  # truncated
+    second, _, _, _ = pipe.encode_prompt(["word" + " word" * 29], device="cpu", do_classifier_free_guidance=False)
+    assert_outputs_close(cond.hidden_states[:, :76], first[:, :76], what="window 1 vs diffusers")
+    assert_outputs_close(cond.hidden_states[:, 76:], second[:, 1:], what="window 2 vs diffusers")
+    assert_outputs_close(cond.pooled, pooled, what="pooled of window 1 vs diffusers")
+
+
 def test_sdxl_conditioner_needs_sizes_and_refuses_clip_skip(models):
     m = models["sdxl"]
     conditioner = conditioner_for(m.family, m.tokenizers, m.text_encoders)
