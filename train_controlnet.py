@@ -167,7 +167,7 @@ def train(args: argparse.Namespace) -> Path:
         raise SystemExit(f"error: {e}") from None
 
     # Models: the base frozen, the ControlNet trained
-    checkpoint = setup.read_base_model(args)
+    checkpoint = setup.read_base_model(args, setup.TrainedArchs("train_controlnet.py", setup.SD_ARCHS))
     family, prediction = checkpoint.family, checkpoint.prediction_type
     accelerator = setup.make_accelerator(args)
     with checkpoint:

@@ -1,4 +1,5 @@
-"""Train a LoRA / LoCon network for Stable Diffusion 1.x / 2.x (kohya-ss/sd-scripts' interface).
+"""Train a LoRA / LoCon network for Stable Diffusion 1.x / 2.x (kohya-ss/sd-scripts' interface; SDXL:
+sdxl_train_network.py, the same recipe).
 
     accelerate launch train_network.py --pretrained_model_name_or_path model.safetensors \\
         --train_data_dir data --output_dir out --output_name my_lora \\
@@ -41,7 +42,7 @@ logger = logging.getLogger("train_network")
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p)
+    train_args.add_common_training_arguments(p, implemented=("--cache_text_encoder_outputs",))
     train_args.add_embedding_arguments(p)
     g = p.add_argument_group("network")
     g.add_argument("--network_module", default="networks.lora")
@@ -66,6 +67,13 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--bundle_embeddings", action="store_true",
                    help="with --pivotal_token: the trained word inside the LoRA file (bundle_emb.*, read by WebUI "
                         "and ComfyUI; diffusers' load_lora_weights refuses such files) instead of beside it")
+    g = p.add_argument_group("text-encoder output cache (kohya's SDXL flags)")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="encode every caption once before training, then train without running (or holding) the "
+                        "text encoders; needs --network_train_unet_only and captions that do not change per step")
+    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                   help="also keep them beside the images (<stem>_te_outputs.safetensors), reused by later runs "
+                        "while caption, model and settings are the same (implies --cache_text_encoder_outputs)")
     return p
 
 
@@ -166,7 +174,11 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace) -> Path:
+# kohya's split: this script trains SD 1.x / 2.x, sdxl_train_network.py SDXL (with the same flags and a few more).
+TRAINS = setup.TrainedArchs("train_network.py", setup.SD_ARCHS, elsewhere=(("sdxl", "sdxl_train_network.py"),))
+
+
+def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path:
     start = setup.begin_run(args)
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise SystemExit("error: --network_train_unet_only and --network_train_text_encoder_only exclude each other; "
@@ -177,17 +189,22 @@ def train(args: argparse.Namespace) -> Path:
     if args.network_weights and not Path(args.network_weights).is_file():
         raise SystemExit(f"error: --network_weights {args.network_weights}: no such file; check the path")
     network_kwargs = network_kwargs_from(args.network_args)
+    if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) and (
+            not args.network_train_unet_only or args.pivotal_token):
+        raise SystemExit("error: --cache_text_encoder_outputs encodes the captions once, before training, so the "
+                         "text encoders must stay frozen: add --network_train_unet_only"
+                         + (" and drop --pivotal_token" if args.pivotal_token else ""))
     if args.bundle_embeddings and (not args.pivotal_token or args.network_module != "networks.lora"):
         raise SystemExit("error: --bundle_embeddings puts the --pivotal_token word inside a networks.lora file: "
                          "give --pivotal_token, with the default --network_module networks.lora")
 
     # Models
-    checkpoint = setup.read_base_model(args)
+    checkpoint = setup.read_base_model(args, trains)
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
     models, precision = setup.load_models(args, checkpoint, accelerator)
-    unet, text_encoder, vae = models.unet, models.text_encoder, models.vae
+    unet, text_encoders, vae = models.unet, models.text_encoders, models.vae
     added_tokens, pivot = setup.add_embeddings(args, models, precision)
 
     # Data
@@ -204,14 +221,18 @@ def train(args: argparse.Namespace) -> Path:
     setup.cache_latents(args, dataset, vae, precision)
 
     if args.base_weights:
-        merge_base_weights(args, text_encoder, unet)
+        merge_base_weights(args, text_encoders, unet)
+    text_conditioner = setup.cache_text_encoder_outputs(args, dataset, setup.text_conditioner(args, models), models,
+                                                        accelerator, keep_encoders=bool(prompts))
 
     # Network (its initial weights come from torch's global generator: seed it so runs repeat exactly)
     torch.manual_seed(start.seed)
     module = importlib.import_module(args.network_module)
     # External kohya-interface modules (e.g. lycoris.kohya) name text-encoder modules from the model's own module
-    # paths; transformers 5 dropped the `text_model.` level that every LoRA loader expects in those names.
-    network_te = text_encoder if args.network_module == "networks.lora" else TextModelShim(text_encoder)
+    # paths; transformers 5 dropped the `text_model.` level that every LoRA loader expects in those names. kohya's
+    # modules take one text encoder, or SDXL's two as a list.
+    shown = text_encoders if args.network_module == "networks.lora" else [TextModelShim(te) for te in text_encoders]
+    network_te = shown[0] if len(shown) == 1 else shown
     try:
         if args.dim_from_weights:
             try:
@@ -234,16 +255,20 @@ def train(args: argparse.Namespace) -> Path:
         raise SystemExit(f"error: {e}") from None
     network.to(accelerator.device)
     network.to(precision.trained_dtype)  # fp32 unless --full_fp16 / --full_bf16 (the optimizer then steps halves)
-    te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
-    param_groups, group_names = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+    try:
+        param_groups, group_names = network.prepare_optimizer_params(text_encoder_lr(args, len(text_encoders)),
+                                                                     args.unet_lr, args.learning_rate)
+    except ValueError as e:
+        raise SystemExit(f"error: --text_encoder_lr: {e}") from None
     # A text-encoder LoRA with learning rate 0 stays applied but frozen (prepare_optimizer_params decides).
     train_text_encoder = any(p.requires_grad for lora in network.text_encoder_loras for p in lora.parameters())
     if pivot is not None:
         param_groups.append({"params": [pivot.layer.added], "lr": args.pivotal_lr})
         group_names.append("textual_inversion")
     if (train_text_encoder or pivot is not None) and args.gradient_checkpointing:
-        text_encoder.gradient_checkpointing_enable()
-        text_encoder.train()
+        for text_encoder in text_encoders:
+            text_encoder.gradient_checkpointing_enable()
+            text_encoder.train()
 
     # Optimizer. The network is not wrapped for DDP (it is applied by patching the base models, never called
     # itself); the training loop averages its gradients across processes explicitly.
@@ -256,7 +281,7 @@ def train(args: argparse.Namespace) -> Path:
                     save_model_as=args.save_model_as, metadata=metadata,
                     scale_weight_norms=args.scale_weight_norms, pivot=pivot,
                     bundle_embeddings=args.bundle_embeddings)
-    trainer = Trainer(task=task, unet=unet, vae=vae, text_conditioner=setup.text_conditioner(args, models),
+    trainer = Trainer(task=task, unet=unet, vae=vae, text_conditioner=text_conditioner,
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
                           train_args.objective_config(args, prediction)),
                       optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
@@ -267,6 +292,15 @@ def train(args: argparse.Namespace) -> Path:
                       sample_trainable=task.network, lr_names=group_names)
     setup.run_trainer(trainer, args)
     return start.output_dir / (start.output_name + task.model_file_suffix())
+
+
+def text_encoder_lr(args, n_encoders: int) -> float | list[float] | None:
+    """--text_encoder_lr: one value for every text encoder, or (SDXL) one per encoder, as kohya reads it."""
+    lrs = args.text_encoder_lr or []
+    if len(lrs) > max(n_encoders, 1):
+        raise SystemExit(f"error: --text_encoder_lr {' '.join(map(str, lrs))}: this model has {n_encoders} text "
+                         f"encoder(s); give one value{', or one per encoder' if n_encoders > 1 else ''}")
+    return lrs[0] if len(lrs) == 1 else (lrs or None)
 
 
 def network_kwargs_from(pairs: list[str] | None) -> dict[str, str]:
@@ -294,11 +328,11 @@ def _weights_error(args, error: Exception) -> SystemExit:
     return SystemExit(f"error: --network_weights {args.network_weights}: {error}\n  {advice}")
 
 
-def merge_base_weights(args, text_encoder, unet) -> None:
+def merge_base_weights(args, text_encoders: list, unet) -> None:
     import networks.lora as lora
 
     try:
-        lora.merge_weight_files(args.base_weights, args.base_weights_multiplier, text_encoder, unet)
+        lora.merge_weight_files(args.base_weights, args.base_weights_multiplier, text_encoders, unet)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: --base_weights: {e}") from None
 

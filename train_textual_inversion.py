@@ -87,7 +87,7 @@ def train(args: argparse.Namespace) -> Path:
         raise SystemExit("error: --use_object_template and --use_style_template exclude each other; give one")
 
     # Models, with the new tokens
-    checkpoint = setup.read_base_model(args)
+    checkpoint = setup.read_base_model(args, setup.TrainedArchs("train_textual_inversion.py", setup.SD_ARCHS))
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)

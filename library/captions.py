@@ -74,6 +74,17 @@ class CaptionOptions:
         return int(self.token_warmup_step)
 
 
+def per_step_caption_options(opts: CaptionOptions, max_train_steps: int) -> list[str]:
+    """The flags set in `opts` that make a caption differ from step to step (random order, dropout, warmup, a random
+    line or wildcard choice), by kohya's names: what cached text-encoder outputs cannot follow."""
+    changing = {"--shuffle_caption": opts.shuffle_caption, "--caption_dropout_rate": opts.caption_dropout_rate > 0,
+                "--caption_dropout_every_n_epochs": opts.caption_dropout_every_n_epochs > 0,
+                "--caption_tag_dropout_rate": opts.caption_tag_dropout_rate > 0,
+                "--token_warmup_step": opts.resolved_warmup_step(max_train_steps) > 0,
+                "--enable_wildcard": opts.enable_wildcard}
+    return [flag for flag, on in changing.items() if on]
+
+
 def caption_joiner(separator: str) -> str:
     """The string tags are re-joined with after shuffle / dropout / warmup.
 

@@ -248,7 +248,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     fmt = save_format(args)
 
     # Models
-    checkpoint = setup.read_base_model(args)
+    checkpoint = setup.read_base_model(args, setup.TrainedArchs(f"{recipe.name}.py", setup.SD_ARCHS))
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)

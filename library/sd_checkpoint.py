@@ -478,16 +478,20 @@ def _reshaped(lazy: LazyTensor, shape: tuple[int, ...], name: str) -> LazyTensor
 SD_ARCHS = ("sd1", "sd2")
 
 
-def require_arch(checkpoint: SDCheckpoint, tool: str, archs: tuple[str, ...] = SD_ARCHS) -> None:
-    """Refuse, by name, a model a tool does not handle (yet): e.g. SDXL in a tool made for SD 1.x / 2.x. Closes the
-    checkpoint's files before raising."""
-    if checkpoint.family.arch in archs:
+def require_arch(checkpoint: SDCheckpoint, tool: str, archs: tuple[str, ...] = SD_ARCHS, *,
+                 elsewhere: dict[str, str] | None = None) -> None:
+    """Refuse, by name, a model a tool does not handle: e.g. SDXL in a tool made for SD 1.x / 2.x. `elsewhere`: the
+    tool that does handle an architecture (kohya's split: train_network.py for SD 1.x / 2.x, sdxl_train_network.py
+    for SDXL), named in the message. Closes the checkpoint's files before raising."""
+    arch = checkpoint.family.arch
+    if arch in archs:
         return
     checkpoint.close()
     handled = " / ".join(_ARCH_NAMES[a].split(" (")[0].removeprefix("an ").removesuffix(" model") for a in archs)
-    raise CheckpointError(f"{checkpoint.source or 'the model'}: this is {_ARCH_NAMES[checkpoint.family.arch]}; "
-                          f"{tool} handles {handled} models and does not support it yet. "
-                          "(tools/convert_diffusers20_original_sd.py and tools/merge_models.py do.)")
+    where = (f"use {elsewhere[arch]} for it (same flags)" if arch in (elsewhere or {}) else
+             "does not support it yet (tools/convert_diffusers20_original_sd.py and tools/merge_models.py do)")
+    raise CheckpointError(f"{checkpoint.source or 'the model'}: this is {_ARCH_NAMES[arch]}; "
+                          f"{tool} handles {handled} models: {where}.")
 
 
 def family_by_name(name: str) -> ModelFamily:

@@ -115,6 +115,15 @@ class TextConditioner:
 
     def __call__(self, captions: list[str], sizes: list[SizeConditioning] | None = None) -> TextConditioning:
         """`sizes`: one per caption; families without size conditioning ignore them."""
+        return self.with_sizes(self.encode_text(captions), sizes)
+
+    def with_sizes(self, text: TextConditioning, sizes: list[SizeConditioning] | None) -> TextConditioning:
+        """The text part of the conditioning completed with what comes from each image (nothing here). Split from
+        `encode_text` so that cached text-encoder outputs (`text_encoder_cache.py`) meet the sizes of each batch."""
+        return text
+
+    def encode_text(self, captions: list[str]) -> TextConditioning:
+        """What the text encoders make of the captions (all that depends on the text alone)."""
         (tokenizer,), (text_encoder,), e = self.tokenizers, self.text_encoders, self.encoding
         if e.weighted:
             ids, weights = tokenize_weighted(tokenizer, captions, e.max_token_length)
@@ -137,10 +146,15 @@ class SDXLTextConditioner(TextConditioner):
             raise ValueError(f"--clip_skip {encoding.clip_skip}: SDXL conditions on fixed layers (each encoder's "
                              "penultimate hidden state); remove --clip_skip")
 
-    def __call__(self, captions: list[str], sizes: list[SizeConditioning] | None = None) -> TextConditioning:
-        if sizes is None or len(sizes) != len(captions):
+    def with_sizes(self, text: TextConditioning, sizes: list[SizeConditioning] | None) -> TextConditioning:
+        rows = text.hidden_states.shape[0]
+        if sizes is None or len(sizes) != rows:
             raise ValueError(f"{type(self).__name__}: one SizeConditioning per caption is needed "
-                             f"({len(captions)} captions, {0 if sizes is None else len(sizes)} sizes)")
+                             f"({rows} captions, {0 if sizes is None else len(sizes)} sizes)")
+        time_ids = torch.tensor([size.time_ids(self.kind) for size in sizes], device=text.hidden_states.device)
+        return TextConditioning(text.hidden_states, text.pooled, {"text_embeds": text.pooled, "time_ids": time_ids})
+
+    def encode_text(self, captions: list[str]) -> TextConditioning:
         e = self.encoding
         states, pooled = [], None
         for tokenizer, text_encoder in zip(self.tokenizers, self.text_encoders):
@@ -151,9 +165,7 @@ class SDXLTextConditioner(TextConditioner):
             hidden, pooled_here = encode_with_pooled(text_encoder, ids, clip_skip=2, final_norm=False)
             states.append(apply_weights(hidden, weights) if e.weighted else hidden)
             pooled = pooled_here if pooled_here is not None else pooled  # bigG's (the encoder with a projection)
-        hidden_states = torch.cat(states, dim=-1)
-        time_ids = torch.tensor([size.time_ids(self.kind) for size in sizes], device=hidden_states.device)
-        return TextConditioning(hidden_states, pooled, {"text_embeds": pooled, "time_ids": time_ids})
+        return TextConditioning(torch.cat(states, dim=-1), pooled)
 
 
 class SDXLRefinerTextConditioner(SDXLTextConditioner):

@@ -196,14 +196,25 @@ NOT_YET_IMPLEMENTED = (
 )
 
 
-def add_not_yet_implemented(p: argparse.ArgumentParser) -> None:
+class _NotYetImplemented(argparse.Action):
+    """A flag parsed only to be refused by name (`refuse_not_yet_implemented`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+def add_not_yet_implemented(p: argparse.ArgumentParser, implemented: tuple[str, ...] = ()) -> None:
+    """The refused flags, except those this parser's trainer implements itself (`implemented`)."""
     g = p.add_argument_group("not implemented yet (refused when given)")
     for flag in NOT_YET_IMPLEMENTED:
-        g.add_argument(flag, default=None, nargs="?", const=True, help=argparse.SUPPRESS)
+        if flag not in implemented:
+            g.add_argument(flag, default=None, nargs="?", const=True, help=argparse.SUPPRESS,
+                           action=_NotYetImplemented)
 
 
-def refuse_not_yet_implemented(args: argparse.Namespace) -> None:
-    given = [flag for flag in NOT_YET_IMPLEMENTED if getattr(args, flag[2:], None) not in (None, False)]
+def refuse_not_yet_implemented(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    given = [action.option_strings[0] for action in parser._actions if isinstance(action, _NotYetImplemented)
+             and getattr(args, action.dest, None) not in (None, False)]
     if given:
         raise SystemExit(f"error: {', '.join(given)}: not implemented in this suite yet; remove the flag(s)")
 
@@ -222,11 +233,13 @@ def add_embedding_arguments(p: argparse.ArgumentParser) -> None:
                    help="train the token for the first N steps, then freeze it (default: all steps)")
 
 
-def add_common_training_arguments(p: argparse.ArgumentParser) -> None:
-    """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, refusals)."""
+def add_common_training_arguments(p: argparse.ArgumentParser, *, implemented: tuple[str, ...] = ()) -> None:
+    """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, refusals).
+    `implemented`: flags of NOT_YET_IMPLEMENTED that the trainer adds itself."""
     for add in (add_model_arguments, add_dataset_arguments, add_training_arguments, add_objective_arguments,
-                add_optimizer_arguments, add_sample_arguments, add_not_yet_implemented):
+                add_optimizer_arguments, add_sample_arguments):
         add(p)
+    add_not_yet_implemented(p, implemented)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -249,7 +262,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         raise SystemExit(0)
     if getattr(args, "caption_extention", None):
         args.caption_extension = args.caption_extention
-    refuse_not_yet_implemented(args)
+    refuse_not_yet_implemented(args, parser)
     note_memory_hints(args)
     return args
 

@@ -150,6 +150,15 @@ class TrainingDataset(torch.utils.data.Dataset):
             out["caption"] = self.caption_rewrite(out["caption"], _rng(self.seed, "rewrite", key.epoch, key.index))
         return out
 
+    def fixed_caption(self, item: Item) -> str:
+        """The caption an item trains with when its subset's caption options do not change it from step to step
+        (what --cache_text_encoder_outputs needs; `captions.per_step_caption_options` says when they do)."""
+        caption = process_caption(item.record.caption, item.record.subset.caption, rng=random.Random(0), epoch=1,
+                                  step=0, max_train_steps=self.max_train_steps)
+        if self.caption_rewrite is not None:
+            caption = self.caption_rewrite(caption, random.Random(0))
+        return caption
+
     def load_pixels(self, item: Item, key: SampleKey | None, flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pixels [3, H, W] of the item's bucket size (and its alpha mask [1, H, W] through the same crop plan)."""
         subset = item.record.subset

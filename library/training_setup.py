@@ -27,7 +27,7 @@ from library.latent_cache import CacheSettings, LatentCache
 from library.model_loading import SDModels, instantiate_models, replace_vae
 from library.optimizers import OptimizerConfig, build_optimizer, build_scheduler, optimizer_class
 from library.precision import Precision, check_device_supports, precision_policy
-from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint, require_arch
+from library.sd_checkpoint import SD_ARCHS, FamilyHints, SDCheckpoint, read_checkpoint, require_arch
 from library.tensor_files import CheckpointError
 from library.text_conditioning import CaptionEncoding, TextConditioner, conditioner_for
 from library.train_dataset import EpochBatches, TrainingDataset
@@ -61,23 +61,35 @@ def begin_run(args: argparse.Namespace, *, control_images: bool = False) -> RunS
     return RunStart(seed=seed, output_dir=output_dir, output_name=args.output_name or "last", optimizer=opt_config)
 
 
-def read_base_model(args: argparse.Namespace) -> SDCheckpoint:
-    """The base model (`--pretrained_model_name_or_path`, `--vae`), family checked against `--v2` etc."""
+@dataclass(frozen=True)
+class TrainedArchs:
+    """Which model architectures a training script trains (`ModelFamily.arch`), and which script trains the others.
+    kohya splits its scripts the same way: train_network.py for SD 1.x / 2.x, sdxl_train_network.py for SDXL."""
+
+    script: str
+    archs: tuple[str, ...] = SD_ARCHS
+    elsewhere: tuple[tuple[str, str], ...] = ()  # (arch, the script that trains it)
+
+
+def read_base_model(args: argparse.Namespace, trains: TrainedArchs) -> SDCheckpoint:
+    """The base model (`--pretrained_model_name_or_path`, `--vae`), family checked against `--v2` etc. and against
+    what the script trains."""
     try:
-        checkpoint = open_base_model(args)
+        checkpoint = open_base_model(args, trains)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     logger.info("%s", checkpoint.family.description)
     return checkpoint
 
 
-def open_base_model(args: argparse.Namespace) -> SDCheckpoint:
+def open_base_model(args: argparse.Namespace, trains: TrainedArchs | None = None) -> SDCheckpoint:
     """The base model's files opened (lazily), as `read_base_model` does; raises CheckpointError. Also used to read
-    untrained components again when a trained model is saved."""
+    untrained components again when a trained model is saved (`trains` None: the file was checked already)."""
     hints = FamilyHints(v2=True if args.v2 else None, v_parameterization=args.v_parameterization)
     checkpoint = read_checkpoint(args.pretrained_model_name_or_path, hints,
                                  allow_unsafe_pickle=args.allow_unsafe_pickle)
-    require_arch(checkpoint, "this trainer")
+    if trains is not None:
+        require_arch(checkpoint, trains.script, trains.archs, elsewhere=dict(trains.elsewhere))
     try:
         if args.vae:
             replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
@@ -242,7 +254,33 @@ def text_conditioner(args: argparse.Namespace, models: SDModels, *, pad_to_longe
     --no_token_padding)."""
     encoding = CaptionEncoding(max_token_length=args.max_token_length, clip_skip=args.clip_skip,
                                weighted=args.weighted_captions, pad_to_longest=pad_to_longest)
-    return conditioner_for(models.family, models.tokenizers, models.text_encoders, encoding)
+    try:
+        return conditioner_for(models.family, models.tokenizers, models.text_encoders, encoding)
+    except ValueError as e:  # a flag the family's conditioning cannot honour (SDXL and --clip_skip)
+        raise SystemExit(f"error: {e}") from None
+
+
+def cache_text_encoder_outputs(args: argparse.Namespace, dataset: TrainingDataset, conditioner: TextConditioner,
+                               models: SDModels, accelerator, *, keep_encoders: bool):
+    """--cache_text_encoder_outputs / --cache_text_encoder_outputs_to_disk: every caption encoded now; the
+    conditioner the training step then uses answers from the cache. The text encoders are released afterwards
+    unless `keep_encoders` (sample prompts still need them). Without the flags: `conditioner` itself."""
+    if not (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk):
+        return conditioner
+    from library.text_encoder_cache import TextEncoderOutputCache, release_text_encoders
+
+    cache = TextEncoderOutputCache(conditioner, to_disk=args.cache_text_encoder_outputs_to_disk,
+                                   autocast=accelerator.autocast)
+    try:
+        cache.build(dataset)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if keep_encoders:
+        logger.info("text-encoder outputs cached; the text encoders stay in memory for the sample prompts")
+    else:
+        release_text_encoders(models.text_encoders)
+        logger.info("text-encoder outputs cached (%d captions); the text encoders are released", len(cache.entries))
+    return cache.conditioner_for_training(accelerator.device)
 
 
 def load_sample_prompts(args: argparse.Namespace, family) -> list:

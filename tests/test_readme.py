@@ -72,6 +72,10 @@ EXPECTED = {
         "out/lora.toml", "out/lora/tiny_lora.safetensors", "out/lora/tiny_lora-step00000004.safetensors",
         "out/lora/tiny_lora-step00000004-state/*", "out/lora/tiny_lora-state/*", "out/lora/sample/*.png",
         "out/logs/*/events.out.tfevents.*", "out/lora/tiny_lora_resumed.safetensors"],
+    "  --max_train_steps 4 --train_batch_size 2 --cache_latents --seed 42 \\": [
+        "out/tiny_sdxl.safetensors", "out/lora_xl/tiny_xl_lora.safetensors", "out/lora_xl/sample/*.png"],
+    "  --no_half_vae --cache_latents --gradient_checkpointing --save_every_n_epochs 2 --seed 42": [
+        "output/sks_dog_xl.safetensors"],
     "  --max_train_steps 4 --use_ema --save_every_n_steps 2": [
         "out/ft_images/000_64x64_sd_latents.safetensors", "out/meta_lat.json", "out/ft/tiny_ft.safetensors",
         "out/ft/tiny_ft-step00000002.safetensors"],

@@ -68,6 +68,14 @@ def test_unimplemented_kohya_flags_are_refused_by_name():
         train_args.parse_args(parser(), REQUIRED + ["--face_crop_aug_range", "2.0,4.0"])
     with pytest.raises(SystemExit, match="--cache_text_encoder_outputs"):
         train_args.parse_args(parser(), REQUIRED + ["--cache_text_encoder_outputs"])
+    # A trainer that implements one of them parses it as its own flag (train_network: the text-encoder cache);
+    # the others stay refused there.
+    import train_network
+
+    args = train_args.parse_args(train_network.setup_parser(), REQUIRED + ["--cache_text_encoder_outputs"])
+    assert args.cache_text_encoder_outputs is True
+    with pytest.raises(SystemExit, match="--deepspeed: not implemented"):
+        train_args.parse_args(train_network.setup_parser(), REQUIRED + ["--deepspeed"])
 
 
 def test_misspelled_caption_extension_alias():

@@ -84,15 +84,16 @@ def image_folder(data: Path) -> Path:
 # 1-2. Folder layout
 
 
-def test_an_sdxl_model_is_refused_by_name(tmp_path):
-    """Until the SDXL trainers exist, an SDXL base model given to train_network.py stops before any work."""
+def test_an_sdxl_model_is_sent_to_sdxl_train_network(tmp_path):
+    """An SDXL base model given to train_network.py (kohya's split: SDXL trains with sdxl_train_network.py) stops
+    before any work, naming the script that trains it."""
     from tools.make_tiny_model import main as make_model
 
     assert make_model(["--family", "sdxl", str(tmp_path / "sdxl.safetensors")]) == 0
     data = make_data(tmp_path / "data")
     out = tmp_path / "out"
     expect_error(args_for(tmp_path, data, out, model="sdxl.safetensors"), "sdxl.safetensors", "SDXL base",
-                 "does not support it yet")
+                 "train_network.py handles SD 1.x / SD 2.x models: use sdxl_train_network.py")
     assert_no_model(out)
 
 

@@ -5,7 +5,7 @@ without downloading anything. A .safetensors file is about 21 MB for sd1 and 24 
     python tools/make_tiny_model.py --family sd1 out/tiny_sd1.safetensors
     python tools/make_tiny_model.py --family sd2-768-v out/tiny_sd2v        # a folder: diffusers layout
 
-Families: sd1, sd2-512, sd2-768-v. The output format follows the path (.safetensors, .ckpt, or a folder).
+Families: sd1, sd2-512, sd2-768-v, sdxl, sdxl-refiner. The output format follows the path (.safetensors, .ckpt, or a folder).
 """
 
 from __future__ import annotations

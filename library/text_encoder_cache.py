@@ -1,0 +1,177 @@
+"""Text-encoder outputs computed once before training (`--cache_text_encoder_outputs`,
+`--cache_text_encoder_outputs_to_disk`): kohya's way to train an SDXL LoRA without its two text encoders in memory.
+
+What is cached is the text part of the conditioning (`TextConditioner.encode_text`: hidden states, and the pooled
+output where the family has one), one entry per distinct caption, computed under the same autocast as the training
+step. Each batch then meets its images' size/crop conditioning (`TextConditioner.with_sizes`) as without a cache,
+so the training loop cannot tell the difference (`CachedTextConditioner` has the conditioner's call).
+
+Only captions that are the same at every step can be cached: options that change them per step (shuffle, dropout,
+tag dropout, token warmup, wildcards) are refused by name, and a caption that is not in the cache at training time
+is an error, never encoded silently with encoders that may be gone.
+
+On disk each image gets `<stem>_te_outputs.safetensors` beside it (kohya: `<stem>_te_outputs.npz`), its key in the
+metadata: the caption text, a digest of each text encoder's weights, the encoding settings (token length, clip skip,
+weighted captions), the family and the dtype. An entry whose key differs (edited caption, other model, other
+settings) is recomputed and rewritten, never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from library.captions import per_step_caption_options
+from library.safetensors_io import SafetensorsFormatError, SafetensorsReader, save_tensors
+from library.text_conditioning import SizeConditioning, TextConditioner, TextConditioning
+from library.train_dataset import Item, TrainingDataset, tensor_fingerprint
+
+logger = logging.getLogger(__name__)
+
+DISK_SUFFIX = "_te_outputs.safetensors"
+ENCODE_BATCH = 8  # captions per text-encoder call while caching (memory stays at a few captions' activations)
+FLAG = "--cache_text_encoder_outputs"
+
+
+def check_captions_are_fixed(dataset: TrainingDataset) -> None:
+    """Refuse, by flag and subset, caption options that change a caption from step to step."""
+    problems = {}
+    for item in dataset.items:
+        subset = item.record.subset
+        flags = per_step_caption_options(subset.caption, dataset.max_train_steps)
+        if flags:
+            problems.setdefault(str(subset.image_dir), flags)
+    if problems:
+        listing = "; ".join(f"{', '.join(flags)} ({folder})" for folder, flags in problems.items())
+        raise ValueError(f"{FLAG} caches one output per caption, so captions must not change between steps, but "
+                         f"these options change them: {listing}. Turn them off, or train without {FLAG}")
+
+
+class TextEncoderOutputCache:
+    def __init__(self, conditioner: TextConditioner, *, to_disk: bool = False,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        self.conditioner = conditioner
+        self.to_disk = to_disk
+        self.autocast = autocast  # the training step's autocast, so cached outputs equal uncached ones
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}  # caption -> {"hidden_states", ["pooled"]}
+        self._settings_key: dict | None = None
+
+    def settings_key(self) -> dict:
+        """Everything but the caption that determines an entry (the encoder digests are computed once)."""
+        if self._settings_key is None:
+            c = self.conditioner
+            self._settings_key = {"conditioner": type(c).__name__, "encoding": asdict(c.encoding),
+                                  "encoders": [tensor_fingerprint(te) for te in c.text_encoders],
+                                  "dtype": str(next(c.text_encoders[0].parameters()).dtype), "version": 1}
+        return self._settings_key
+
+    def key(self, caption: str) -> dict:
+        return {"caption": caption, **self.settings_key()}
+
+    def build(self, dataset: TrainingDataset) -> None:
+        """Encode every distinct caption of the dataset (reading valid disk entries instead, with to_disk)."""
+        check_captions_are_fixed(dataset)
+        first_items: dict[str, Item] = {}  # image file -> an item showing it (repeats share the caption)
+        for item in dataset.items:
+            first_items.setdefault(str(item.record.path), item)
+        by_image = {Path(path): dataset.fixed_caption(item) for path, item in first_items.items()}
+        to_write, stale, reused = [], 0, 0  # images whose disk entry is missing or stale
+        for image, caption in by_image.items():
+            loaded = self._load_disk(image, caption) if self.to_disk else None
+            if isinstance(loaded, dict):
+                self.entries.setdefault(caption, loaded)
+                reused += 1
+            else:
+                stale += loaded == "stale"
+                to_write.append(image)
+        if stale:
+            logger.info("text-encoder cache: %d entries were stale (caption, model or settings changed) and are "
+                        "recomputed", stale)
+        if reused:
+            logger.info("text-encoder cache: reused %d entries from disk", reused)
+        self._compute(list(dict.fromkeys(c for c in by_image.values() if c not in self.entries)))
+        if self.to_disk:
+            for image in to_write:
+                self._save_disk(image, by_image[image])
+
+    def _compute(self, captions: list[str]) -> None:
+        with torch.no_grad(), self.autocast(), tqdm(total=len(captions), desc="caching text encoder outputs",
+                                                   unit="caption", disable=not captions) as bar:
+            for start in range(0, len(captions), ENCODE_BATCH):
+                chunk = captions[start:start + ENCODE_BATCH]
+                text = self.conditioner.encode_text(chunk)
+                for i, caption in enumerate(chunk):
+                    entry = {"hidden_states": text.hidden_states[i].cpu()}
+                    if text.pooled is not None:
+                        entry["pooled"] = text.pooled[i].cpu()
+                    self.entries[caption] = entry
+                bar.update(len(chunk))
+
+    def conditioner_for_training(self, device: torch.device | str) -> "CachedTextConditioner":
+        return CachedTextConditioner(self.conditioner, self.entries, device)
+
+    # Disk -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def disk_path(image: Path) -> Path:
+        return image.with_name(image.stem + DISK_SUFFIX)
+
+    def _load_disk(self, image: Path, caption: str):
+        path = self.disk_path(image)
+        if not path.exists():
+            return None
+        try:
+            with SafetensorsReader(path) as reader:
+                if json.loads(reader.metadata.get("cache_key", "null")) != self.key(caption):
+                    return "stale"
+                return {name: reader.read(name) for name in reader.keys()}
+        except (SafetensorsFormatError, json.JSONDecodeError):
+            return "stale"
+
+    def _save_disk(self, image: Path, caption: str) -> None:
+        path = self.disk_path(image)
+        try:
+            save_tensors(path, {k: v.contiguous() for k, v in self.entries[caption].items()},
+                         {"cache_key": json.dumps(self.key(caption))})
+        except OSError as e:
+            raise OSError(f"{path}: cannot write the text-encoder cache next to the image ({e}); make the folder "
+                          f"writable or use {FLAG} without --cache_text_encoder_outputs_to_disk") from e
+
+
+class CachedTextConditioner:
+    """A family's conditioner answering from cached text-encoder outputs: the same call, the same result."""
+
+    def __init__(self, conditioner: TextConditioner, entries: dict[str, dict[str, torch.Tensor]],
+                 device: torch.device | str):
+        self.conditioner, self.entries, self.device = conditioner, entries, device
+
+    def __call__(self, captions: list[str], sizes: list[SizeConditioning] | None = None) -> TextConditioning:
+        missing = [c for c in captions if c not in self.entries]
+        if missing:
+            raise ValueError(f"{FLAG}: the caption {missing[0]!r} is not in the text-encoder cache (its captions "
+                             "were fixed before training); this is a bug, please report it with your flags")
+        rows = [self.entries[c] for c in captions]
+        hidden = torch.stack([r["hidden_states"] for r in rows]).to(self.device)
+        pooled = torch.stack([r["pooled"] for r in rows]).to(self.device) if "pooled" in rows[0] else None
+        return self.conditioner.with_sizes(TextConditioning(hidden, pooled), sizes)
+
+
+def release_text_encoders(text_encoders: list[torch.nn.Module]) -> None:
+    """Free the encoders' weights once their outputs are cached and nothing else needs them: the modules stay (a
+    LoRA network keeps references for its names) but their tensors move to the meta device, and calling one is an
+    error (a meta tensor would otherwise flow on as shapes without numbers)."""
+
+    def refuse(module, args):
+        raise RuntimeError(f"{type(module).__name__} was released after {FLAG} cached its outputs and cannot run; "
+                           "this is a bug, please report it with your flags")
+
+    for text_encoder in text_encoders:
+        text_encoder.to("meta")
+        text_encoder.register_forward_pre_hook(refuse)

@@ -1,0 +1,298 @@
+"""Recipe tests: the real sdxl_train_network.py on a tiny SDXL base model and synthetic images.
+
+Golden losses pin the numbers; the trained file is read by diffusers' SDXL pipeline (`load_lora_weights`) and
+computes what our network computed; stopping and resuming ends with identical weights; kohya's SDXL names and
+metadata; the trainers send each family to its script. The synthetic images are 80 px (and 120 x 80 / 80 x 120)
+trained at 64 px, so every sample is resized and cropped and its size/crop ids differ from its bucket's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from library.safetensors_io import SafetensorsReader
+from tests.numerics import (CAPTIONS_LOST, FP32_OUTPUT_REL, PlantedBug, assert_outputs_close, check_golden_losses, golden_case_args,
+                            relative_deviation)
+from tests.recipe_helpers import logged_losses, run_script
+
+
+def run(argv: list[str], stop_after: int | None = None, script: str = "sdxl_train_network") -> None:
+    run_script(script, argv, stop_after)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from tools.make_synthetic_dataset import write_dataset
+    from tools.make_tiny_model import main as make_model
+
+    root = tmp_path_factory.mktemp("sdxl_train_network")
+    write_dataset(root / "data", images=6, size=128, seed=0, folder="3_sks shape")
+    for family in ("sdxl", "sdxl-refiner", "sd1"):
+        assert make_model(["--family", family, str(root / f"{family}.safetensors")]) == 0
+    return root
+
+
+def base_args(root: Path, out: str, model: str = "sdxl.safetensors") -> list[str]:
+    return ["--pretrained_model_name_or_path", str(root / model), "--train_data_dir", str(root / "data"),
+            "--output_dir", str(root / out), "--output_name", "lora", "--resolution", "64", "--enable_bucket",
+            "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32", "--network_dim", "4",
+            "--network_alpha", "2", "--learning_rate", "1e-3", "--seed", "7", "--train_batch_size", "2", "--max_data_loader_n_workers", "0",
+            "--logging_dir", str(root / out / "logs")]
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with SafetensorsReader(path) as reader:
+        return {k: reader.read(k) for k in reader.keys()}, dict(reader.metadata)
+
+
+def logged_scalars(log_root: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = next(p for p in log_root.iterdir() if p.is_dir())
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def _size_ids_of_the_bucket():
+    """Planted: every sample's SDXL size/crop ids say "uncropped, at the bucket's size" (what a trainer that does not
+    carry each image's size and crop would feed the U-Net)."""
+    from library import train_dataset
+    from library.text_conditioning import SizeConditioning
+
+    original = train_dataset.size_conditioning
+
+    def of_the_bucket(plan, flip):
+        target = original(plan, flip).target_size
+        return SizeConditioning(original_size=target, crop_top_left=(0, 0), target_size=target)
+
+    train_dataset.size_conditioning = of_the_bucket
+    return lambda: setattr(train_dataset, "size_conditioning", original)
+
+
+SIZE_IDS_LOST = PlantedBug("SDXL size/crop ids of the bucket, not of the image", _size_ids_of_the_bucket)
+
+CASES = {
+    "sdxl_cached_two_te_lrs": ["--cache_latents", "--text_encoder_lr", "1e-3", "5e-4", "--max_train_steps", "4"],
+    "sdxl_flip_weighted_long_locon": ["--flip_aug", "--weighted_captions", "--caption_prefix", "(sks:1.3)",
+                                      "--max_token_length", "150", "--network_args", "conv_dim=4", "conv_alpha=1",
+                                      "--max_train_steps", "3"],
+}
+# The option each case is there for (tests/golden/README.md: what removing it does to the losses).
+COVERS = {
+    "sdxl_cached_two_te_lrs": SIZE_IDS_LOST,
+    "sdxl_flip_weighted_long_locon": CAPTIONS_LOST,
+}
+
+
+@pytest.mark.numbers
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_losses(case, workspace):
+    root = workspace
+    run(base_args(root, f"golden_{case}") + golden_case_args(case, CASES[case], COVERS))
+    losses = logged_losses(root / f"golden_{case}" / "logs")
+    check_golden_losses("sdxl_train_network_losses.json", case, losses)
+    lora, metadata = read_lora(root / f"golden_{case}" / "lora.safetensors")
+    assert all(torch.isfinite(t).all() for t in lora.values())
+    # kohya's SDXL names and metadata (what WebUI, ComfyUI and kohya's tools key on).
+    prefixes = {k.split(".")[0].split("_")[1] for k in lora}
+    assert prefixes == {"te1", "te2", "unet"}, prefixes
+    assert any(k.startswith("lora_unet_input_blocks_4_1_") for k in lora)
+    assert not any("down_blocks" in k for k in lora)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert metadata["modelspec.resolution"] == "64x64"
+    if case == "sdxl_cached_two_te_lrs":  # one learning rate per text encoder, as kohya logs them
+        logs = root / f"golden_{case}" / "logs"
+        assert logged_scalars(logs, "lr/textencoder1")[0] == pytest.approx(1e-3)
+        assert logged_scalars(logs, "lr/textencoder2")[0] == pytest.approx(5e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_run(workspace):
+    root = workspace
+    common = ["--cache_latents", "--max_train_steps", "5", "--save_every_n_steps", "2", "--save_state", "--flip_aug",
+              "--shuffle_caption"]
+    run(base_args(root, "straight") + common)
+    straight, _ = read_lora(root / "straight" / "lora.safetensors")
+    out = root / "resumed"
+    run(base_args(root, "resumed") + common, stop_after=2)
+    assert not (out / "lora.safetensors").exists()
+    run(base_args(root, "resumed") + common + ["--resume", str(out / "lora-step00000002-state")])
+    resumed, _ = read_lora(out / "lora.safetensors")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+    assert logged_losses(out / "logs") == logged_losses(root / "straight" / "logs")
+
+
+@pytest.mark.numbers
+def test_trained_lora_gives_the_same_outputs_in_diffusers(workspace):
+    """The file sdxl_train_network.py writes, loaded by diffusers' StableDiffusionXLPipeline.load_lora_weights,
+    computes what our network computed in training: both text encoders and the U-Net, fp32 (FP32_OUTPUT_REL; the
+    measured spread and planted defects of this comparison: tests/test_sdxl_lora.py)."""
+    import networks.lora as lora
+    from library.model_loading import instantiate_models
+    from library.sd_checkpoint import read_checkpoint
+    from tests.test_sdxl_lora import diffusers_sdxl_pipeline, outputs
+
+    root = workspace
+    # A high learning rate, so the trained LoRA changes the outputs by far more than the comparison's tolerance.
+    run(base_args(root, "to_diffusers") + ["--cache_latents", "--max_train_steps", "3", "--learning_rate", "1e-2",
+                                           "--network_args", "conv_dim=4", "conv_alpha=1"])
+    lora_file = root / "to_diffusers" / "lora.safetensors"
+    with read_checkpoint(root / "sdxl.safetensors") as checkpoint:
+        models = instantiate_models(checkpoint)
+    reference = outputs(models)
+    pipe = diffusers_sdxl_pipeline(models)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    network, _ = lora.create_network_from_weights(1.0, str(lora_file), None, models.text_encoders, models.unet)
+    network.apply_to(models.text_encoders, models.unet)
+    network.load_weights(lora_file)
+    ours = outputs(models)
+    theirs = outputs(models, unet=pipe.unet, text_encoders=[pipe.text_encoder, pipe.text_encoder_2])
+    for i, (got, want, base) in enumerate(zip(theirs, ours, reference)):
+        assert relative_deviation(want, base) > 10 * FP32_OUTPUT_REL, f"output {i}: the trained LoRA changes nothing"
+        assert_outputs_close(got, want, what=f"diffusers' SDXL pipeline vs ours, output {i}")
+
+
+def test_sample_images_during_training(workspace):
+    from PIL import Image
+
+    root = workspace
+    prompts = root / "prompts.txt"
+    prompts.write_text("sks shape, red circle --n blurry --d 3 --s 2 --w 96\n")
+    run(base_args(root, "samples") + ["--cache_latents", "--max_train_steps", "2", "--sample_prompts", str(prompts),
+                                      "--sample_every_n_steps", "2", "--sample_at_first"])
+    files = sorted((root / "samples" / "sample").glob("*.png"))
+    assert [f.name.split("_")[1] for f in files] == ["000000", "000002"]
+    image = Image.open(files[-1])
+    assert image.size == (96, 64) and "sks shape, red circle" in image.text["parameters"]
+
+
+def expect_error(argv: list[str], *needles: str, script: str = "sdxl_train_network") -> str:
+    with pytest.raises(SystemExit) as info:
+        run(argv, script=script)
+    message = info.value.code
+    assert isinstance(message, str) and message.startswith("error:"), message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in:\n{message}"
+    return message
+
+
+@pytest.mark.parametrize("model,needles", [
+    ("sd1.safetensors", ["SD 1.x", "sdxl_train_network.py handles SDXL base models: use train_network.py"]),
+    ("sdxl-refiner.safetensors", ["SDXL refiner", "sdxl_train_network.py handles SDXL base models"]),
+])
+def test_other_families_are_refused_by_name(workspace, model, needles):
+    out = workspace / f"refused_{model.split('.')[0]}"
+    expect_error(base_args(workspace, out.name, model=model) + ["--max_train_steps", "1"], model, *needles)
+    assert not out.exists() or not list(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--clip_skip", "2"], ["--clip_skip 2", "SDXL", "remove --clip_skip"]),
+    (["--text_encoder_lr", "1e-4", "1e-4", "1e-4"], ["--text_encoder_lr", "2 text encoder(s)", "one per encoder"]),
+])
+def test_flags_sdxl_cannot_honour(workspace, flags, needles):
+    expect_error(base_args(workspace, "bad_flags") + ["--max_train_steps", "1"] + flags, *needles)
+    assert not (workspace / "bad_flags" / "lora.safetensors").exists()
+
+
+def test_sd_models_give_two_text_encoder_lrs_a_clear_error(workspace):
+    argv = base_args(workspace, "sd1_two_lrs", model="sd1.safetensors") + [
+        "--max_train_steps", "1", "--text_encoder_lr", "1e-4", "5e-5"]
+    expect_error(argv, "--text_encoder_lr 0.0001 5e-05", "1 text encoder(s); give one value", script="train_network")
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --cache_text_encoder_outputs(_to_disk)
+
+CACHE_RUN = ["--cache_latents", "--network_train_unet_only", "--max_train_steps", "4"]
+
+
+def assert_same_losses(got: list[float], want: list[float]) -> None:
+    from tests.numerics import golden_tolerances
+
+    assert len(got) == len(want)
+    for step, (a, b, tol) in enumerate(zip(got, want, golden_tolerances(len(want))), start=1):
+        assert abs(a - b) <= tol * abs(b), f"step {step}: {a} vs {b}"
+
+
+def test_cached_text_encoder_outputs_train_as_the_encoders_do(workspace, caplog):
+    """The same run with the text encoders' outputs cached (and the encoders released: a call to them would fail)
+    logs the losses of the run without a cache, within the golden tolerances: the cache encodes captions in other
+    batches than the steps do, and a caption encoded beside others can differ in the last bits from the same
+    caption alone (measured here: losses identical for the first comparison, 2e-7 relative for the last). Planted:
+    every sample given the first cached caption's outputs moves the first loss 3.9x the first-step tolerance (the
+    synthetic captions are alike; tests/test_text_encoder_cache.py compares the cached outputs themselves, 750x).
+    A second run reads the disk entries (no encoding); an edited caption makes its entry stale: recomputed."""
+    import logging
+
+    root = workspace
+    run(base_args(root, "te_plain") + CACHE_RUN)
+    caplog.set_level(logging.INFO)
+    run(base_args(root, "te_cached") + CACHE_RUN + ["--cache_text_encoder_outputs_to_disk"])
+    assert "the text encoders are released" in caplog.text
+    cached = logged_losses(root / "te_cached" / "logs")
+    assert_same_losses(cached, logged_losses(root / "te_plain" / "logs"))
+    entries = sorted((root / "data" / "3_sks shape").glob("*_te_outputs.safetensors"))
+    assert len(entries) == 6
+    with SafetensorsReader(entries[0]) as reader:
+        key = json.loads(reader.metadata["cache_key"])
+        assert reader.info("hidden_states").shape == (77, 32 + 48)  # tiny CLIP ViT-L + bigG widths, side by side
+        assert reader.info("pooled").shape == (48,)
+    caption_file = root / "data" / "3_sks shape" / (entries[0].name.split("_te_outputs")[0] + ".caption")
+    assert key["caption"] == caption_file.read_text().strip()
+
+    caplog.clear()
+    run(base_args(root, "te_reused") + CACHE_RUN + ["--cache_text_encoder_outputs_to_disk"])
+    assert "reused 6 entries from disk" in caplog.text and "stale" not in caplog.text
+    assert logged_losses(root / "te_reused" / "logs") == cached
+
+    original = caption_file.read_text()
+    caption_file.write_text("sks shape, a green hexagon\n")
+    try:
+        caplog.clear()
+        run(base_args(root, "te_edited") + CACHE_RUN + ["--cache_text_encoder_outputs"])  # memory only: disk kept
+        run(base_args(root, "te_edited_disk") + CACHE_RUN + ["--cache_text_encoder_outputs_to_disk"])
+        assert "1 entries were stale" in caplog.text and "reused 5 entries" in caplog.text
+        with SafetensorsReader(entries[0]) as reader:
+            assert json.loads(reader.metadata["cache_key"])["caption"] == "sks shape, a green hexagon"
+        assert_same_losses(logged_losses(root / "te_edited_disk" / "logs"), logged_losses(root / "te_edited" / "logs"))
+    finally:
+        caption_file.write_text(original)
+        for entry in entries:  # the other tests read this folder; leave it as it was
+            entry.unlink()
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--shuffle_caption"], ["--cache_text_encoder_outputs", "--shuffle_caption", "3_sks shape"]),
+    (["--caption_dropout_rate", "0.1", "--enable_wildcard"],
+     ["--caption_dropout_rate, --enable_wildcard", "Turn them off"]),
+])
+def test_caption_options_that_change_per_step_are_refused_with_the_cache(workspace, flags, needles):
+    expect_error(base_args(workspace, "te_refused") + CACHE_RUN + ["--cache_text_encoder_outputs"] + flags, *needles)
+    assert not list((workspace / "data" / "3_sks shape").glob("*_te_outputs.safetensors"))
+
+
+def test_the_cache_needs_frozen_text_encoders(workspace):
+    expect_error(base_args(workspace, "te_trained") + ["--cache_text_encoder_outputs", "--max_train_steps", "1"],
+                 "--cache_text_encoder_outputs", "add --network_train_unet_only")
+
+
+def test_sample_prompts_keep_the_encoders_beside_the_cache(workspace, caplog):
+    import logging
+
+    prompts = workspace / "prompts_cache.txt"
+    prompts.write_text("sks shape, red circle --d 3 --s 2\n")
+    caplog.set_level(logging.INFO)
+    run(base_args(workspace, "te_samples") + ["--cache_latents", "--network_train_unet_only", "--max_train_steps", "2",
+                                              "--cache_text_encoder_outputs", "--sample_prompts", str(prompts),
+                                              "--sample_every_n_steps", "2"])
+    assert "stay in memory for the sample prompts" in caplog.text
+    assert len(list((workspace / "te_samples" / "sample").glob("*.png"))) == 1
