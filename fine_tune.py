@@ -37,7 +37,8 @@ def setup_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = train_args.parse_args(setup_parser(), argv)
-    train_full_model(args, FullModelRecipe(name="fine_tune", train_text_encoder=args.train_text_encoder))
+    train_full_model(args, FullModelRecipe(name="fine_tune", train_text_encoder=args.train_text_encoder,
+                                           text_encoder_lrs=(args.learning_rate_te,)))
     return 0
 
 

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--weighted_captions and --max_token_length")
     stop = args.stop_text_encoder_training
     recipe = FullModelRecipe(
-        name="train_db", train_text_encoder=stop is None or stop >= 0,
+        name="train_db", train_text_encoder=stop is None or stop >= 0, text_encoder_lrs=(args.learning_rate_te,),
         stop_text_encoder_at=stop if stop is not None and stop >= 0 else None,
         pad_captions_to_longest=args.no_token_padding, before_data=class_image_step(args))
     train_full_model(args, recipe)

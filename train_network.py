@@ -189,8 +189,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     if args.network_weights and not Path(args.network_weights).is_file():
         raise SystemExit(f"error: --network_weights {args.network_weights}: no such file; check the path")
     network_kwargs = network_kwargs_from(args.network_args)
-    if (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk) and (
-            not args.network_train_unet_only or args.pivotal_token):
+    if setup.wants_text_encoder_cache(args) and (not args.network_train_unet_only or args.pivotal_token):
         raise SystemExit("error: --cache_text_encoder_outputs encodes the captions once, before training, so the "
                          "text encoders must stay frozen: add --network_train_unet_only"
                          + (" and drop --pivotal_token" if args.pivotal_token else ""))

@@ -55,10 +55,15 @@ def add_full_model_arguments(p: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class FullModelRecipe:
-    """What differs between train_db.py and fine_tune.py."""
+    """What differs between train_db.py, fine_tune.py and sdxl_train.py."""
 
     name: str  # log tracker default and modelspec / ss_* training info
     train_text_encoder: bool
+    # Each text encoder's learning rate (family order): None = --learning_rate, 0 = that encoder stays frozen.
+    text_encoder_lrs: tuple[float | None, ...] = (None,)
+    unet_block_lrs: tuple[float, ...] | None = None  # sdxl_train --block_lr: one per block, 0 freezes a block
+    families: tuple[str, ...] = setup.SD_ARCHS  # the families (ModelFamily.arch) this script trains
+    elsewhere: tuple[tuple[str, str], ...] = (("sdxl", "sdxl_train.py"),)  # (arch, the script that trains it)
     stop_text_encoder_at: int | None = None  # global step after which only the U-Net trains (train_db)
     pad_captions_to_longest: bool = False  # train_db --no_token_padding
     # Work with the loaded base models before the dataset is scanned (train_db: generate missing class images).
@@ -95,6 +100,10 @@ def take_untrained_from_source(checkpoint: SDCheckpoint, source: SDCheckpoint, c
     source cast as at load time); a component whose file changed during the run keeps the held weights."""
     for component in components:
         held, original = checkpoint.tensors[component], source.tensors[component]
+        if any(lazy.load().is_meta for lazy in held.values()):
+            # Released after --cache_text_encoder_outputs: the file is the only copy left.
+            checkpoint.tensors[component] = dict(original)
+            continue
         if held.keys() == original.keys() and all(held[k].dtype == v.dtype for k, v in original.items()):
             continue  # held in the source's own dtype (e.g. fp32 training): already exact, no re-read needed
         unchanged = held.keys() == original.keys() and all(
@@ -112,34 +121,33 @@ class FullModelTask:
     """The U-Net (and text encoder) as a `TrainingTask`: trainable state for resume, checkpoint saving, the text
     encoder's stop step, the EMA update."""
 
-    def __init__(self, models: SDModels, *, train_text_encoder: bool, stop_text_encoder_at: int | None,
+    def __init__(self, models: SDModels, *, trained_text_encoders: list[str], stop_text_encoder_at: int | None,
                  save_as: SaveFormat, save_dtype: torch.dtype | None, extras: dict[str, torch.Tensor],
                  source_metadata: dict[str, str], metadata: dict[str, str], ema=None, pivot=None,
                  open_source: Callable[[], SDCheckpoint] | None = None):
         self.models = models
         self.open_source = open_source  # the base model again, for saving untrained components exactly
-        self.trains_text_encoder = train_text_encoder
+        self.trained_text_encoders = list(trained_text_encoders)  # component names, e.g. ["text_encoder_2"]
+        self.trains_text_encoder = bool(trained_text_encoders)
         self.pivot = pivot  # a token trained in the same run (pivotal tuning), saved beside the checkpoint
         self.stop_text_encoder_at = stop_text_encoder_at
         self.save_as, self.save_dtype = save_as, save_dtype
         self.extras, self.source_metadata, self.metadata = extras, source_metadata, metadata
         self.ema = ema
-        self._trains_text_encoder_at_all = train_text_encoder
 
     def _modules(self) -> dict[str, torch.nn.Module]:
-        modules = {"unet": self.models.unet}
-        if self._trains_text_encoder_at_all:
-            modules["text_encoder"] = self.models.text_encoder
-        return modules
+        return {"unet": self.models.unet,
+                **{name: self.models.component(name) for name in self.trained_text_encoders}}
 
     @property
     def train_text_encoder(self) -> bool:  # gradients must flow through the text encoder
         return self.trains_text_encoder or (self.pivot is not None and self.pivot.training)
 
     def untrained_components(self) -> list[str]:
-        """The VAE never trains; the text encoder unless this run trains it (a --pivotal_token's vectors are saved
+        """The VAE never trains; a text encoder unless this run trains it (a --pivotal_token's vectors are saved
         beside the checkpoint, not in the text encoder)."""
-        return ["vae"] + ([] if self._trains_text_encoder_at_all else ["text_encoder"])
+        encoders = [slot.component for slot in self.models.family.text_encoders]
+        return ["vae"] + [name for name in encoders if name not in self.trained_text_encoders]
 
     @contextlib.contextmanager
     def _source(self):
@@ -150,6 +158,10 @@ class FullModelTask:
         try:
             source = self.open_source()
         except CheckpointError as e:
+            if any(p.is_meta for te in self.models.text_encoders for p in te.parameters()):
+                raise ValueError(f"cannot read the base model again ({e}), and its text encoders were released "
+                                 "after --cache_text_encoder_outputs: restore the base model file and resume from "
+                                 "the last state, or train without the cache") from None
             logger.warning("cannot read the base model again (%s); its untrained components are saved as held in "
                            "memory", e)
             yield None
@@ -164,9 +176,10 @@ class FullModelTask:
                 and self.trains_text_encoder:
             # Frozen from here on; the optimizer skips parameters without gradients, so its state stays as is.
             logger.info("step %d: text encoder training stops (--stop_text_encoder_training)", global_step + 1)
-            for name, parameter in self.models.text_encoder.named_parameters():
-                if self.pivot is None or parameter is not self.pivot.layer.added:
-                    parameter.requires_grad_(False)
+            for component in self.trained_text_encoders:
+                for parameter in self.models.component(component).parameters():
+                    if self.pivot is None or parameter is not self.pivot.layer.added:
+                        parameter.requires_grad_(False)
             self.trains_text_encoder = False
 
     def after_optimizer_step(self) -> dict[str, float]:
@@ -201,7 +214,7 @@ class FullModelTask:
                         ss_training_finished_at=str(time.time()))
         metadata["modelspec.title"] = path_stem.name
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), \
-                original_token_embedding(self.models.text_encoder), self._source() as source:
+                original_token_embedding(self.models.text_encoders), self._source() as source:
             checkpoint = checkpoint_from_models(self.models, extras=self.extras,
                                                 metadata=self.source_metadata)
             if source is not None:
@@ -218,13 +231,46 @@ class FullModelTask:
         return paths + ([embeddings_dir(path_stem)] if self.pivot is not None else [])
 
 
+def text_encoder_lr(args, recipe: FullModelRecipe, index: int) -> float:
+    """The learning rate of text encoder `index`: the recipe's (--learning_rate_te, or sdxl_train's
+    --learning_rate_te1 / --learning_rate_te2), else --learning_rate."""
+    lrs = recipe.text_encoder_lrs
+    lr = lrs[index] if index < len(lrs) else None
+    return args.learning_rate if lr is None else lr
+
+
+def unet_param_groups(unet: torch.nn.Module, lr: float, block_lrs: tuple[float, ...] | None
+                      ) -> tuple[list[dict], list[str]]:
+    """The U-Net's parameter groups: one at `lr`, or with sdxl_train's --block_lr one per block at its own rate
+    (kohya's SDXL block table; a block at 0 is frozen and gets no group)."""
+    unet.requires_grad_(True)
+    if block_lrs is None:
+        return [{"params": list(unet.parameters()), "lr": lr}], ["unet"]
+    from library.unet_blocks import sdxl_block_parameters
+
+    groups, names = [], []
+    for block, (params, block_lr) in enumerate(zip(sdxl_block_parameters(unet), block_lrs)):
+        if block_lr == 0:
+            for parameter in params:
+                parameter.requires_grad_(False)
+        elif params:
+            groups.append({"params": params, "lr": block_lr})
+            names.append(f"unet_block{block}")
+    return groups, names
+
+
 def checkpoint_metadata(args, recipe: FullModelRecipe, family, prediction, dataset: TrainingDataset,
                         data_summary: dict, seed: int, max_train_steps: int) -> dict[str, str]:
     resolution = "{}x{}".format(*train_args.parse_resolution(args.resolution, family.default_resolution))
     metadata = {"modelspec.resolution": resolution, "ss_training_script": recipe.name, "ss_v2": str(family.is_v2),
                 "ss_base_model_version": family.ss_base_model_version, "ss_text_encoder_trained":
-                str(recipe.train_text_encoder), "ss_learning_rate_te": str(args.learning_rate_te),
-                "ss_use_ema": str(args.use_ema), "ss_ema_decay": str(args.ema_decay if args.use_ema else None)}
+                str(recipe.train_text_encoder), "ss_use_ema": str(args.use_ema),
+                "ss_ema_decay": str(args.ema_decay if args.use_ema else None)}
+    lrs = recipe.text_encoder_lrs  # kohya: ss_learning_rate_te, or sdxl_train's ss_learning_rate_te1 / _te2
+    metadata.update({"ss_learning_rate_te": str(lrs[0])} if len(lrs) == 1 else
+                    {f"ss_learning_rate_te{i}": str(lr) for i, lr in enumerate(lrs, start=1)})
+    if recipe.unet_block_lrs is not None:
+        metadata["ss_block_lr"] = ",".join(map(str, recipe.unet_block_lrs))
     if recipe.stop_text_encoder_at is not None:
         metadata["ss_stop_text_encoder_training"] = str(recipe.stop_text_encoder_at)
     metadata.update(run_metadata(args, dataset=dataset, data_summary=data_summary, seed=seed,
@@ -240,7 +286,10 @@ def run_fingerprint(args, recipe: FullModelRecipe, family, dataset: TrainingData
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "recipe": recipe.name,
             "train_text_encoder": recipe.train_text_encoder, "stop_text_encoder_at": recipe.stop_text_encoder_at,
             "optimizer_type": args.optimizer_type or "AdamW", "learning_rate": args.learning_rate,
-            "use_ema": args.use_ema, "fused_backward_pass": args.fused_backward_pass}
+            "use_ema": args.use_ema, "fused_backward_pass": args.fused_backward_pass,
+            # Only where they exist (sdxl_train), so states of the SD 1.x / 2.x trainers keep their fingerprint.
+            **({"text_encoder_lrs": list(recipe.text_encoder_lrs)} if len(recipe.text_encoder_lrs) > 1 else {}),
+            **({"block_lr": list(recipe.unet_block_lrs)} if recipe.unet_block_lrs is not None else {})}
 
 
 def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
@@ -248,7 +297,8 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     fmt = save_format(args)
 
     # Models
-    checkpoint = setup.read_base_model(args, setup.TrainedArchs(f"{recipe.name}.py", setup.SD_ARCHS))
+    checkpoint = setup.read_base_model(args, setup.TrainedArchs(f"{recipe.name}.py", recipe.families,
+                                                                recipe.elsewhere))
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
@@ -265,7 +315,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
         extras = carried_extras(checkpoint)
         source_metadata = dict(checkpoint.metadata)
         models, precision = setup.load_models(args, checkpoint, accelerator)
-    unet, text_encoder = models.unet, models.text_encoder
+    unet, text_encoders = models.unet, models.text_encoders
     added_tokens, pivot = setup.add_embeddings(args, models, precision)
 
     # Data
@@ -284,15 +334,18 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     max_train_steps = setup.count_steps(args, dataset, batches)
     setup.cache_latents(args, dataset, models.vae, precision)
 
-    # What trains: every U-Net weight, and the text encoder (until its stop step) in its own parameter group.
-    train_te = recipe.train_text_encoder and recipe.stop_text_encoder_at != 0
+    # What trains: every U-Net weight (by block, with --block_lr), and each text encoder with a learning rate
+    # (until the stop step), each in its own parameter group.
     if unet.dtype != precision.trained_dtype:
         unet.to(precision.trained_dtype)
-    unet.requires_grad_(True)
     unet.train()
-    param_groups = [{"params": list(unet.parameters()), "lr": args.learning_rate}]
-    lr_names = ["unet"]
-    if train_te:
+    param_groups, lr_names = unet_param_groups(unet, args.learning_rate, recipe.unet_block_lrs)
+    trained_encoders = []
+    slots = models.family.text_encoders
+    for i, (slot, text_encoder) in enumerate(zip(slots, text_encoders)):
+        te_lr = text_encoder_lr(args, recipe, i)
+        if not (recipe.train_text_encoder and recipe.stop_text_encoder_at != 0 and te_lr):
+            continue
         text_encoder.to(precision.trained_dtype)
         text_encoder.requires_grad_(True)
         for module in text_encoder.modules():  # loaded embeddings stay as they are (--textual_inversion_embeddings)
@@ -301,10 +354,10 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
         text_encoder.train()
         if args.gradient_checkpointing:
             text_encoder.gradient_checkpointing_enable()
-        te_lr = args.learning_rate_te if args.learning_rate_te is not None else args.learning_rate
         param_groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
-        lr_names.append("textencoder")
-    if train_te and pivot is not None:  # the new vectors train in their own group, at their own rate
+        lr_names.append("textencoder" if len(slots) == 1 else f"textencoder{i + 1}")  # kohya's lr/ names
+        trained_encoders.append(slot.component)
+    if trained_encoders and pivot is not None:  # the new vectors train in their own group, at their own rate
         param_groups[-1]["params"] = [p for p in param_groups[-1]["params"] if p is not pivot.layer.added]
     if pivot is not None:
         param_groups.append({"params": [pivot.layer.added], "lr": args.pivotal_lr})
@@ -335,14 +388,21 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
 
     metadata = checkpoint_metadata(args, recipe, family, prediction, dataset, data_summary, start.seed,
                                    max_train_steps)
-    task = FullModelTask(models, train_text_encoder=train_te, stop_text_encoder_at=recipe.stop_text_encoder_at,
+    task = FullModelTask(models, trained_text_encoders=trained_encoders, stop_text_encoder_at=recipe.stop_text_encoder_at,
                          save_as=fmt, save_dtype=setup.SAVE_DTYPES.get(args.save_precision), extras=extras,
                          source_metadata=source_metadata, metadata=metadata, ema=ema, pivot=pivot,
                          open_source=lambda: setup.open_base_model(args))
     config = setup.loop_config(args, start, family, max_train_steps, default_project=recipe.name,
                                max_grad_norm=max_grad_norm)
-    trainer = Trainer(task=task, unet=unet, vae=models.vae,
-                      text_conditioner=setup.text_conditioner(args, models, pad_to_longest=recipe.pad_captions_to_longest),
+    conditioner = setup.text_conditioner(args, models, pad_to_longest=recipe.pad_captions_to_longest)
+    if setup.wants_text_encoder_cache(args):
+        if trained_encoders or pivot is not None:
+            raise SystemExit("error: --cache_text_encoder_outputs encodes the captions once, before training, so "
+                             "the text encoders must stay frozen: leave out --train_text_encoder (or set both "
+                             "text-encoder learning rates to 0) and --pivotal_token")
+        conditioner = setup.cache_text_encoder_outputs(args, dataset, conditioner, models, accelerator,
+                                                       keep_encoders=bool(prompts))
+    trainer = Trainer(task=task, unet=unet, vae=models.vae, text_conditioner=conditioner,
                       dataset=dataset, batches=batches,
                       objective=DiffusionObjective(train_args.objective_config(args, prediction)),
                       optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, accelerator=accelerator,

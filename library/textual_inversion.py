@@ -153,19 +153,20 @@ def install(text_encoder, vectors: torch.Tensor) -> AddedTokenEmbedding:
 
 
 @contextlib.contextmanager
-def original_token_embedding(text_encoder) -> Iterator[None]:
-    """Within the block the text encoder has its original token table (no added rows), e.g. to save it as a
+def original_token_embedding(text_encoders: list) -> Iterator[None]:
+    """Within the block the text encoders have their original token tables (no added rows), e.g. to save them as a
     standard checkpoint, which has no place for new tokens; the added layers come back afterwards."""
-    embeddings = text_encoder.embeddings if hasattr(text_encoder, "embeddings") else text_encoder.text_model.embeddings
-    added = embeddings.token_embedding
-    original = added
-    while isinstance(original, AddedTokenEmbedding):
-        original = original.original
-    embeddings.token_embedding = original
+    tables = [te.embeddings if hasattr(te, "embeddings") else te.text_model.embeddings for te in text_encoders]
+    added = [embeddings.token_embedding for embeddings in tables]
+    for embeddings, layer in zip(tables, added):
+        while isinstance(layer, AddedTokenEmbedding):
+            layer = layer.original
+        embeddings.token_embedding = layer
     try:
         yield
     finally:
-        embeddings.token_embedding = added
+        for embeddings, layer in zip(tables, added):
+            embeddings.token_embedding = layer
 
 
 # ----------------------------------------------------------------------------------------------------------

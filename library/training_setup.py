@@ -260,12 +260,19 @@ def text_conditioner(args: argparse.Namespace, models: SDModels, *, pad_to_longe
         raise SystemExit(f"error: {e}") from None
 
 
+def wants_text_encoder_cache(args: argparse.Namespace) -> bool:
+    """--cache_text_encoder_outputs or --cache_text_encoder_outputs_to_disk (flags of the trainers that implement
+    the cache; the others refuse the first by name and lack the second)."""
+    return bool(getattr(args, "cache_text_encoder_outputs", None) or
+                getattr(args, "cache_text_encoder_outputs_to_disk", None))
+
+
 def cache_text_encoder_outputs(args: argparse.Namespace, dataset: TrainingDataset, conditioner: TextConditioner,
                                models: SDModels, accelerator, *, keep_encoders: bool):
     """--cache_text_encoder_outputs / --cache_text_encoder_outputs_to_disk: every caption encoded now; the
     conditioner the training step then uses answers from the cache. The text encoders are released afterwards
     unless `keep_encoders` (sample prompts still need them). Without the flags: `conditioner` itself."""
-    if not (args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk):
+    if not wants_text_encoder_cache(args):
         return conditioner
     from library.text_encoder_cache import TextEncoderOutputCache, release_text_encoders
 

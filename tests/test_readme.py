@@ -74,6 +74,10 @@ EXPECTED = {
         "out/logs/*/events.out.tfevents.*", "out/lora/tiny_lora_resumed.safetensors"],
     "  --max_train_steps 4 --train_batch_size 2 --cache_latents --seed 42 \\": [
         "out/tiny_sdxl.safetensors", "out/lora_xl/tiny_xl_lora.safetensors", "out/lora_xl/sample/*.png"],
+    "  --max_train_steps 2 --train_batch_size 2 --cache_latents --save_model_as safetensors": [
+        "out/sdxl_ft/tiny_sdxl_ft.safetensors"],
+    "  --cache_latents --cache_text_encoder_outputs --max_train_steps 1600 --save_every_n_steps 400": [
+        "output/sks_dog_sdxl.safetensors"],
     "  --no_half_vae --cache_latents --gradient_checkpointing --save_every_n_epochs 2 --seed 42": [
         "output/sks_dog_xl.safetensors"],
     "  --max_train_steps 4 --use_ema --save_every_n_steps 2": [
