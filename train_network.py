@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,7 +31,7 @@ from library import train_args  # noqa: E402
 from library import training_setup as setup  # noqa: E402
 from library.checkpoint_writer import modelspec_date, modelspec_keys  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
-from library.model_loading import TextModelShim  # noqa: E402
+from library.model_loading import SDModels, TextModelShim  # noqa: E402
 from library.textual_inversion import (CaptionRewrite, bundle_key, embeddings_dir, expand_tokens,  # noqa: E402
                                        save_beside)
 from library.training_metadata import additional_networks_hashes, run_metadata  # noqa: E402
@@ -67,6 +68,10 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--bundle_embeddings", action="store_true",
                    help="with --pivotal_token: the trained word inside the LoRA file (bundle_emb.*, read by WebUI "
                         "and ComfyUI; diffusers' load_lora_weights refuses such files) instead of beside it")
+    g.add_argument("--save_lora_format", nargs="+", choices=["kohya", "diffusers"], default=["kohya"],
+                   help="the layout(s) of the saved LoRA: kohya (WebUI, ComfyUI, kohya's tools; default) and/or "
+                        "diffusers (PEFT lora_A / lora_B, what diffusers' training examples write). The first is "
+                        "<output_name>.safetensors, another <output_name>_<format>.safetensors")
     g = p.add_argument_group("text-encoder output cache (kohya's SDXL flags)")
     g.add_argument("--cache_text_encoder_outputs", action="store_true",
                    help="encode every caption once before training, then train without running (or holding) the "
@@ -86,8 +91,11 @@ PIVOT_STATE_KEY = "pivotal_embedding"
 
 class LoRATask:
     def __init__(self, network, *, train_text_encoder: bool, save_dtype, save_model_as: str, metadata: dict,
-                 scale_weight_norms: float | None = None, pivot=None, bundle_embeddings: bool = False):
+                 scale_weight_norms: float | None = None, pivot=None, bundle_embeddings: bool = False,
+                 save_formats: tuple[str, ...] = ("kohya",), models=None):
         self.network = network
+        self.save_formats = save_formats  # --save_lora_format: the first names <name>.<ext>, others <name>_<format>
+        self.models = models  # for the diffusers layout's module paths
         self.trains_text_encoder_lora = train_text_encoder
         self.save_dtype = save_dtype
         self.save_model_as = save_model_as
@@ -127,12 +135,26 @@ class LoRATask:
     def model_file_suffix(self) -> str:
         return "." + self.save_model_as
 
+    def _save_diffusers_layout(self, path: Path, metadata: dict) -> None:
+        from library.safetensors_io import save_tensors
+        from networks.lora_diffusers import diffusers_lora_state_dict
+
+        models = self.models
+        tensors = diffusers_lora_state_dict(self.network, models.text_encoders, models.unet,
+                                            [slot.component for slot in models.family.text_encoders], self.save_dtype)
+        # sshs_* are hashes of the kohya-layout tensors (WebUI's additional-networks extension); not of these.
+        save_tensors(path, tensors, {k: v for k, v in metadata.items() if not k.startswith("sshs_")})
+
+    def _format_paths(self, path_stem: Path) -> list[tuple[str, Path]]:
+        return [(fmt, path_stem.with_name(path_stem.name + ("" if i == 0 else f"_{fmt}") + self.model_file_suffix()))
+                for i, fmt in enumerate(self.save_formats)]
+
     def model_paths(self, path_stem: Path) -> list[Path]:
-        paths = [path_stem.with_name(path_stem.name + self.model_file_suffix())]
+        paths = [path for _, path in self._format_paths(path_stem)]
         return paths + ([embeddings_dir(path_stem)] if self.pivot is not None and not self.bundle_embeddings else [])
 
     def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path:
-        path = path_stem.with_name(path_stem.name + self.model_file_suffix())
+        path = self._format_paths(path_stem)[0][1]
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
                         ss_training_finished_at=str(time.time()))
         metadata["modelspec.date"] = modelspec_date()  # when this file is written, not when the run began
@@ -141,8 +163,13 @@ class LoRATask:
         bundle = {}
         if self.pivot is not None and self.bundle_embeddings:  # inside the LoRA: WebUI and ComfyUI read it there
             bundle = {bundle_key(self.pivot.new_tokens.token_string): self.pivot.vectors.float()}
-        self.network.save_weights(path, self.save_dtype, metadata if self.save_model_as == "safetensors" else None,
-                                  **({"extra_tensors": bundle} if bundle else {}))  # external modules lack it
+        for fmt, file in self._format_paths(path_stem):
+            if fmt == "kohya":
+                self.network.save_weights(file, self.save_dtype,
+                                          metadata if self.save_model_as == "safetensors" else None,
+                                          **({"extra_tensors": bundle} if bundle else {}))  # external modules lack it
+            else:
+                self._save_diffusers_layout(file, metadata)
         if self.pivot is not None and not self.bundle_embeddings:
             save_beside(path_stem, self.pivot, step=global_step, metadata=metadata)
         logger.info("saved %s", path)
@@ -178,7 +205,10 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
 TRAINS = setup.TrainedArchs("train_network.py", setup.SD_ARCHS, elsewhere=(("sdxl", "sdxl_train_network.py"),))
 
 
-def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path:
+def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
+          before_data: Callable[[SDModels, setup.RunStart], None] | None = None) -> Path:
+    """`before_data`: work with the loaded base models before the dataset is scanned (train_dreambooth_lora_sdxl.py:
+    generate missing class images)."""
     start = setup.begin_run(args)
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise SystemExit("error: --network_train_unet_only and --network_train_text_encoder_only exclude each other; "
@@ -193,6 +223,11 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
         raise SystemExit("error: --cache_text_encoder_outputs encodes the captions once, before training, so the "
                          "text encoders must stay frozen: add --network_train_unet_only"
                          + (" and drop --pivotal_token" if args.pivotal_token else ""))
+    if "diffusers" in args.save_lora_format and (args.network_module != "networks.lora" or
+                                                 args.save_model_as != "safetensors" or args.bundle_embeddings):
+        raise SystemExit("error: --save_lora_format diffusers writes networks.lora's modules as a .safetensors file "
+                         "without bundled embeddings: use the default --network_module and --save_model_as, and "
+                         "leave out --bundle_embeddings")
     if args.bundle_embeddings and (not args.pivotal_token or args.network_module != "networks.lora"):
         raise SystemExit("error: --bundle_embeddings puts the --pivotal_token word inside a networks.lora file: "
                          "give --pivotal_token, with the default --network_module networks.lora")
@@ -207,6 +242,9 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     added_tokens, pivot = setup.add_embeddings(args, models, precision)
 
     # Data
+    if before_data is not None and accelerator.is_main_process:
+        before_data(models, start)
+    accelerator.wait_for_everyone()
     dataset, data_summary = setup.build_dataset(args, family, start.seed)
     if added_tokens:
         dataset.caption_rewrite = CaptionRewrite(added_tokens)  # a token string stands for all its vectors
@@ -279,7 +317,8 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     task = LoRATask(network, train_text_encoder=train_text_encoder, save_dtype=setup.SAVE_DTYPES.get(args.save_precision),
                     save_model_as=args.save_model_as, metadata=metadata,
                     scale_weight_norms=args.scale_weight_norms, pivot=pivot,
-                    bundle_embeddings=args.bundle_embeddings)
+                    bundle_embeddings=args.bundle_embeddings, save_formats=tuple(dict.fromkeys(args.save_lora_format)),
+                    models=models)
     trainer = Trainer(task=task, unet=unet, vae=vae, text_conditioner=text_conditioner,
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
                           train_args.objective_config(args, prediction)),

@@ -1,5 +1,5 @@
 """Textual inversion for Stable Diffusion 1.x / 2.x: teach the text encoder a new word (kohya-ss/sd-scripts'
-train_textual_inversion.py interface).
+train_textual_inversion.py interface; SDXL: sdxl_train_textual_inversion.py, the same recipe).
 
     accelerate launch train_textual_inversion.py --pretrained_model_name_or_path model.safetensors \\
         --train_data_dir data --output_dir out --output_name mychar --token_string mychar --init_word girl \\
@@ -9,7 +9,9 @@ Only the new token vectors train (the U-Net, the rest of the text encoder and ev
 bit-identical). Captions use the token string (expanded to all its vectors), or the built-in prompt templates with
 `--use_object_template` / `--use_style_template`. Saved as `.pt` (WebUI's layout, the default, as kohya) or
 `.safetensors` (`emb_params`); both load in WebUI's `embeddings/` folder, ComfyUI and diffusers'
-`load_textual_inversion`.
+`load_textual_inversion`. The recipe handles the model's text encoders as a list: with SDXL's two the word gets
+vectors in each (one trained parameter per encoder, one optimizer group) and the file holds one tensor per encoder
+(`clip_l`, `clip_g`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,22 +54,66 @@ def setup_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class TrainedWord:
+    """The new word in every text encoder of the model (family order): the same token strings in each tokenizer,
+    and the layer that holds the word's trained vectors in each encoder."""
+
+    tokens: ti.NewTokens  # as the first tokenizer has them
+    layers: tuple[ti.AddedTokenEmbedding, ...]
+    keys: tuple[str, ...]  # each encoder's key in a file with one tensor per encoder (clip_l, clip_g)
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [layer.added for layer in self.layers]
+
+
+def add_word(models, *, token_string: str, num_vectors: int, init_word: str | None, weights: str | None,
+             dtype: torch.dtype) -> TrainedWord:
+    """--token_string's tokens in every tokenizer, their starting vectors in every text encoder (from --weights,
+    --init_word in that encoder's own table, or the table mean), installed and trainable."""
+    slots, encoders = models.family.text_encoders, models.text_encoders
+    tables = [encoder.get_input_embeddings() for encoder in encoders]
+    try:
+        tokens = [ti.add_tokens(tokenizer, token_string, num_vectors) for tokenizer in models.tokenizers]
+        if weights:
+            vectors = ti.load_encoder_embeddings(Path(weights), [(slot.embedding_key, table.embedding_dim)
+                                                                 for slot, table in zip(slots, tables)],
+                                                 models.family.description)
+            if len(vectors[0]) != num_vectors:
+                raise ValueError(f"--weights {weights} holds {len(vectors[0])} vector(s); give "
+                                 f"--num_vectors_per_token {len(vectors[0])}")
+        else:
+            vectors = [ti.init_vectors(tokenizer, table, init_word, num_vectors)
+                       for tokenizer, table in zip(models.tokenizers, tables)]
+    except ValueError as e:  # EmbeddingFileError too
+        raise SystemExit(f"error: {e}") from None
+    layers = tuple(ti.install(encoder, v.to(dtype)) for encoder, v in zip(encoders, vectors))
+    for layer in layers:
+        layer.added.requires_grad_(True)
+    return TrainedWord(tokens[0], layers, tuple(slot.embedding_key for slot in slots))
+
+
 class EmbeddingTask:
-    """The new token vectors as a `TrainingTask`."""
+    """The new word's vectors (one parameter per text encoder) as a `TrainingTask`."""
 
-    train_text_encoder = True  # gradients flow through the (frozen) text encoder into the new vectors
+    train_text_encoder = True  # gradients flow through the (frozen) text encoders into the new vectors
 
-    def __init__(self, embedding: ti.AddedTokenEmbedding, new_tokens: ti.NewTokens, *, save_as: str,
-                 save_dtype, metadata: dict[str, str]):
-        self.embedding, self.new_tokens = embedding, new_tokens
+    def __init__(self, word: TrainedWord, *, save_as: str, save_dtype, metadata: dict[str, str]):
+        self.word = word
         self.save_as, self.save_dtype, self.metadata = save_as, save_dtype, metadata
 
+    @staticmethod
+    def _state_key(i: int) -> str:  # "added" (the first encoder, as before SDXL), then "added_2"
+        return "added" if i == 0 else f"added_{i + 1}"
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {"added": self.embedding.added.detach()}
+        return {self._state_key(i): p.detach() for i, p in enumerate(self.word.parameters)}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            self.embedding.added.copy_(state["added"])
+            for i, p in enumerate(self.word.parameters):
+                p.copy_(state[self._state_key(i)])
 
     def model_file_suffix(self) -> str:
         return "." + self.save_as
@@ -75,42 +122,37 @@ class EmbeddingTask:
         path = path_stem.with_name(path_stem.name + self.model_file_suffix())
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step))
         metadata["modelspec.title"] = path_stem.name
-        ti.save_embedding(path, self.embedding.added, token_string=self.new_tokens.token_string, step=global_step,
-                          metadata=metadata, dtype=self.save_dtype)
+        ti.save_encoder_embeddings(path, self.word.parameters, list(self.word.keys),
+                                   token_string=self.word.tokens.token_string, step=global_step, metadata=metadata,
+                                   dtype=self.save_dtype)
         logger.info("saved %s", path)
         return path
 
 
-def train(args: argparse.Namespace) -> Path:
+# kohya's split: this script trains SD 1.x / 2.x, sdxl_train_textual_inversion.py SDXL (same flags).
+TRAINS = setup.TrainedArchs("train_textual_inversion.py", setup.SD_ARCHS,
+                            elsewhere=(("sdxl", "sdxl_train_textual_inversion.py"),))
+
+
+def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path:
     start = setup.begin_run(args)
     if args.use_object_template and args.use_style_template:
         raise SystemExit("error: --use_object_template and --use_style_template exclude each other; give one")
 
-    # Models, with the new tokens
-    checkpoint = setup.read_base_model(args, setup.TrainedArchs("train_textual_inversion.py", setup.SD_ARCHS))
+    # Models, with the new word in every text encoder
+    checkpoint = setup.read_base_model(args, trains)
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
     models, precision = setup.load_models(args, checkpoint, accelerator)
-    text_encoder, tokenizer = models.text_encoder, models.tokenizer
-    table = text_encoder.get_input_embeddings()
-    try:
-        new_tokens = ti.add_tokens(tokenizer, args.token_string, args.num_vectors_per_token)
-        if args.weights:
-            vectors = ti.load_embedding(Path(args.weights), dim=table.embedding_dim)
-            if len(vectors) != args.num_vectors_per_token:
-                raise ValueError(f"--weights {args.weights} holds {len(vectors)} vector(s); give "
-                                 f"--num_vectors_per_token {len(vectors)}")
-        else:
-            vectors = ti.init_vectors(tokenizer, table, args.init_word, args.num_vectors_per_token)
-    except ValueError as e:  # EmbeddingFileError too
-        raise SystemExit(f"error: {e}") from None
-    embedding = ti.install(text_encoder, vectors.to(precision.trained_dtype))
-    embedding.added.requires_grad_(True)
+    word = add_word(models, token_string=args.token_string, num_vectors=args.num_vectors_per_token,
+                    init_word=args.init_word, weights=args.weights, dtype=precision.trained_dtype)
+    new_tokens = word.tokens
     logger.info("new tokens %s (ids %s)", " ".join(new_tokens.tokens), ", ".join(map(str, new_tokens.ids)))
     if args.gradient_checkpointing:
-        text_encoder.gradient_checkpointing_enable()
-        text_encoder.train()  # transformers only checkpoints in training mode; CLIP has no dropout in SD
+        for text_encoder in models.text_encoders:
+            text_encoder.gradient_checkpointing_enable()
+            text_encoder.train()  # transformers only checkpoints in training mode; CLIP has no dropout in SD
 
     # Data: captions with the token string (expanded to all its vectors), or templates
     dataset, data_summary = setup.build_dataset(args, family, start.seed)
@@ -130,7 +172,7 @@ def train(args: argparse.Namespace) -> Path:
     max_train_steps = setup.count_steps(args, dataset, batches)
     setup.cache_latents(args, dataset, models.vae, precision)
 
-    param_groups = [{"params": [embedding.added], "lr": args.learning_rate}]
+    param_groups = [{"params": word.parameters, "lr": args.learning_rate}]  # kohya: one group, every encoder
     optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
                                                        accelerator)
     resolution = "{}x{}".format(*train_args.parse_resolution(args.resolution, family.default_resolution))
@@ -140,8 +182,8 @@ def train(args: argparse.Namespace) -> Path:
                      "ss_init_word": str(args.init_word)})
     metadata.update(run_metadata(args, dataset=dataset, data_summary=data_summary, seed=start.seed,
                                  max_train_steps=max_train_steps, resolution=resolution))
-    task = EmbeddingTask(embedding, new_tokens, save_as=args.save_model_as,
-                         save_dtype=setup.SAVE_DTYPES.get(args.save_precision), metadata=metadata)
+    task = EmbeddingTask(word, save_as=args.save_model_as, save_dtype=setup.SAVE_DTYPES.get(args.save_precision),
+                         metadata=metadata)
     prompts = [p.__class__(**{**p.__dict__, "prompt": new_tokens.expand(p.prompt)}) for p in prompts]
     fingerprint = {"family": family.name, "seed": start.seed, "token_string": args.token_string,
                    "num_vectors": args.num_vectors_per_token, "templates": bool(templates),
@@ -155,7 +197,7 @@ def train(args: argparse.Namespace) -> Path:
                       optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator,
                       config=setup.loop_config(args, start, family, max_train_steps,
                                                default_project="textual_inversion"),
-                      run_fingerprint=fingerprint, trainable_parameters=[embedding.added],
+                      run_fingerprint=fingerprint, trainable_parameters=word.parameters,
                       weight_dtype=precision.weight_dtype, sampler=setup.make_sampler(args, prompts, models, start),
                       lr_names=["textencoder"])
     setup.run_trainer(trainer, args)

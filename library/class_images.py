@@ -40,8 +40,6 @@ def plan_class_images(reg_data_dir: Path, class_prompt: str, count: int) -> Clas
     if bad:
         raise ValueError(f"--class_prompt {class_prompt!r}: it names the class folder, so it cannot contain "
                          f"{' '.join(bad)}")
-    if count < 1:
-        raise ValueError(f"--num_class_images {count}: must be at least 1")
     folder = reg_data_dir / f"1_{prompt}"
     if reg_data_dir.is_dir():
         for candidate in sorted(reg_data_dir.iterdir()):
@@ -49,6 +47,13 @@ def plan_class_images(reg_data_dir: Path, class_prompt: str, count: int) -> Clas
             if candidate.is_dir() and match and match.group(2).strip() == prompt:
                 folder = candidate
                 break
+    return plan_in_folder(folder, count)
+
+
+def plan_in_folder(folder: Path, count: int) -> ClassImagePlan:
+    """`count` class images in `folder` itself (diffusers' --class_data_dir): how many are missing."""
+    if count < 1:
+        raise ValueError(f"--num_class_images {count}: must be at least 1")
     present = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_file(p)) if folder.is_dir() else []
     taken = set(present)
     missing = max(0, count - len(present))

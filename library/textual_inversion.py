@@ -7,8 +7,8 @@ updates the whole table and copies the old rows back after every step).
 
 Files: `.safetensors` with `emb_params` [n, dim] (kohya, WebUI, ComfyUI, diffusers), and the WebUI `.pt` layout
 (`string_to_param["*"]`, `string_to_token`, `name`, `step`), also written for `--save_model_as ckpt` as kohya does.
-Models with several text encoders (SDXL) read one tensor per encoder, keyed by the family's
-`TextEncoderSlot.embedding_key` (`clip_l`, `clip_g`).
+Models with several text encoders (SDXL) read and write one tensor per encoder, keyed by the family's
+`TextEncoderSlot.embedding_key` (`clip_l`, `clip_g`): one word has vectors in every encoder.
 """
 
 from __future__ import annotations
@@ -190,6 +190,33 @@ def save_embedding(path: Path, vectors: torch.Tensor, *, token_string: str, step
             "sd_checkpoint": None, "sd_checkpoint_name": None}
     with atomic_file(path) as tmp:
         torch.save(data, tmp)
+    return path
+
+
+def save_encoder_embeddings(path: Path, vectors: list[torch.Tensor], keys: list[str], *, token_string: str,
+                            step: int, metadata: dict[str, str] | None = None,
+                            dtype: torch.dtype | None = None) -> Path:
+    """One word's vectors for each text encoder, `keys` the family's `TextEncoderSlot.embedding_key`s in the same
+    order; the inverse of `load_encoder_embeddings`. One encoder: `save_embedding`'s layouts. Several (SDXL): one
+    tensor per encoder under its key (`clip_l` [n, 768], `clip_g` [n, 1280]), as `.safetensors` with metadata or as
+    the same dict in a torch file (`.pt` / `.ckpt`, kohya's sdxl_train_textual_inversion.py): the layout WebUI and
+    ComfyUI read; diffusers' `load_textual_inversion` takes each tensor with its encoder and tokenizer."""
+    from library.atomic_files import atomic_file
+
+    if len(vectors) != len(keys):
+        raise ValueError(f"{len(vectors)} tensors for {len(keys)} text encoders ({', '.join(keys)})")
+    if len(vectors) == 1:
+        return save_embedding(path, vectors[0], token_string=token_string, step=step, metadata=metadata, dtype=dtype)
+    tensors = {key: v.detach().to("cpu", dtype or v.dtype).contiguous() for key, v in zip(keys, vectors)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from library.safetensors_io import save_tensors
+
+        save_tensors(path, tensors, dict(metadata or {}))
+        return path
+    with atomic_file(path) as tmp:
+        torch.save(tensors, tmp)
     return path
 
 

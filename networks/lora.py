@@ -36,6 +36,7 @@ from library.atomic_files import atomic_file
 from library.key_maps import original_unet_module
 from library.safetensors_io import save_tensors
 from library.tensor_files import open_tensor_file
+from library.unet_blocks import SDXL_BLOCK_COUNT, sdxl_block_of
 
 logger = logging.getLogger(__name__)
 
@@ -331,10 +332,20 @@ class LoRANetwork(nn.Module):
         self.block_lr_weights: list[float] | None = None  # set_block_lr_weight
         self.loraplus_ratios = (None, None)  # (unet, text encoder): set_loraplus_lr_ratio
         text_encoders = text_encoder_list(text_encoder)
-        # Kept out of the module tree; used to check apply_to's arguments and to refuse the SD block table.
+        # Kept out of the module tree; used to check apply_to's arguments and to number the U-Net's blocks.
         self._models = (text_encoders, unet)
-        if block_dims is not None or conv_block_dims is not None:
-            require_sd_block_table(unet, "block_dims / conv_block_dims")
+        # kohya's block numbering for this U-Net's family, and each U-Net LoRA's block in it: found when a
+        # block-wise option needs it (here for block_dims, or later in set_block_lr_weight).
+        self.block_table = unet_block_table(unet)
+        self._unet_blocks: dict[str, int] | None = None
+        for option, values in (("block_dims", block_dims), ("block_alphas", block_alphas),
+                               ("conv_block_dims", conv_block_dims), ("conv_block_alphas", conv_block_alphas)):
+            if values is not None:
+                self.block_table.check_block_count(option, len(values))
+        if block_dims is not None and block_alphas is None:
+            block_alphas = [alpha] * len(block_dims)
+        if conv_block_dims is not None and conv_block_alphas is None:
+            conv_block_alphas = [conv_alpha or 1.0] * len(conv_block_dims)
 
         def dim_alpha(name: str, module: nn.Module):
             if modules_dim is not None:  # from a file: exactly the modules (and ranks) it has
@@ -342,7 +353,7 @@ class LoRANetwork(nn.Module):
             # kohya: 3x3 convs get conv_dim/conv_alpha; Linear and 1x1 convs (even time_emb_proj and
             # conv_shortcut inside ResNet blocks) get network_dim/network_alpha.
             is_kxk = isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
-            block = unet_block_index(name) if name.startswith(PREFIX_UNET) else -1
+            block = (self._unet_blocks or {}).get(name, -1)
             if block >= 0 and is_kxk and conv_block_dims is not None:
                 return conv_block_dims[block], conv_block_alphas[block]
             if block >= 0 and not is_kxk and block_dims is not None:
@@ -362,6 +373,8 @@ class LoRANetwork(nn.Module):
 
         conv = bool(conv_lora_dim or conv_block_dims or modules_dim is not None)
         te_targets, unet_targets = lora_targets(text_encoders, unet, conv=conv)
+        if unet is not None and (block_dims is not None or conv_block_dims is not None):
+            self._unet_blocks = self.block_table.module_blocks(unet, unet_targets, "block_dims / conv_block_dims")
         if modules_dim is not None:
             unknown = sorted(set(modules_dim) - set(te_targets) - set(unet_targets))
             if unknown:
@@ -471,7 +484,7 @@ class LoRANetwork(nn.Module):
             base = default_lr if unet_lr is None else unet_lr
             by_block: dict[int, list[LoRAModule]] = {}
             for lora in self.unet_loras:
-                by_block.setdefault(unet_block_index(lora.lora_name), []).append(lora)
+                by_block.setdefault((self._unet_blocks or {}).get(lora.lora_name, -1), []).append(lora)
             for block, loras in sorted(by_block.items()):
                 weight = 1.0 if block < 0 else self.block_lr_weights[block]
                 parts.append((f"unet_block{block}", loras, (base or 0.0) * weight, unet_ratio))
@@ -495,9 +508,15 @@ class LoRANetwork(nn.Module):
         return groups, descriptions
 
     def set_block_lr_weight(self, weights: list[float] | None) -> None:
-        """Per-U-Net-block learning-rate multipliers (25 entries, kohya's block indices; see unet_block_index)."""
+        """Per-U-Net-block learning-rate multipliers, one per block of the U-Net's table (`block_table`: kohya's 25
+        SD 1.x / 2.x blocks or 23 SDXL blocks); None: one learning rate for the whole U-Net."""
+        options = "down_lr_weight / mid_lr_weight / up_lr_weight"
         if weights is not None:
-            require_sd_block_table(self._models[1], "down_lr_weight / mid_lr_weight / up_lr_weight")
+            self.block_table.check_block_count(options, len(weights))
+            unet = self._models[1]
+            if self._unet_blocks is None and unet is not None:
+                self._unet_blocks = self.block_table.module_blocks(
+                    unet, {lora.lora_name: lora.org_module for lora in self.unet_loras}, options)
         self.block_lr_weights = weights
 
     def set_loraplus_lr_ratio(self, ratio: float | None, unet_ratio: float | None = None,
@@ -581,24 +600,14 @@ def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
         return {name: lazy.load() for name, lazy in source.tensors.items()}
 
 
-# ---------------------------------------------------------------------- kohya's U-Net block indices
+# ---------------------------------------------------------------------- kohya's U-Net block tables
 
-NUM_BLOCKS = 25  # 0: not a block (conv_in, time embedding); 1-11: down; 12: mid; 13-24: up (SD 1.x / 2.x)
-
-
-def require_sd_block_table(unet: nn.Module | None, options: str) -> None:
-    """The block-wise options (`options`, for the message) number blocks by SD 1.x / 2.x's table: refuse them for
-    an SDXL U-Net (kohya's SDXL table has 23 blocks and other names; it comes with the SDXL trainer)."""
-    if unet is not None and unet_names_in_original_layout(unet):
-        raise ValueError(f"--network_args {options}: kohya's block-wise options number the U-Net blocks by the "
-                         "SD 1.x / 2.x table (25 blocks); this is an SDXL U-Net, whose 23-block table comes with "
-                         "the SDXL trainer. Leave these options out for SDXL.")
 _BLOCK_NAME = re.compile(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)")
 
 
 def unet_block_index(lora_name: str) -> int:
-    """kohya's block index of a U-Net LoRA module (-1 for modules outside the 25 blocks). Three slots per level:
-    resnet/attention j, then the down/upsampler."""
+    """kohya's SD 1.x / 2.x block index of a U-Net LoRA module named in diffusers' layout (-1 for modules outside
+    the 25 blocks). Three slots per level: resnet/attention j, then the down/upsampler."""
     match = _BLOCK_NAME.search(lora_name)
     if match:
         side, level, kind, j = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
@@ -607,40 +616,140 @@ def unet_block_index(lora_name: str) -> int:
     return 12 if "mid_block_" in lora_name else -1
 
 
-def block_lr_weights(down: str | None, mid: str | None, up: str | None, zero_threshold: float = 0.0
-                     ) -> list[float] | None:
-    """The 25 per-block learning-rate multipliers from kohya's down/mid/up_lr_weight (12 values each, comma
-    separated, or a preset: cosine, sine, linear, reverse_linear, zeros, optionally "+base", e.g. "sine+.5")."""
-    if down is None and mid is None and up is None:
-        return None
+def _sd_block_of(config: dict, module_path: str) -> int:
+    return unet_block_index(f"{PREFIX_UNET}_{module_path.replace('.', '_')}")
 
-    def twelve(spec: str | None, name: str) -> list[float]:
+
+def _sdxl_block_of(config: dict, module_path: str) -> int:
+    # The block is read from the module's original-layout path, the one its LoRA name is built from.
+    return sdxl_block_of(original_unet_module(config, module_path))
+
+
+# The presets kohya accepts for down_lr_weight / up_lr_weight, as curves over n values (n = the table's count),
+# each optionally raised by "+base" (e.g. "sine+.5").
+LR_WEIGHT_PRESETS: dict[str, Callable[[int], list[float]]] = {
+    "cosine": lambda n: [math.sin(math.pi * (i / (n - 1)) / 2) for i in reversed(range(n))],
+    "sine": lambda n: [math.sin(math.pi * (i / (n - 1)) / 2) for i in range(n)],
+    "linear": lambda n: [i / (n - 1) for i in range(n)],
+    "reverse_linear": lambda n: [i / (n - 1) for i in reversed(range(n))],
+    "zeros": lambda n: [0.0] * n,
+}
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """kohya's numbering of one U-Net family's blocks for the block-wise `--network_args`: block_dims, block_alphas,
+    conv_block_dims and conv_block_alphas take one value per block; down_lr_weight, mid_lr_weight and up_lr_weight
+    are learning-rate multipliers laid out as [fixed 1.0] * fixed_before + down + mid + up + [fixed 1.0] *
+    fixed_after, one per block. The families differ only in these numbers, so they are data."""
+
+    family: str  # in messages
+    block_count: int
+    blocks: str  # what the block numbers are, in messages
+    side_count: int  # values of down_lr_weight and of up_lr_weight
+    mid_count: int  # values of mid_lr_weight
+    fixed_before: int  # blocks before down_lr_weight's whose multiplier is fixed at 1 (SDXL: the embeddings)
+    fixed_after: int  # blocks after up_lr_weight's fixed at 1 (SDXL: out)
+    parts: dict[str, str]  # lr option -> the blocks it covers, in messages
+    levels: int  # the U-Net structure the numbering covers: at most this many resolution levels ...
+    layers_per_block: int  # ... of at most this many ResNet blocks each
+    block_of: Callable[[dict, str], int]  # (U-Net config, diffusers module path) -> block, -1 outside the table
+
+    def __post_init__(self):
+        assert self.fixed_before + 2 * self.side_count + self.mid_count + self.fixed_after == self.block_count
+
+    def _counted(self, name: str, count: int, given: int, what: str) -> ValueError:
+        return ValueError(f"--network_args {name}: {given} value(s) given, expected {count} values ({what}) for "
+                          f"this {self.family} U-Net, whose {self.block_count} blocks are {self.blocks}")
+
+    def block_values(self, name: str, spec: str | None, cast) -> list | None:
+        """One value per block from a comma-separated `spec` (block_dims, block_alphas, conv_block_*); None if
+        not given."""
         if spec is None:
-            return [1.0] * 12
-        preset, _, base = str(spec).partition("+")
-        curve = {"cosine": [math.sin(math.pi * (i / 11) / 2) for i in reversed(range(12))],
-                 "sine": [math.sin(math.pi * (i / 11) / 2) for i in range(12)],
-                 "linear": [i / 11 for i in range(12)], "reverse_linear": [i / 11 for i in reversed(range(12))],
-                 "zeros": [0.0] * 12}.get(preset.strip())
+            return None
         try:
-            if curve is not None:
-                return [w + (float(base) if base else 0.0) for w in curve]
-            values = [float(v) for v in str(spec).split(",")]
+            values = [cast(v) for v in str(spec).split(",")]
         except ValueError:
-            raise ValueError(f"--network_args {name}={spec!r}: 12 comma-separated numbers or a preset (cosine, sine, "
-                             "linear, reverse_linear, zeros, optionally +base)") from None
-        if len(values) != 12:
-            raise ValueError(f"--network_args {name}: expected 12 values, got {len(values)}")
+            raise ValueError(f"--network_args {name}={spec!r}: expected {self.block_count} comma-separated "
+                             f"{cast.__name__}s, one per {self.family} U-Net block ({self.blocks})") from None
+        self.check_block_count(name, len(values))
         return values
 
-    try:
-        mid_value = 1.0 if mid is None else float(mid)
-    except ValueError:
-        raise ValueError(f"--network_args mid_lr_weight={mid!r}: expected a number") from None
-    weights = [1.0] + twelve(down, "down_lr_weight")[1:] + [mid_value] + twelve(up, "up_lr_weight")
-    # kohya's list index 0 of down_lr_weight is block 0, which holds no module; keep the list 25 long.
-    weights = weights[:NUM_BLOCKS]
-    return [0.0 if w <= zero_threshold else w for w in weights]
+    def check_block_count(self, name: str, given: int) -> None:
+        if given != self.block_count:
+            raise self._counted(name, self.block_count, given, "one per U-Net block")
+
+    def lr_weights(self, down: str | None, mid: str | None, up: str | None, zero_threshold: float = 0.0
+                   ) -> list[float] | None:
+        """The per-block learning-rate multipliers (block_count of them) from kohya's down/mid/up_lr_weight, or None
+        when none is given. As in kohya, a multiplier given (or from a preset) that is <= zero_threshold becomes 0;
+        the lists not given, and the fixed blocks, stay at 1."""
+        if down is None and mid is None and up is None:
+            return None
+
+        def values(name: str, spec: str | None, count: int, presets: bool) -> list[float]:
+            if spec is None:
+                return [1.0] * count
+            preset, plus, base = str(spec).partition("+")
+            curve = LR_WEIGHT_PRESETS.get(preset.strip()) if presets else None
+            expected = f"{count} comma-separated numbers" + (
+                f" or a preset ({', '.join(LR_WEIGHT_PRESETS)}, optionally +base, e.g. sine+.5)" if presets else "")
+            try:
+                weights = ([w + (float(base) if plus else 0.0) for w in curve(count)] if curve is not None
+                           else [float(v) for v in str(spec).split(",")])
+            except ValueError:
+                raise ValueError(f"--network_args {name}={spec!r}: expected {expected}, one per block of "
+                                 f"{self.parts[name]} ({self.family})") from None
+            if len(weights) != count:
+                raise self._counted(name, count, len(weights), f"{self.parts[name]}; or a preset" if presets
+                                    else self.parts[name])
+            return [0.0 if w <= zero_threshold else w for w in weights]
+
+        return ([1.0] * self.fixed_before + values("down_lr_weight", down, self.side_count, True)
+                + values("mid_lr_weight", mid, self.mid_count, False)
+                + values("up_lr_weight", up, self.side_count, True) + [1.0] * self.fixed_after)
+
+    def check_fits(self, unet: nn.Module, options: str) -> None:
+        """Refuse the block-wise `options` for a U-Net larger than the table numbers (the SDXL refiner's 4 levels
+        under the SDXL base's table would give two blocks one number)."""
+        levels, layers = len(unet.config["down_block_types"]), unet.config["layers_per_block"]
+        if levels > self.levels or layers > self.layers_per_block:
+            raise ValueError(f"--network_args {options}: kohya's {self.family} block table numbers a U-Net of at "
+                             f"most {self.levels} levels of {self.layers_per_block} ResNet blocks; this one has "
+                             f"{levels} levels of {layers}, so its blocks have no kohya numbers")
+
+    def module_blocks(self, unet: nn.Module, targets: dict[str, nn.Module], options: str) -> dict[str, int]:
+        """LoRA name -> block for U-Net layers `targets` (found by unet_targets); `options` name the block-wise
+        options that need it, for check_fits' message."""
+        self.check_fits(unet, options)
+        config = dict(unet.config)
+        paths = {id(module): path for path, module in unet.named_modules()}
+        return {name: self.block_of(config, paths[id(module)]) for name, module in targets.items()}
+
+
+SD_BLOCKS = BlockTable(
+    family="SD 1.x / 2.x", block_count=25,
+    blocks="0: conv_in and the time embedding (no LoRA), 1-11: down_blocks, 12: mid_block, 13-24: up_blocks "
+           "(three per level: ResNet / attention 0 and 1, then the down- or upsampler)",
+    side_count=12, mid_count=1, fixed_before=0, fixed_after=0,
+    parts={"down_lr_weight": "blocks 0-11, the down blocks (block 0 holds no LoRA)",
+           "mid_lr_weight": "block 12, the mid block", "up_lr_weight": "blocks 13-24, the up blocks"},
+    levels=4, layers_per_block=2, block_of=_sd_block_of)
+
+SDXL_BLOCKS = BlockTable(
+    family="SDXL", block_count=SDXL_BLOCK_COUNT,
+    blocks="0: time and label embeddings, 1-9: input_blocks 0-8, 10-12: middle_block 0-2, 13-21: output_blocks "
+           "0-8, 22: out",
+    side_count=9, mid_count=3, fixed_before=1, fixed_after=1,
+    parts={"down_lr_weight": "blocks 1-9, input_blocks 0-8", "mid_lr_weight": "blocks 10-12, middle_block 0-2",
+           "up_lr_weight": "blocks 13-21, output_blocks 0-8 (blocks 0 and 22 keep multiplier 1)"},
+    levels=3, layers_per_block=2, block_of=_sdxl_block_of)
+
+
+def unet_block_table(unet: nn.Module | None) -> BlockTable:
+    """kohya's block table for this U-Net: its SDXL table numbers the original layout that SDXL LoRA names use
+    (`unet_names_in_original_layout` decides which), its SD 1.x / 2.x table diffusers' layout."""
+    return SDXL_BLOCKS if unet_names_in_original_layout(unet) else SD_BLOCKS
 
 
 # ---------------------------------------------------------------------- kohya's module-level interface
@@ -672,20 +781,6 @@ class NetworkArgs(NamedTuple):
     loraplus_text_encoder_lr_ratio: float | None = None
 
 
-def _block_list(spec: str | None, name: str, cast, default) -> list | None:
-    """25 per-block values (kohya's block_dims / block_alphas...), or `default` for each block when not given."""
-    if spec is None:
-        return None if default is None else [default] * NUM_BLOCKS
-    try:
-        values = [cast(v) for v in str(spec).split(",")]
-    except ValueError:
-        raise ValueError(f"--network_args {name}={spec!r}: expected {NUM_BLOCKS} comma-separated numbers") from None
-    if len(values) != NUM_BLOCKS:
-        raise ValueError(f"--network_args {name}: expected {NUM_BLOCKS} values (one per U-Net block), got "
-                         f"{len(values)}")
-    return values
-
-
 def parse_network_args(kwargs: dict[str, object], neuron_dropout: float | None = None) -> NetworkArgs:
     """Typed values from `--network_args` (strings, key=value)."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -712,31 +807,41 @@ def parse_network_args(kwargs: dict[str, object], neuron_dropout: float | None =
     return NetworkArgs(**values)
 
 
-# The options that number U-Net blocks by SD 1.x / 2.x's 25-block table (see unet_block_index).
-_SD_BLOCK_OPTIONS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-                     "mid_lr_weight", "up_lr_weight")
+# The options that number U-Net blocks (by the U-Net's BlockTable).
+_BLOCK_OPTIONS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                  "mid_lr_weight", "up_lr_weight")
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder,
                    unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
-    """kohya's factory: `text_encoder` is one text encoder or a list of them (SDXL: [CLIP ViT-L, OpenCLIP bigG])."""
+    """kohya's factory: `text_encoder` is one text encoder or a list of them (SDXL: [CLIP ViT-L, OpenCLIP bigG]).
+    The block-wise options count the U-Net's blocks by its family's table (`unet_block_table`)."""
     args = parse_network_args(kwargs, neuron_dropout)
-    given = [name for name in _SD_BLOCK_OPTIONS if getattr(args, name) is not None]
-    if given:
-        require_sd_block_table(unet, ", ".join(given))
+    table = unet_block_table(unet)
+    block_options = [name for name in _BLOCK_OPTIONS if getattr(args, name) is not None]
+    if block_options and unet is not None:
+        table.check_fits(unet, ", ".join(block_options))
     lora_dim = 4 if network_dim is None else network_dim  # kohya's defaults
     alpha = 1.0 if network_alpha is None else network_alpha
-    block_dims = _block_list(args.block_dims, "block_dims", int, None)
-    block_alphas = _block_list(args.block_alphas, "block_alphas", float, alpha) if block_dims else None
-    conv_block_dims = _block_list(args.conv_block_dims, "conv_block_dims", int, None)
-    conv_block_alphas = (_block_list(args.conv_block_alphas, "conv_block_alphas", float, args.conv_alpha or 1.0)
-                         if conv_block_dims else None)
-    lr_weights = block_lr_weights(args.down_lr_weight, args.mid_lr_weight, args.up_lr_weight,
+    lr_weights = table.lr_weights(args.down_lr_weight, args.mid_lr_weight, args.up_lr_weight,
                                   args.block_lr_zero_threshold)
+    # Every list is checked against the table even where it goes unused (block_alphas without block_dims).
+    given = {name: table.block_values(name, getattr(args, name), cast) for name, cast in
+             (("block_dims", int), ("block_alphas", float), ("conv_block_dims", int), ("conv_block_alphas", float))}
+    count = table.block_count
+    block_dims = given["block_dims"]
+    if block_dims is None and lr_weights is not None:
+        block_dims = [lora_dim] * count  # kohya: per-block learning rates make the ranks per-block too
+    block_alphas = (given["block_alphas"] or [alpha] * count) if block_dims else None
+    conv_block_dims = given["conv_block_dims"]
+    if conv_block_dims is None and lr_weights is not None and args.conv_dim:
+        conv_block_dims = [args.conv_dim] * count
+    conv_block_alphas = (given["conv_block_alphas"] or [args.conv_alpha or 1.0] * count) if conv_block_dims else None
     if lr_weights is not None:
-        # kohya: a block whose learning rate is 0 gets no module at all.
-        block_dims = [0 if w == 0 else d for w, d in zip(lr_weights, block_dims or [lora_dim] * NUM_BLOCKS)]
-        block_alphas = block_alphas or [alpha] * NUM_BLOCKS
+        # kohya: a block whose learning rate is 0 gets no module at all, neither LoRA nor LoCon.
+        block_dims = [0 if w == 0 else d for w, d in zip(lr_weights, block_dims)]
+        if conv_block_dims is not None:
+            conv_block_dims = [0 if w == 0 else d for w, d in zip(lr_weights, conv_block_dims)]
     network = LoRANetwork(
         text_encoder, unet, multiplier=multiplier, lora_dim=lora_dim, alpha=alpha,
         dropout=args.dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
@@ -764,7 +869,8 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
                                 weights_sd: dict[str, torch.Tensor] | None = None, for_inference: bool = False,
                                 **kwargs) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
     """A network shaped like a file (modules, ranks, alphas), weights not loaded (kohya: the caller loads or
-    merges them). `--network_args` dims are ignored, since the file decides them; dropouts apply to training."""
+    merges them). `--network_args` dims are ignored, since the file decides them; dropouts apply to training, and
+    per-block learning rates (down/mid/up_lr_weight) to its optimizer groups, as in kohya."""
     args = parse_network_args(kwargs)
     if weights_sd is None:
         weights_sd = read_weights(file)
@@ -773,6 +879,8 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
                                               module_dropout=args.module_dropout)
     network = LoRANetwork(text_encoder, unet, multiplier=multiplier,
                           modules_dim=dims, modules_alpha=alphas, **dropouts)
+    network.set_block_lr_weight(network.block_table.lr_weights(args.down_lr_weight, args.mid_lr_weight,
+                                                               args.up_lr_weight, args.block_lr_zero_threshold))
     return network, weights_sd
 
 

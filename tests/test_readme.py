@@ -90,6 +90,8 @@ EXPECTED = {
         "out/edges/000.png", "out/controlnet/shapes_canny.safetensors", "out/controlnet/shapes_canny_diffusers/*",
         "out/controlnet/shapes_canny-step00000002.safetensors", "out/controlnet/validation/*.png"],
     "  --max_train_steps 4 --train_batch_size 2 --save_model_as safetensors": ["out/ti/shapetok.safetensors"],
+    "  --max_train_steps 4 --train_batch_size 2 --cache_latents --no_half_vae --save_model_as safetensors": [
+        "out/ti_xl/shapetok_xl.safetensors"],
     "  --train_batch_size 2 --cache_latents \\": [
         "out/pivotal/tiny_zwxq.safetensors", "out/pivotal/tiny_zwxq_embeddings/zwxq.safetensors"],
     "  --prompt \"sks shape, an oil painting\"": ["out/images/im_00000[0-6]_*.png"],

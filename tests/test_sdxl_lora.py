@@ -1,6 +1,7 @@
 """SDXL in networks.lora and the LoRA tools: kohya's SDXL names and module counts (full-size structure on the meta
 device), diffusers' SDXL pipeline as an independent reader of our files, merge == apply, merging into and extracting
-from SDXL checkpoint files, resize / svd_merge round trips, and the block-wise options refused for SDXL.
+from SDXL checkpoint files, resize / svd_merge round trips, and the block-wise options on kohya's 23-block SDXL
+table.
 
 Numbers are compared with tests/numerics.py's tolerances (the measured spread each rests on is stated there):
 FP32_OUTPUT_REL (5e-4) for outputs computed two ways in fp32 and FP64_OUTPUT_REL (2e-5) for fp64 forwards over fp32
@@ -270,13 +271,155 @@ def test_apply_restore_and_optimizer_groups_with_two_text_encoders():
         network.prepare_optimizer_params([1e-5, 1e-5, 1e-5], 1e-4, 1e-3)
 
 
-@pytest.mark.parametrize("option,value", [("block_dims", ",".join(["4"] * 25)), ("conv_block_dims", "4," * 24 + "4"),
-                                          ("down_lr_weight", "sine"), ("mid_lr_weight", "2"), ("up_lr_weight", "zeros"),
-                                          ("block_alphas", ",".join(["1"] * 25))])
-def test_sd_block_table_options_are_refused_for_sdxl(option, value):
+# ---------------------------------------------------------------- block-wise ranks and learning rates (SDXL table)
+
+def kohya_sdxl_block(lora_name: str) -> int:
+    """kohya's get_block_index for an SDXL U-Net LoRA name, restated from its names alone (independent of the key map
+    the network goes through): 1 + input_blocks index, 10 + middle_block index, 13 + output_blocks index."""
+    name = lora_name[len("lora_unet_"):]
+    for part, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
+        if name.startswith(part):
+            return first + int(name[len(part):].split("_")[0])
+    raise AssertionError(lora_name)
+
+
+def is_kxk(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+
+
+def test_sdxl_block_dims_and_conv_block_dims_set_each_blocks_rank_and_alpha():
+    """kohya's 23 SDXL blocks: Linear / 1x1 layers take block_dims / block_alphas, 3x3 convs conv_block_dims /
+    conv_block_alphas, by their block; a block of dim 0 gets no module; the text encoders keep network_dim."""
+    models = tiny()
+    dims = [b % 4 for b in range(23)]  # 0 in blocks 0, 4, 8 (input_blocks 7: attention), 12, 16, 20
+    alphas = [0.5 * b + 1 for b in range(23)]
+    conv_dims = [0 if b % 3 == 1 else 1 + b % 5 for b in range(23)]
+    conv_alphas = [b + 0.25 for b in range(23)]
+    network = create_network(1.0, 8, 2, None, models.text_encoders, models.unet,
+                             block_dims=",".join(map(str, dims)), block_alphas=",".join(map(str, alphas)),
+                             conv_block_dims=",".join(map(str, conv_dims)),
+                             conv_block_alphas=",".join(map(str, conv_alphas)))
+    _, targets = lora_targets(models.text_encoders, models.unet, conv=True)
+    expected = {}
+    for name, module in targets.items():
+        block = kohya_sdxl_block(name)
+        dim, alpha = (conv_dims[block], conv_alphas[block]) if is_kxk(module) else (dims[block], alphas[block])
+        if dim:
+            expected[name] = (dim, alpha)
+    got = {lora.lora_name: (lora.lora_dim, float(lora.alpha)) for lora in network.unet_loras}
+    assert got == expected
+    # Not vacuous: dim-0 blocks that hold layers lose them, and the ranks differ by block.
+    blocks_with_layers = {kohya_sdxl_block(name) for name in targets}
+    assert {8, 12, 16} <= blocks_with_layers and not any(kohya_sdxl_block(n) in (8, 12, 16) and not is_kxk(targets[n])
+                                                         for n in got)
+    assert {4, 7, 10, 13} <= blocks_with_layers and not any(kohya_sdxl_block(n) in (4, 7, 10, 13) and is_kxk(targets[n])
+                                                            for n in got)
+    assert len({dim for dim, _ in got.values()}) == 5
+    assert got["lora_unet_input_blocks_4_1_proj_in"] == (1, 3.5)  # block 5
+    assert got["lora_unet_output_blocks_2_2_conv"] == (1, 15.25)  # the upsampler: block 15
+    assert all(lora.lora_dim == 8 and float(lora.alpha) == 2 for lora in network.text_encoder_loras)
+
+
+def test_sdxl_lr_weights_give_per_block_optimizer_groups():
+    """down / mid / up_lr_weight (9 / 3 / 9 values) scale unet_lr for blocks 1-9 / 10-12 / 13-21, blocks 0 and 22
+    keep 1; a multiplier <= block_lr_zero_threshold is 0, and a block at 0 gets neither LoRA nor LoCon modules. The
+    same multipliers apply to a network made from a file (kohya's create_network_from_weights)."""
+    models = tiny()
+    down = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    kwargs = dict(down_lr_weight=",".join(map(str, down)), mid_lr_weight="1.5,0,2.5", up_lr_weight="sine+.5",
+                  block_lr_zero_threshold="0.25", **LOCON)
+    network = create_network(1.0, 4, 2, None, models.text_encoders, models.unet, **kwargs)
+    sine = [0.5, 0.6950903, 0.8826834, 1.0555702, 1.2071068, 1.3314696, 1.4238795, 1.4807853, 1.5]
+    weights = [1.0] + [0, 0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] + [1.5, 0, 2.5] + sine + [1.0]
+    assert network.block_lr_weights == pytest.approx(weights, abs=1e-7)
+
+    _, targets = lora_targets(models.text_encoders, models.unet, conv=True)
+    # Blocks 2 (input_blocks 1: a ResNet block's LoRA and LoCon layers) and 11 (middle_block 1): no modules.
+    kept = {lora.lora_name for lora in network.unet_loras}
+    assert kept == {n for n in targets if weights[kohya_sdxl_block(n)] != 0}
+    assert any(kohya_sdxl_block(n) == 2 and is_kxk(m) for n, m in targets.items())  # a LoCon layer was dropped
+
+    for net in (network, create_network_from_weights(1.0, None, None, models.text_encoders, models.unet,
+                                                     weights_sd=network.state_dict(), **kwargs)[0]):
+        net.apply_to(models.text_encoders, models.unet)
+        groups, names = net.prepare_optimizer_params(1e-5, 1e-3, 1e-4)
+        net.restore()
+        lrs = dict(zip(names, (g["lr"] for g in groups)))
+        blocks = sorted({kohya_sdxl_block(n) for n in kept})
+        assert names == ["textencoder"] + [f"unet_block{b}" for b in blocks]
+        assert lrs == pytest.approx({"textencoder": 1e-5, **{f"unet_block{b}": 1e-3 * weights[b] for b in blocks}})
+        assert blocks == [3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+        for group, name in zip(groups[1:], names[1:]):
+            block = int(name[len("unet_block"):])
+            assert {id(p) for p in group["params"]} == {id(p) for lora in net.unet_loras
+                                                        if kohya_sdxl_block(lora.lora_name) == block
+                                                        for p in lora.parameters()}
+
+
+@pytest.mark.parametrize("family,option,blocks", [("sd1", "down_lr_weight", range(1, 12)),
+                                                  ("sdxl", "up_lr_weight", range(13, 22))])
+def test_a_zero_learning_rate_drops_locon_modules_too(family, option, blocks):
+    """kohya zeroes block_dims and conv_block_dims of a block at learning rate 0: with conv_dim alone (no
+    conv_block_dims), its 3x3 convs get no LoCon module either, in either family's table."""
+    from networks.lora import unet_block_table
+    models = tiny(family)
+    network = create_network(1.0, 4, 2, None, models.text_encoders, models.unet, **{option: "zeros"}, **LOCON)
+    _, targets = lora_targets(models.text_encoders, models.unet, conv=True)
+    table = unet_block_table(models.unet)
+    block_of = table.module_blocks(models.unet, targets, option)
+    assert any(block_of[n] in blocks and is_kxk(m) for n, m in targets.items())
+    assert {lora.lora_name for lora in network.unet_loras} == {n for n in targets if block_of[n] not in blocks}
+
+
+def test_sdxl_lr_weight_presets_are_kohyas_over_nine_values():
+    """kohya's presets, evaluated over SDXL's 9 down / up values (golden numbers: sin(pi k / 16), k / 8)."""
+    from networks.lora import SDXL_BLOCKS
+    cosine = [1.0, 0.9807853, 0.9238795, 0.8314696, 0.7071068, 0.5555702, 0.3826834, 0.1950903, 0.0]
+    linear = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+    cases = {("cosine", None, "linear"): [1.0] + cosine + [1.0] * 3 + linear + [1.0],
+             ("sine", "0.5,1,2", "reverse_linear"): [1.0] + cosine[::-1] + [0.5, 1.0, 2.0] + linear[::-1] + [1.0],
+             ("zeros+.25", None, "cosine+1"): [1.0] + [0.25] * 9 + [1.0] * 3 + [c + 1 for c in cosine] + [1.0],
+             (None, "2,2,2", None): [1.0] * 10 + [2.0] * 3 + [1.0] * 10}
+    for (down, mid, up), want in cases.items():
+        assert SDXL_BLOCKS.lr_weights(down, mid, up) == pytest.approx(want, abs=1e-7), (down, mid, up)
+    # block_lr_zero_threshold: given multipliers <= it become 0; the fixed blocks and the lists not given keep 1.
+    assert SDXL_BLOCKS.lr_weights("linear", None, None, 0.3) == pytest.approx(
+        [1.0, 0, 0, 0, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0] + [1.0] * 13)
+    assert SDXL_BLOCKS.lr_weights(None, None, None) is None
+
+
+SDXL_TABLE = r"SDXL U-Net, whose 23 blocks are 0: time and label embeddings, 1-9: input_blocks 0-8"
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("block_dims", ",".join(["4"] * 25), rf"block_dims: 25 value\(s\) given, expected 23 values .*{SDXL_TABLE}"),
+    ("block_alphas", ",".join(["1"] * 22), rf"block_alphas: 22 value\(s\) given, expected 23 values .*{SDXL_TABLE}"),
+    ("conv_block_dims", "4," * 24 + "4", r"conv_block_dims: 25 value\(s\) given, expected 23 values"),
+    ("conv_block_alphas", "1", r"conv_block_alphas: 1 value\(s\) given, expected 23 values"),
+    ("block_dims", "4," * 22 + "x", r"block_dims='.*': expected 23 comma-separated ints, one per SDXL U-Net block"),
+    ("down_lr_weight", ",".join(["1"] * 12), r"down_lr_weight: 12 value\(s\) given, expected 9 values \(blocks 1-9, "
+                                             r"input_blocks 0-8; or a preset\) for this SDXL U-Net"),
+    ("up_lr_weight", "1,1", r"up_lr_weight: 2 value\(s\) given, expected 9 values \(blocks 13-21, output_blocks 0-8"),
+    ("mid_lr_weight", "2", r"mid_lr_weight: 1 value\(s\) given, expected 3 values \(blocks 10-12, middle_block 0-2\)"),
+    ("mid_lr_weight", "sine", r"mid_lr_weight='sine': expected 3 comma-separated numbers, one per block of blocks "
+                              r"10-12"),
+    ("up_lr_weight", "wavy", r"up_lr_weight='wavy': expected 9 comma-separated numbers or a preset \(cosine, sine"),
+])
+def test_sdxl_block_options_with_the_wrong_count_are_refused(option, value, message):
     models = tiny("sdxl")
-    with pytest.raises(ValueError, match=rf"--network_args {option}: .*SD 1.x / 2.x table.*SDXL U-Net"):
+    with pytest.raises(ValueError, match=rf"--network_args {message}"):
         create_network(1.0, 4, 1, None, models.text_encoders, models.unet, **{option: value})
+
+
+def test_sdxl_refiner_has_no_kohya_block_numbers():
+    """The refiner's U-Net has 4 levels (12 input blocks): kohya's SDXL table (the base's 9) would give two blocks one
+    number, so the block-wise options are refused for it by name."""
+    models = tiny("sdxl-refiner")
+    with pytest.raises(ValueError, match=r"--network_args block_dims: kohya's SDXL block table "
+                                         r"numbers a U-Net of at most 3 levels of 2 ResNet blocks; this one has 4"):
+        create_network(1.0, 4, 1, None, models.text_encoders, models.unet, block_dims=",".join(["4"] * 23))
+    with pytest.raises(ValueError, match=r"--network_args mid_lr_weight, up_lr_weight: .* this one has 4 levels"):
+        create_network(1.0, 4, 1, None, models.text_encoders, models.unet, up_lr_weight="sine", mid_lr_weight="1,1,1")
 
 
 # ------------------------------------------------------------------------- 3. diffusers as an independent reader

@@ -296,3 +296,35 @@ def test_sample_prompts_keep_the_encoders_beside_the_cache(workspace, caplog):
                                               "--sample_every_n_steps", "2"])
     assert "stay in memory for the sample prompts" in caplog.text
     assert len(list((workspace / "te_samples" / "sample").glob("*.png"))) == 1
+
+
+@pytest.mark.numbers
+def test_diffusers_layout_file_loads_in_diffusers_like_the_kohya_file(workspace):
+    """--save_lora_format kohya diffusers: the second file, in diffusers' own layout (PEFT lora_A / lora_B, scale
+    folded into lora_B, pipeline component names), loads with StableDiffusionXLPipeline.load_lora_weights to the
+    same U-Net and text-encoder outputs as the kohya file (FP32_OUTPUT_REL; both go through diffusers' loader).
+    Planted: the scale not folded in (alpha 2 / rank 4) halves every update and fails by far more."""
+    from library.model_loading import instantiate_models
+    from library.sd_checkpoint import read_checkpoint
+    from tests.test_sdxl_lora import diffusers_sdxl_pipeline, outputs
+
+    root = workspace
+    run(base_args(root, "both_layouts") + ["--cache_latents", "--max_train_steps", "2", "--learning_rate", "1e-2",
+                                           "--save_lora_format", "kohya", "diffusers"])
+    folder = root / "both_layouts"
+    assert (folder / "lora.safetensors").is_file() and (folder / "lora_diffusers.safetensors").is_file()
+    tensors, metadata = read_lora(folder / "lora_diffusers.safetensors")
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+    assert {k.split(".")[0] for k in tensors} == {"unet", "text_encoder", "text_encoder_2"}
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and not any(k.startswith("sshs_") for k in metadata)
+    with read_checkpoint(root / "sdxl.safetensors") as checkpoint:
+        models = instantiate_models(checkpoint)
+    reference = outputs(models)
+    results = []
+    for name in ("lora.safetensors", "lora_diffusers.safetensors"):
+        pipe = diffusers_sdxl_pipeline(models)
+        pipe.load_lora_weights(str(folder), weight_name=name)
+        results.append(outputs(models, unet=pipe.unet, text_encoders=[pipe.text_encoder, pipe.text_encoder_2]))
+    for i, (kohya, diffusers_layout, base) in enumerate(zip(*results, reference)):
+        assert relative_deviation(kohya, base) > 10 * FP32_OUTPUT_REL, f"output {i}: the LoRA changes nothing"
+        assert_outputs_close(diffusers_layout, kohya, what=f"diffusers-layout file vs kohya file, output {i}")

@@ -10,6 +10,7 @@ Images are deterministic for a given --seed; sizes vary a little so that bucketi
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -39,16 +40,24 @@ def draw(rng: random.Random, width: int, height: int) -> tuple[Image.Image, str]
 
 
 def write_dataset(root: Path, *, images: int, size: int, seed: int, folder: str = "10_sks shape",
-                  prefix: str = "sks shape, ") -> Path:
+                  prefix: str = "sks shape, ", imagefolder: bool = False) -> Path:
+    """`imagefolder`: captions in a `metadata.jsonl` (file_name, text), the layout of a local Hugging Face
+    imagefolder dataset, instead of one `.caption` file per image."""
     rng = random.Random(seed)
     target = root / folder
     target.mkdir(parents=True, exist_ok=True)
+    rows = []
     for i in range(images):
         # Mostly square, some landscape / portrait, so aspect-ratio bucketing has something to do.
         w, h = rng.choice([(size, size), (size, size), (size * 3 // 2, size), (size, size * 3 // 2)])
         image, caption = draw(rng, w, h)
         image.save(target / f"{i:03d}.png")
-        (target / f"{i:03d}.caption").write_text(prefix + caption + "\n", encoding="utf-8")
+        if imagefolder:
+            rows.append(json.dumps({"file_name": f"{i:03d}.png", "text": prefix + caption}))
+        else:
+            (target / f"{i:03d}.caption").write_text(prefix + caption + "\n", encoding="utf-8")
+    if imagefolder:
+        (target / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return target
 
 
@@ -61,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reg", action="store_true",
                    help="also write regularisation images to <output>_reg/1_shape (captioned 'shape, <colour> "
                         "<shape>, ...' like the training images; use it as --reg_data_dir)")
+    p.add_argument("--folder", default="10_sks shape",
+                   help="the image folder inside OUTPUT (default: kohya's '<repeats>_<class>' name '10_sks shape')")
+    p.add_argument("--caption_prefix", default="sks shape, ", help="the start of every caption")
+    p.add_argument("--imagefolder", action="store_true",
+                   help="captions in OUTPUT/FOLDER/metadata.jsonl (a local Hugging Face imagefolder dataset) instead "
+                        "of .caption files")
     args = p.parse_args(argv)
-    folder = write_dataset(Path(args.output), images=args.images, size=args.size, seed=args.seed)
+    folder = write_dataset(Path(args.output), images=args.images, size=args.size, seed=args.seed,
+                           folder=args.folder, prefix=args.caption_prefix, imagefolder=args.imagefolder)
     print(f"wrote {args.images} images to {folder}")
     if args.reg:
         reg = write_dataset(Path(str(args.output) + "_reg"), images=args.images, size=args.size, seed=args.seed + 1,
