@@ -70,6 +70,7 @@ def images(root: Path) -> None:
     picture(root / "images" / "img002.png", "a watercolour of a hill", "watercolor, hill, rating:safe")
     picture(root / "mychar_data" / "10_mychar girl" / "img001.png", "mychar, a girl in a red coat")
     picture(root / "photo.png")
+    picture(root / "photos" / "20_cttoy toy" / "front.png", "A photo of the front of a cttoy, white background")
 
 
 def loras(root: Path) -> None:

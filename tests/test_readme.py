@@ -74,6 +74,12 @@ EXPECTED = {
         "out/logs/*/events.out.tfevents.*", "out/lora/tiny_lora_resumed.safetensors"],
     "  --max_train_steps 4 --train_batch_size 2 --cache_latents --seed 42 \\": [
         "out/tiny_sdxl.safetensors", "out/lora_xl/tiny_xl_lora.safetensors", "out/lora_xl/sample/*.png"],
+    "  --W 64 --H 64 --steps 4 --outdir out/cttoy_images": [
+        "out/cttoy/20_cttoy toy/000.caption", "out/cttoy_hf/photos/metadata.jsonl", "out/cttoy_lora/cttoy.safetensors",
+        "out/cttoy_lora/cttoy_diffusers.safetensors", "out/cttoy_lora_diffusers/pytorch_lora_weights.safetensors",
+        "out/cttoy_on_a_beach.png", "out/cttoy_images/*.png"],
+    "  --network_train_unet_only --cache_latents --cache_text_encoder_outputs --gradient_checkpointing \\": [
+        "output/cttoy.safetensors", "output/cttoy_diffusers.safetensors"],
     "  --max_train_steps 2 --train_batch_size 2 --cache_latents --save_model_as safetensors": [
         "out/sdxl_ft/tiny_sdxl_ft.safetensors"],
     "  --cache_latents --cache_text_encoder_outputs --max_train_steps 1600 --save_every_n_steps 400": [
