@@ -31,7 +31,7 @@ logger = logging.getLogger("sdxl_train")
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p, implemented=("--cache_text_encoder_outputs",))
+    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,))
     add_full_model_arguments(p)
     g = p.add_argument_group("SDXL")
     g.add_argument("--train_text_encoder", action="store_true", help="train the text encoders too")
@@ -43,10 +43,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="23 comma-separated learning rates, one per U-Net block (0: time/label embeddings, 1-9: "
                         "input_blocks, 10-12: middle_block, 13-21: output_blocks, 22: out); 0 freezes a block")
     g.add_argument("--diffusers_xformers", dest="xformers", action="store_true", help="kohya's alias of --xformers")
-    g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="encode every caption once before training (frozen text encoders only)")
-    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
-                   help="also keep them beside the images (implies --cache_text_encoder_outputs)")
+    train_args.add_text_encoder_cache_arguments(p)
     return p
 
 

@@ -43,7 +43,7 @@ logger = logging.getLogger("train_network")
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p, implemented=("--cache_text_encoder_outputs",))
+    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,))
     train_args.add_embedding_arguments(p)
     g = p.add_argument_group("network")
     g.add_argument("--network_module", default="networks.lora")
@@ -72,13 +72,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="the layout(s) of the saved LoRA: kohya (WebUI, ComfyUI, kohya's tools; default) and/or "
                         "diffusers (PEFT lora_A / lora_B, what diffusers' training examples write). The first is "
                         "<output_name>.safetensors, another <output_name>_<format>.safetensors")
-    g = p.add_argument_group("text-encoder output cache (kohya's SDXL flags)")
-    g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="encode every caption once before training, then train without running (or holding) the "
-                        "text encoders; needs --network_train_unet_only and captions that do not change per step")
-    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
-                   help="also keep them beside the images (<stem>_te_outputs.safetensors), reused by later runs "
-                        "while caption, model and settings are the same (implies --cache_text_encoder_outputs)")
+    train_args.add_text_encoder_cache_arguments(p)
     return p
 
 

@@ -219,6 +219,21 @@ def refuse_not_yet_implemented(args: argparse.Namespace, parser: argparse.Argume
         raise SystemExit(f"error: {', '.join(given)}: not implemented in this suite yet; remove the flag(s)")
 
 
+TEXT_ENCODER_CACHE_FLAG = "--cache_text_encoder_outputs"
+
+
+def add_text_encoder_cache_arguments(p: argparse.ArgumentParser) -> None:
+    """kohya's SDXL flags for cached text-encoder outputs (library/text_encoder_cache.py); a trainer that adds them
+    passes implemented=(TEXT_ENCODER_CACHE_FLAG,) to add_common_training_arguments."""
+    g = p.add_argument_group("text-encoder output cache (kohya's SDXL flags)")
+    g.add_argument(TEXT_ENCODER_CACHE_FLAG, action="store_true",
+                   help="encode every caption once before training, then train without running (or holding) the "
+                        "text encoders; needs frozen text encoders and captions that do not change per step")
+    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                   help="also keep them beside the images (<stem>_te_outputs.safetensors), reused by later runs "
+                        "while caption, model and settings are the same (implies --cache_text_encoder_outputs)")
+
+
 def add_embedding_arguments(p: argparse.ArgumentParser) -> None:
     """Textual-inversion embeddings in LoRA / full-model training: loaded ones, and pivotal tuning."""
     g = p.add_argument_group("embeddings (pivotal tuning)")
