@@ -3,9 +3,9 @@
 Everything that differs between SD 1.x, SD 2.x 512-base, SD 2.x 768-v, SDXL base and the SDXL refiner lives here
 (configs, text encoders, prediction type, VAE scale, default resolution, bucket step, metadata names, the diffusers
 pipeline class), so code elsewhere asks the record instead of testing `v2` / `v_parameterization` / `sdxl` flags.
-Checkpoint I/O, conversion, gen_img.py, the LoRA network and the LoRA tools handle every family; sdxl_train_network.py
-and sdxl_train.py train SDXL base, the other trainers and the ControlNet converter handle SD 1.x / 2.x so far and
-refuse SDXL by name (`sd_checkpoint.require_arch`, `training_setup.TrainedArchs`).
+Checkpoint I/O, conversion, gen_img.py, the LoRA network and the LoRA tools handle every family; the sdxl_* trainers
+(LoRA, full model, textual inversion) train SDXL base, while ControlNet training and the ControlNet converter handle
+SD 1.x / 2.x so far and refuse SDXL by name (`sd_checkpoint.require_arch`, `training_setup.TrainedArchs`).
 
 A family owns a *list* of text encoders (`ModelFamily.text_encoders`, one `TextEncoderSlot` each: its diffusers
 pipeline component, its tokenizer, where an original file keeps it, its LoRA prefix), because SDXL has two.
