@@ -192,7 +192,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 # never a silent no-op (kohya's own dead flags, e.g. train_db's --no_token_padding, are a known trap).
 NOT_YET_IMPLEMENTED = (
     "--face_crop_aug_range", "--torch_compile", "--fp8_base", "--deepspeed", "--huggingface_repo_id",
-    "--validation_split", "--cache_text_encoder_outputs", "--dataset_class",
+    "--validation_split", "--cache_text_encoder_outputs", "--dataset_class", "--fused_optimizer_groups",
 )
 
 

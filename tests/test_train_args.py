@@ -76,6 +76,10 @@ def test_unimplemented_kohya_flags_are_refused_by_name():
     assert args.cache_text_encoder_outputs is True
     with pytest.raises(SystemExit, match="--deepspeed: not implemented"):
         train_args.parse_args(train_network.setup_parser(), REQUIRED + ["--deepspeed"])
+    import sdxl_train
+
+    with pytest.raises(SystemExit, match="--fused_optimizer_groups: not implemented"):
+        train_args.parse_args(sdxl_train.setup_parser(), REQUIRED + ["--fused_optimizer_groups", "4"])
 
 
 def test_misspelled_caption_extension_alias():
