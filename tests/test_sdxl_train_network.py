@@ -328,3 +328,41 @@ def test_diffusers_layout_file_loads_in_diffusers_like_the_kohya_file(workspace)
     for i, (kohya, diffusers_layout, base) in enumerate(zip(*results, reference)):
         assert relative_deviation(kohya, base) > 10 * FP32_OUTPUT_REL, f"output {i}: the LoRA changes nothing"
         assert_outputs_close(diffusers_layout, kohya, what=f"diffusers-layout file vs kohya file, output {i}")
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
+    """accelerate launch with 2 CPU processes (gloo) x batch 1 == 1 process x batch 2, for SDXL with both text
+    encoders' LoRAs training: the same samples, noise, timesteps and size ids (losses equal to float precision) and
+    the averaged gradient (one SGD step makes the lora_up weights -lr x the gradient). Tolerance and what a real
+    fault does: tests/test_train_network.py's test of the same name (not averaging: 50-100 % off)."""
+    import os
+    import subprocess
+    import sys
+
+    root = workspace
+    common = ["--cache_latents", "--max_train_steps", "1", "--flip_aug", "--optimizer_type", "SGD",
+              "--learning_rate", "0.01", "--max_grad_norm", "0", "--text_encoder_lr", "0.01", "0.01"]
+
+    def with_batch(argv, batch):
+        argv = [a for a in argv if a != "--enable_bucket"]  # one bucket: every global batch is full
+        argv[argv.index("--train_batch_size") + 1] = str(batch)
+        return argv
+
+    run(with_batch(base_args(root, "one_process") + common, 2))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(Path(__file__).parent.parent / "sdxl_train_network.py")]
+    result = subprocess.run(launch + with_batch(base_args(root, "two_processes") + common, 1), env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, _ = read_lora(root / "one_process" / "lora.safetensors")
+    two, _ = read_lora(root / "two_processes" / "lora.safetensors")
+    assert one.keys() == two.keys()
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        ups = sorted(k for k in one if k.startswith(prefix) and k.endswith("lora_up.weight"))
+        a, b = torch.cat([one[k].flatten() for k in ups]), torch.cat([two[k].flatten() for k in ups])
+        assert a.abs().max() > 1e-6, f"{prefix}: nothing trained"
+        assert ((a - b).norm() / a.norm()).item() < 0.02, prefix
+    assert logged_losses(root / "two_processes" / "logs") == pytest.approx(
+        logged_losses(root / "one_process" / "logs"), rel=1e-5)
