@@ -350,12 +350,12 @@ def _weights_error(args, error: Exception) -> SystemExit:
     """--network_weights that do not fit the network: the loader's message (keys and shapes) and what to do."""
     if args.dim_from_weights:
         advice = ("With --dim_from_weights the ranks already come from the file, so its layers do not match this "
-                  "base model: it is a LoRA for another base model family (e.g. SD 2.x vs SD 1.x). Train on that "
+                  "base model: it is a LoRA for another base model family (e.g. SD 1.x vs SDXL). Train on that "
                   "base model, or start without --network_weights.")
     else:
         advice = ("If it is a LoRA for this base model with another rank, add --dim_from_weights (or give the "
                   "--network_dim / --network_args conv_dim it was trained with); a LoRA for another base model "
-                  "family (e.g. SD 2.x vs SD 1.x) cannot be loaded: use the matching "
+                  "family (e.g. SD 1.x vs SDXL) cannot be loaded: use the matching "
                   "--pretrained_model_name_or_path, or start without --network_weights.")
     return SystemExit(f"error: --network_weights {args.network_weights}: {error}\n  {advice}")
 

@@ -560,7 +560,8 @@ class LoRANetwork(nn.Module):
         wrong_shapes = [f"{k}: {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the network"
                         for k, v in weights_sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if unexpected or wrong_shapes:
-            lines = [f"{source} does not fit this network:"]
+            hint = family_mismatch_hint({k.split(".")[0] for k in weights_sd}, {k.split(".")[0] for k in own})
+            lines = [f"{source} does not fit this network:" + (f" {hint}" if hint else "")]
             if unexpected:
                 lines.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:20])}")
             lines += wrong_shapes[:20]

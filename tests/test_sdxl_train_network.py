@@ -366,3 +366,14 @@ def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
         assert ((a - b).norm() / a.norm()).item() < 0.02, prefix
     assert logged_losses(root / "two_processes" / "logs") == pytest.approx(
         logged_losses(root / "one_process" / "logs"), rel=1e-5)
+
+
+def test_an_sd_lora_as_network_weights_is_named(workspace, tmp_path):
+    """--network_weights with an SD 1.x LoRA on SDXL: the error says which family the file is for."""
+    from tests.test_bad_inputs import tiny_lora
+
+    lora = tiny_lora(tmp_path / "sd1_lora.safetensors", "sd1")
+    message = expect_error(base_args(workspace, "sd_lora") + ["--max_train_steps", "1", "--network_weights", str(lora)],
+                           f"--network_weights {lora}", "SD 1.x / 2.x")
+    assert "SDXL" in message, message
+    assert not (workspace / "sd_lora" / "lora.safetensors").exists()
