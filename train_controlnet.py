@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -37,7 +36,7 @@ from library.controlnet_training import (SAVE_LAYOUTS, ControlNetTask, ControlNe
 from library.dataset_sources import ConditioningUse  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.train_dataset import describe_samples  # noqa: E402
-from library.training_loop import STATE_FILE, Trainer  # noqa: E402
+from library.training_loop import Trainer, latest_state  # noqa: E402
 from library.training_metadata import run_metadata  # noqa: E402
 
 logger = logging.getLogger("train_controlnet")
@@ -111,22 +110,6 @@ def diffusers_example_flags(args: argparse.Namespace) -> argparse.Namespace:
         values["resume"] = latest_state(Path(args.output_dir)) if args.resume_from_checkpoint == "latest" \
             else args.resume_from_checkpoint
     return argparse.Namespace(**values)
-
-
-def latest_state(output_dir: Path) -> str | None:
-    """The state folder with the highest step in `output_dir` (None: start fresh, as the diffusers example does)."""
-    best = None
-    for folder in output_dir.glob("*-state") if output_dir.is_dir() else []:
-        try:
-            step = json.loads((folder / STATE_FILE).read_text())["global_step"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, folder)
-    if best is None:
-        logger.info("--resume_from_checkpoint latest: no state in %s; starting a new run", output_dir)
-        return None
-    return str(best[1])
 
 
 def initial_controlnet(args, checkpoint, family):

@@ -169,7 +169,7 @@ def translate(ex: argparse.Namespace) -> list[str]:
     if ex.checkpoints_total_limit:  # the newest N saves are those of the last (N - 1) x K steps
         argv += ["--save_last_n_steps", str((ex.checkpoints_total_limit - 1) * ex.checkpointing_steps)]
     if ex.resume_from_checkpoint:
-        from train_controlnet import latest_state
+        from library.training_loop import latest_state
 
         resume = latest_state(output) if ex.resume_from_checkpoint == "latest" else ex.resume_from_checkpoint
         argv += ["--resume", resume] if resume else []

@@ -474,3 +474,19 @@ class Trainer:
                         shutil.rmtree(doomed)
                     elif doomed.exists():
                         doomed.unlink()
+
+
+def latest_state(output_dir: Path) -> str | None:
+    """The state folder with the highest step in `output_dir` (None: start fresh, as the diffusers example does)."""
+    best = None
+    for folder in output_dir.glob("*-state") if output_dir.is_dir() else []:
+        try:
+            step = json.loads((folder / STATE_FILE).read_text())["global_step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, folder)
+    if best is None:
+        logger.info("--resume_from_checkpoint latest: no state in %s; starting a new run", output_dir)
+        return None
+    return str(best[1])
