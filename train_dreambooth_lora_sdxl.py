@@ -101,7 +101,7 @@ def setup_parser() -> argparse.ArgumentParser:
     a("--rank", type=int, default=4)
     a("--local_rank", type=int, default=-1, help="set by the launcher")
     refused = p.add_argument_group("the example's flags this suite does not implement (refused when given)")
-    for flag, why in REFUSED.items():
+    for flag in REFUSED:
         refused.add_argument(flag, default=None, nargs="?", const=True, help=argparse.SUPPRESS)
     return p
 

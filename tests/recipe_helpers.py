@@ -44,3 +44,26 @@ def logged_losses(log_root: Path) -> list[float]:
         events.Reload()
         values.update({e.step: e.value for e in events.Scalars("loss/current")})
     return [values[s] for s in sorted(values)]
+
+
+def one_and_two_processes(script: str, one_process_argv: list[str], two_process_argv: list[str]) -> None:
+    """The same run as 1 process x batch 2 (in this process) and as `accelerate launch` with 2 CPU processes (gloo) x
+    batch 1 (a subprocess): each argv's --train_batch_size is set here, and aspect bucketing is turned off, so one
+    bucket gives full global batches (a bucket's short last batch is where the two layouts legitimately differ: see
+    EpochBatches)."""
+    import subprocess
+    import sys
+
+    def with_batch(argv: list[str], batch: int) -> list[str]:
+        argv = [a for a in argv if a != "--enable_bucket"]
+        argv[argv.index("--train_batch_size") + 1] = str(batch)
+        return argv
+
+    run_script(script, with_batch(one_process_argv, 2))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(Path(__file__).resolve().parent.parent / f"{script}.py")]
+    result = subprocess.run(launch + with_batch(two_process_argv, 1), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

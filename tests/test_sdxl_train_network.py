@@ -17,7 +17,7 @@ import torch
 from library.safetensors_io import SafetensorsReader
 from tests.numerics import (CAPTIONS_LOST, FP32_OUTPUT_REL, PlantedBug, assert_outputs_close, check_golden_losses, golden_case_args,
                             relative_deviation)
-from tests.recipe_helpers import logged_losses, run_script
+from tests.recipe_helpers import logged_losses, one_and_two_processes, run_script
 
 
 def run(argv: list[str], stop_after: int | None = None, script: str = "sdxl_train_network") -> None:
@@ -335,27 +335,12 @@ def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
     encoders' LoRAs training: the same samples, noise, timesteps and size ids (losses equal to float precision) and
     the averaged gradient (one SGD step makes the lora_up weights -lr x the gradient). Tolerance and what a real
     fault does: tests/test_train_network.py's test of the same name (not averaging: 50-100 % off)."""
-    import os
-    import subprocess
-    import sys
-
     root = workspace
     common = ["--cache_latents", "--max_train_steps", "1", "--flip_aug", "--optimizer_type", "SGD",
               "--learning_rate", "0.01", "--max_grad_norm", "0", "--text_encoder_lr", "0.01", "0.01"]
 
-    def with_batch(argv, batch):
-        argv = [a for a in argv if a != "--enable_bucket"]  # one bucket: every global batch is full
-        argv[argv.index("--train_batch_size") + 1] = str(batch)
-        return argv
-
-    run(with_batch(base_args(root, "one_process") + common, 2))
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              str(Path(__file__).parent.parent / "sdxl_train_network.py")]
-    result = subprocess.run(launch + with_batch(base_args(root, "two_processes") + common, 1), env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    one_and_two_processes("sdxl_train_network", base_args(root, "one_process") + common,
+                          base_args(root, "two_processes") + common)
     one, _ = read_lora(root / "one_process" / "lora.safetensors")
     two, _ = read_lora(root / "two_processes" / "lora.safetensors")
     assert one.keys() == two.keys()

@@ -7,7 +7,6 @@ prove that stopping and resuming (twice) ends with weights identical to an unint
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from library.safetensors_io import SafetensorsReader
 
 from tests.numerics import (CACHE_MIXES_IMAGES, FAMILY_CASE, FP32_OUTPUT_REL, assert_outputs_close, check_golden_losses, golden_case_args,
                             relative_deviation)
-from tests.recipe_helpers import logged_losses, run_script
+from tests.recipe_helpers import logged_losses, one_and_two_processes, run_script
 
 
 def run(argv: list[str], stop_after: int | None = None) -> None:
@@ -275,28 +274,12 @@ def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
     The tolerance is float32's on this tiny random model, whose gradients cancel a lot: batching alone changes
     them by ~0.1-1% in float32 (measured: 1.6e-14 in float64, i.e. pure rounding). A real fault is far larger:
     not averaging leaves each process its own gradient (~50-100% off), summing doubles it (100%)."""
-    import subprocess
-    import sys
-
     root = workspace
     common = ["--cache_latents", "--max_train_steps", "1", "--flip_aug", "--shuffle_caption", "--optimizer_type",
               "SGD", "--learning_rate", "0.01", "--max_grad_norm", "0"]
 
-    def with_batch(argv, batch):
-        # One bucket (no aspect bucketing) of 18 samples: every global batch is full. (A bucket's short last
-        # batch is where the two layouts legitimately differ: see EpochBatches.)
-        argv = [a for a in argv if a != "--enable_bucket"]
-        argv[argv.index("--train_batch_size") + 1] = str(batch)
-        return argv
-
-    run(with_batch(base_args(root, "one_process") + common, 2))
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              str(Path(__file__).parent.parent / "train_network.py")]
-    result = subprocess.run(launch + with_batch(base_args(root, "two_processes") + common, 1), env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    one_and_two_processes("train_network", base_args(root, "one_process") + common,
+                          base_args(root, "two_processes") + common)
     one = read_lora(root / "one_process" / "lora.safetensors")
     two = read_lora(root / "two_processes" / "lora.safetensors")
     assert one.keys() == two.keys()
