@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from library import train_args  # noqa: E402
 from library import training_setup as setup  # noqa: E402
 from library.controlnet_training import (SAVE_LAYOUTS, ControlNetTask, ControlNetValidator,  # noqa: E402
-                                         pair_validation)
+                                         controlnet_param_groups, pair_validation)
 from library.dataset_sources import ConditioningUse  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.train_dataset import describe_samples  # noqa: E402
@@ -42,17 +42,23 @@ from library.training_metadata import run_metadata  # noqa: E402
 logger = logging.getLogger("train_controlnet")
 
 
-def setup_parser() -> argparse.ArgumentParser:
+def setup_parser(*, control_net_lr: float | None = None) -> argparse.ArgumentParser:
+    """`control_net_lr`: the default of --control_net_lr (sdxl_train_control_net.py: kohya's 1e-4)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p)
+    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,))
+    train_args.add_text_encoder_cache_arguments(p)
     g = p.add_argument_group("ControlNet")
     g.add_argument("--controlnet_model_name_or_path", default=None,
                    help="start from this ControlNet (diffusers folder or original-layout file) instead of the U-Net")
-    g.add_argument("--control_net_lr", type=float, default=None, help="ControlNet learning rate (default: "
-                   "--learning_rate)")
+    g.add_argument("--control_net_lr", type=float, default=control_net_lr,
+                   help="learning rate of the modules a ControlNet adds (conditioning-image encoder, zero "
+                        "convolutions); the copied U-Net encoder then trains at --learning_rate (kohya's "
+                        "sdxl_train_control_net.py meaning). Default: " +
+                        ("everything at --learning_rate" if control_net_lr is None else f"{control_net_lr:g}"))
     g.add_argument("--save_model_as", choices=SAVE_LAYOUTS, default="both",
-                   help="both (default): <name>.safetensors (original ControlNet layout) and <name>_diffusers/; or "
-                        "one of them")
+                   help="both (default): <name>.safetensors (the single file WebUI's ControlNet extension and ComfyUI "
+                        "load: the original layout for SD 1.x / 2.x, diffusers names for SDXL) and <name>_diffusers/; "
+                        "or one of them")
     g.add_argument("--dataset_name", default=None, help="a local dataset (diffusers example): an image folder with "
                    "metadata.jsonl / .csv, a .parquet file or a folder of them (hub layout), or a save_to_disk "
                    "folder (extracted once to .sdtrain_extracted/); hub names cannot be downloaded here")
@@ -135,7 +141,10 @@ def initial_controlnet(args, checkpoint, family):
     return ControlNetModel.from_unet(unet)
 
 
-def train(args: argparse.Namespace) -> Path:
+TRAINS = setup.TrainedArchs("train_controlnet.py", setup.SD_ARCHS, elsewhere=(("sdxl", "sdxl_train_control_net.py"),))
+
+
+def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path:
     start = setup.begin_run(args, control_images=True)
     if args.sample_prompts:
         raise SystemExit("error: --sample_prompts: ControlNet samples need a conditioning image; use "
@@ -150,7 +159,7 @@ def train(args: argparse.Namespace) -> Path:
         raise SystemExit(f"error: {e}") from None
 
     # Models: the base frozen, the ControlNet trained
-    checkpoint = setup.read_base_model(args, setup.TrainedArchs("train_controlnet.py", setup.SD_ARCHS))
+    checkpoint = setup.read_base_model(args, trains)
     family, prediction = checkpoint.family, checkpoint.prediction_type
     accelerator = setup.make_accelerator(args)
     with checkpoint:
@@ -181,21 +190,24 @@ def train(args: argparse.Namespace) -> Path:
         return start.output_dir / start.output_name
     max_train_steps = setup.count_steps(args, dataset, batches)
     setup.cache_latents(args, dataset, models.vae, precision)
+    # The text encoders are frozen: their outputs can be cached; validation images still need them.
+    text_conditioner = setup.cache_text_encoder_outputs(args, dataset, setup.text_conditioner(args, models), models,
+                                                        accelerator, keep_encoders=bool(pairs))
 
     # Optimizer
-    lr = args.control_net_lr if args.control_net_lr is not None else args.learning_rate
-    param_groups = [{"params": list(controlnet.parameters()), "lr": lr}]
+    param_groups, lr_names = controlnet_param_groups(controlnet, learning_rate=args.learning_rate,
+                                                     control_net_lr=args.control_net_lr)
     optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
                                                        accelerator)
 
     resolution = train_args.parse_resolution(args.resolution, family.default_resolution)
-    metadata = {"modelspec.resolution": "{}x{}".format(*resolution), "ss_training_script": "train_controlnet",
-                "ss_control_net_lr": str(lr)}
+    metadata = {"modelspec.resolution": "{}x{}".format(*resolution), "ss_training_script": Path(trains.script).stem,
+                "ss_control_net_lr": str(param_groups[0]["lr"])}
     metadata.update(run_metadata(args, dataset=dataset, data_summary=data_summary, seed=start.seed,
                                  max_train_steps=max_train_steps, resolution=metadata["modelspec.resolution"]))
     task = ControlNetTask(controlnet, models.unet, family=family, save_as=args.save_model_as,
                           save_dtype=setup.SAVE_DTYPES.get(args.save_precision), metadata=metadata)
-    config = setup.loop_config(args, start, family, max_train_steps, default_project="train_controlnet")
+    config = setup.loop_config(args, start, family, max_train_steps, default_project=Path(trains.script).stem)
     validator = None
     if pairs:
         validator = ControlNetValidator(pairs, models=models, controlnet=controlnet, output_dir=start.output_dir,
@@ -206,16 +218,17 @@ def train(args: argparse.Namespace) -> Path:
         config = replace(config, sample_every_n_steps=args.validation_steps)
     fingerprint = {"family": family.name, "seed": start.seed, "train_batch_size": args.train_batch_size,
                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                   "optimizer_type": start.optimizer.optimizer_type, "learning_rate": lr,
+                   "optimizer_type": start.optimizer.optimizer_type,
+                   "learning_rates": [group["lr"] for group in param_groups],
                    "dataset_items": hashlib.sha256("\n".join(f"{i.record.path}|{i.record.conditioning}|{i.bucket}"
                                                              for i in dataset.items).encode()).hexdigest()[:16]}
-    trainer = Trainer(task=task, unet=models.unet, vae=models.vae, text_conditioner=setup.text_conditioner(args, models),
+    trainer = Trainer(task=task, unet=models.unet, vae=models.vae, text_conditioner=text_conditioner,
                       dataset=dataset, batches=batches,
                       objective=DiffusionObjective(train_args.objective_config(args, prediction)),
                       optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, accelerator=accelerator,
-                      run_fingerprint=fingerprint, trainable_parameters=param_groups[0]["params"],
+                      run_fingerprint=fingerprint, trainable_parameters=list(controlnet.parameters()),
                       weight_dtype=precision.weight_dtype, sampler=validator, sample_trainable=controlnet,
-                      lr_names=["controlnet"])
+                      lr_names=lr_names)
     setup.run_trainer(trainer, args)
     return start.output_dir / (start.output_name + task.model_file_suffix())
 

@@ -7,7 +7,10 @@ Layouts:
   (the conditioning-image encoder), `control_model.zero_convs.{i}.0.*` and `control_model.middle_block_out.0.*`
   (the zero convolutions). Some files omit the `control_model.` prefix; ControlNet 1.0 files bundle a whole SD
   model beside it. Many are fp16.
-- diffusers: a `ControlNetModel` folder (`config.json` + `diffusion_pytorch_model.safetensors` / `.bin`).
+- diffusers: a `ControlNetModel` folder (`config.json` + `diffusion_pytorch_model.safetensors` / `.bin`), or its
+  weights as one file: how SDXL ControlNets are shared (WebUI and ComfyUI load those too), so that is the single
+  file written for SDXL (`ModelFamily.controlnet_file_keys`); SDXL files in the original layout (with
+  `control_model.label_emb.*`) are read as well.
 
 The key table is data generated from the config, one table for both directions: the encoder part reuses the
 U-Net table of `key_maps` (a ControlNet's encoder *is* the U-Net's encoder, same names), the parts a U-Net does
@@ -25,6 +28,7 @@ import enum
 import inspect
 import json
 import logging
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -38,9 +42,10 @@ from library.atomic_files import OutputPathError, atomic_directory, atomic_file
 from library.checkpoint_writer import modelspec_keys
 from library.families import FAMILIES, ModelFamily, ModelSize
 
-# The families whose ControlNets this module reads and writes. SDXL ControlNets (extra size/crop embeddings, the
-# diffusers layout) come with the SDXL ControlNet trainer.
-CONTROLNET_FAMILIES: dict[str, ModelFamily] = {name: f for name, f in FAMILIES.items() if f.arch in ("sd1", "sd2")}
+# The families whose ControlNets this module reads and writes (all that have a ControlNet pipeline: not the SDXL
+# refiner).
+CONTROLNET_FAMILIES: dict[str, ModelFamily] = {name: f for name, f in FAMILIES.items()
+                                               if f.controlnet_pipeline_class is not None}
 from library.key_maps import KeyTable, TensorMapping, key_table, shape_compatible
 from library.safetensors_io import TensorEntry, write_safetensors
 from library.sd_checkpoint import _listing, _load_json, _reshaped
@@ -160,7 +165,7 @@ def _describe_context_dim(dim: int) -> str:
         return f"an {known[dim]} ControlNet"
     for family in CONTROLNET_FAMILIES.values():
         if family.configs(ModelSize.TINY).unet["cross_attention_dim"] == dim:
-            return f"a tiny test-size {'SD 2.x' if family.is_v2 else 'SD 1.x'} ControlNet"
+            return f"a tiny test-size {known[family.configs().unet['cross_attention_dim']]} ControlNet"
     return "a ControlNet of an unknown family"
 
 
@@ -199,7 +204,8 @@ def _control_renames(config: dict) -> list[tuple[str, str]]:
     return renames
 
 
-_CONTROL_ONLY_MODULES = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+# The modules a ControlNet adds to the U-Net encoder it copies (conditioning-image encoder, zero convolutions).
+CONTROL_ONLY_MODULES = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
 
 def _controlnet_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -219,7 +225,7 @@ def _table_cached(config_json: str) -> KeyTable:
     control = dict(_control_renames(config))
     mappings = []
     for key, shape in shapes.items():
-        if key.startswith(_CONTROL_ONLY_MODULES):
+        if key.startswith(CONTROL_ONLY_MODULES):
             module, param = key.rsplit(".", 1)
             if module not in control:
                 raise AssertionError(f"no key-map rule for ControlNet tensor {key!r}")
@@ -235,9 +241,12 @@ def _table_cached(config_json: str) -> KeyTable:
 
 def controlnet_key_table(config: dict) -> KeyTable:
     """The complete original <-> diffusers key table of a ControlNet config (original keys with `control_model.`)."""
-    if config.get("addition_embed_type") or config.get("class_embed_type") or config.get("encoder_hid_dim_type"):
-        raise ControlNetFormatError("only SD 1.x / 2.x ControlNets have an original-layout key table; this config has "
-                                    "extra embeddings (an SDXL or other ControlNet), which are not supported yet")
+    # SDXL's size/crop embedding ("text_time": `add_embedding` <-> `label_emb.0`) is in the U-Net table; other
+    # extra embeddings belong to models this suite does not know.
+    if config.get("addition_embed_type") not in (None, "text_time") or config.get("class_embed_type") \
+            or config.get("encoder_hid_dim_type"):
+        raise ControlNetFormatError("only SD 1.x / 2.x / SDXL ControlNets have an original-layout key table; this "
+                                    "config has other extra embeddings, which are not supported")
     public = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
     return _table_cached(json.dumps(public, sort_keys=True))
 
@@ -375,17 +384,23 @@ def _validated(source: TensorSource, expected: dict[str, tuple[int, ...]]) -> di
 class _Layout(enum.Enum):
     ORIGINAL = "original"  # control_model.* names, prefix stripped
     DIFFUSERS = "diffusers"  # a diffusers-named ControlNet saved as a single file
+    # kohya's sdxl_train_control_net.py: the copied U-Net encoder under its original names (input_blocks.*,
+    # label_emb.*, no prefix), the added modules under diffusers' names (controlnet_cond_embedding.*, ...).
+    KOHYA = "kohya"
 
 
-# Tensors from which an original file's config is derived, per key layout (after stripping `control_model.`).
+# Tensors from which an original file's config is derived, per key layout (after stripping `control_model.`), as
+# patterns: the first attention block is input block 1 / down block 0 in SD 1.x / 2.x, input block 4 / down block 1
+# in SDXL (whose first level has none). Any attention block tells the context width and the projection type.
 _PROBES = {
-    _Layout.ORIGINAL: {"conv_in": "input_blocks.0.0.weight", "hint": "input_hint_block.0.weight",
-                       "context": "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-                       "proj_in": "input_blocks.1.1.proj_in.weight"},
-    _Layout.DIFFUSERS: {"conv_in": "conv_in.weight", "hint": "controlnet_cond_embedding.conv_in.weight",
-                        "context": "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
-                        "proj_in": "down_blocks.0.attentions.0.proj_in.weight"},
+    _Layout.ORIGINAL: {"conv_in": r"input_blocks\.0\.0\.weight", "hint": r"input_hint_block\.0\.weight",
+                       "context": r"input_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight",
+                       "proj_in": r"input_blocks\.\d+\.1\.proj_in\.weight"},
+    _Layout.DIFFUSERS: {"conv_in": r"conv_in\.weight", "hint": r"controlnet_cond_embedding\.conv_in\.weight",
+                        "context": r"down_blocks\.\d+\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight",
+                        "proj_in": r"down_blocks\.\d+\.attentions\.0\.proj_in\.weight"},
 }
+_PROBES[_Layout.KOHYA] = dict(_PROBES[_Layout.ORIGINAL], hint=_PROBES[_Layout.DIFFUSERS]["hint"])
 # ControlNet 1.0 files bundle the SD model the ControlNet was trained with; those parts are not the ControlNet.
 _BUNDLED_BASE_PREFIXES = (key_maps.UNET_PREFIX, key_maps.VAE_PREFIX, "cond_stage_model.", "model_ema.")
 
@@ -408,6 +423,8 @@ def _controlnet_part(source: TensorSource) -> tuple[_Layout, dict[str, LazyTenso
             logger.info("%s: the file also holds a Stable Diffusion model (%d tensors, ControlNet 1.0 release "
                         "format); only its control_model.* part is read", path, len(bundled))
         return _Layout.ORIGINAL, prefixed
+    if "controlnet_cond_embedding.conv_in.weight" in tensors and "input_blocks.0.0.weight" in tensors:
+        return _Layout.KOHYA, dict(tensors)
     if "input_hint_block.0.weight" in tensors or "time_embed.0.weight" in tensors:
         return _Layout.ORIGINAL, dict(tensors)
     if "controlnet_cond_embedding.conv_in.weight" in tensors:
@@ -421,12 +438,14 @@ def _controlnet_part(source: TensorSource) -> tuple[_Layout, dict[str, LazyTenso
 
 
 def _probe(tensors: dict[str, LazyTensor], layout: _Layout, what: str, path: Path) -> LazyTensor:
-    name = _PROBES[layout][what]
-    if name not in tensors:
-        shown = CONTROL_PREFIX + name if layout is _Layout.ORIGINAL else name
+    pattern = re.compile(_PROBES[layout][what])
+    names = [k for k in tensors if pattern.fullmatch(k)]
+    if not names:
+        shown = pattern.pattern.replace("\\d+", "N").replace("\\", "")
+        shown = CONTROL_PREFIX + shown if layout is _Layout.ORIGINAL else shown
         raise ControlNetFormatError(
-            f"{path}: tensor {shown!r} missing; the file is not a complete SD 1.x / 2.x ControlNet")
-    return tensors[name]
+            f"{path}: no tensor {shown!r}; the file is not a complete SD 1.x / 2.x / SDXL ControlNet")
+    return tensors[min(names, key=lambda k: [int(n) for n in re.findall(r"\d+", k)])]
 
 
 def _base_unet_for(path: Path, family: ModelFamily | None, base_unet_config: dict | None, context_dim: int,
@@ -470,7 +489,7 @@ def _read_original(path: Path, family: ModelFamily | None, base_unet_config: dic
         if layout is _Layout.DIFFUSERS:
             mapped = _validated(TensorSource(path, tensors, {}, {}), _controlnet_shapes(config))
         else:
-            mapped = _map_original(path, tensors, controlnet_key_table(config))
+            mapped = _map_original(path, tensors, controlnet_key_table(config), layout)
     except Exception:
         source.close()
         raise
@@ -478,28 +497,36 @@ def _read_original(path: Path, family: ModelFamily | None, base_unet_config: dic
     return ControlNetCheckpoint(config, mapped, family, metadata, source=path, _open=[source])
 
 
-def _map_original(path: Path, tensors: dict[str, LazyTensor], table: KeyTable) -> dict[str, LazyTensor]:
+def _file_key(mapping: TensorMapping, layout: _Layout) -> str:
+    """The name of a table entry in a file of `layout` (ORIGINAL or KOHYA), `control_model.` stripped."""
+    if layout is _Layout.KOHYA and mapping.diffusers[0].startswith(CONTROL_ONLY_MODULES):
+        return mapping.diffusers[0]
+    return mapping.original[len(CONTROL_PREFIX):]
+
+
+def _map_original(path: Path, tensors: dict[str, LazyTensor], table: KeyTable, layout: _Layout) -> dict[str, LazyTensor]:
     out: dict[str, LazyTensor] = {}
     missing, wrong = [], []
+    shown = (lambda key: key) if layout is _Layout.KOHYA else (lambda key: CONTROL_PREFIX + key)
     for mapping in table.mappings:
-        key = mapping.original[len(CONTROL_PREFIX):]
+        key = _file_key(mapping, layout)
         lazy = tensors.get(key)
         if lazy is None:
-            missing.append(mapping.original)
+            missing.append(shown(key))
         elif not shape_compatible(lazy.shape, mapping.original_shape):
-            wrong.append(f"{mapping.original}: {tuple(lazy.shape)} (expected {mapping.original_shape})")
+            wrong.append(f"{shown(key)}: {tuple(lazy.shape)} (expected {mapping.original_shape})")
         else:
-            out[mapping.diffusers[0]] = _reshaped(lazy, mapping.diffusers_shapes[0], mapping.original)
+            out[mapping.diffusers[0]] = _reshaped(lazy, mapping.diffusers_shapes[0], key)
     if missing:
         raise ControlNetFormatError(
             f"{path}: {len(missing)} ControlNet tensor(s) missing: {_listing(missing)}. The file "
-            "is incomplete or not an SD 1.x / 2.x ControlNet of this base model.")
+            "is incomplete or not a ControlNet of this base model.")
     if wrong:
         raise ControlNetFormatError(
             f"{path}: {len(wrong)} tensor(s) with the wrong shape: {_listing(wrong, 4)}. The file "
             "does not fit this base model.")
-    known = {m.original[len(CONTROL_PREFIX):] for m in table.mappings}
-    unknown = sorted(CONTROL_PREFIX + k for k in set(tensors) - known)
+    known = {_file_key(m, layout) for m in table.mappings}
+    unknown = sorted(shown(k) for k in set(tensors) - known)
     if unknown:
         raise ControlNetFormatError(
             f"{path}: {len(unknown)} unknown ControlNet tensor(s): {_listing(unknown)}. The file "
@@ -512,17 +539,17 @@ def _map_original(path: Path, tensors: dict[str, LazyTensor], table: KeyTable) -
 
 
 class ControlNetLayout(enum.Enum):
-    ORIGINAL = "original"  # one file, control_model.* keys (WebUI extension, ComfyUI)
+    SINGLE_FILE = "single-file"  # one file, the family's single-file key names (WebUI extension, ComfyUI)
     DIFFUSERS = "diffusers"  # a ControlNetModel folder
 
     @classmethod
     def from_path(cls, path: Path) -> "ControlNetLayout":
         suffix = Path(path).suffix.lower()
         if suffix in ORIGINAL_SUFFIXES:
-            return cls.ORIGINAL
+            return cls.SINGLE_FILE
         if suffix and not Path(path).is_dir():
             raise ValueError(f"{path}: cannot tell the output layout from the suffix {suffix!r}; use .safetensors "
-                             "(original layout; .pth / .ckpt also work, without metadata) or a folder name without "
+                             "(one file; .pth / .ckpt also work, without metadata) or a folder name without "
                              "a suffix (diffusers)")
         return cls.DIFFUSERS
 
@@ -566,13 +593,37 @@ def save_controlnet_original(checkpoint: ControlNetCheckpoint | ControlNetModel,
     (`modelspec.architecture` = "<family>/controlnet"; `metadata` is added last and may set the title), or a
     `.pth` / `.ckpt` state dict (no metadata)."""
     checkpoint = _as_checkpoint(checkpoint, family)
-    dest = Path(dest)
-    if dest.suffix.lower() not in ORIGINAL_SUFFIXES:
-        raise ValueError(f"{dest}: an original-layout ControlNet is written as {' / '.join(ORIGINAL_SUFFIXES)}")
+    return _write_single_file(checkpoint, original_controlnet_tensors(checkpoint, dtype), Path(dest),
+                              family=family, metadata=metadata, progress=progress)
+
+
+def save_controlnet_file(checkpoint: ControlNetCheckpoint | ControlNetModel, dest: str | Path, *,
+                         family: ModelFamily | None = None, dtype: torch.dtype | None = None,
+                         metadata: dict[str, str] | None = None, progress: bool = False) -> Path:
+    """Write one file with the key names the family's users load in WebUI / ComfyUI (`ModelFamily.
+    controlnet_file_keys`): the original layout for SD 1.x / 2.x, diffusers names for SDXL; same metadata and
+    atomicity as `save_controlnet_original`."""
+    checkpoint = _as_checkpoint(checkpoint, family)
+    family = _family_of(checkpoint, family)
+    if family.controlnet_file_keys == "original":
+        return save_controlnet_original(checkpoint, dest, family=family, dtype=dtype, metadata=metadata,
+                                        progress=progress)
+    tensors = {k: _cast(v, dtype) for k, v in checkpoint.tensors.items()}
+    return _write_single_file(checkpoint, tensors, Path(dest), family=family, metadata=metadata, progress=progress)
+
+
+def _family_of(checkpoint: ControlNetCheckpoint, family: ModelFamily | None) -> ModelFamily:
     family = family or checkpoint.family or family_of_config(checkpoint.config)
     if family is None:
         raise ValueError("the base model family of this ControlNet is unknown; pass it (--base_family)")
-    tensors = original_controlnet_tensors(checkpoint, dtype)
+    return family
+
+
+def _write_single_file(checkpoint: ControlNetCheckpoint, tensors: dict[str, LazyTensor], dest: Path, *,
+                       family: ModelFamily | None, metadata: dict[str, str] | None, progress: bool) -> Path:
+    if dest.suffix.lower() not in ORIGINAL_SUFFIXES:
+        raise ValueError(f"{dest}: a single-file ControlNet is written as {' / '.join(ORIGINAL_SUFFIXES)}")
+    family = _family_of(checkpoint, family)
     with _progress(tensors, enabled=progress, desc=f"writing {dest.name}") as counted:
         if dest.suffix.lower() == ".safetensors":
             file_metadata = controlnet_metadata(checkpoint, family, title=dest.stem, extra=metadata)
@@ -619,12 +670,12 @@ def save_controlnet_diffusers(checkpoint: ControlNetCheckpoint | ControlNetModel
 def save_controlnet(checkpoint: ControlNetCheckpoint | ControlNetModel, dest: str | Path, *,
                     family: ModelFamily | None = None, dtype: torch.dtype | None = None,
                     metadata: dict[str, str] | None = None, progress: bool = False) -> Path:
-    """Write in the layout the path asks for: `.safetensors` (or `.pth` / `.ckpt`) = original layout, a folder =
-    diffusers."""
+    """Write in the layout the path asks for: `.safetensors` (or `.pth` / `.ckpt`) = one file with the family's
+    single-file key names (`save_controlnet_file`), a folder = diffusers."""
     checkpoint = _as_checkpoint(checkpoint, family)
-    if ControlNetLayout.from_path(Path(dest)) is ControlNetLayout.ORIGINAL:
-        return save_controlnet_original(checkpoint, dest, family=family, dtype=dtype, metadata=metadata,
-                                        progress=progress)
+    if ControlNetLayout.from_path(Path(dest)) is ControlNetLayout.SINGLE_FILE:
+        return save_controlnet_file(checkpoint, dest, family=family, dtype=dtype, metadata=metadata,
+                                    progress=progress)
     if metadata:
         checkpoint = replace(checkpoint, metadata={**checkpoint.metadata, **metadata})
     return save_controlnet_diffusers(checkpoint, dest, dtype=dtype, progress=progress)

@@ -19,7 +19,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-SAVE_LAYOUTS = ("both", "safetensors", "diffusers")  # --save_model_as: original single file and/or diffusers folder
+SAVE_LAYOUTS = ("both", "safetensors", "diffusers")  # --save_model_as: single file and/or diffusers folder
 
 
 class ControlNetTask:
@@ -58,7 +58,7 @@ class ControlNetTask:
         return paths
 
     def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path:
-        from library.controlnet_checkpoint import save_controlnet_diffusers, save_controlnet_original
+        from library.controlnet_checkpoint import save_controlnet_diffusers, save_controlnet_file
 
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
                         ss_training_finished_at=str(time.time()))
@@ -66,12 +66,29 @@ class ControlNetTask:
         paths = self.model_paths(path_stem)
         for path in paths:
             if path.suffix == ".safetensors":
-                save_controlnet_original(self.controlnet, path, family=self.family, dtype=self.save_dtype,
-                                         metadata=metadata)
+                save_controlnet_file(self.controlnet, path, family=self.family, dtype=self.save_dtype,
+                                     metadata=metadata)
             else:
                 save_controlnet_diffusers(self.controlnet, path, dtype=self.save_dtype)
             logger.info("saved %s", path)
         return paths[0]
+
+
+def controlnet_param_groups(controlnet, *, learning_rate: float, control_net_lr: float | None) -> tuple[list[dict],
+                                                                                                        list[str]]:
+    """The optimizer's parameter groups and their log names. With `--control_net_lr` (kohya's
+    sdxl_train_control_net.py meaning) the modules a ControlNet adds (conditioning-image encoder, zero
+    convolutions) train at that rate and the copied U-Net encoder at `--learning_rate`; without it, all at
+    `--learning_rate`."""
+    from library.controlnet_checkpoint import CONTROL_ONLY_MODULES
+
+    if control_net_lr is None:
+        return [{"params": list(controlnet.parameters()), "lr": learning_rate}], ["controlnet"]
+    added, encoder = [], []
+    for name, param in controlnet.named_parameters():
+        (added if name.startswith(CONTROL_ONLY_MODULES) else encoder).append(param)
+    return ([{"params": added, "lr": control_net_lr}, {"params": encoder, "lr": learning_rate}],
+            ["controlnet", "controlnet_encoder"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,7 +145,8 @@ def grid(images: list[Image.Image]) -> Image.Image:
 
 class ControlNetValidator:
     """Called by the training loop like the sample-image hook: for each validation pair, `num_images` samples
-    with `StableDiffusionControlNetPipeline` at the condition image's aspect (`validation_size`), saved as one grid
+    with the family's ControlNet pipeline (`StableDiffusionControlNetPipeline`, `StableDiffusionXLControlNetPipeline`)
+    at the condition image's aspect (`validation_size`), saved as one grid
     `<output_dir>/validation/<name>_<step>_<idx>.png` and logged to TensorBoard / wandb."""
 
     def __init__(self, pairs: list[ValidationPair], *, models, controlnet, output_dir: Path, output_name: str,
@@ -140,17 +158,12 @@ class ControlNetValidator:
 
     @torch.no_grad()
     def __call__(self, *, epoch: int | None, step: int, run_log=None, trainable=None) -> list[Path]:
-        from diffusers import StableDiffusionControlNetPipeline
-
         from library.atomic_files import atomic_file
         from library.images import load_image
-        from library.sampling import autocast_if_mixed, make_scheduler
+        from library.sampling import autocast_if_mixed, family_pipeline, make_scheduler
 
         m = self.models
-        pipe = StableDiffusionControlNetPipeline(
-            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet, controlnet=self.controlnet,
-            scheduler=make_scheduler(self.sampler, m.prediction_type.value), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        pipe = family_pipeline(m, make_scheduler(self.sampler, m.prediction_type.value), controlnet=self.controlnet)
         pipe.vae.config.scaling_factor = m.family.vae_scale_factor
         pipe.set_progress_bar_config(disable=True)
         was_training = self.controlnet.training
@@ -162,7 +175,7 @@ class ControlNetValidator:
                 width, height = validation_size(condition.size, self.resolution, pipe.vae_scale_factor)
                 condition = condition.resize((width, height), Image.BICUBIC)
                 generator = torch.Generator("cpu").manual_seed(self.seed + index)
-                with autocast_if_mixed(m.unet, self.controlnet, m.vae, m.text_encoder):  # fp32 ControlNet, bf16 rest
+                with autocast_if_mixed(m.unet, self.controlnet, m.vae, *m.text_encoders):  # fp32 ControlNet, bf16 rest
                     images = pipe(pair.prompt, image=condition, num_inference_steps=self.steps, width=width,
                                   height=height, num_images_per_prompt=self.num_images, generator=generator).images
                 row = grid([condition, *images])

@@ -140,6 +140,12 @@ class ModelFamily:
     pipeline_absent: tuple[str, ...] = ("feature_extractor", "image_encoder", "safety_checker")
     pipeline_flags: tuple[tuple[str, bool], ...] = (("requires_safety_checker", False),)
     text_conditioning: TextConditioningKind = TextConditioningKind.HIDDEN_STATES
+    # ControlNets for this family: the diffusers pipeline that runs one (None: no ControlNet support), and the key
+    # names of the single-file ControlNets its users share and load in WebUI / ComfyUI: "original" (lllyasviel's
+    # `control_model.*`, every SD 1.x / 2.x release) or "diffusers" (ControlNetModel's own names, in which every
+    # public SDXL ControlNet ships; both UIs detect them by `controlnet_cond_embedding.conv_in.weight`).
+    controlnet_pipeline_class: str | None = "StableDiffusionControlNetPipeline"
+    controlnet_file_keys: str = "original"
 
     @property
     def is_v2(self) -> bool:
@@ -252,6 +258,7 @@ SDXL = ModelFamily(
     pipeline_class="StableDiffusionXLPipeline", img2img_pipeline_class="StableDiffusionXLImg2ImgPipeline",
     pipeline_absent=("feature_extractor", "image_encoder"),
     pipeline_flags=(("force_zeros_for_empty_prompt", True),), text_conditioning=TextConditioningKind.SDXL,
+    controlnet_pipeline_class="StableDiffusionXLControlNetPipeline", controlnet_file_keys="diffusers",
 )
 SDXL_REFINER = ModelFamily(
     name="sdxl-refiner", arch="sdxl-refiner", text_encoders=(_SDXL_REFINER_TEXT_ENCODER,),
@@ -261,7 +268,7 @@ SDXL_REFINER = ModelFamily(
     pipeline_class="StableDiffusionXLImg2ImgPipeline", img2img_pipeline_class="StableDiffusionXLImg2ImgPipeline",
     pipeline_absent=("feature_extractor", "image_encoder", "text_encoder", "tokenizer"),
     pipeline_flags=(("force_zeros_for_empty_prompt", False), ("requires_aesthetics_score", True)),
-    text_conditioning=TextConditioningKind.SDXL_REFINER,
+    text_conditioning=TextConditioningKind.SDXL_REFINER, controlnet_pipeline_class=None,
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2_512, SD2_768_V, SDXL, SDXL_REFINER)}

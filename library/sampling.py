@@ -360,16 +360,22 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str) -> list:
     return pipe.image_processor.postprocess(pixels, output_type=output_type)
 
 
-def family_pipeline(models, scheduler, *, img2img: bool = False):
-    """The family's diffusers pipeline (txt2img, or img2img) around our models, built from the family record."""
+def family_pipeline(models, scheduler, *, img2img: bool = False, controlnet=None):
+    """The family's diffusers pipeline (txt2img, img2img, or txt2img guided by `controlnet`) around our models,
+    built from the family record."""
     import inspect
 
     import diffusers
 
     family = models.family
-    name = family.img2img_pipeline_class if img2img else family.pipeline_class
+    if controlnet is not None:
+        if img2img or family.controlnet_pipeline_class is None:
+            raise ValueError(f"no ControlNet {'img2img ' if img2img else ''}pipeline for {family.description}")
+        name = family.controlnet_pipeline_class
+    else:
+        name = family.img2img_pipeline_class if img2img else family.pipeline_class
     cls = getattr(diffusers, name)
-    parts = {"unet": models.unet, "vae": models.vae, "scheduler": scheduler,
+    parts = {"unet": models.unet, "vae": models.vae, "scheduler": scheduler, "controlnet": controlnet,
              **{absent: None for absent in family.pipeline_absent}}
     for slot, encoder, tokenizer in zip(family.text_encoders, models.text_encoders, models.tokenizers):
         parts.update({slot.component: encoder, slot.tokenizer: tokenizer})

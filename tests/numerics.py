@@ -162,6 +162,25 @@ def _cache_mixes_images():
     return _patch(LatentCache, "get", get)
 
 
+def _size_ids_of_the_bucket():
+    """Planted: every sample's SDXL size/crop ids say "uncropped, at the bucket's size" (what a trainer that does not
+    carry each image's size and crop would feed the U-Net)."""
+    from library import train_dataset
+    from library.text_conditioning import SizeConditioning
+
+    original = train_dataset.size_conditioning
+
+    def of_the_bucket(plan, flip):
+        target = original(plan, flip).target_size
+        return SizeConditioning(original_size=target, crop_top_left=(0, 0), target_size=target)
+
+    train_dataset.size_conditioning = of_the_bucket
+    return lambda: setattr(train_dataset, "size_conditioning", original)
+
+
+SIZE_IDS_LOST = PlantedBug("SDXL size/crop ids of the bucket, not of the image", _size_ids_of_the_bucket)
+
+
 # What a golden case is there for, when it is not one removable option: the model family (the v-prediction cases),
 # where its captions come from (metadata files), or the latent cache itself (a cache working correctly gives the
 # losses of no cache: removing --cache_latents cannot show that it works).

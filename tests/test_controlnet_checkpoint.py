@@ -12,8 +12,9 @@ import torch
 from library.controlnet_checkpoint import (CONTROL_PREFIX, CONTROLNET_FAMILIES, ControlNetCheckpoint, ControlNetFormatError,
                                            controlnet_checkpoint, controlnet_config_for_family, controlnet_key_table,
                                            load_controlnet, read_controlnet, save_controlnet,
-                                           save_controlnet_diffusers, save_controlnet_original)
-from library.families import FAMILIES, SD1, SD2_512, SD2_768_V, ModelSize
+                                           save_controlnet_diffusers, save_controlnet_file,
+                                           save_controlnet_original)
+from library.families import FAMILIES, SD1, SD2_512, SD2_768_V, SDXL, ModelSize
 from library.safetensors_io import SafetensorsReader, save_tensors
 from library.tensor_files import CheckpointError, LazyTensor
 from tools import convert_controlnet
@@ -40,13 +41,16 @@ def tiny_controlnets():
 
 @pytest.fixture(scope="module")
 def tiny_files(tiny_controlnets, tmp_path_factory):
-    """family name -> {"diffusers": folder, "original": .safetensors} of the tiny ControlNets."""
+    """family name -> {"diffusers": folder, "original": .safetensors, "single": the family's single file
+    (`save_controlnet_file`: the original layout for SD 1.x / 2.x, diffusers names for SDXL)} of the tiny
+    ControlNets."""
     root = tmp_path_factory.mktemp("controlnets")
     files = {}
     for name, model in tiny_controlnets.items():
         checkpoint = controlnet_checkpoint(model, family=FAMILIES[name])
         files[name] = {"diffusers": save_controlnet_diffusers(checkpoint, root / f"{name}_diffusers"),
-                       "original": save_controlnet_original(checkpoint, root / f"{name}.safetensors")}
+                       "original": save_controlnet_original(checkpoint, root / f"{name}.safetensors"),
+                       "single": save_controlnet_file(checkpoint, root / f"{name}_single.safetensors")}
     return files
 
 
@@ -96,12 +100,18 @@ def test_key_table_covers_every_controlnet_key_one_to_one(family_name, size):
 def test_key_table_agrees_with_diffusers_converter(family_name):
     """diffusers' own original -> diffusers converter (fed names instead of tensors, so full size costs nothing)
     sends every original key of our table to the same diffusers key."""
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
 
     config = controlnet_config_for_family(FAMILIES[family_name])
     table = controlnet_key_table(config)
     converted = convert_controlnet_checkpoint({m.original: m.original for m in table.mappings}, config)
-    assert converted == {m.diffusers[0]: m.original for m in table.mappings}
+    ours = {m.diffusers[0]: m.original for m in table.mappings}
+    if FAMILIES[family_name].arch == "sdxl":
+        # diffusers' converter leaves out SDXL's size/crop embedding; its own name table has it (label_emb.0 <->
+        # add_embedding), which our table must match.
+        size_crop = DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"]
+        assert {k: ours.pop(k) for k in size_crop} == {k: CONTROL_PREFIX + v for k, v in size_crop.items()}
+    assert converted == ours
 
 
 def test_key_table_names_follow_the_original_release():
@@ -139,7 +149,7 @@ def test_family_config_is_what_from_unet_builds(family_name):
         unet = UNet2DConditionModel.from_config(family.configs().unet)
         theirs = ControlNetModel.from_unet(unet, load_weights_from_unet=False).config
     assert public(ours) == public(theirs)
-    assert ours["use_linear_projection"] is family.is_v2
+    assert ours["use_linear_projection"] is (family.arch in ("sd2", "sdxl"))
     assert ours["upcast_attention"] is (family is SD2_768_V)
 
 
@@ -184,12 +194,13 @@ def test_original_diffusers_original_is_bit_exact(family_name, dtype, variant, t
 
 
 @pytest.mark.parametrize("family_name", list(CONTROLNET_FAMILIES))
-def test_diffusers_reads_our_original_export(family_name, tiny_controlnets, tiny_files):
-    """diffusers' ControlNetModel.from_single_file (its own converter, offline, config from our folder) loads our
-    original-layout file with tensors identical to the source model."""
+def test_diffusers_reads_our_single_file(family_name, tiny_controlnets, tiny_files):
+    """diffusers' ControlNetModel.from_single_file (its own converter, offline, config from our folder) loads the
+    single file we write for the family with tensors identical to the source model. (SDXL's original layout is
+    not among them: diffusers' converter drops its size/crop embedding.)"""
     from diffusers import ControlNetModel
 
-    loaded = ControlNetModel.from_single_file(str(tiny_files[family_name]["original"]),
+    loaded = ControlNetModel.from_single_file(str(tiny_files[family_name]["single"]),
                                               config=str(tiny_files[family_name]["diffusers"]),
                                               local_files_only=True)
     assert_same(tiny_controlnets[family_name].state_dict(), loaded.state_dict())
@@ -386,3 +397,60 @@ def test_checkpoint_type_is_lazy(tiny_files):
         assert all(isinstance(t, LazyTensor) for t in checkpoint.tensors.values())
         assert checkpoint.config["_class_name"] == "ControlNetModel"
         assert checkpoint.config["conditioning_embedding_out_channels"] == [16, 32, 96, 256]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SDXL: diffusers names in the single file, and the other layouts in circulation
+
+
+def test_sdxl_single_file_has_diffusers_names_and_modelspec(tiny_controlnets, tiny_files):
+    """What the WebUI extension and ComfyUI recognise as an SDXL ControlNet: diffusers' names (both look for
+    `controlnet_cond_embedding.conv_in.weight`), every tensor of the model, with SDXL's modelspec."""
+    with SafetensorsReader(tiny_files["sdxl"]["single"]) as reader:
+        keys, metadata = set(reader.keys()), reader.metadata
+    assert keys == set(tiny_controlnets["sdxl"].state_dict())
+    assert "controlnet_cond_embedding.conv_in.weight" in keys and "add_embedding.linear_1.weight" in keys
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/controlnet"
+    assert_same(file_tensors(tiny_files["sdxl"]["single"]), tiny_controlnets["sdxl"].state_dict())
+
+
+def test_sdxl_is_detected_from_any_layout(tiny_controlnets, tiny_files):
+    """No family given: the SDXL context width (tiny: 80) tells it, in each layout; the original layout keeps the
+    size/crop embedding as `label_emb` (as ComfyUI's loader reads it)."""
+    with SafetensorsReader(tiny_files["sdxl"]["original"]) as reader:
+        assert CONTROL_PREFIX + "label_emb.0.0.weight" in set(reader.keys())
+    for path in tiny_files["sdxl"].values():
+        with read_controlnet(path) as checkpoint:
+            assert checkpoint.family is SDXL
+            assert_same(tiny_controlnets["sdxl"].state_dict(), {k: v.load() for k, v in checkpoint.tensors.items()})
+
+
+def test_kohya_sdxl_controlnet_file_is_read(tiny_controlnets, tiny_files, tmp_path):
+    """kohya's sdxl_train_control_net.py saves the copied U-Net encoder under the original names without prefix
+    (`input_blocks.*`, `label_emb.*`) and the added modules under diffusers' names (`controlnet_down_blocks.*`)."""
+    original = file_tensors(tiny_files["sdxl"]["original"])
+    ours = tiny_controlnets["sdxl"].state_dict()
+    added = {k: v for k, v in ours.items() if k.startswith(("controlnet_cond_embedding.", "controlnet_down_blocks.",
+                                                            "controlnet_mid_block."))}
+    kohya = {k[len(CONTROL_PREFIX):]: v for k, v in original.items()
+             if not k.startswith(tuple(CONTROL_PREFIX + m for m in ("input_hint_block.", "zero_convs.",
+                                                                    "middle_block_out.")))}
+    assert len(kohya) + len(added) == len(ours)
+    save_tensors(tmp_path / "kohya.safetensors", {**kohya, **added})
+    with read_controlnet(tmp_path / "kohya.safetensors", family=SDXL) as checkpoint:
+        assert_same(ours, {k: v.load() for k, v in checkpoint.tensors.items()})
+    del kohya["label_emb.0.2.bias"]
+    save_tensors(tmp_path / "broken.safetensors", {**kohya, **added})
+    with pytest.raises(CheckpointError, match=r"missing: label_emb\.0\.2\.bias"):
+        read_controlnet(tmp_path / "broken.safetensors", family=SDXL)
+
+
+def test_tool_converts_sdxl_controlnets(tiny_files, tiny_controlnets, tmp_path):
+    """SDXL: the original layout (detected, no --base_family needed) -> diffusers folder -> the single file SDXL
+    users share (diffusers' names), every tensor unchanged."""
+    folder, single = tmp_path / "xl_diffusers", tmp_path / "xl.safetensors"
+    assert convert_controlnet.main([str(tiny_files["sdxl"]["original"]), str(folder)]) == 0
+    assert convert_controlnet.main([str(folder), str(single)]) == 0
+    expected = tiny_controlnets["sdxl"].state_dict()
+    assert_same(expected, file_tensors(folder / "diffusion_pytorch_model.safetensors"))
+    assert_same(expected, file_tensors(single))

@@ -95,6 +95,9 @@ EXPECTED = {
     "  --output_name shapes_canny --resolution 64 --learning_rate 1e-5 --max_train_steps 4 --train_batch_size 2 \\": [
         "out/edges/000.png", "out/controlnet/shapes_canny.safetensors", "out/controlnet/shapes_canny_diffusers/*",
         "out/controlnet/shapes_canny-step00000002.safetensors", "out/controlnet/validation/*.png"],
+    "  --cache_latents --cache_text_encoder_outputs --validation_image out/edges/000.png \\": [
+        "out/controlnet_xl/shapes_canny_xl.safetensors", "out/controlnet_xl/shapes_canny_xl_diffusers/*",
+        "out/controlnet_xl/validation/*.png"],
     "  --max_train_steps 4 --train_batch_size 2 --save_model_as safetensors": ["out/ti/shapetok.safetensors"],
     "  --max_train_steps 4 --train_batch_size 2 --cache_latents --no_half_vae --save_model_as safetensors": [
         "out/ti_xl/shapetok_xl.safetensors"],
@@ -114,6 +117,8 @@ EXPECTED = {
         "meta_lat.json", "output/my_style.safetensors"],
     "  --checkpointing_steps 5000 --checkpoints_total_limit 2 --report_to tensorboard --logging_dir logs": [
         "edges/img001.png", "output/dog_canny.safetensors", "output/dog_canny_diffusers/*"],
+    "  --validation_prompt \"sks dog in a garden\" --validation_steps 1000 --checkpointing_steps 5000": [
+        "output/dog_canny_xl.safetensors", "output/dog_canny_xl_diffusers/*"],
     "  --mixed_precision bf16 --cache_latents --save_every_n_steps 500 --save_model_as safetensors": [
         "output/mychar.safetensors"],
     "  --pivotal_token mychar --pivotal_init_word girl --pivotal_num_vectors 2 --pivotal_lr 5e-3 --pivotal_steps 300": [

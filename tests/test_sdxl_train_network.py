@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from library.safetensors_io import SafetensorsReader
-from tests.numerics import (CAPTIONS_LOST, FP32_OUTPUT_REL, PlantedBug, assert_outputs_close, check_golden_losses, golden_case_args,
+from tests.numerics import (CAPTIONS_LOST, FP32_OUTPUT_REL, SIZE_IDS_LOST, assert_outputs_close, check_golden_losses, golden_case_args,
                             relative_deviation)
 from tests.recipe_helpers import logged_losses, one_and_two_processes, run_script
 
@@ -58,23 +58,6 @@ def logged_scalars(log_root: Path, tag: str) -> list[float]:
     return [e.value for e in events.Scalars(tag)]
 
 
-def _size_ids_of_the_bucket():
-    """Planted: every sample's SDXL size/crop ids say "uncropped, at the bucket's size" (what a trainer that does not
-    carry each image's size and crop would feed the U-Net)."""
-    from library import train_dataset
-    from library.text_conditioning import SizeConditioning
-
-    original = train_dataset.size_conditioning
-
-    def of_the_bucket(plan, flip):
-        target = original(plan, flip).target_size
-        return SizeConditioning(original_size=target, crop_top_left=(0, 0), target_size=target)
-
-    train_dataset.size_conditioning = of_the_bucket
-    return lambda: setattr(train_dataset, "size_conditioning", original)
-
-
-SIZE_IDS_LOST = PlantedBug("SDXL size/crop ids of the bucket, not of the image", _size_ids_of_the_bucket)
 
 CASES = {
     "sdxl_cached_two_te_lrs": ["--cache_latents", "--text_encoder_lr", "1e-3", "5e-4", "--max_train_steps", "4"],

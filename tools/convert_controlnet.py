@@ -1,11 +1,12 @@
-"""Convert an SD 1.x / 2.x ControlNet between the original single-file layout (lllyasviel's release, as the WebUI
-ControlNet extension and ComfyUI load it) and a diffusers ControlNetModel folder, or change its precision.
+"""Convert an SD 1.x / 2.x / SDXL ControlNet between the single file WebUI's ControlNet extension and ComfyUI load
+and a diffusers ControlNetModel folder, or change its precision.
 
     python tools/convert_controlnet.py control_v11p_sd15_canny.safetensors canny_diffusers --base_family sd1
     python tools/convert_controlnet.py canny_diffusers canny.safetensors --save_precision fp16
 
-The output layout follows the output path: `.safetensors` = original layout (`control_model.*` keys, modelspec
-metadata; `.pth` / `.ckpt` also work, without metadata), a folder = diffusers. An original file does not record
+The output layout follows the output path: `.safetensors` = one file (modelspec metadata; `.pth` / `.ckpt` also
+work, without metadata) with the key names that family's files use (SD 1.x / 2.x: lllyasviel's original
+`control_model.*` layout; SDXL: diffusers names, as every public SDXL ControlNet), a folder = diffusers. An original file does not record
 its config: it is derived from the base model (`--base_family`, or `--base_model` to take the base's own U-Net
 config) and checked against the file's shapes.
 SD 1.x is detected without either; SD 2.x needs to be told base (512) or 768-v. Inputs: original `.safetensors`
@@ -48,7 +49,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         "files you trust")
     p.add_argument("input", help="original .safetensors/.pth/.ckpt ControlNet, or a diffusers ControlNet folder")
     p.add_argument("output",
-                   help="output: .safetensors (original layout; .pth/.ckpt without metadata) or a folder (diffusers)")
+                   help="output: .safetensors (one file; .pth/.ckpt without metadata) or a folder (diffusers)")
     return p
 
 
@@ -63,7 +64,7 @@ def convert(args: argparse.Namespace) -> Path:
     base_unet_config = None
     if args.base_model:
         with read_checkpoint(args.base_model, allow_unsafe_pickle=args.allow_unsafe_pickle) as base:
-            require_arch(base, "convert_controlnet.py")
+            require_arch(base, "convert_controlnet.py", tuple(sorted({f.arch for f in CONTROLNET_FAMILIES.values()})))
             family, base_unet_config = base.family, base.configs.unet
         logger.info("base model %s: %s", args.base_model, family.description)
     with read_controlnet(source, family=family, base_unet_config=base_unet_config,
