@@ -51,6 +51,10 @@ def add_full_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fused_backward_pass", action="store_true",
                    help="step the optimizer inside the backward pass, parameter by parameter (no full gradient "
                         "copy of the model in memory); needs --gradient_accumulation_steps 1 and one process")
+    g.add_argument(train_args.FUSED_OPTIMIZER_GROUPS_FLAG, type=int, default=None, metavar="N",
+                   help="kohya's variant: step the optimizer inside the backward pass in N shares of the parameters, "
+                        "each as soon as its gradients are ready (about 1/N of the gradients in memory; "
+                        "--max_grad_norm clips each share by its own norm); same conditions")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,16 @@ class FullModelRecipe:
     pad_captions_to_longest: bool = False  # train_db --no_token_padding
     # Work with the loaded base models before the dataset is scanned (train_db: generate missing class images).
     before_data: Callable[[SDModels, "setup.RunStart"], None] | None = None
+
+
+def fused_step_flag(args: argparse.Namespace) -> str | None:
+    """The flag asking for the optimizer step inside backward, if any (kohya's two variants exclude each other)."""
+    if args.fused_backward_pass and args.fused_optimizer_groups:
+        raise SystemExit("error: --fused_backward_pass (a step per parameter) and --fused_optimizer_groups (a step per "
+                         "share of the parameters) are two ways of doing the same; give one")
+    if args.fused_optimizer_groups is not None:
+        return train_args.FUSED_OPTIMIZER_GROUPS_FLAG
+    return "--fused_backward_pass" if args.fused_backward_pass else None
 
 
 def save_format(args: argparse.Namespace) -> SaveFormat:
@@ -287,6 +301,8 @@ def run_fingerprint(args, recipe: FullModelRecipe, family, dataset: TrainingData
             "train_text_encoder": recipe.train_text_encoder, "stop_text_encoder_at": recipe.stop_text_encoder_at,
             "optimizer_type": args.optimizer_type or "AdamW", "learning_rate": args.learning_rate,
             "use_ema": args.use_ema, "fused_backward_pass": args.fused_backward_pass,
+            # Only where given: states saved without it keep their fingerprint (the share size sets the clipping).
+            **({"fused_optimizer_groups": args.fused_optimizer_groups} if args.fused_optimizer_groups else {}),
             # Only where they exist (sdxl_train), so states of the SD 1.x / 2.x trainers keep their fingerprint.
             **({"text_encoder_lrs": list(recipe.text_encoder_lrs)} if len(recipe.text_encoder_lrs) > 1 else {}),
             **({"block_lr": list(recipe.unet_block_lrs)} if recipe.unet_block_lrs is not None else {})}
@@ -302,13 +318,15 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
-    if args.fused_backward_pass:  # checked before the models load (it depends on the process count)
+    fused = fused_step_flag(args)
+    if fused:  # checked before the models load (it depends on the process count)
         from library.fused_backward import check_fused_backward_pass
 
         try:
             check_fused_backward_pass(start.optimizer.optimizer_type,
                                       gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                      num_processes=accelerator.num_processes, mixed_precision=args.mixed_precision)
+                                      num_processes=accelerator.num_processes, mixed_precision=args.mixed_precision,
+                                      flag=fused)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     with checkpoint:
@@ -371,17 +389,18 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
 
     # Optimizer
     max_grad_norm = None
-    if args.fused_backward_pass:
+    if fused:
         from library.fused_backward import FusedBackwardOptimizer
         from library.optimizers import build_scheduler
 
         try:
             optimizer = FusedBackwardOptimizer(start.optimizer, param_groups,
-                                               max_grad_norm=start.optimizer.max_grad_norm)
+                                               max_grad_norm=start.optimizer.max_grad_norm,
+                                               groups=args.fused_optimizer_groups)
             lr_scheduler = build_scheduler(start.optimizer, optimizer, max_train_steps)
         except (ValueError, TypeError) as e:
             raise SystemExit(f"error: --optimizer_type {start.optimizer.optimizer_type}: {e}") from None
-        max_grad_norm = 0.0  # clipped per parameter inside the backward pass
+        max_grad_norm = 0.0  # clipped per parameter (or share) inside the backward pass
     else:
         optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
                                                            accelerator)

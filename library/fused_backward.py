@@ -1,8 +1,11 @@
-"""The optimizer step fused into the backward pass (`--fused_backward_pass`).
+"""The optimizer step fused into the backward pass (`--fused_backward_pass`, `--fused_optimizer_groups N`).
 
 Each trained parameter is stepped, and its gradient freed, in a `register_post_accumulate_grad_hook` as soon as
 backward has finished its gradient, so the gradients of the whole model never exist at once: for full U-Net training
-that saves up to a full fp32 copy of the model (3.4 GB for SD 1.5, 10 GB for SDXL).
+that saves up to a full fp32 copy of the model (3.4 GB for SD 1.5, 10 GB for SDXL). With kohya's
+`--fused_optimizer_groups N` the parameters are stepped in N shares instead (consecutive parameters, a share never
+spanning two param groups), each as soon as all its gradients are ready: at most about a share's gradients exist at
+once, with N optimizer steps per backward instead of one per parameter.
 
 How others do it, and what is taken from each:
 - kohya-ss/sd-scripts patches transformers' Adafactor with a `step_param(p, group)` copy of its step and calls it
@@ -21,9 +24,9 @@ How others do it, and what is taken from each:
 Learning rates: the loop runs backward (hooks step with the current lr), then `optimizer.step()` (no-op), then
 `lr_scheduler.step()`: every step uses the same lr as the unfused optimizer would.
 
-Gradient clipping (`--max_grad_norm`) is **per parameter**, as kohya's: each parameter's gradient is scaled down to
-norm `max_grad_norm` by its own norm, not by the norm of all gradients together (which would need all gradients
-at once). Set the loop's own `max_grad_norm` to 0 (there are no gradients left for it to clip).
+Gradient clipping (`--max_grad_norm`) is **per parameter** (per share with --fused_optimizer_groups), as kohya's:
+each parameter's (share's) gradient is scaled down to norm `max_grad_norm` by its own norm, not by the norm of all
+gradients together (which would need all gradients at once). Set the loop's own `max_grad_norm` to 0 (there are no gradients left for it to clip).
 
 Not supported (refused by `check_fused_backward_pass` / the constructor, with the flag names):
 - optimizers whose step needs all parameters together (Prodigy, DAdaptation: one step size estimated from all
@@ -39,6 +42,8 @@ checkpointing, diffusers' default, is fine).
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +51,7 @@ from library.optimizers import OptimizerConfig, build_optimizer, optimizer_class
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FusedBackwardOptimizer", "check_fused_backward_pass"]
+__all__ = ["FUSED_BACKWARD_PASS", "FUSED_OPTIMIZER_GROUPS", "FusedBackwardOptimizer", "check_fused_backward_pass"]
 
 # Top-level package of the optimizer class -> why its step cannot be split per parameter.
 _GLOBAL_STATE_PACKAGES = {
@@ -60,7 +65,7 @@ _GLOBAL_STATE_CLASSES = {torch.optim.LBFGS: "LBFGS re-evaluates the whole model 
 _PER_PARAMETER_PACKAGES = ("torch", "transformers", "bitsandbytes", "lion_pytorch")
 
 
-def _refusal(optimizer_type: str) -> str | None:
+def _refusal(optimizer_type: str, flag: str) -> str | None:
     """Why this optimizer cannot be fused, or None. By name first (so the refusal does not depend on the optimizer's
     package being installed), then by class (for `module.Class` paths)."""
     name = optimizer_type.lower()
@@ -75,29 +80,32 @@ def _refusal(optimizer_type: str) -> str | None:
         reason = _GLOBAL_STATE_CLASSES.get(cls) or _GLOBAL_STATE_PACKAGES.get(cls.__module__.split(".")[0])
     if reason is None:
         return None
-    return (f"--fused_backward_pass does not work with --optimizer_type {optimizer_type}: {reason}, and the fused "
-            "step updates each parameter alone as soon as its gradient is ready. Use a per-parameter optimizer "
-            "(AdamW, AdamW8bit, Adafactor, Lion, SGDNesterov) or train without --fused_backward_pass.")
+    return (f"{flag} does not work with --optimizer_type {optimizer_type}: {reason}, and the fused step updates "
+            "each parameter (or share of them) alone as soon as its gradients are ready. Use a per-parameter "
+            f"optimizer (AdamW, AdamW8bit, Adafactor, Lion, SGDNesterov) or train without {flag}.")
+
+
+FUSED_BACKWARD_PASS, FUSED_OPTIMIZER_GROUPS = "--fused_backward_pass", "--fused_optimizer_groups"
 
 
 def check_fused_backward_pass(optimizer_type: str, *, gradient_accumulation_steps: int = 1, num_processes: int = 1,
-                              mixed_precision: str = "no") -> None:
-    """Raise ValueError (naming the flags) if `--fused_backward_pass` cannot work with these settings. Cheap: call
-    it where the command line is validated."""
-    message = _refusal(optimizer_type)
+                              mixed_precision: str = "no", flag: str = FUSED_BACKWARD_PASS) -> None:
+    """Raise ValueError (naming the flags) if a fused step (`flag`: --fused_backward_pass or
+    --fused_optimizer_groups) cannot work with these settings. Cheap: call it where the command line is
+    validated."""
+    message = _refusal(optimizer_type, flag)
     if message:
         raise ValueError(message)
     if gradient_accumulation_steps > 1:
-        raise ValueError(f"--fused_backward_pass does not work with --gradient_accumulation_steps "
+        raise ValueError(f"{flag} does not work with --gradient_accumulation_steps "
                          f"{gradient_accumulation_steps}: each backward pass steps the optimizer. Use 1 (raise "
-                         "--train_batch_size instead) or train without --fused_backward_pass.")
+                         f"--train_batch_size instead) or train without {flag}.")
     if num_processes > 1:
-        raise ValueError(f"--fused_backward_pass does not work with {num_processes} processes: each parameter would "
-                         "be stepped before its gradient is averaged across processes. Train on one process or "
-                         "without --fused_backward_pass.")
+        raise ValueError(f"{flag} does not work with {num_processes} processes: each parameter would be stepped "
+                         f"before its gradient is averaged across processes. Train on one process or without {flag}.")
     if mixed_precision == "fp16":
-        raise ValueError("--fused_backward_pass does not work with --mixed_precision fp16: loss scaling must see all "
-                         "gradients before any step. Use --mixed_precision bf16 or no.")
+        raise ValueError(f"{flag} does not work with --mixed_precision fp16: loss scaling must see all gradients "
+                         "before any step. Use --mixed_precision bf16 or no.")
 
 
 def _as_groups(param_groups) -> list[dict]:
@@ -109,56 +117,89 @@ def _as_groups(param_groups) -> list[dict]:
     return [{**group, "params": list(group["params"])} for group in groups]
 
 
-class FusedBackwardOptimizer(torch.optim.Optimizer):
-    """The optimizer `build_optimizer(config, param_groups)` would build, stepped inside backward, one parameter at
-    a time (module docstring). Hooks are registered on construction; `remove_hooks()` takes them off (the
-    parameters then simply accumulate gradients again, and `step()` still does nothing).
+@dataclass(eq=False)
+class _Chunk:
+    """Consecutive parameters of one param group, stepped together by their own optimizer once all their gradients
+    are ready (one parameter with --fused_backward_pass, a share of the model with --fused_optimizer_groups)."""
 
-    `max_grad_norm`: None = `config.max_grad_norm`; 0 disables the (per-parameter) clipping.
+    params: list[torch.nn.Parameter]
+    group: int  # index into the param groups the schedulers see
+    first: int  # position of params[0] in the unfused optimizer's state layout
+    optimizer: torch.optim.Optimizer
+    needed: int = 0  # parameters that get a gradient in this backward (counted when the first one is ready)
+    ready: int = 0
+
+
+class FusedBackwardOptimizer(torch.optim.Optimizer):
+    """The optimizer `build_optimizer(config, param_groups)` would build, stepped inside backward (module
+    docstring): parameter by parameter (`groups` None: --fused_backward_pass), or in `groups` shares of the
+    parameters, each stepped as soon as all its gradients are ready (kohya's --fused_optimizer_groups: a share
+    never spans two param groups, so a run with several learning rates gets a few more shares). Hooks are
+    registered on construction; `remove_hooks()` takes them off (the parameters then simply accumulate gradients
+    again, and `step()` steps whatever a backward left).
+
+    `max_grad_norm`: None = `config.max_grad_norm`; 0 disables the clipping (by each share's own norm).
     """
 
-    def __init__(self, config: OptimizerConfig, param_groups, *, max_grad_norm: float | None = None):
-        groups = _as_groups(param_groups)
-        message = _refusal(config.optimizer_type)
+    def __init__(self, config: OptimizerConfig, param_groups, *, max_grad_norm: float | None = None,
+                 groups: int | None = None):
+        user_groups = _as_groups(param_groups)
+        message = _refusal(config.optimizer_type, FUSED_BACKWARD_PASS if groups is None else FUSED_OPTIMIZER_GROUPS)
         if message:
             raise ValueError(message)
+        if groups is not None and groups < 1:
+            raise ValueError(f"--fused_optimizer_groups {groups}: give a number of groups of 1 or more")
         cls, _ = optimizer_class(config.optimizer_type)
         if cls.__module__.split(".")[0] not in _PER_PARAMETER_PACKAGES:
-            logger.warning("--fused_backward_pass with --optimizer_type %s (%s.%s): assuming its update of each "
+            logger.warning("a fused optimizer step with --optimizer_type %s (%s.%s): assuming its update of each "
                            "parameter depends only on that parameter's gradient and state", config.optimizer_type,
                            cls.__module__, cls.__qualname__)
         # The optimizer the unfused run would build gives the complete param groups (every default filled in), so
         # the schedulers see the same groups; it is never stepped and holds no state.
-        template = build_optimizer(config, groups)
+        template = build_optimizer(config, user_groups)
         super().__init__([dict(group) for group in template.param_groups], dict(template.defaults))
         del template
         self.max_grad_norm = config.max_grad_norm if max_grad_norm is None else max_grad_norm
-        # One optimizer per parameter, built exactly as the unfused one (same class, same keyword arguments, the
+        total = sum(len(group["params"]) for group in self.param_groups)
+        size = 1 if groups is None else math.ceil(total / groups)
+        # Each chunk's optimizer is built exactly as the unfused one (same class, same keyword arguments, the
         # group's own values), so each parameter gets the same arithmetic and state as in the unfused step.
-        # (parameter, index of its group, its own optimizer)
-        self._inner: list[tuple[torch.nn.Parameter, int, torch.optim.Optimizer]] = []
-        for g, (user_group, group) in enumerate(zip(groups, self.param_groups)):  # torch keeps the groups' order
+        self._chunks: list[_Chunk] = []
+        first = 0
+        for g, (user_group, group) in enumerate(zip(user_groups, self.param_groups)):  # torch keeps the order
             extra = {k: v for k, v in user_group.items() if k != "params"}
-            for param in group["params"]:
-                self._inner.append((param, g, build_optimizer(config, [{**extra, "params": [param]}])))
-        self._handles = []
-        for param, g, inner in self._inner:
-            if param.requires_grad:
-                self._handles.append(param.register_post_accumulate_grad_hook(self._hook(g, inner)))
+            params = group["params"]
+            for start in range(0, len(params), size):
+                chunk = params[start:start + size]
+                self._chunks.append(_Chunk(chunk, g, first + start, build_optimizer(config, [{**extra,
+                                                                                              "params": chunk}])))
+            first += len(params)
+        self._handles = [param.register_post_accumulate_grad_hook(self._hook(chunk))
+                         for chunk in self._chunks for param in chunk.params if param.requires_grad]
 
-    def _hook(self, group_index: int, inner: torch.optim.Optimizer):
-        def step_parameter(param: torch.Tensor) -> None:
-            if self.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(param, self.max_grad_norm)  # this parameter's own norm (kohya)
-            # Both groups are looked up at each step: load_state_dict (torch's, accelerate's) may replace the dicts.
-            inner_group = inner.param_groups[0]
-            for key, value in self.param_groups[group_index].items():  # the scheduler's lr (and any other value)
-                if key != "params":
-                    inner_group[key] = value
-            inner.step()
+    def _hook(self, chunk: _Chunk):
+        def gradient_ready(param: torch.Tensor) -> None:
+            if chunk.ready == 0:  # the first of this backward: which parameters are trained now (a --pivotal_steps
+                chunk.needed = sum(p.requires_grad for p in chunk.params)  # word may have been frozen since)
+            chunk.ready += 1
+            if chunk.ready >= chunk.needed:
+                self._step_chunk(chunk)
+
+        return gradient_ready
+
+    def _step_chunk(self, chunk: _Chunk) -> None:
+        with_grad = [p for p in chunk.params if p.grad is not None]
+        if with_grad and self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm)  # this chunk's own norm (kohya)
+        # Both groups are looked up at each step: load_state_dict (torch's, accelerate's) may replace the dicts.
+        inner_group = chunk.optimizer.param_groups[0]
+        for key, value in self.param_groups[chunk.group].items():  # the scheduler's lr (and any other value)
+            if key != "params":
+                inner_group[key] = value
+        chunk.optimizer.step()
+        for param in chunk.params:
             param.grad = None
-
-        return step_parameter
+        chunk.ready = 0
 
     @property
     def hooks_attached(self) -> bool:
@@ -172,30 +213,37 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
     # The loop's calls: the work was done during backward.
 
     def step(self, closure=None):
-        """No-op (each parameter was stepped during backward). A closure is evaluated (its backward steps)."""
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
+        """Steps only what a backward left waiting: a share some of whose parameters got no gradient (unused in
+        this forward), or gradients accumulated without the hooks; otherwise a no-op (everything was stepped during
+        backward). A closure is evaluated first (its backward steps)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for chunk in self._chunks:
+            if chunk.ready or (not self._handles and any(p.grad is not None for p in chunk.params)):
+                self._step_chunk(chunk)
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing to do after a fused backward (gradients are freed as they are used); clears any gradient left
         by a backward that ran without the hooks."""
-        for param, _, _ in self._inner:
-            if param.grad is not None:
-                if set_to_none:
-                    param.grad = None
-                else:
-                    param.grad.detach_().zero_()
+        for chunk in self._chunks:
+            chunk.ready = 0
+            for param in chunk.params:
+                if param.grad is not None:
+                    if set_to_none:
+                        param.grad = None
+                    else:
+                        param.grad.detach_().zero_()
 
     # Exact resume, in the unfused optimizer's format.
 
     def state_dict(self) -> dict:
         state = {}
-        for index, (_, _, inner) in enumerate(self._inner):
-            inner_state = inner.state_dict()["state"]
-            if 0 in inner_state:
-                state[index] = inner_state[0]
+        for chunk in self._chunks:
+            for position, values in chunk.optimizer.state_dict()["state"].items():
+                state[chunk.first + position] = values
         groups, start = [], 0
         for group in self.param_groups:
             count = len(group["params"])
@@ -212,11 +260,10 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
                              f"({[len(g['params']) for g in self.param_groups]})")
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
-        index = 0
-        for group, saved in zip(self.param_groups, saved_groups):
-            values = {k: v for k, v in group.items() if k != "params"}
-            for position in saved["params"]:
-                _, _, inner = self._inner[index]
-                one = {0: saved_state[position]} if position in saved_state else {}
-                inner.load_state_dict({"state": one, "param_groups": [{**values, "params": [0]}]})
-                index += 1
+        positions = [position for saved in saved_groups for position in saved["params"]]  # ours, in order -> theirs
+        for chunk in self._chunks:
+            values = {k: v for k, v in self.param_groups[chunk.group].items() if k != "params"}
+            mine = {j: saved_state[positions[chunk.first + j]] for j in range(len(chunk.params))
+                    if positions[chunk.first + j] in saved_state}
+            chunk.optimizer.load_state_dict({"state": mine,
+                                             "param_groups": [{**values, "params": list(range(len(chunk.params)))}]})

@@ -220,6 +220,7 @@ def refuse_not_yet_implemented(args: argparse.Namespace, parser: argparse.Argume
 
 
 TEXT_ENCODER_CACHE_FLAG = "--cache_text_encoder_outputs"
+FUSED_OPTIMIZER_GROUPS_FLAG = "--fused_optimizer_groups"  # the full-model trainers implement it
 
 
 def add_text_encoder_cache_arguments(p: argparse.ArgumentParser) -> None:

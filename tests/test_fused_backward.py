@@ -320,3 +320,89 @@ def test_incompatible_settings_are_refused(kwargs, flag):
     with pytest.raises(ValueError, match="--fused_backward_pass") as error:
         check_fused_backward_pass("AdamW", **kwargs)
     assert flag in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --fused_optimizer_groups: the same step in shares of the parameters
+
+
+@pytest.mark.parametrize("groups", [1, 3, 100])
+@pytest.mark.parametrize("name", ["AdamW", "Adafactor", "AdamW8bit"])
+def test_groups_equal_unfused_on_mlp(name, groups):
+    """Shares (one share of everything, three, more shares than parameters) step exactly as the unfused optimizer;
+    the state keeps the unfused format."""
+    config = _config(name, max_grad_norm=0.0)
+    model = _mlp()
+    optimizer = build_optimizer(config, _groups(model, config))
+    unfused = _train(model, optimizer, build_scheduler(config, optimizer, STEPS), range(STEPS), _mlp_loss)
+
+    fused_model = _mlp()
+    fused_optimizer = FusedBackwardOptimizer(config, _groups(fused_model, config), groups=groups)
+    # A share never spans the two param groups (2 and 4 parameters): ceil(6 / 3) = 2 per share -> 1 + 2 shares.
+    expected_shares = {1: 2, 3: 3, 100: 6}[groups]
+    assert len(fused_optimizer._chunks) == expected_shares
+    fused = _train(fused_model, fused_optimizer, build_scheduler(config, fused_optimizer, STEPS), range(STEPS),
+                   _mlp_loss)
+    _assert_same_history(unfused, fused)
+    _assert_same_state(optimizer.state_dict(), fused_optimizer.state_dict())
+
+
+def test_groups_clip_each_share_by_its_own_norm():
+    """max_grad_norm with shares: each share's gradients are scaled by that share's norm (kohya's
+    --fused_optimizer_groups), which differs from per-parameter and from global clipping."""
+    config = _config("SGDNesterov", max_grad_norm=0.05)
+    model = _mlp()
+    optimizer = build_optimizer(config, _groups(model, config))
+    _mlp_loss(model, 0).backward()
+    shares = [list(model[0].parameters()), [model[2].weight, model[2].bias], [model[4].weight, model[4].bias]]
+    for share in shares:
+        torch.nn.utils.clip_grad_norm_(share, 0.05)
+    optimizer.step()
+
+    fused_model = _mlp()
+    FusedBackwardOptimizer(config, _groups(fused_model, config), groups=3)
+    _mlp_loss(fused_model, 0).backward()
+    assert all(p.grad is None for p in fused_model.parameters())  # every share stepped, gradients freed
+    for a, b in zip(model.parameters(), fused_model.parameters()):
+        assert torch.equal(a, b)
+
+    per_parameter = _mlp()
+    FusedBackwardOptimizer(config, _groups(per_parameter, config))
+    _mlp_loss(per_parameter, 0).backward()
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), per_parameter.parameters()))
+
+
+def test_a_share_with_an_unused_parameter_is_stepped_by_step():
+    """A parameter that gets no gradient in a forward (unused, or frozen since: --pivotal_steps) leaves its share
+    waiting after backward; the loop's optimizer.step() steps it, as the unfused optimizer would."""
+    config = _config("AdamW", max_grad_norm=0.0)
+
+    def loss_without_last_bias(model, step):
+        generator = torch.Generator().manual_seed(step)
+        x = torch.randn(16, 8, generator=generator)
+        hidden = model[3](model[2](model[1](model[0](x))))
+        return (torch.nn.functional.linear(hidden, model[4].weight) ** 2).mean()
+
+    model = _mlp()
+    optimizer = build_optimizer(config, _groups(model, config))
+    unfused = _train(model, optimizer, build_scheduler(config, optimizer, STEPS), range(STEPS), loss_without_last_bias)
+
+    fused_model = _mlp()
+    fused_optimizer = FusedBackwardOptimizer(config, _groups(fused_model, config), groups=3)
+    loss_without_last_bias(fused_model, 0).backward()
+    assert fused_model[4].weight.grad is not None  # its share (with the unused bias) waits for step()
+    fused_optimizer.zero_grad()
+    fused_model = _mlp()
+    fused_optimizer = FusedBackwardOptimizer(config, _groups(fused_model, config), groups=3)
+    fused = _train(fused_model, fused_optimizer, build_scheduler(config, fused_optimizer, STEPS), range(STEPS),
+                   loss_without_last_bias)
+    _assert_same_history(unfused, fused)
+
+
+def test_groups_refusals_name_their_flag():
+    with pytest.raises(ValueError, match="--fused_optimizer_groups does not work with --optimizer_type Prodigy"):
+        FusedBackwardOptimizer(_config("Prodigy"), list(_mlp().parameters()), groups=2)
+    with pytest.raises(ValueError, match="--fused_optimizer_groups 0"):
+        FusedBackwardOptimizer(_config("AdamW"), list(_mlp().parameters()), groups=0)
+    with pytest.raises(ValueError, match="--fused_optimizer_groups does not work with --gradient_accumulation_steps"):
+        check_fused_backward_pass("AdamW", gradient_accumulation_steps=2, flag="--fused_optimizer_groups")

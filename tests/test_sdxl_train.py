@@ -168,9 +168,26 @@ def expect_error(argv: list[str], *needles: str, script: str = "sdxl_train") -> 
     ("sdxl_train", "sd1.safetensors", [], ["SD 1.x", "sdxl_train.py handles SDXL base models: use train_db.py"]),
     ("train_db", "sdxl.safetensors", [], ["SDXL base", "train_db.py handles SD 1.x / SD 2.x models: use sdxl_train.py"]),
     ("fine_tune", "sdxl.safetensors", [], ["fine_tune.py handles SD 1.x / SD 2.x models: use sdxl_train.py"]),
+    ("sdxl_train", "sdxl.safetensors", ["--fused_backward_pass", "--fused_optimizer_groups", "2"],
+     ["--fused_backward_pass", "--fused_optimizer_groups", "give one"]),
+    ("sdxl_train", "sdxl.safetensors", ["--fused_optimizer_groups", "2", "--gradient_accumulation_steps", "2"],
+     ["--fused_optimizer_groups does not work with --gradient_accumulation_steps 2"]),
 ])
 def test_bad_input_is_named(workspace, script, model, flags, needles):
     out = workspace / "refused"
     expect_error(base_args(workspace, "refused", model=model) + ["--max_train_steps", "1"] + flags, *needles,
                  script=script)
     assert not list(out.glob("*.safetensors"))
+
+
+def test_fused_optimizer_groups_equal_the_normal_step(workspace):
+    """kohya's --fused_optimizer_groups: the U-Net and both text encoders (three learning rates) stepped in shares
+    during backward give exactly the weights and losses of the normal step (clipping off, where the two agree)."""
+    root = workspace
+    extra = ["--optimizer_type", "AdamW", "--max_train_steps", "3", "--max_grad_norm", "0", "--train_text_encoder",
+             "--learning_rate_te1", "2e-5", "--learning_rate_te2", "3e-5"]
+    run(base_args(root, "unfused") + extra)
+    run(base_args(root, "groups") + extra + ["--fused_optimizer_groups", "4"])
+    a, b = file_tensors(root / "unfused" / "model.safetensors"), file_tensors(root / "groups" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(root / "unfused" / "logs") == logged_losses(root / "groups" / "logs")
