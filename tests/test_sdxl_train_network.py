@@ -112,6 +112,44 @@ def test_resume_reproduces_the_uninterrupted_run(workspace):
     assert logged_losses(out / "logs") == logged_losses(root / "straight" / "logs")
 
 
+def test_kill_9_between_saves_then_resume_gives_the_uninterrupted_run(workspace):
+    """A real `kill -9` of a running sdxl_train_network.py (a subprocess), as soon as its step-2 state is on disk:
+    resuming from the newest complete state (what `--resume_from_checkpoint latest` picks) ends with the LoRA and
+    the losses of the run that was never interrupted, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from library.training_loop import STATE_FILE, latest_state
+
+    root = workspace
+    common = ["--cache_latents", "--max_train_steps", "12", "--save_every_n_steps", "2", "--save_state",
+              "--flip_aug"]
+    run(base_args(root, "unkilled") + common)
+    out = root / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "sdxl_train_network.py", *base_args(root, "killed"), *common],
+                               cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    first_state = out / "lora-step00000002-state" / STATE_FILE
+    deadline = time.monotonic() + 300
+    while not first_state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]  # killed, not finished
+    assert not (out / "lora.safetensors").exists()
+    state = latest_state(out)
+    assert state is not None and int(Path(state).name.split("-step")[1][:8]) < 12
+    run(base_args(root, "killed") + common + ["--resume", state])
+    a, _ = read_lora(root / "unkilled" / "lora.safetensors")
+    b, _ = read_lora(out / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(out / "logs") == logged_losses(root / "unkilled" / "logs")
+
+
 @pytest.mark.numbers
 def test_trained_lora_gives_the_same_outputs_in_diffusers(workspace):
     """The file sdxl_train_network.py writes, loaded by diffusers' StableDiffusionXLPipeline.load_lora_weights,
