@@ -32,6 +32,7 @@ from library import training_setup as setup  # noqa: E402
 from library.checkpoint_writer import modelspec_date, modelspec_keys  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.model_loading import SDModels, TextModelShim  # noqa: E402
+from networks.lora import original_layout_lora_names, renamed_modules  # noqa: E402
 from library.textual_inversion import (CaptionRewrite, bundle_key, embeddings_dir, expand_tokens,  # noqa: E402
                                        save_beside)
 from library.training_metadata import additional_networks_hashes, run_metadata  # noqa: E402
@@ -86,8 +87,10 @@ PIVOT_STATE_KEY = "pivotal_embedding"
 class LoRATask:
     def __init__(self, network, *, train_text_encoder: bool, save_dtype, save_model_as: str, metadata: dict,
                  scale_weight_norms: float | None = None, pivot=None, bundle_embeddings: bool = False,
-                 save_formats: tuple[str, ...] = ("kohya",), models=None):
+                 save_formats: tuple[str, ...] = ("kohya",), models=None, unet_renames: dict[str, str] | None = None):
         self.network = network
+        # An external module's diffusers-path U-Net names -> kohya's names for this family (SDXL), applied on saving.
+        self.unet_renames = unet_renames or {}
         self.save_formats = save_formats  # --save_lora_format: the first names <name>.<ext>, others <name>_<format>
         self.models = models  # for the diffusers layout's module paths
         self.trains_text_encoder_lora = train_text_encoder
@@ -129,6 +132,25 @@ class LoRATask:
     def model_file_suffix(self) -> str:
         return "." + self.save_model_as
 
+    def _kohya_state(self) -> dict[str, torch.Tensor]:
+        """The network's tensors under the names the kohya-layout file has."""
+        state = self.network.state_dict()
+        return renamed_modules(state, self.unet_renames) if self.unet_renames else state
+
+    def _save_renamed(self, path: Path, metadata: dict) -> None:
+        """An external module's file with kohya's U-Net names (what its own save_weights would write, renamed),
+        written atomically."""
+        from library.atomic_files import atomic_file
+        from library.safetensors_io import save_tensors
+
+        tensors = {k: v.detach().to("cpu", self.save_dtype if self.save_dtype is not None and v.is_floating_point()
+                                    else v.dtype).contiguous() for k, v in self._kohya_state().items()}
+        if self.save_model_as == "safetensors":
+            save_tensors(path, tensors, metadata)
+        else:
+            with atomic_file(path) as tmp:
+                torch.save(tensors, tmp)
+
     def _save_diffusers_layout(self, path: Path, metadata: dict) -> None:
         from library.safetensors_io import save_tensors
         from networks.lora_diffusers import diffusers_lora_state_dict
@@ -153,12 +175,14 @@ class LoRATask:
                         ss_training_finished_at=str(time.time()))
         metadata["modelspec.date"] = modelspec_date()  # when this file is written, not when the run began
         if self.save_model_as == "safetensors":
-            metadata.update(additional_networks_hashes(self.network.state_dict(), self.save_dtype, metadata))
+            metadata.update(additional_networks_hashes(self._kohya_state(), self.save_dtype, metadata))
         bundle = {}
         if self.pivot is not None and self.bundle_embeddings:  # inside the LoRA: WebUI and ComfyUI read it there
             bundle = {bundle_key(self.pivot.new_tokens.token_string): self.pivot.vectors.float()}
         for fmt, file in self._format_paths(path_stem):
-            if fmt == "kohya":
+            if fmt == "kohya" and self.unet_renames:
+                self._save_renamed(file, metadata)
+            elif fmt == "kohya":
                 self.network.save_weights(file, self.save_dtype,
                                           metadata if self.save_model_as == "safetensors" else None,
                                           **({"extra_tensors": bundle} if bundle else {}))  # external modules lack it
@@ -262,13 +286,18 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
     # External kohya-interface modules (e.g. lycoris.kohya) name text-encoder modules from the model's own module
     # paths; transformers 5 dropped the `text_model.` level that every LoRA loader expects in those names. kohya's
     # modules take one text encoder, or SDXL's two as a list.
-    shown = text_encoders if args.network_module == "networks.lora" else [TextModelShim(te) for te in text_encoders]
+    # They also name U-Net modules by diffusers' paths, where kohya's SDXL files use the original layout: the file's
+    # U-Net names are translated on saving and on reading --network_weights (`unet_renames`; empty for SD 1.x / 2.x).
+    external = args.network_module != "networks.lora"
+    shown = [TextModelShim(te) for te in text_encoders] if external else text_encoders
     network_te = shown[0] if len(shown) == 1 else shown
+    unet_renames = original_layout_lora_names(unet) if external else {}
     try:
         if args.dim_from_weights:
             try:
+                weights = {"weights_sd": external_weights(args.network_weights, unet_renames)} if unet_renames else {}
                 network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, network_te, unet,
-                                                                **network_kwargs)
+                                                                **weights, **network_kwargs)
             except ValueError as e:
                 raise _weights_error(args, e) from None
         else:
@@ -278,7 +307,10 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
                          apply_unet=not args.network_train_text_encoder_only)
         if args.network_weights:
             try:
-                info = network.load_weights(args.network_weights)
+                if unet_renames:
+                    info = network.load_state_dict(external_weights(args.network_weights, unet_renames), strict=False)
+                else:
+                    info = network.load_weights(args.network_weights)
             except ValueError as e:
                 raise _weights_error(args, e) from None
             logger.info("loaded network weights %s: %s", args.network_weights, info)
@@ -287,8 +319,9 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
     network.to(accelerator.device)
     network.to(precision.trained_dtype)  # fp32 unless --full_fp16 / --full_bf16 (the optimizer then steps halves)
     try:
-        param_groups, group_names = network.prepare_optimizer_params(text_encoder_lr(args, len(text_encoders)),
-                                                                     args.unet_lr, args.learning_rate)
+        param_groups, group_names = network.prepare_optimizer_params(
+            text_encoder_lr(args, len(text_encoders), per_encoder=args.network_module == "networks.lora"),
+            args.unet_lr, args.learning_rate)
     except ValueError as e:
         raise SystemExit(f"error: --text_encoder_lr: {e}") from None
     # A text-encoder LoRA with learning rate 0 stays applied but frozen (prepare_optimizer_params decides).
@@ -312,7 +345,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
                     save_model_as=args.save_model_as, metadata=metadata,
                     scale_weight_norms=args.scale_weight_norms, pivot=pivot,
                     bundle_embeddings=args.bundle_embeddings, save_formats=tuple(dict.fromkeys(args.save_lora_format)),
-                    models=models)
+                    models=models, unet_renames=unet_renames)
     trainer = Trainer(task=task, unet=unet, vae=vae, text_conditioner=text_conditioner,
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
                           train_args.objective_config(args, prediction)),
@@ -326,13 +359,19 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
     return start.output_dir / (start.output_name + task.model_file_suffix())
 
 
-def text_encoder_lr(args, n_encoders: int) -> float | list[float] | None:
-    """--text_encoder_lr: one value for every text encoder, or (SDXL) one per encoder, as kohya reads it."""
+def text_encoder_lr(args, n_encoders: int, *, per_encoder: bool = True) -> float | list[float] | None:
+    """--text_encoder_lr: one value for every text encoder, or (SDXL) one per encoder, as kohya reads it.
+    `per_encoder` False: the network module takes a single rate (external modules such as lycoris.kohya put the
+    value straight into one param group, where a list would fail only at the first optimizer step)."""
     lrs = args.text_encoder_lr or []
     if len(lrs) > max(n_encoders, 1):
         raise SystemExit(f"error: --text_encoder_lr {' '.join(map(str, lrs))}: this model has {n_encoders} text "
                          f"encoder(s); give one value{', or one per encoder' if n_encoders > 1 else ''}")
-    return lrs[0] if len(lrs) == 1 else (lrs or None)
+    if len(set(lrs)) > 1 and not per_encoder:
+        raise SystemExit(f"error: --text_encoder_lr {' '.join(map(str, lrs))}: --network_module "
+                         f"{args.network_module} takes one learning rate for all text encoders; give one value (or "
+                         "use networks.lora, which takes one per encoder)")
+    return lrs[0] if len(set(lrs)) == 1 else (lrs or None)
 
 
 def network_kwargs_from(pairs: list[str] | None) -> dict[str, str]:
@@ -344,6 +383,20 @@ def network_kwargs_from(pairs: list[str] | None) -> dict[str, str]:
             raise SystemExit(f"error: --network_args {pair!r}: expected key=value (e.g. conv_dim=4)")
         kwargs[key.strip()] = value
     return kwargs
+
+
+def external_weights(path: str, unet_renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """--network_weights for an external module whose U-Net names differ from the file's (kohya's SDXL names): the
+    file's tensors under the module's own names."""
+    from library.tensor_files import CheckpointError, open_tensor_file
+
+    back = {kohya: ours for ours, kohya in unet_renames.items()}
+    try:
+        with open_tensor_file(path) as source:  # any tensor layout: the module checks its own names
+            tensors = {name: lazy.load() for name, lazy in source.tensors.items()}
+    except CheckpointError as e:
+        raise SystemExit(f"error: --network_weights {path}: {e}") from None
+    return renamed_modules(tensors, back)
 
 
 def _weights_error(args, error: Exception) -> SystemExit:

@@ -200,16 +200,18 @@ def text_encoder_list(text_encoder) -> list[nn.Module]:
     return encoders
 
 
-def find_targets(root: nn.Module, containers: tuple[str, ...], prefix: str,
+def find_targets(root: nn.Module, containers: tuple[str, ...] | None, prefix: str,
                  module_path: Callable[[str], str] = lambda path: path) -> dict[str, nn.Module]:
-    """kohya's discovery: lora name -> every Linear / Conv2d inside a module whose class name is in `containers`,
-    named `prefix` + `module_path(its path in root)` with "." -> "_".
+    """kohya's discovery: lora name -> every Linear / Conv2d inside a module whose class name is in `containers`
+    (None: anywhere in root), named `prefix` + `module_path(its path in root)` with "." -> "_".
 
     isinstance (not kohya's exact class-name test) so that subclasses such as old diffusers' LoRACompatibleConv
     are still found."""
     found: dict[str, nn.Module] = {}
     for path, container in root.named_modules():
-        if type(container).__name__ not in containers:
+        if containers is None and path:
+            continue  # root itself is the one container
+        if containers is not None and type(container).__name__ not in containers:
             continue
         for child_path, child in container.named_modules():
             if isinstance(child, (nn.Linear, nn.Conv2d)):
@@ -221,8 +223,10 @@ def find_targets(root: nn.Module, containers: tuple[str, ...], prefix: str,
     return found
 
 
-def text_encoder_targets(text_encoder) -> list[dict[str, nn.Module]]:
-    """The layers a kohya LoRA can target in each text encoder (one dict per encoder, in the order given)."""
+def text_encoder_targets(text_encoder, *, every_layer: bool = False) -> list[dict[str, nn.Module]]:
+    """The layers a kohya LoRA can target in each text encoder (one dict per encoder, in the order given);
+    `every_layer`: every Linear, as files from other trainers may hold (LyCORIS presets; WebUI loads them)."""
+    containers = None if every_layer else TEXT_ENCODER_CONTAINERS
     encoders = text_encoder_list(text_encoder)
     targets = []
     for prefix, encoder in zip(text_encoder_prefixes(len(encoders)), encoders):
@@ -230,28 +234,57 @@ def text_encoder_targets(text_encoder) -> list[dict[str, nn.Module]]:
         # CLIPTextModelWithProjection and transformers 4's CLIPTextModel have that `text_model.` level,
         # transformers 5's CLIPTextModel does not: add it back.
         level = "" if hasattr(encoder, "text_model") else "text_model."
-        targets.append(find_targets(encoder, TEXT_ENCODER_CONTAINERS, prefix, lambda path, level=level: level + path))
+        targets.append(find_targets(encoder, containers, prefix, lambda path, level=level: level + path))
     return targets
 
 
-def unet_targets(unet: nn.Module, *, conv: bool) -> dict[str, nn.Module]:
-    """The U-Net layers a kohya LoRA can target; `conv` adds ResNet blocks and down/upsamplers (LoCon)."""
-    containers = UNET_ATTENTION_CONTAINERS + (UNET_CONV_CONTAINERS if conv else ())
+def unet_targets(unet: nn.Module, *, conv: bool, every_layer: bool = False) -> dict[str, nn.Module]:
+    """The U-Net layers a kohya LoRA can target; `conv` adds ResNet blocks and down/upsamplers (LoCon);
+    `every_layer`: every Linear / Conv2d (time and size embeddings, conv_in / conv_out: LyCORIS' full presets)."""
+    containers = None if every_layer else UNET_ATTENTION_CONTAINERS + (UNET_CONV_CONTAINERS if conv else ())
     if not unet_names_in_original_layout(unet):
         return find_targets(unet, containers, PREFIX_UNET)
     config = dict(unet.config)
     return find_targets(unet, containers, PREFIX_UNET, lambda path: original_unet_module(config, path))
 
 
-def lora_targets(text_encoder, unet: nn.Module | None, *, conv: bool
+def original_layout_lora_names(unet: nn.Module) -> dict[str, str]:
+    """For LoRA modules named after diffusers' U-Net paths, as external kohya-interface modules (lycoris.kohya) name
+    them: each such name -> the original-layout name kohya's files use for this family
+    (`lora_unet_down_blocks_1_attentions_0_proj_in` -> `lora_unet_input_blocks_4_1_proj_in`). Empty where the
+    family's names are diffusers' paths anyway (SD 1.x / 2.x)."""
+    if not unet_names_in_original_layout(unet):
+        return {}
+    config = dict(unet.config)
+    names = {}
+    for path, _ in unet.named_modules():
+        try:
+            original = original_unet_module(config, path) if path else None
+        except ValueError:  # a container with no module of its own in the original layout (`down_blocks.1`)
+            continue
+        if original:
+            names[f"{PREFIX_UNET}_{path.replace('.', '_')}"] = f"{PREFIX_UNET}_{original.replace('.', '_')}"
+    return names
+
+
+def renamed_modules(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A LoRA state dict (`<module name>.<tensor>` keys) with its module names replaced by `names` where listed."""
+    out = {}
+    for key, value in state.items():
+        module, dot, tensor = key.partition(".")
+        out[names.get(module, module) + dot + tensor] = value
+    return out
+
+
+def lora_targets(text_encoder, unet: nn.Module | None, *, conv: bool, every_layer: bool = False
                  ) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """(text-encoder, U-Net) layers a kohya LoRA can target, by LoRA name; `text_encoder` is one module or a list
-    (SDXL). `conv` adds the layers of ResNet blocks and down/upsamplers (LoCon); a file may hold any subset. Works on
-    meta-device models too."""
+    (SDXL). `conv` adds the layers of ResNet blocks and down/upsamplers (LoCon); a file may hold any subset;
+    `every_layer` (reading a file): any Linear / Conv2d. Works on meta-device models too."""
     te_targets: dict[str, nn.Module] = {}
-    for targets in text_encoder_targets(text_encoder):
+    for targets in text_encoder_targets(text_encoder, every_layer=every_layer):
         te_targets.update(targets)
-    return te_targets, (unet_targets(unet, conv=conv) if unet is not None else {})
+    return te_targets, (unet_targets(unet, conv=conv, every_layer=every_layer) if unet is not None else {})
 
 
 # ------------------------------------------------------------------ what module names say about their model
@@ -372,7 +405,8 @@ class LoRANetwork(nn.Module):
             return loras
 
         conv = bool(conv_lora_dim or conv_block_dims or modules_dim is not None)
-        te_targets, unet_targets = lora_targets(text_encoders, unet, conv=conv)
+        # A file's modules may be anywhere it put them (other trainers target more layers than kohya's defaults).
+        te_targets, unet_targets = lora_targets(text_encoders, unet, conv=conv, every_layer=modules_dim is not None)
         if unet is not None and (block_dims is not None or conv_block_dims is not None):
             self._unet_blocks = self.block_table.module_blocks(unet, unet_targets, "block_dims / conv_block_dims")
         if modules_dim is not None:

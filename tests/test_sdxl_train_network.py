@@ -180,6 +180,71 @@ def test_trained_lora_gives_the_same_outputs_in_diffusers(workspace):
         assert_outputs_close(got, want, what=f"diffusers' SDXL pipeline vs ours, output {i}")
 
 
+@pytest.mark.numbers
+def test_lycoris_network_module_on_sdxl(workspace):
+    """kohya's --network_module interface with LyCORIS (LoCon) on SDXL: both text encoders (lora_te1_ / lora_te2_)
+    and the U-Net; diffusers' StableDiffusionXLPipeline.load_lora_weights computes what our loader computes with
+    the file (FP32_OUTPUT_REL). Two text-encoder rates are refused by name: the module takes one."""
+    pytest.importorskip("lycoris.kohya")
+    import networks.lora
+    from library.model_loading import instantiate_models
+    from library.sd_checkpoint import read_checkpoint
+    from tests.test_sdxl_lora import diffusers_sdxl_pipeline, outputs
+
+    root = workspace
+    extra = ["--cache_latents", "--max_train_steps", "3", "--learning_rate", "1e-2", "--network_module",
+             "lycoris.kohya", "--network_args", "algo=locon", "preset=attn-mlp"]
+    expect_error(base_args(root, "lycoris_refused") + extra + ["--text_encoder_lr", "1e-3", "5e-4"],
+                 "--network_module lycoris.kohya takes one learning rate for all text encoders")
+    run(base_args(root, "lycoris") + extra + ["--text_encoder_lr", "1e-2"])
+    lora_file = root / "lycoris" / "lora.safetensors"
+    weights, metadata = read_lora(lora_file)
+    assert {k.split("_")[1] for k in weights} == {"te1", "te2", "unet"} and metadata["ss_network_module"] == \
+        "lycoris.kohya"
+    # kohya's SDXL names (LyCORIS itself walks diffusers' U-Net paths: renamed on saving, and back on reading).
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.") for k in weights)
+    assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in weights)
+    # Continued from the file (--network_weights) by a step of rate 1e-30, which no stored value can feel: the file
+    # comes back with the same values (a file not read back would start from a fresh initialisation, ~1e-2 away).
+    run(base_args(root, "lycoris_again") + extra + ["--network_weights", str(lora_file), "--learning_rate", "1e-30",
+                                                    "--text_encoder_lr", "1e-30", "--max_train_steps", "1"])
+    again, _ = read_lora(root / "lycoris_again" / "lora.safetensors")
+    assert again.keys() == weights.keys()
+    assert all(torch.allclose(again[k], weights[k], rtol=0, atol=1e-20) for k in weights)
+    with read_checkpoint(root / "sdxl.safetensors") as checkpoint:
+        models = instantiate_models(checkpoint)
+    reference = outputs(models)
+    pipe = diffusers_sdxl_pipeline(models)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    # LoCon files have kohya's lora_down / lora_up / alpha tensors: our loader applies them as WebUI does.
+    # (LyCORIS' own loader cannot read the file back: it names the text encoders' modules without the `text_model`
+    # level that transformers 5 dropped and the saved file restores for WebUI / ComfyUI / diffusers.)
+    network, _ = networks.lora.create_network_from_weights(1.0, str(lora_file), None, models.text_encoders,
+                                                           models.unet)
+    network.apply_to(models.text_encoders, models.unet)
+    network.load_weights(lora_file)
+    ours = outputs(models)
+    theirs = outputs(models, unet=pipe.unet, text_encoders=[pipe.text_encoder, pipe.text_encoder_2])
+    for i, (got, want, base) in enumerate(zip(theirs, ours, reference)):
+        assert relative_deviation(want, base) > 10 * FP32_OUTPUT_REL, f"output {i}: the trained LoRA changes nothing"
+        assert_outputs_close(got, want, what=f"diffusers' SDXL pipeline vs ours, LyCORIS LoCon file, output {i}")
+
+
+def test_loraplus_with_two_text_encoder_rates(workspace):
+    """LoRA+ (`loraplus_lr_ratio`, `loraplus_text_encoder_lr_ratio`) on SDXL: each text encoder's up projections
+    train at its own --text_encoder_lr times the ratio, the U-Net's at --unet_lr times its ratio (logged per group)."""
+    root = workspace
+    run(base_args(root, "loraplus") + ["--cache_latents", "--max_train_steps", "2", "--unet_lr", "1e-3",
+                                       "--text_encoder_lr", "1e-4", "2e-4", "--lr_scheduler", "constant",
+                                       "--network_args", "loraplus_lr_ratio=16", "loraplus_text_encoder_lr_ratio=4"])
+    logs = root / "loraplus" / "logs"
+    lrs = {tag: logged_scalars(logs, tag)[0] for tag in ("lr/textencoder1", "lr/textencoder1 plus",
+                                                        "lr/textencoder2", "lr/textencoder2 plus", "lr/unet",
+                                                        "lr/unet plus")}
+    assert lrs == pytest.approx({"lr/textencoder1": 1e-4, "lr/textencoder1 plus": 4e-4, "lr/textencoder2": 2e-4,
+                                 "lr/textencoder2 plus": 8e-4, "lr/unet": 1e-3, "lr/unet plus": 1.6e-2})
+
+
 def test_sample_images_during_training(workspace):
     from PIL import Image
 
