@@ -4,7 +4,6 @@ StableDiffusionXLControlNetPipeline (folder and single file), validation grids, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 
 from tests.numerics import CAPTIONS_LOST, SIZE_IDS_LOST, assert_outputs_close, check_golden_losses, golden_case_args
 from tests.recipe_helpers import logged_losses, run_script
-from tests.test_train_controlnet import draw_pair, read_file
+from tests.test_train_controlnet import controlnet_workspace, read_file, saved_controlnets_hold_the_trained_weights
 
 
 def run(argv: list[str], stop_after: int | None = None, script: str = "sdxl_train_control_net") -> None:
@@ -23,27 +22,7 @@ def run(argv: list[str], stop_after: int | None = None, script: str = "sdxl_trai
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tools.make_tiny_model import main as make_model
-
-    root = tmp_path_factory.mktemp("sdxl_controlnet")
-    images, cond = root / "data" / "2_sks shape", root / "cond"
-    folder = root / "hfdata"
-    for path in (images, cond, folder / "images", folder / "conditioning"):
-        path.mkdir(parents=True)
-    lines = []
-    for i, size in enumerate([(64, 64), (96, 64), (64, 96), (64, 64)]):
-        photo, edges = draw_pair(i, size)
-        photo.save(images / f"{i:03d}.png")
-        edges.save(cond / f"{i:03d}.png")
-        (images / f"{i:03d}.caption").write_text(f"sks shape number {i}")
-        photo.save(folder / "images" / f"{i}.png")
-        edges.save(folder / "conditioning" / f"{i}.png")
-        lines.append(json.dumps({"image": f"images/{i}.png", "conditioning_image": f"conditioning/{i}.png",
-                                 "image_caption": f"a box, number {i}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    for family in ("sdxl", "sd1"):
-        assert make_model(["--family", family, str(root / f"{family}.safetensors")]) == 0
-    return root
+    return controlnet_workspace(tmp_path_factory.mktemp("sdxl_controlnet"), {"sdxl": "sdxl", "sd1": "sd1"})
 
 
 def base_args(root: Path, out: str, model: str = "sdxl.safetensors") -> list[str]:
@@ -141,7 +120,7 @@ def test_saved_controlnet_is_the_trained_one_in_diffusers_sdxl_pipeline(workspac
     """Our diffusers folder and our single file (diffusers' names, read by diffusers' from_single_file) hold exactly
     the trained weights, and StableDiffusionXLControlNetPipeline gives the same images with either; the validation
     grid is the condition image beside the samples."""
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from diffusers import StableDiffusionXLControlNetPipeline
 
     from library.model_loading import instantiate_models
     from library.sampling import make_scheduler
@@ -152,13 +131,7 @@ def test_saved_controlnet_is_the_trained_one_in_diffusers_sdxl_pipeline(workspac
         "--max_train_steps", "2", "--save_state_on_train_end", "--validation_image", str(root / "cond" / "001.png"),
         "--validation_prompt", "a box", "--validation_steps", "2", "--num_validation_images", "1",
         "--validation_inference_steps", "2"])
-    trained = torch.load(root / "export" / "cn-state" / "trainable.pt", weights_only=True)
-    from_folder = ControlNetModel.from_pretrained(str(root / "export" / "cn_diffusers"), local_files_only=True)
-    from_file = ControlNetModel.from_single_file(str(root / "export" / "cn.safetensors"),
-                                                 config=str(root / "export" / "cn_diffusers"), local_files_only=True)
-    for model in (from_folder, from_file):
-        state = model.state_dict()
-        assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+    from_folder, from_file = saved_controlnets_hold_the_trained_weights(root / "export")
 
     with read_checkpoint(root / "sdxl.safetensors") as checkpoint:
         models = instantiate_models(checkpoint)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from library.safetensors_io import SafetensorsReader
-from tests.numerics import (CAPTIONS_LOST, FP32_OUTPUT_REL, SIZE_IDS_LOST, assert_outputs_close, check_golden_losses, golden_case_args,
+from tests.numerics import (CAPTIONS_LOST, FP32_OUTPUT_REL, SIZE_IDS_LOST, assert_outputs_close, check_golden_losses,
+                            golden_case_args,
                             relative_deviation)
 from tests.recipe_helpers import logged_losses, one_and_two_processes, run_script
 
@@ -155,17 +156,23 @@ def test_trained_lora_gives_the_same_outputs_in_diffusers(workspace):
     """The file sdxl_train_network.py writes, loaded by diffusers' StableDiffusionXLPipeline.load_lora_weights,
     computes what our network computed in training: both text encoders and the U-Net, fp32 (FP32_OUTPUT_REL; the
     measured spread and planted defects of this comparison: tests/test_sdxl_lora.py)."""
+    root = workspace
+    # A high learning rate, so the trained LoRA changes the outputs by far more than the comparison's tolerance.
+    run(base_args(root, "to_diffusers") + ["--cache_latents", "--max_train_steps", "3", "--learning_rate", "1e-2",
+                                           "--network_args", "conv_dim=4", "conv_alpha=1"])
+    assert_diffusers_applies_it_as_we_do(root / "sdxl.safetensors", root / "to_diffusers" / "lora.safetensors")
+
+
+def assert_diffusers_applies_it_as_we_do(model_file: Path, lora_file: Path, what: str = "") -> None:
+    """diffusers' StableDiffusionXLPipeline.load_lora_weights and our loader (networks.lora, as WebUI applies
+    kohya's tensors) give the same outputs of both text encoders and the U-Net with `lora_file`, and the LoRA does
+    change each of them (FP32_OUTPUT_REL)."""
     import networks.lora as lora
     from library.model_loading import instantiate_models
     from library.sd_checkpoint import read_checkpoint
     from tests.test_sdxl_lora import diffusers_sdxl_pipeline, outputs
 
-    root = workspace
-    # A high learning rate, so the trained LoRA changes the outputs by far more than the comparison's tolerance.
-    run(base_args(root, "to_diffusers") + ["--cache_latents", "--max_train_steps", "3", "--learning_rate", "1e-2",
-                                           "--network_args", "conv_dim=4", "conv_alpha=1"])
-    lora_file = root / "to_diffusers" / "lora.safetensors"
-    with read_checkpoint(root / "sdxl.safetensors") as checkpoint:
+    with read_checkpoint(model_file) as checkpoint:
         models = instantiate_models(checkpoint)
     reference = outputs(models)
     pipe = diffusers_sdxl_pipeline(models)
@@ -177,7 +184,7 @@ def test_trained_lora_gives_the_same_outputs_in_diffusers(workspace):
     theirs = outputs(models, unet=pipe.unet, text_encoders=[pipe.text_encoder, pipe.text_encoder_2])
     for i, (got, want, base) in enumerate(zip(theirs, ours, reference)):
         assert relative_deviation(want, base) > 10 * FP32_OUTPUT_REL, f"output {i}: the trained LoRA changes nothing"
-        assert_outputs_close(got, want, what=f"diffusers' SDXL pipeline vs ours, output {i}")
+        assert_outputs_close(got, want, what=f"diffusers' SDXL pipeline vs ours{what}, output {i}")
 
 
 @pytest.mark.numbers
@@ -186,11 +193,6 @@ def test_lycoris_network_module_on_sdxl(workspace):
     and the U-Net; diffusers' StableDiffusionXLPipeline.load_lora_weights computes what our loader computes with
     the file (FP32_OUTPUT_REL). Two text-encoder rates are refused by name: the module takes one."""
     pytest.importorskip("lycoris.kohya")
-    import networks.lora
-    from library.model_loading import instantiate_models
-    from library.sd_checkpoint import read_checkpoint
-    from tests.test_sdxl_lora import diffusers_sdxl_pipeline, outputs
-
     root = workspace
     extra = ["--cache_latents", "--max_train_steps", "3", "--learning_rate", "1e-2", "--network_module",
              "lycoris.kohya", "--network_args", "algo=locon", "preset=attn-mlp"]
@@ -203,7 +205,8 @@ def test_lycoris_network_module_on_sdxl(workspace):
         "lycoris.kohya"
     # kohya's SDXL names (LyCORIS itself walks diffusers' U-Net paths: renamed on saving, and back on reading).
     assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.") for k in weights)
-    assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in weights)
+    assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block"))
+                   for k in weights)
     # Continued from the file (--network_weights) by a step of rate 1e-30, which no stored value can feel: the file
     # comes back with the same values (a file not read back would start from a fresh initialisation, ~1e-2 away).
     run(base_args(root, "lycoris_again") + extra + ["--network_weights", str(lora_file), "--learning_rate", "1e-30",
@@ -211,23 +214,10 @@ def test_lycoris_network_module_on_sdxl(workspace):
     again, _ = read_lora(root / "lycoris_again" / "lora.safetensors")
     assert again.keys() == weights.keys()
     assert all(torch.allclose(again[k], weights[k], rtol=0, atol=1e-20) for k in weights)
-    with read_checkpoint(root / "sdxl.safetensors") as checkpoint:
-        models = instantiate_models(checkpoint)
-    reference = outputs(models)
-    pipe = diffusers_sdxl_pipeline(models)
-    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
     # LoCon files have kohya's lora_down / lora_up / alpha tensors: our loader applies them as WebUI does.
     # (LyCORIS' own loader cannot read the file back: it names the text encoders' modules without the `text_model`
     # level that transformers 5 dropped and the saved file restores for WebUI / ComfyUI / diffusers.)
-    network, _ = networks.lora.create_network_from_weights(1.0, str(lora_file), None, models.text_encoders,
-                                                           models.unet)
-    network.apply_to(models.text_encoders, models.unet)
-    network.load_weights(lora_file)
-    ours = outputs(models)
-    theirs = outputs(models, unet=pipe.unet, text_encoders=[pipe.text_encoder, pipe.text_encoder_2])
-    for i, (got, want, base) in enumerate(zip(theirs, ours, reference)):
-        assert relative_deviation(want, base) > 10 * FP32_OUTPUT_REL, f"output {i}: the trained LoRA changes nothing"
-        assert_outputs_close(got, want, what=f"diffusers' SDXL pipeline vs ours, LyCORIS LoCon file, output {i}")
+    assert_diffusers_applies_it_as_we_do(root / "sdxl.safetensors", lora_file, ", LyCORIS LoCon file")
 
 
 def test_loraplus_with_two_text_encoder_rates(workspace):

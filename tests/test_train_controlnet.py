@@ -37,9 +37,14 @@ def draw_pair(index: int, size: tuple[int, int]) -> tuple[Image.Image, Image.Ima
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    return controlnet_workspace(tmp_path_factory.mktemp("controlnet"), {"sd1": "sd1", "sd2-768-v": "sd2v"})
+
+
+def controlnet_workspace(root: Path, models: dict[str, str]) -> Path:
+    """4 photos of 3 sizes with captions in data/2_sks shape/, their edge maps in cond/, the same as a local
+    dataset (hfdata/: images, conditioning images, metadata.jsonl), and tiny models (family -> file stem)."""
     from tools.make_tiny_model import main as make_model
 
-    root = tmp_path_factory.mktemp("controlnet")
     images, cond = root / "data" / "2_sks shape", root / "cond"
     folder = root / "hfdata"
     for path in (images, cond, folder / "images", folder / "conditioning"):
@@ -55,8 +60,8 @@ def workspace(tmp_path_factory):
         lines.append(json.dumps({"image": f"images/{i}.png", "conditioning_image": f"conditioning/{i}.png",
                                  "image_caption": f"a box, number {i}"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
-    assert make_model(["--family", "sd2-768-v", str(root / "sd2v.safetensors")]) == 0
+    for family, stem in models.items():
+        assert make_model(["--family", family, str(root / f"{stem}.safetensors")]) == 0
     return root
 
 
@@ -177,7 +182,7 @@ def test_validation_grid_of_a_portrait_condition_image(workspace):
 def test_saved_controlnet_gives_the_trained_output_in_diffusers(workspace, tmp_path):
     """The ControlNet from our diffusers folder and from our single file (read by diffusers itself) equal the model
     at the end of training, and give the same StableDiffusionControlNetPipeline output."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers import StableDiffusionControlNetPipeline
 
     from library.model_loading import instantiate_models
     from library.sampling import make_scheduler
@@ -185,13 +190,7 @@ def test_saved_controlnet_gives_the_trained_output_in_diffusers(workspace, tmp_p
 
     root = workspace
     run(folder_args(root, "export") + ["--max_train_steps", "2", "--save_state_on_train_end"])
-    trained = torch.load(root / "export" / "cn-state" / "trainable.pt", weights_only=True)
-    from_folder = ControlNetModel.from_pretrained(str(root / "export" / "cn_diffusers"), local_files_only=True)
-    from_file = ControlNetModel.from_single_file(str(root / "export" / "cn.safetensors"),
-                                                 config=str(root / "export" / "cn_diffusers"), local_files_only=True)
-    for model in (from_folder, from_file):
-        state = model.state_dict()
-        assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+    from_folder, from_file = saved_controlnets_hold_the_trained_weights(root / "export")
 
     with read_checkpoint(root / "sd1.safetensors") as checkpoint:
         models = instantiate_models(checkpoint)
@@ -206,6 +205,22 @@ def test_saved_controlnet_gives_the_trained_output_in_diffusers(workspace, tmp_p
         outputs.append(pipe("a box", image=condition, num_inference_steps=2, width=64, height=64, output_type="np",
                             generator=torch.Generator().manual_seed(0)).images)
     assert_outputs_close(outputs[0], outputs[1], what="ControlNet from our folder vs our single file")
+
+
+def saved_controlnets_hold_the_trained_weights(out: Path):
+    """The ControlNet of a run saved with --save_state_on_train_end (output name cn), read by diffusers itself from
+    our folder (from_pretrained) and our single file (from_single_file, config from the folder): both hold exactly
+    the trained weights. Returns (from_folder, from_file)."""
+    from diffusers import ControlNetModel
+
+    trained = torch.load(out / "cn-state" / "trainable.pt", weights_only=True)
+    from_folder = ControlNetModel.from_pretrained(str(out / "cn_diffusers"), local_files_only=True)
+    from_file = ControlNetModel.from_single_file(str(out / "cn.safetensors"), config=str(out / "cn_diffusers"),
+                                                 local_files_only=True)
+    for model in (from_folder, from_file):
+        state = model.state_dict()
+        assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+    return from_folder, from_file
 
 
 def test_conditioning_image_stays_aligned_through_bucket_crop_and_flip(workspace, tmp_path):
