@@ -113,7 +113,17 @@ def instantiate_component(checkpoint: SDCheckpoint, component: str, dtype: torch
     """One model ("unet", "vae" or a text encoder's component name) with the checkpoint's weights, e.g. only the
     VAE for a tool that encodes latents; identical to the same component from `instantiate_models`."""
     model = _empty_model(checkpoint, component)
-    state = {k: v.load().to(dtype) for k, v in checkpoint.tensors[component].items()}
+    tensors = checkpoint.tensors[component]
+    if all(v.dtype == dtype or not v.dtype.is_floating_point for v in tensors.values()):
+        state = {k: v.load() for k, v in tensors.items()}
+    else:
+        # Cast while reading into tensors allocated all at once beforehand: allocating each cast result right
+        # after its (larger) source left the freed sources as holes the allocator did not give back, 0.22 copies of
+        # the weights on top of the model when loading bf16 from an fp32 SDXL file (docs/benchmarks.md).
+        state = {k: torch.empty(v.shape, dtype=dtype if v.dtype.is_floating_point else v.dtype)
+                 for k, v in tensors.items()}
+        for k, v in tensors.items():
+            state[k].copy_(v.load())
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return model
