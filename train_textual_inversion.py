@@ -121,7 +121,7 @@ class EmbeddingTask:
     def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path:
         path = path_stem.with_name(path_stem.name + self.model_file_suffix())
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step))
-        metadata["modelspec.title"] = path_stem.name
+        metadata.setdefault("modelspec.title", path_stem.name)  # --metadata_title wins
         ti.save_encoder_embeddings(path, self.word.parameters, list(self.word.keys),
                                    token_string=self.word.tokens.token_string, step=global_step, metadata=metadata,
                                    dtype=self.save_dtype)

@@ -62,7 +62,7 @@ class ControlNetTask:
 
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
                         ss_training_finished_at=str(time.time()))
-        metadata["modelspec.title"] = path_stem.name
+        metadata.setdefault("modelspec.title", path_stem.name)  # --metadata_title wins
         paths = self.model_paths(path_stem)
         for path in paths:
             if path.suffix == ".safetensors":

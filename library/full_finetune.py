@@ -226,7 +226,7 @@ class FullModelTask:
         path = path_stem.with_name(path_stem.name + self.model_file_suffix())
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
                         ss_training_finished_at=str(time.time()))
-        metadata["modelspec.title"] = path_stem.name
+        metadata.setdefault("modelspec.title", path_stem.name)  # --metadata_title wins
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), \
                 original_token_embedding(self.models.text_encoders), self._source() as source:
             checkpoint = checkpoint_from_models(self.models, extras=self.extras,

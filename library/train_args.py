@@ -249,11 +249,34 @@ def add_embedding_arguments(p: argparse.ArgumentParser) -> None:
                    help="train the token for the first N steps, then freeze it (default: all steps)")
 
 
+# kohya's --metadata_* flags (sai_model_spec.add_model_spec_arguments): flag suffix -> what it says. Each becomes
+# `modelspec.<suffix>` in every model file the trainer writes (library/training_metadata.user_modelspec).
+MODELSPEC_FLAGS = {
+    "title": "the model's name (default: the file name)",
+    "author": "who made it",
+    "description": "what it is and how to use it",
+    "license": "its license",
+    "tags": "comma-separated tags",
+    "usage_hint": "how to prompt it",
+    "thumbnail": "an image file, stored in the model as a data: URL",
+    "merged_from": "the models it was merged from",
+    "trigger_phrase": "the phrase that calls the trained concept up",
+    "preprocessor": "the preprocessor its condition images need (ControlNet)",
+    "is_negative_embedding": "true if the embedding is meant for negative prompts (textual inversion)",
+}
+
+
+def add_modelspec_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model metadata (modelspec.*, kohya's --metadata_* flags)")
+    for name, what in MODELSPEC_FLAGS.items():
+        g.add_argument(f"--metadata_{name}", default=None, help=what)
+
+
 def add_common_training_arguments(p: argparse.ArgumentParser, *, implemented: tuple[str, ...] = ()) -> None:
-    """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, refusals).
-    `implemented`: flags of NOT_YET_IMPLEMENTED that the trainer adds itself."""
+    """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, metadata,
+    refusals). `implemented`: flags of NOT_YET_IMPLEMENTED that the trainer adds itself."""
     for add in (add_model_arguments, add_dataset_arguments, add_training_arguments, add_objective_arguments,
-                add_optimizer_arguments, add_sample_arguments):
+                add_optimizer_arguments, add_sample_arguments, add_modelspec_arguments):
         add(p)
     add_not_yet_implemented(p, implemented)
 
@@ -483,6 +506,12 @@ def check_training_flags(args: argparse.Namespace, *, control_images: bool = Fal
                         "chunks); leave it out for 75")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be >= 1")
+    thumbnail = getattr(args, "metadata_thumbnail", None)
+    if thumbnail and not Path(thumbnail).is_file():
+        problems.append(f"--metadata_thumbnail {thumbnail}: no such image file")
+    negative = getattr(args, "metadata_is_negative_embedding", None)
+    if negative is not None and negative.lower() not in ("true", "false"):
+        problems.append(f"--metadata_is_negative_embedding {negative}: give true or false")
     if args.train_batch_size < 1:
         problems.append("--train_batch_size must be >= 1")
     if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:

@@ -7,8 +7,10 @@ buckets); sd-webui-additional-networks' `sshs_*` hashes identify LoRA weights. A
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import mimetypes
 import random
 import time
 from pathlib import Path
@@ -51,10 +53,34 @@ def dataset_metadata(dataset: TrainingDataset, summary: dict) -> dict[str, str]:
     }
 
 
+def user_modelspec(args) -> dict[str, str]:
+    """The modelspec keys the user gave (`--metadata_<name>` -> `modelspec.<name>`, kohya's flags): the thumbnail as
+    the data: URL the spec stores, tags without the spaces around commas, true/false lower-case."""
+    from library.train_args import MODELSPEC_FLAGS
+
+    keys = {}
+    for name in MODELSPEC_FLAGS:
+        value = getattr(args, f"metadata_{name}", None)
+        if value is None:
+            continue
+        if name == "thumbnail":
+            path = Path(value)
+            mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            value = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+        elif name == "tags":
+            value = ",".join(tag.strip() for tag in value.split(",") if tag.strip())
+        elif name == "is_negative_embedding":
+            value = value.lower()
+        keys[f"modelspec.{name}"] = value
+    return keys
+
+
 def run_metadata(args, *, dataset: TrainingDataset, data_summary: dict, seed: int, max_train_steps: int,
                  resolution: str) -> dict[str, str]:
-    """The ss_* keys every trainer writes (kohya's names): the run's settings and the training set."""
+    """The ss_* keys every trainer writes (kohya's names): the run's settings and the training set; and the
+    modelspec keys the user gave (`user_modelspec`)."""
     metadata = dataset_metadata(dataset, data_summary)
+    metadata.update(user_modelspec(args))
     metadata.update({
         "ss_session_id": str(random.randint(0, 2 ** 32)), "ss_training_started_at": str(time.time()),
         "ss_output_name": args.output_name or "last", "ss_learning_rate": str(args.learning_rate),
