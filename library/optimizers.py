@@ -59,6 +59,9 @@ class OptimizerConfig:
     lr_scheduler_power: float = 1.0
     lr_scheduler_type: str = ""  # a scheduler class; overrides lr_scheduler (kohya)
     lr_scheduler_args: dict = field(default_factory=dict)  # its keyword arguments (or piecewise_constant's step_rules)
+    lr_decay_steps: str = "0"  # warmup_stable_decay's decay: int, ratio < 1, or "N%", as --lr_warmup_steps
+    lr_scheduler_timescale: int | None = None  # inverse_sqrt's timescale (None: transformers' default)
+    lr_scheduler_min_lr_ratio: float | None = None  # cosine_with_min_lr / warmup_stable_decay: the floor, x the lr
 
     @property
     def is_schedule_free(self) -> bool:
@@ -129,6 +132,52 @@ def warmup_steps(spec: str | int | float, total_steps: int) -> int:
     if value < 1 and value != 0:
         return int(value * total_steps)
     return int(value)
+
+
+# The flags that only some named schedulers read (kohya reads them there and ignores them elsewhere).
+_SCHEDULE_FLAGS = {"lr_decay_steps": ("warmup_stable_decay",), "lr_scheduler_timescale": ("inverse_sqrt",),
+                   "lr_scheduler_min_lr_ratio": ("cosine_with_min_lr", "warmup_stable_decay")}
+
+
+def _warn_unused_schedule_flags(config: OptimizerConfig) -> None:
+    """GUI-made configs set these for every scheduler; a value the chosen one does not read is said, not hidden."""
+    for flag, schedulers in _SCHEDULE_FLAGS.items():
+        value = getattr(config, flag)
+        if value not in (None, "0", 0) and config.lr_scheduler not in schedulers:
+            logger.warning("--%s %s is not used: only --lr_scheduler %s reads it", flag, value, " / ".join(schedulers))
+
+
+def _transformers_schedule(config: OptimizerConfig, optimizer, warmup: int, total_steps: int):
+    """kohya's three schedules from transformers, with kohya's arguments: inverse_sqrt (--lr_scheduler_timescale),
+    cosine_with_min_lr (--lr_scheduler_min_lr_ratio; --lr_scheduler_num_cycles counts whole periods, half a
+    cosine each as kohya passes it) and warmup_stable_decay (--lr_decay_steps, the rest of the run after warm-up
+    stable)."""
+    from transformers.optimization import (get_cosine_with_min_lr_schedule_with_warmup, get_inverse_sqrt_schedule,
+                                           get_wsd_schedule)
+
+    name, ratio = config.lr_scheduler, config.lr_scheduler_min_lr_ratio
+    if ratio is not None and not 0 <= ratio <= 1:
+        raise ValueError(f"--lr_scheduler_min_lr_ratio {ratio}: give a ratio of the learning rate between 0 and 1")
+    if name == "inverse_sqrt":
+        if config.lr_scheduler_timescale is not None and config.lr_scheduler_timescale <= 0:
+            raise ValueError(f"--lr_scheduler_timescale {config.lr_scheduler_timescale}: give a number of steps > 0 "
+                             "(or leave it out: the warm-up steps, else 10,000)")
+        return get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup, timescale=config.lr_scheduler_timescale)
+    if name == "cosine_with_min_lr":
+        if ratio is None:
+            raise ValueError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (e.g. 0.1: the "
+                             "learning rate ends at a tenth of --learning_rate)")
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup,
+                                                           num_training_steps=total_steps,
+                                                           num_cycles=config.lr_scheduler_num_cycles / 2,
+                                                           min_lr_rate=ratio)
+    decay = warmup_steps(config.lr_decay_steps, total_steps)  # same spellings as --lr_warmup_steps
+    stable = total_steps - warmup - decay
+    if stable < 0:
+        raise ValueError(f"--lr_warmup_steps ({warmup} steps) and --lr_decay_steps ({decay} steps) are longer than "
+                         f"the run ({total_steps} steps): shorten them")
+    return get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=decay, num_stable_steps=stable,
+                            num_cycles=config.lr_scheduler_num_cycles / 2, min_lr_ratio=ratio or 0.0)
 
 
 def scheduler_class(name: str) -> type:
@@ -206,10 +255,9 @@ def build_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, t
                          "MULT' (e.g. step_rules='1:100,0.1:200,0.01': x1 until step 100, x0.1 until 200, then x0.01)")
     if name == "constant" and warmup:
         raise ValueError("--lr_scheduler constant does not warm up; use constant_with_warmup with --lr_warmup_steps")
+    _warn_unused_schedule_flags(config)
     if name in ("inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"):
-        from transformers import get_scheduler as hf_get_scheduler
-
-        return hf_get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        return _transformers_schedule(config, optimizer, warmup, total_steps)
     return get_scheduler(name, optimizer, step_rules=step_rules, num_warmup_steps=warmup,
                          num_training_steps=total_steps, num_cycles=config.lr_scheduler_num_cycles,
                          power=config.lr_scheduler_power)

@@ -170,6 +170,12 @@ def add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_warmup_steps", default="0")
     g.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
     g.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    g.add_argument("--lr_decay_steps", default="0",
+                   help="warmup_stable_decay: steps of the final decay (an int, a ratio below 1 of the run, or N%%)")
+    g.add_argument("--lr_scheduler_timescale", type=int, default=None,
+                   help="inverse_sqrt: the timescale in steps (default: --lr_warmup_steps, else 10000)")
+    g.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
+                   help="cosine_with_min_lr / warmup_stable_decay: the lowest learning rate as a ratio of the initial")
     g.add_argument("--lr_scheduler_type", default="",
                    help="a scheduler class instead of --lr_scheduler: a torch.optim.lr_scheduler name (e.g. "
                         "CosineAnnealingLR) or module.Class; stepped once per optimizer step")
@@ -457,7 +463,9 @@ def optimizer_config(args: argparse.Namespace):
             max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
             lr_scheduler_num_cycles=args.lr_scheduler_num_cycles, lr_scheduler_power=args.lr_scheduler_power,
             lr_scheduler_type=args.lr_scheduler_type or "",
-            lr_scheduler_args=parse_optimizer_args(args.lr_scheduler_args, flag="--lr_scheduler_args"))
+            lr_scheduler_args=parse_optimizer_args(args.lr_scheduler_args, flag="--lr_scheduler_args"),
+            lr_decay_steps=args.lr_decay_steps, lr_scheduler_timescale=args.lr_scheduler_timescale,
+            lr_scheduler_min_lr_ratio=args.lr_scheduler_min_lr_ratio)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -80,6 +80,53 @@ def test_named_cosine_schedule_with_warmup_follows_its_formula(warmup):
     assert got == pytest.approx(want, rel=1e-12, abs=1e-18)
 
 
+def _rates(argv: list[str], total_steps: int = 10) -> list[float]:
+    """The rate in force at each step 1..total_steps, then after the last, for --learning_rate 1 and these flags."""
+    config = _config(["--learning_rate", "1.0"] + argv)
+    optimizer = _optimizer(1.0)
+    scheduler = build_scheduler(config, optimizer, total_steps=total_steps)
+    return [optimizer.param_groups[0]["lr"]] + _lrs(scheduler, optimizer, total_steps)
+
+
+def test_kohyas_inverse_sqrt_min_lr_and_warmup_stable_decay_schedules_follow_their_formulas():
+    """kohya's --lr_scheduler_timescale, --lr_scheduler_min_lr_ratio and --lr_decay_steps, each against the formula
+    of its schedule written out here: inverse square root after a linear warm-up (rate sqrt(T / (s + T - W)));
+    a half cosine from 1 down to the floor r; a warm-up from r (transformers' schedule starts there), stable at 1,
+    then a half cosine from 1 to r over the last D steps (D as steps, a ratio or a percentage, like the warm-up)."""
+    import math
+
+    W, T, r = 2, 4, 0.1
+    assert _rates(["--lr_scheduler", "inverse_sqrt", "--lr_warmup_steps", "2", "--lr_scheduler_timescale", "4"]) \
+        == pytest.approx([s / W if s < W else math.sqrt(T / (s + T - W)) for s in range(11)], rel=1e-12)
+    assert _rates(["--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_min_lr_ratio", "0.1"]) == pytest.approx(
+        [r + (1 - r) * 0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(11)], rel=1e-12)
+    for decay in ("4", "0.4", "40%"):
+        want = [r + (1 - r) * s / W if s < W else 1.0 if s < 6
+                else r + (1 - r) * 0.5 * (1 + math.cos(math.pi * (s - 6) / 4)) for s in range(11)]
+        assert _rates(["--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "2", "--lr_decay_steps", decay,
+                       "--lr_scheduler_min_lr_ratio", "0.1"]) == pytest.approx(want, rel=1e-12, abs=1e-15), decay
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr_scheduler", "cosine_with_min_lr"], "cosine_with_min_lr needs --lr_scheduler_min_lr_ratio"),
+    (["--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_min_lr_ratio", "1.5"], "between 0 and 1"),
+    (["--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "6", "--lr_decay_steps", "5"],
+     r"--lr_warmup_steps \(6 steps\) and --lr_decay_steps \(5 steps\) are longer than the run \(10 steps\)"),
+    (["--lr_scheduler", "inverse_sqrt", "--lr_scheduler_timescale", "0"], "--lr_scheduler_timescale 0"),
+])
+def test_bad_schedule_values_are_named(argv, message):
+    with pytest.raises(ValueError, match=message):
+        build_scheduler(_config(argv), _optimizer(), total_steps=10)
+
+
+def test_a_schedule_flag_the_scheduler_does_not_read_is_said(caplog):
+    """GUI-made configs carry --lr_decay_steps etc. for every scheduler: a value that does nothing is a warning
+    naming it (kohya ignores it silently)."""
+    with caplog.at_level(logging.WARNING):
+        build_scheduler(_config(["--lr_scheduler", "cosine", "--lr_decay_steps", "0.2"]), _optimizer(), total_steps=10)
+    assert "--lr_decay_steps 0.2 is not used: only --lr_scheduler warmup_stable_decay reads it" in caplog.text
+
+
 def test_piecewise_constant_reads_step_rules_from_lr_scheduler_args():
     config = _config(["--learning_rate", "1.0", "--lr_scheduler", "piecewise_constant",
                            "--lr_scheduler_args", "step_rules='1:2,0.1:4,0.01'"])
