@@ -88,6 +88,13 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_every_n_steps", type=int, default=None)
     g.add_argument("--save_last_n_epochs", type=int, default=None)
     g.add_argument("--save_last_n_steps", type=int, default=None)
+    g.add_argument("--save_n_epoch_ratio", type=int, default=None,
+                   help="save about N times in the run: every floor(epochs / N) epochs, at least 1 (wins over "
+                        "--save_every_n_epochs)")
+    g.add_argument("--save_last_n_epochs_state", type=int, default=None,
+                   help="keep the states of the newest N epoch saves (default: as --save_last_n_epochs)")
+    g.add_argument("--save_last_n_steps_state", type=int, default=None,
+                   help="keep the states of the step saves of the last N steps (default: as --save_last_n_steps)")
     g.add_argument("--save_state", action="store_true")
     g.add_argument("--save_state_on_train_end", action="store_true")
     g.add_argument("--resume", default=None, help="state folder to resume from")

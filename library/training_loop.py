@@ -70,6 +70,9 @@ class LoopConfig:
     save_every_n_epochs: int | None = None
     save_last_n_steps: int | None = None
     save_last_n_epochs: int | None = None
+    save_n_epoch_ratio: int | None = None  # kohya: save about N times in the run (sets the epoch interval)
+    save_last_n_steps_state: int | None = None  # the states' own retention (default: that of the model files)
+    save_last_n_epochs_state: int | None = None
     save_state: bool = False
     save_state_on_train_end: bool = False
     log: LogSettings | None = None  # TensorBoard / wandb (None: no logs beyond the progress bar)
@@ -247,6 +250,15 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.batches) / self.config.gradient_accumulation_steps)
 
+    def save_every_n_epochs(self) -> int | None:
+        """--save_every_n_epochs, or with --save_n_epoch_ratio N the interval that saves N times in the run
+        (kohya: floor(epochs / N), at least 1; it wins over --save_every_n_epochs)."""
+        c = self.config
+        if not c.save_n_epoch_ratio:
+            return c.save_every_n_epochs
+        epochs = math.ceil(c.max_train_steps / self.steps_per_epoch())
+        return max(1, epochs // c.save_n_epoch_ratio)
+
     def run(self, resume: Path | None = None) -> TrainState:
         if resume:
             self.load_state(resume)
@@ -299,7 +311,7 @@ class Trainer:
                 finished = self.state.epoch
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
-                if c.save_every_n_epochs and finished % c.save_every_n_epochs == 0 \
+                if self.save_every_n_epochs() and finished % self.save_every_n_epochs() == 0 \
                         and self.state.global_step < c.max_train_steps:
                     self._save(f"{c.output_name}-{finished:06d}", "epoch")
                 if c.sample_every_n_epochs and finished % c.sample_every_n_epochs == 0:
@@ -448,32 +460,55 @@ class Trainer:
 
     def _prune(self, kind: str) -> None:
         """kohya's retention: --save_last_n_epochs keeps the newest N epoch saves; --save_last_n_steps keeps the
-        step saves made within the last N steps (a window, not a count). States go with their model files."""
+        step saves made within the last N steps (a window, not a count). States follow their model files unless
+        --save_last_n_epochs_state / --save_last_n_steps_state give them their own (e.g. many models, one state)."""
         import re
-        import shutil
 
         c = self.config
         suffix = self.task.model_file_suffix()
-        if kind == "step" and c.save_last_n_steps is not None:  # 0: keep only the newest
-            pattern, number = re.compile(rf"^{re.escape(c.output_name)}-step(\d{{8}}){re.escape(suffix)}$"), None
-            number = lambda n: n < self.state.global_step - c.save_last_n_steps  # noqa: E731
-        elif kind == "epoch" and c.save_last_n_epochs:
-            pattern = re.compile(rf"^{re.escape(c.output_name)}-(\d{{6}}){re.escape(suffix)}$")
-            epochs = sorted(int(m.group(1)) for p in c.output_dir.iterdir() if (m := pattern.match(p.name)))
-            doomed = set(epochs[:-c.save_last_n_epochs])
-            number = lambda n: n in doomed  # noqa: E731
+        if kind == "step":
+            pattern = re.compile(rf"^{re.escape(c.output_name)}-step(\d{{8}})$")  # matched against save stems
+            keep_models, keep_states = c.save_last_n_steps, _first_given(c.save_last_n_steps_state,
+                                                                         c.save_last_n_steps)
         else:
-            return
+            pattern = re.compile(rf"^{re.escape(c.output_name)}-(\d{{6}})$")
+            keep_models, keep_states = c.save_last_n_epochs or None, _first_given(c.save_last_n_epochs_state,
+                                                                                  c.save_last_n_epochs or None)
+
+        def doomed(numbers: list[int], keep: int | None) -> set[int]:
+            if keep is None:
+                return set()
+            if kind == "step":  # 0: keep only the newest
+                return {n for n in numbers if n < self.state.global_step - keep}
+            return set(sorted(numbers)[:-keep]) if keep else set(numbers)
+
+        models, states = {}, {}  # save number -> its stem (output_dir / "<name>-step00000004")
+        for path in c.output_dir.iterdir():
+            if path.name.endswith("-state"):
+                if match := pattern.match(path.name[:-len("-state")]):
+                    states[int(match.group(1))] = c.output_dir / match.group(0)
+            elif path.name.endswith(suffix) and (match := pattern.match(path.name[:len(path.name) - len(suffix)])):
+                models[int(match.group(1))] = c.output_dir / match.group(0)  # suffix "": a diffusers folder
         extra_paths = getattr(self.task, "model_paths", None)
-        for path in list(c.output_dir.iterdir()):
-            match = pattern.match(path.name)
-            if match and number(int(match.group(1))):
-                stem = path.with_name(path.name[: len(path.name) - len(suffix)])  # suffix may be ""
-                for doomed in [path, *(extra_paths(stem) if extra_paths else []), stem.with_name(stem.name + "-state")]:
-                    if doomed.is_dir():
-                        shutil.rmtree(doomed)
-                    elif doomed.exists():
-                        doomed.unlink()
+        for number in doomed(list(models), keep_models):
+            stem = models[number]
+            for path in [stem.with_name(stem.name + suffix), *(extra_paths(stem) if extra_paths else [])]:
+                _remove(path)
+        for number in doomed(list(states), keep_states):
+            _remove(states[number].with_name(states[number].name + "-state"))
+
+
+def _first_given(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def latest_state(output_dir: Path) -> str | None:

@@ -240,6 +240,8 @@ def loop_config(args: argparse.Namespace, start: RunStart, family, max_train_ste
         vae_scale_factor=family.vae_scale_factor,
         save_every_n_steps=args.save_every_n_steps, save_every_n_epochs=args.save_every_n_epochs,
         save_last_n_steps=args.save_last_n_steps, save_last_n_epochs=args.save_last_n_epochs,
+        save_n_epoch_ratio=args.save_n_epoch_ratio, save_last_n_steps_state=args.save_last_n_steps_state,
+        save_last_n_epochs_state=args.save_last_n_epochs_state,
         save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end,
         sample_every_n_steps=args.sample_every_n_steps, sample_every_n_epochs=args.sample_every_n_epochs,
         sample_at_first=args.sample_at_first,

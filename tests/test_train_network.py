@@ -423,3 +423,21 @@ def test_saved_epoch_is_the_epoch_in_the_file_name(workspace):
         "lora.safetensors": ("3", str(3 * steps_per_epoch))}
     assert (saved["lora-step00000004.safetensors"]["ss_epoch"], saved["lora-step00000004.safetensors"]["ss_steps"]) \
         == ("0", "4")
+
+
+def test_save_n_epoch_ratio_and_state_retention_apart_from_the_models(workspace):
+    """kohya's --save_n_epoch_ratio N saves every floor(epochs / N) epochs (winning over --save_every_n_epochs);
+    --save_last_n_epochs_state / --save_last_n_steps_state keep fewer states than model files."""
+    root = workspace
+    run(base_args(root, "ratio") + ["--cache_latents", "--max_train_epochs", "4", "--save_n_epoch_ratio", "2",
+                                    "--save_every_n_epochs", "1", "--save_state", "--save_last_n_epochs", "5",
+                                    "--save_last_n_epochs_state", "0"])
+    names = sorted(p.name for p in (root / "ratio").iterdir() if p.name != "logs")
+    assert names == ["lora-000002.safetensors", "lora-state", "lora.safetensors"]  # every 2nd epoch; no epoch state
+
+    run(base_args(root, "states") + ["--cache_latents", "--max_train_steps", "5", "--save_every_n_steps", "1",
+                                     "--save_state", "--save_last_n_steps", "10", "--save_last_n_steps_state", "1"])
+    names = sorted(p.name for p in (root / "states").iterdir() if p.name != "logs")
+    assert names == sorted(["lora-state", "lora-step00000001.safetensors", "lora-step00000002.safetensors",
+                            "lora-step00000003.safetensors", "lora-step00000003-state",
+                            "lora-step00000004.safetensors", "lora-step00000004-state", "lora.safetensors"])
