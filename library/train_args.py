@@ -285,11 +285,35 @@ def add_modelspec_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--metadata_{name}", default=None, help=what)
 
 
+def add_console_log_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("console log (kohya's flags)")
+    g.add_argument("--console_log_level", type=str.upper, default=None,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], help="default INFO")
+    g.add_argument("--console_log_file", default=None, help="also write the log to this file (appended, with times)")
+    g.add_argument("--console_log_simple", action="store_true",
+                   help="accepted: the console log is plain text here anyway (kohya's switch away from rich)")
+
+
+def configure_console_log(args: argparse.Namespace) -> None:
+    """--console_log_level on the root logger, --console_log_file as one more handler of it."""
+    level, path = getattr(args, "console_log_level", None), getattr(args, "console_log_file", None)
+    root = logging.getLogger()
+    if level:
+        root.setLevel(level)
+    if path:
+        try:
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as e:
+            raise SystemExit(f"error: --console_log_file {path}: cannot open it ({e.strerror})") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
 def add_common_training_arguments(p: argparse.ArgumentParser, *, implemented: tuple[str, ...] = ()) -> None:
     """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, metadata,
     refusals). `implemented`: flags of NOT_YET_IMPLEMENTED that the trainer adds itself."""
     for add in (add_model_arguments, add_dataset_arguments, add_training_arguments, add_objective_arguments,
-                add_optimizer_arguments, add_sample_arguments, add_modelspec_arguments):
+                add_optimizer_arguments, add_sample_arguments, add_modelspec_arguments, add_console_log_arguments):
         add(p)
     add_not_yet_implemented(p, implemented)
 
@@ -315,6 +339,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     if getattr(args, "caption_extention", None):
         args.caption_extension = args.caption_extention
     refuse_not_yet_implemented(args, parser)
+    configure_console_log(args)
     note_memory_hints(args)
     return args
 

@@ -106,3 +106,27 @@ def test_log_settings(tmp_path):
     assert train_args.log_settings(plain, default_project="p", output_dir=tmp_path).backends == ("tensorboard",)
     assert train_args.log_settings(train_args.parse_args(parser(), REQUIRED), default_project="p",
                                    output_dir=tmp_path) is None
+
+
+def test_console_log_level_and_file(tmp_path):
+    """kohya's --console_log_level sets the root logger's level; --console_log_file adds a file with the log."""
+    import logging
+
+    root = logging.getLogger()
+    before_level, before_handlers = root.level, list(root.handlers)
+    log = tmp_path / "run.log"
+    try:
+        args = train_args.parse_args(parser(), REQUIRED + ["--console_log_level", "debug", "--console_log_file",
+                                                            str(log), "--console_log_simple"])
+        assert args.console_log_level == "DEBUG" and root.level == logging.DEBUG
+        logging.getLogger("library.some_module").debug("a debug line")
+        for handler in root.handlers:
+            handler.flush()
+        assert "DEBUG library.some_module: a debug line" in log.read_text()
+    finally:
+        for handler in set(root.handlers) - set(before_handlers):
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(before_level)
+    with pytest.raises(SystemExit, match="--console_log_file .*: cannot open it"):
+        train_args.parse_args(parser(), REQUIRED + ["--console_log_file", str(tmp_path / "no" / "such" / "x.log")])
