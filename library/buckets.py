@@ -226,6 +226,24 @@ def plan_resize_and_crop(image_size: Size, choice: BucketChoice, *, random_crop:
     return CropPlan(choice.resized_size, left, top, choice.bucket, tuple(image_size))
 
 
+# kohya's --resize_interpolation names (cv2's among them) -> PIL's filter. None: area averaging when shrinking,
+# LANCZOS when enlarging (kohya's default).
+RESIZE_INTERPOLATIONS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+                         "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+                         "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+                         "area": Image.Resampling.BOX, "box": Image.Resampling.BOX}
+
+
+def resample_filter(name: str | None) -> int | None:
+    """The PIL filter of a --resize_interpolation name (None: the default rule); ValueError lists the names."""
+    if name is None:
+        return None
+    try:
+        return RESIZE_INTERPOLATIONS[name.lower()]
+    except KeyError:
+        raise ValueError(f"resize_interpolation {name!r}: use one of {', '.join(RESIZE_INTERPOLATIONS)}") from None
+
+
 def apply_plan_to_image(image: Image.Image, plan: CropPlan, *, resample: int | None = None) -> Image.Image:
     """Resize `image` to plan.resized_size and crop the bucket box; returns exactly plan.bucket pixels.
 

@@ -44,6 +44,7 @@ class Subset:
     color_aug: bool = False
     random_crop: bool = False
     alpha_mask: bool = False
+    resize_interpolation: str | None = None  # kohya's name of the resize filter (None: area / lanczos)
     metadata_file: Path | None = None  # fine-tune subsets: captions from kohya metadata JSON / JSONL
     caption_column: str = "text"  # diffusers imagefolder metadata.jsonl / metadata.csv
     image_column: str | None = None  # metadata column naming the image (default: image_path / file_name)

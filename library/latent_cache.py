@@ -49,6 +49,8 @@ class LatentCache:
         plan = dataset.plan(item, None)
         key = {"plan": [list(plan.resized_size), plan.crop_left, plan.crop_top, list(plan.bucket)],
                "vae": self.vae_id, "dtype": str(self.dtype), "version": 1}
+        if item.record.subset.resize_interpolation:  # other pixels (absent = the default filter: older keys hold)
+            key["resize_interpolation"] = item.record.subset.resize_interpolation.lower()
         if not self.settings.skip_cache_check:
             key["file"] = file_fingerprint(item.record.path)
             if dataset.mask_source(item) is not None:  # the loss mask is cached too

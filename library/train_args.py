@@ -67,6 +67,9 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color_aug", action="store_true")
     g.add_argument("--flip_aug", action="store_true")
     g.add_argument("--random_crop", action="store_true")
+    g.add_argument("--resize_interpolation", default=None,
+                   help="the resize filter: lanczos, nearest, bilinear (linear), bicubic (cubic), area (box); "
+                        "default area when shrinking, lanczos when enlarging (kohya's)")
     g.add_argument("--alpha_mask", action="store_true", help="use PNG alpha as the loss mask")
     g.add_argument("--cache_latents", action="store_true")
     g.add_argument("--cache_latents_to_disk", action="store_true")
@@ -458,7 +461,7 @@ def dataset_cli_values(args: argparse.Namespace, default_resolution: int) -> dic
     options = {name: getattr(args, name) for name in (
         "train_data_dir", "reg_data_dir", "in_json", "dataset_repeats", "enable_bucket", "min_bucket_reso",
         "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale", "caption_extension", "flip_aug", "color_aug",
-        "random_crop", "alpha_mask", "caption_column", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
+        "random_crop", "resize_interpolation", "alpha_mask", "caption_column", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
         "caption_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
         "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
         "token_warmup_step", "conditioning_data_dir")}

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from library.buckets import (BucketAssigner, BucketBatchSampler, CropPlan, ImageTooSmallError, apply_plan_to_image,
-                             plan_resize_and_crop)
+                             plan_resize_and_crop, resample_filter)
 from library.captions import process_caption
 from library.dataset_sources import ConditioningUse, ImageRecord
 from library.images import load_image
@@ -164,7 +164,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         subset = item.record.subset
         plan = self.sample_plan(item, key)
         loaded = load_image(item.record.path, want_alpha=subset.alpha_mask)
-        image = apply_plan_to_image(loaded.rgb, plan)
+        image = apply_plan_to_image(loaded.rgb, plan, resample=resample_filter(subset.resize_interpolation))
         if subset.color_aug and key is not None:
             image = color_augment(image, _rng(self.seed, "color", key.epoch, key.index))
         mask = None
@@ -191,8 +191,9 @@ class TrainingDataset(torch.utils.data.Dataset):
 
     def _companion(self, item: Item, plan: CropPlan) -> Image.Image:
         companion = load_image(item.record.conditioning).rgb
+        resample = resample_filter(item.record.subset.resize_interpolation)  # the photo's filter too
         try:
-            return apply_plan_to_image(companion, plan)
+            return apply_plan_to_image(companion, plan, resample=resample)
         except ValueError as e:
             raise ValueError(f"{item.record.conditioning}: {e} ({item.record.path.name})") from None
 

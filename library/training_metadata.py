@@ -94,6 +94,7 @@ def run_metadata(args, *, dataset: TrainingDataset, data_summary: dict, seed: in
         "ss_cache_latents": str(args.cache_latents), "ss_enable_bucket": str(args.enable_bucket),
         "ss_min_bucket_reso": str(args.min_bucket_reso), "ss_max_bucket_reso": str(args.max_bucket_reso),
         "ss_bucket_no_upscale": str(args.bucket_no_upscale), "ss_flip_aug": str(args.flip_aug),
+        "ss_resize_interpolation": str(args.resize_interpolation),
         "ss_random_crop": str(args.random_crop), "ss_shuffle_caption": str(args.shuffle_caption),
         "ss_keep_tokens": str(args.keep_tokens), "ss_noise_offset": str(args.noise_offset),
         "ss_min_snr_gamma": str(args.min_snr_gamma), "ss_prior_loss_weight": str(args.prior_loss_weight),

@@ -93,6 +93,8 @@ bucket_reso_steps = 32
     ("[[datasets]]\nbatch_size = 'two'\n[[datasets.subsets]]\nimage_dir = 'a'\n", r"batch_size = 'two': expected int"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nflip_aug = 'yes'\n", "flip_aug = 'yes': expected bool"),
     ("[[datasets]]\nnetwork_multiplier = 0.5\n[[datasets.subsets]]\nimage_dir = 'a'\n", "network_multiplier: not implemented"),
+    ("[general]\nresize_interpolation = 'cubicle'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n",
+     "subsets.0.\\.resize_interpolation 'cubicle': use one of lanczos, nearest"),
     ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n[[datasets.subsets]]\nmetadata_file = 'm.json'\n", "mixes fine-tune"),
     ("[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n", "needs image_dir"),
     ("[[datasets]]\n", r"no \[\[datasets.subsets\]\]"),

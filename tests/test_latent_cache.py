@@ -23,15 +23,15 @@ def vae():
     return build_tiny_models(SD1, seed=5).vae
 
 
-def make_dataset(folder, resolution=64, flip=False):
-    subset = Subset(image_dir=folder, flip_aug=flip)
+def make_dataset(folder, resolution=64, flip=False, resize=None):
+    subset = Subset(image_dir=folder, flip_aug=flip, resize_interpolation=resize)
     records, _ = scan_subset(subset)
     assigner = BucketAssigner(BucketConfig(resolution=(resolution, resolution)))
     return TrainingDataset([DatasetGroup([(r, 1) for r in records], assigner, 1)], seed=0)
 
 
 def build(vae, folder, **kw):
-    dataset = make_dataset(folder, **{k: v for k, v in kw.items() if k in ("resolution", "flip")})
+    dataset = make_dataset(folder, **{k: v for k, v in kw.items() if k in ("resolution", "flip", "resize")})
     cache = LatentCache(vae, CacheSettings(to_disk=True, skip_cache_check=kw.get("skip", False)),
                         dtype=kw.get("dtype", torch.float32))
     calls = []
@@ -90,3 +90,25 @@ def test_cached_and_uncached_pixels_agree(vae, tmp_path):
         dist = vae.encode(pixels[None]).latent_dist
     z = (cache.get(dataset.items[0], False) - dist.mean[0]) / dist.std[0]
     assert z.abs().max() < 6 and 0.5 < z.std() < 1.5  # a sample of exactly that distribution
+
+
+def test_resize_interpolation_gives_its_filters_pixels_and_its_own_cache_entries(vae, tmp_path):
+    """kohya's resize_interpolation: the photo is resized with that PIL filter (here checked against PIL itself),
+    and a cached latent made with another filter is recomputed, not reused; no filter named keeps the old keys."""
+    import numpy as np
+
+    from library.train_dataset import pixels_to_tensor
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    source.save(folder / "noise.png")
+    for name, pil in (("nearest", Image.Resampling.NEAREST), ("bicubic", Image.Resampling.BICUBIC),
+                      (None, Image.Resampling.BOX)):  # the default when shrinking: area (BOX)
+        dataset = make_dataset(folder, resize=name)
+        pixels, _ = dataset.load_pixels(dataset.items[0], None, flip=False)
+        assert torch.equal(pixels, pixels_to_tensor(source.resize((64, 64), resample=pil))), name
+    assert build(vae, folder)[2] == 1
+    assert build(vae, folder, resize="nearest")[2] == 1  # other pixels: recomputed
+    assert build(vae, folder, resize="nearest")[2] == 0 and build(vae, folder)[2] == 1
