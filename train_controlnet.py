@@ -45,8 +45,10 @@ logger = logging.getLogger("train_controlnet")
 def setup_parser(*, control_net_lr: float | None = None) -> argparse.ArgumentParser:
     """`control_net_lr`: the default of --control_net_lr (sdxl_train_control_net.py: kohya's 1e-4)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,))
+    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,
+                                                             train_args.FUSED_OPTIMIZER_GROUPS_FLAG))
     train_args.add_text_encoder_cache_arguments(p)
+    train_args.add_fused_step_arguments(p)  # a ControlNet is a third of an SD U-Net, half an SDXL one
     g = p.add_argument_group("ControlNet")
     g.add_argument("--controlnet_model_name_or_path", default=None,
                    help="start from this ControlNet (diffusers folder or original-layout file) instead of the U-Net")
@@ -162,6 +164,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     checkpoint = setup.read_base_model(args, trains)
     family, prediction = checkpoint.family, checkpoint.prediction_type
     accelerator = setup.make_accelerator(args)
+    setup.check_fused_step(args, start, accelerator)
     with checkpoint:
         controlnet = initial_controlnet(args, checkpoint, family)
         models, precision = setup.load_models(args, checkpoint, accelerator)
@@ -207,7 +210,9 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                                  max_train_steps=max_train_steps, resolution=metadata["modelspec.resolution"]))
     task = ControlNetTask(controlnet, models.unet, family=family, save_as=args.save_model_as,
                           save_dtype=setup.SAVE_DTYPES.get(args.save_precision), metadata=metadata)
-    config = setup.loop_config(args, start, family, max_train_steps, default_project=Path(trains.script).stem)
+    fused = setup.fused_step_flag(args)
+    config = setup.loop_config(args, start, family, max_train_steps, default_project=Path(trains.script).stem,
+                               max_grad_norm=0.0 if fused else None)  # clipped inside backward when fused
     validator = None
     if pairs:
         validator = ControlNetValidator(pairs, models=models, controlnet=controlnet, output_dir=start.output_dir,
@@ -220,6 +225,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
                    "optimizer_type": start.optimizer.optimizer_type,
                    "learning_rates": [group["lr"] for group in param_groups],
+                   **({"fused_step": fused, "fused_optimizer_groups": args.fused_optimizer_groups} if fused else {}),
                    "dataset_items": hashlib.sha256("\n".join(f"{i.record.path}|{i.record.conditioning}|{i.bucket}"
                                                              for i in dataset.items).encode()).hexdigest()[:16]}
     trainer = Trainer(task=task, unet=models.unet, vae=models.vae, text_conditioner=text_conditioner,

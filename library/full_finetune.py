@@ -48,14 +48,7 @@ def add_full_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema_decay", type=float, default=0.9999)
     g.add_argument("--ema_cpu", action="store_true", help="keep the EMA copy in CPU memory (saves GPU memory)")
     train_args.add_embedding_arguments(p)
-    g.add_argument("--fused_backward_pass", action="store_true",
-                   help="step the optimizer inside the backward pass, parameter by parameter (no full gradient "
-                        "copy of the model in memory); needs --gradient_accumulation_steps 1 and one process")
-    g.add_argument(train_args.FUSED_OPTIMIZER_GROUPS_FLAG, type=int, default=None, metavar="N",
-                   help="kohya's variant: step the optimizer inside the backward pass in N shares of the parameters, "
-                        "each as soon as its gradients are ready (about 1/N of the gradients in memory; "
-                        "--max_grad_norm clips each share by its own norm); same conditions")
-
+    train_args.add_fused_step_arguments(p)
 
 @dataclass(frozen=True)
 class FullModelRecipe:
@@ -72,16 +65,6 @@ class FullModelRecipe:
     pad_captions_to_longest: bool = False  # train_db --no_token_padding
     # Work with the loaded base models before the dataset is scanned (train_db: generate missing class images).
     before_data: Callable[[SDModels, "setup.RunStart"], None] | None = None
-
-
-def fused_step_flag(args: argparse.Namespace) -> str | None:
-    """The flag asking for the optimizer step inside backward, if any (kohya's two variants exclude each other)."""
-    if args.fused_backward_pass and args.fused_optimizer_groups:
-        raise SystemExit("error: --fused_backward_pass (a step per parameter) and --fused_optimizer_groups (a step per "
-                         "share of the parameters) are two ways of doing the same; give one")
-    if args.fused_optimizer_groups is not None:
-        return train_args.FUSED_OPTIMIZER_GROUPS_FLAG
-    return "--fused_backward_pass" if args.fused_backward_pass else None
 
 
 def save_format(args: argparse.Namespace) -> SaveFormat:
@@ -318,17 +301,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
-    fused = fused_step_flag(args)
-    if fused:  # checked before the models load (it depends on the process count)
-        from library.fused_backward import check_fused_backward_pass
-
-        try:
-            check_fused_backward_pass(start.optimizer.optimizer_type,
-                                      gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                      num_processes=accelerator.num_processes, mixed_precision=args.mixed_precision,
-                                      flag=fused)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+    setup.check_fused_step(args, start, accelerator)  # before the models load (it depends on the process count)
     with checkpoint:
         extras = carried_extras(checkpoint)
         source_metadata = dict(checkpoint.metadata)
@@ -388,22 +361,9 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
         ema = EMA(trainable, decay=args.ema_decay, device="cpu" if args.ema_cpu else None)
 
     # Optimizer
-    max_grad_norm = None
-    if fused:
-        from library.fused_backward import FusedBackwardOptimizer
-        from library.optimizers import build_scheduler
-
-        try:
-            optimizer = FusedBackwardOptimizer(start.optimizer, param_groups,
-                                               max_grad_norm=start.optimizer.max_grad_norm,
-                                               groups=args.fused_optimizer_groups)
-            lr_scheduler = build_scheduler(start.optimizer, optimizer, max_train_steps)
-        except (ValueError, TypeError) as e:
-            raise SystemExit(f"error: --optimizer_type {start.optimizer.optimizer_type}: {e}") from None
-        max_grad_norm = 0.0  # clipped per parameter (or share) inside the backward pass
-    else:
-        optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
-                                                           accelerator)
+    optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
+                                                       accelerator)
+    max_grad_norm = 0.0 if setup.fused_step_flag(args) else None  # clipped inside backward (per parameter / share)
 
     metadata = checkpoint_metadata(args, recipe, family, prediction, dataset, data_summary, start.seed,
                                    max_train_steps)

@@ -282,6 +282,19 @@ MODELSPEC_FLAGS = {
 }
 
 
+def add_fused_step_arguments(p: argparse.ArgumentParser) -> None:
+    """The optimizer step inside backward (library/fused_backward.py), for trainers of big models; they also pass
+    implemented=(FUSED_OPTIMIZER_GROUPS_FLAG,) to add_common_training_arguments."""
+    g = p.add_argument_group("optimizer step inside backward (memory)")
+    g.add_argument("--fused_backward_pass", action="store_true",
+                   help="step the optimizer inside the backward pass, parameter by parameter (no full gradient "
+                        "copy of the model in memory); needs --gradient_accumulation_steps 1 and one process")
+    g.add_argument(FUSED_OPTIMIZER_GROUPS_FLAG, type=int, default=None, metavar="N",
+                   help="kohya's variant: step the optimizer inside the backward pass in N shares of the parameters, "
+                        "each as soon as its gradients are ready (about 1/N of the gradients in memory; "
+                        "--max_grad_norm clips each share by its own norm); same conditions")
+
+
 def add_modelspec_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model metadata (modelspec.*, kohya's --metadata_* flags)")
     for name, what in MODELSPEC_FLAGS.items():

@@ -208,11 +208,51 @@ def cache_latents(args: argparse.Namespace, dataset: TrainingDataset, vae, preci
 # Optimization, loop, samples
 
 
+def fused_step_flag(args: argparse.Namespace) -> str | None:
+    """The flag asking for the optimizer step inside backward, if the trainer has them and one is given (kohya's
+    two variants exclude each other)."""
+    per_parameter, groups = getattr(args, "fused_backward_pass", False), getattr(args, "fused_optimizer_groups", None)
+    if per_parameter and groups:
+        raise SystemExit("error: --fused_backward_pass (a step per parameter) and --fused_optimizer_groups (a step per "
+                         "share of the parameters) are two ways of doing the same; give one")
+    if groups is not None:
+        return train_args.FUSED_OPTIMIZER_GROUPS_FLAG
+    return "--fused_backward_pass" if per_parameter else None
+
+
+def check_fused_step(args: argparse.Namespace, start: RunStart, accelerator) -> None:
+    """Refuse, by flag, a fused step these settings cannot have; cheap, so called before the models load."""
+    flag = fused_step_flag(args)
+    if not flag:
+        return
+    from library.fused_backward import check_fused_backward_pass
+
+    try:
+        check_fused_backward_pass(start.optimizer.optimizer_type,
+                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  num_processes=accelerator.num_processes, mixed_precision=args.mixed_precision,
+                                  flag=flag)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def build_optimization(args: argparse.Namespace, opt_config: OptimizerConfig, param_groups: list[dict],
                        max_train_steps: int, accelerator):
     """The optimizer and LR scheduler. Only the optimizer goes through accelerate: with fp16 it then unscales the
-    GradScaler's scaled gradients before clipping and stepping (--full_fp16: fp16 gradients allowed)."""
+    GradScaler's scaled gradients before clipping and stepping (--full_fp16: fp16 gradients allowed). With
+    --fused_backward_pass / --fused_optimizer_groups the optimizer steps inside backward (the loop's own clipping
+    must then be off: max_grad_norm 0)."""
     from library.precision import allow_fp16_gradient_unscaling
+
+    if fused_step_flag(args):
+        from library.fused_backward import FusedBackwardOptimizer
+
+        try:
+            optimizer = FusedBackwardOptimizer(opt_config, param_groups, max_grad_norm=opt_config.max_grad_norm,
+                                               groups=args.fused_optimizer_groups)
+            return optimizer, build_scheduler(opt_config, optimizer, max_train_steps)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"error: --optimizer_type {opt_config.optimizer_type}: {e}") from None
 
     try:
         optimizer = build_optimizer(opt_config, param_groups)

@@ -182,3 +182,18 @@ def test_continues_from_a_saved_controlnet(workspace):
                                        "--learning_rate", "0", "--control_net_lr", "0"])
     a, b = read_file(root / "first" / "cn.safetensors"), read_file(root / "second" / "cn.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fused_optimizer_groups_equal_the_normal_step(workspace):
+    """kohya's --fused_optimizer_groups on the SDXL ControlNet with its two learning rates: the same weights and
+    losses as the normal step, bit for bit (clipping off); with gradient accumulation it is refused by name."""
+    root = workspace
+    extra = ["--max_train_steps", "3", "--max_grad_norm", "0", "--save_model_as", "safetensors"]
+    run(folder_args(root, "unfused") + extra)
+    run(folder_args(root, "groups") + extra + ["--fused_optimizer_groups", "3"])
+    a, b = read_file(root / "unfused" / "cn.safetensors"), read_file(root / "groups" / "cn.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(root / "unfused" / "logs") == logged_losses(root / "groups" / "logs")
+    with pytest.raises(SystemExit, match="--fused_optimizer_groups does not work with --gradient_accumulation_steps"):
+        run(folder_args(root, "refused") + extra + ["--fused_optimizer_groups", "3", "--gradient_accumulation_steps",
+                                                    "2"])

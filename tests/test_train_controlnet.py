@@ -314,3 +314,16 @@ def test_proportion_empty_prompts_is_the_caption_dropout_rate():
             "0.3"]
     args = train_controlnet.diffusers_example_flags(train_args.parse_args(train_controlnet.setup_parser(), argv))
     assert args.caption_dropout_rate == 0.3
+
+
+def test_fused_backward_pass_equals_the_normal_step(workspace):
+    """--fused_backward_pass on the ControlNet (the optimizer stepped inside backward, parameter by parameter):
+    the same weights and losses as the normal step, bit for bit (clipping off, where the two agree)."""
+    root = workspace
+    extra = ["--max_train_steps", "3", "--max_grad_norm", "0", "--save_model_as", "safetensors",
+             "--optimizer_type", "AdamW"]
+    run(folder_args(root, "cn_unfused") + extra)
+    run(folder_args(root, "cn_fused") + extra + ["--fused_backward_pass"])
+    a, b = read_file(root / "cn_unfused" / "cn.safetensors"), read_file(root / "cn_fused" / "cn.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert logged_losses(root / "cn_unfused" / "logs") == logged_losses(root / "cn_fused" / "logs")
