@@ -4,6 +4,10 @@
     python benchmarks/bench_lora_step.py --size tiny   # smoke check (tiny model, 64 px), under a minute
     python benchmarks/bench_lora_step.py               # full SD 1.5 size, 256 px, 2 threads: ~10 min on an idle CPU
     python benchmarks/bench_lora_step.py --threads 1   # ~25 min; far steadier while other jobs share the CPU
+    python benchmarks/bench_lora_step.py --family sdxl --size tiny   # SDXL smoke check, about a minute
+    python benchmarks/bench_lora_step.py --family sdxl --warmup 1 --steps 3 --repeats 1 --keep \
+        --workdir /tmp/bench_sdxl                      # full SDXL, 256 px: ~10 min, ~15 GB disk, ~9 GB RAM
+    python benchmarks/bench_lora_step.py --family sdxl --model /tmp/bench_sdxl/model.safetensors --resolution 512 ...
 
 A model with the SD 1.5 architecture and random weights (no download) is written once as an original-layout fp32
 `.safetensors` by a child process, next to 8 synthetic captioned images. Every measurement runs in a fresh child
@@ -25,6 +29,18 @@ process; the configurations alternate for `--repeats` rounds:
 OMP_NUM_THREADS and MKL_NUM_THREADS (torch reads them at start-up). Peak RSS is each child's own `ru_maxrss` (from
 `os.wait4`); it includes loading the model (and, for "ours", the latent cache). Other jobs distort the timings: each
 child first waits (up to 60 s) for an idle CPU, and the share of the CPU other processes used while it ran is shown.
+"Time to first step" is read in the "ours" child: from the process's start (its /proc start time) to the start of
+the first optimizer step (imports, model loading, caching, network and optimizer set-up) and to its end.
+
+`--family sdxl` (issue 13): the same on an SDXL model (random weights, fp32 file ~14 GB), trained the way that fits
+a 24 GB card: "ours" is `sdxl_train_network.py ... --network_train_unet_only --cache_text_encoder_outputs
+--cache_latents --mixed_precision bf16 --network_dim 16 --network_alpha 16` (U-Net LoRA only); the floor loads the
+same modules in the precision policy's dtypes (every frozen weight in bf16), releases the text encoders as the
+trainer does once their outputs are cached, applies the fp32 LoRA to the U-Net only, and times the bare step under
+bf16 autocast: fixed text conditioning (random hidden states [1, 77, 2048], pooled output [1, 1280] and time ids
+[1, 6]), U-Net forward on the noised latent, MSE, backward, AdamW step. The reference is the U-Net forward/backward
+without LoRA or optimizer (`--no-reference` skips it). `--model FILE` reuses a model file an earlier run kept
+(`--keep`), so the 14 GB file is built once for several runs.
 """
 
 from __future__ import annotations
@@ -44,23 +60,37 @@ from bench_common import RESOLUTION, ROOT, build_in_child, build_model, machine_
 
 CAPTION = "sks shape, red circle, simple background"
 RANK, LR = 16, 1e-4
-# "ours" runs the CLI file as __main__, recording (wall, CPU) times after each step (Trainer._log ends a step).
+# "ours" runs the CLI file as __main__, recording (wall, CPU) times after each step (Trainer._log ends a step), and
+# the seconds since the process started (/proc/self/stat's start time, on CLOCK_BOOTTIME) when the first optimizer
+# step began and ended.
 HOOK = """import json, os, runpy, sys, time
 import library.training_loop as tl
-stamps, log = [], tl.Trainer._log
+since_start = lambda: time.clock_gettime(time.CLOCK_BOOTTIME) - int(
+    open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+stamps, first, log, step = [], [], tl.Trainer._log, tl.Trainer._optimizer_step
 def timed_log(self, *args):
     log(self, *args)
     stamps.append((time.perf_counter(), time.process_time()))
-tl.Trainer._log = timed_log
+def timed_step(self, *args):
+    if not first:
+        first.append(since_start())
+    out = step(self, *args)
+    if len(first) == 1:
+        first.append(since_start())
+    return out
+tl.Trainer._log, tl.Trainer._optimizer_step = timed_log, timed_step
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    open(os.environ["BENCH_STEP_STAMPS"], "w").write(json.dumps(stamps))
+    open(os.environ["BENCH_STEP_STAMPS"], "w").write(json.dumps({"steps": stamps, "first": first}))
 """
+SCRIPT = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py"}
+# What "ours" adds for SDXL: the settings that fit a 24 GB card (U-Net LoRA, cached text-encoder outputs, bf16).
+SDXL_FLAGS = ["--network_train_unet_only", "--cache_text_encoder_outputs", "--mixed_precision", "bf16"]
 
 
-def floor(model: Path, size: str, threads: int, warmup: int, steps: int, result: Path) -> None:
+def floor(model: Path, resolution: int, threads: int, warmup: int, steps: int, result: Path) -> None:
     """Child process: the bare LoRA step, then the no-LoRA reference; writes their step times to `result`."""
     import torch
     import torch.nn.functional as F
@@ -80,7 +110,7 @@ def floor(model: Path, size: str, threads: int, warmup: int, steps: int, result:
     network.apply_to(te, unet)
     groups, _ = network.prepare_optimizer_params(None, None, LR)
     optimizer = torch.optim.AdamW(groups, lr=LR)
-    latents = torch.randn(1, 4, RESOLUTION[size] // 8, RESOLUTION[size] // 8)
+    latents = torch.randn(1, 4, resolution // 8, resolution // 8)
 
     def step(lora: bool):
         ids = tokenizer([CAPTION], padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids
@@ -111,22 +141,89 @@ def floor(model: Path, size: str, threads: int, warmup: int, steps: int, result:
     result.write_text(json.dumps(out))
 
 
-def ours(work: Path, model: Path, data: Path, size: str, threads: int, steps: int, tag: str, wait: float) -> dict:
-    """train_network.py for `steps` steps: run_child's figures, the trainer's own total and per-step (wall, CPU)."""
+def floor_sdxl(model: Path, resolution: int, threads: int, warmup: int, steps: int, result: Path,
+               reference: bool) -> None:
+    """Child process: the bare SDXL U-Net LoRA step as sdxl_train_network.py runs it with --network_train_unet_only
+    --cache_text_encoder_outputs --mixed_precision bf16, then (`reference`) the no-LoRA reference; writes their step
+    times to `result`."""
+    import torch
+    import torch.nn.functional as F
+
+    from library.model_loading import instantiate_models
+    from library.precision import precision_policy
+    from library.sd_checkpoint import read_checkpoint
+    from library.text_encoder_cache import release_text_encoders
+    from networks.lora import create_network
+
+    torch.set_num_threads(threads)
+    precision = precision_policy("bf16")  # the trainer's policy: frozen weights (and the VAE) bf16, LoRA fp32
+    with read_checkpoint(model) as checkpoint:
+        models = instantiate_models(checkpoint, dtype=precision.weight_dtype,
+                                    component_dtypes={"vae": precision.vae_dtype})
+    unet, text_encoders = models.unet, models.text_encoders
+    for m in (unet, models.vae, *text_encoders):  # the VAE stays loaded, as in the trainer
+        m.requires_grad_(False)
+    release_text_encoders(text_encoders)  # as the trainer does once the text-encoder outputs are cached
+    torch.manual_seed(0)
+    network = create_network(1.0, RANK, RANK, models.vae, text_encoders, unet)
+    network.apply_to(text_encoders, unet, apply_text_encoder=False, apply_unet=True)
+    network.to(precision.trained_dtype)
+    groups, _ = network.prepare_optimizer_params(None, None, LR)
+    optimizer = torch.optim.AdamW(groups, lr=LR)
+    dtype, config = precision.weight_dtype, unet.config
+    latents = torch.randn(1, 4, resolution // 8, resolution // 8)
+    # The cached conditioning: both encoders' hidden states side by side, bigG's pooled output, the 6 time ids
+    # (original size, crop top-left, target size), in the weight dtype as the loop hands them to the U-Net.
+    hidden = torch.randn(1, 77, config.cross_attention_dim).to(dtype)
+    pooled = torch.randn(1, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim)
+    added = {"text_embeds": pooled.to(dtype),
+             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=dtype)}
+
+    def step(lora: bool):
+        noise = torch.randn_like(latents)
+        noisy = latents + noise if lora else (latents + noise).requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            prediction = unet(noisy.to(dtype), torch.randint(0, 1000, (1,)), hidden, added_cond_kwargs=added).sample
+        F.mse_loss(prediction.float(), noise).backward()
+        if lora:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def timed(lora: bool) -> list[tuple[float, float]]:  # (wall, CPU) seconds of each measured step
+        times = []
+        for _ in range(warmup + steps):
+            wall, cpu = time.perf_counter(), time.process_time()
+            step(lora)
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        return times[warmup:]
+
+    out = {"floor": timed(True)}
+    if reference:
+        network.restore()
+        out["reference"] = timed(False)
+    result.write_text(json.dumps(out))
+
+
+def ours(work: Path, model: Path, data: Path, family: str, resolution: int, threads: int, steps: int, tag: str,
+         wait: float) -> dict:
+    """train_network.py (sdxl_train_network.py) for `steps` steps: run_child's figures, the trainer's own total and
+    per-step (wall, CPU), and the seconds from the process's start to the start and end of its first step."""
     out, stamps, log = work / f"out_{tag}", work / f"{tag}.stamps.json", work / f"{tag}.log"
-    argv = [sys.executable, "-c", HOOK, str(ROOT / "train_network.py"), "--pretrained_model_name_or_path", str(model),
+    argv = [sys.executable, "-c", HOOK, str(ROOT / SCRIPT[family]), "--pretrained_model_name_or_path", str(model),
             "--train_data_dir", str(data), "--output_dir", str(out), "--output_name", "lora",
-            "--resolution", str(RESOLUTION[size]), "--network_dim", str(RANK), "--network_alpha", str(RANK),
+            "--resolution", str(resolution), "--network_dim", str(RANK), "--network_alpha", str(RANK),
             "--train_batch_size", "1", "--cache_latents", "--max_train_steps", str(steps), "--learning_rate", str(LR),
-            "--max_data_loader_n_workers", "0", "--seed", "0"]
+            "--max_data_loader_n_workers", "0", "--seed", "0", *(SDXL_FLAGS if family == "sdxl" else [])]
     run = run_child(argv, log, threads, wait, BENCH_STEP_STAMPS=str(stamps))
     shutil.rmtree(out)
     found = re.findall(r"trained (\d+) steps in ([\d.]+) s", log.read_text())
-    times = json.loads(stamps.read_text())
-    if not found or int(found[-1][0]) != steps or len(times) != steps:
+    recorded = json.loads(stamps.read_text())
+    times = recorded["steps"]
+    if not found or int(found[-1][0]) != steps or len(times) != steps or len(recorded["first"]) != 2:
         raise SystemExit(f"{log}: expected {steps} steps and a 'trained {steps} steps in ... s' line")
     run["total"] = float(found[-1][1])
     run["steps"] = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(times, times[1:])]  # steps 2..N
+    run["first"] = recorded["first"]  # seconds from the process's start to the first step's start, and end
     return run
 
 
@@ -150,10 +247,18 @@ def print_table(metric: int, labels: dict, rounds: dict, steps: dict, rss: dict)
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["full", "tiny"], default="full")
+    p.add_argument("--family", choices=list(SCRIPT), default="sd1",
+                   help="sd1: train_network.py on SD 1.5 (default); sdxl: sdxl_train_network.py, U-Net LoRA, bf16")
+    p.add_argument("--resolution", type=int, default=None, help="training resolution in px (default 256; tiny: 64)")
     p.add_argument("--warmup", type=int, default=2, help="W: steps not measured (default 2)")
-    p.add_argument("--steps", type=int, default=6, help="K: steps measured (default 6; W + K <= 8 is one epoch)")
+    p.add_argument("--steps", type=int, default=6, help="K: steps measured (default 6; the data is W + K images, "
+                                                        "one epoch)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="rounds of ours + floor (default 3; tiny: 1)")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the no-LoRA reference (SDXL only; it doubles the floor child's steps)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="reuse this model file (of --family and --size, kept by an earlier run) instead of building one")
     p.add_argument("--workdir", type=Path, default=None, help="where the files go (default: a new temp dir in /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (default: delete it at the end)")
     p.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)  # internal: the model-building child
@@ -161,15 +266,23 @@ def main() -> int:
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    w, k, size, threads = args.warmup, args.steps, args.size, args.threads
+    w, k, size, threads, family = args.warmup, args.steps, args.size, args.threads, args.family
+    resolution = args.resolution or RESOLUTION[size]
     if w < 1 or k < 1:
         p.error("--warmup and --steps must be at least 1")
     if args.build_into:
-        build_model(size, args.build_into)
+        build_model(size, args.build_into, family)
         return 0
     if args.floor:
-        floor(args.floor[0], size, threads, w, k, args.floor[1])
+        if family == "sdxl":
+            floor_sdxl(args.floor[0], resolution, threads, w, k, args.floor[1], args.reference)
+        else:
+            floor(args.floor[0], resolution, threads, w, k, args.floor[1])
         return 0
+    if not args.reference and family != "sdxl":
+        p.error("--no-reference is for --family sdxl")
+    if args.model and not args.model.is_file():
+        p.error(f"--model {args.model}: no such file")
     repeats = args.repeats or (1 if size == "tiny" else 3)
     wait = 0.0 if size == "tiny" else 60.0  # seconds to wait for an idle CPU before each child
 
@@ -177,37 +290,58 @@ def main() -> int:
 
     work = work_dir(args.workdir, "bench_lora_step_")
     print(f"{machine_line()}; {threads} thread(s); work dir {work}")
-    model, data = work / "model.safetensors", work / "data"
-    write_dataset(data, images=8, size=RESOLUTION[size], seed=0, folder="1_sks shape")
-    build_in_child([sys.executable, __file__, "--size", size, "--build-into", str(model)], model, size,
-                   work / "build.log", threads)
+    data = work / "data"
+    shutil.rmtree(data, ignore_errors=True)  # a kept work dir may hold another run's images
+    write_dataset(data, images=w + k, size=resolution, seed=0, folder="1_sks shape")
+    if args.model:
+        model = args.model
+        print(f"model: {model} ({model.stat().st_size / 2**20:.0f} MiB, not rebuilt)", flush=True)
+    else:
+        model = work / "model.safetensors"
+        build_in_child([sys.executable, __file__, "--size", size, "--family", family, "--build-into", str(model)],
+                       model, size, work / "build.log", threads)
 
     # (wall, CPU) s/step of each round, and of every single measured step (the difference has no single steps).
-    labels = {"ours": "ours: `train_network.py`, (t(W+K) - t(W)) / K",
-              "ours steps": "ours: single steps W+1..W+K of the same W+K runs",
-              "floor": "floor: bare LoRA step (TE + U-Net fwd/bwd, AdamW)",
-              "reference": "reference: TE + U-Net fwd/bwd, no LoRA, no optimizer"}
+    if family == "sdxl":
+        labels = {"ours": "ours: `sdxl_train_network.py`, (t(W+K) - t(W)) / K",
+                  "ours steps": "ours: single steps W+1..W+K of the same W+K runs",
+                  "floor": "floor: bare U-Net LoRA step (cached conditioning, bf16 autocast, AdamW)",
+                  "reference": "reference: U-Net fwd/bwd, no LoRA, no optimizer"}
+        if not args.reference:
+            del labels["reference"]
+    else:
+        labels = {"ours": "ours: `train_network.py`, (t(W+K) - t(W)) / K",
+                  "ours steps": "ours: single steps W+1..W+K of the same W+K runs",
+                  "floor": "floor: bare LoRA step (TE + U-Net fwd/bwd, AdamW)",
+                  "reference": "reference: TE + U-Net fwd/bwd, no LoRA, no optimizer"}
     rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in labels}
     steps: dict[str, list[tuple[float, float]]] = {name: [] for name in ("ours steps", "floor", "reference")}
     rss = {"ours": 0.0, "floor": 0.0}
+    first: list[tuple[int, float, float]] = []  # (steps of the run, s to the first step's start, s to its end)
+    others: dict[str, list[float]] = {"ours": [], "floor": []}  # other processes' share of the CPU, per child
     mean = lambda pairs: tuple(statistics.mean(p[i] for p in pairs) for i in (0, 1))  # noqa: E731
     show = lambda pairs: ", ".join(f"{a:.2f}/{b:.2f}" for a, b in pairs)  # noqa: E731
     for r in range(1, repeats + 1):
-        short, full = (ours(work, model, data, size, threads, n, f"ours{r}_{n}", wait) for n in (w, w + k))
+        short, full = (ours(work, model, data, family, resolution, threads, n, f"ours{r}_{n}", wait)
+                       for n in (w, w + k))
         rounds["ours"].append(((full["total"] - short["total"]) / k, (full["cpu"] - short["cpu"]) / k))
         steps["ours steps"] += full["steps"][w - 1:]
         rounds["ours steps"].append(mean(full["steps"][w - 1:]))
         rss["ours"] = max(rss["ours"], short["rss"], full["rss"])
         for run, n in ((short, w), (full, w + k)):
+            first.append((n, *run["first"]))
+            others["ours"].append(run["others"])
             print(f"  round {r}: ours {n} steps: trainer {run['total']:.1f} s, process {run['wall']:.1f} s wall, "
                   f"{run['cpu']:.1f} s CPU, peak RSS {run['rss']:.0f} MiB, others used {100 * run['others']:.0f} % CPU")
         print(f"  round {r}: ours, wall/CPU s per step: difference {'%.2f/%.2f' % rounds['ours'][-1]}; "
               f"single steps {show(full['steps'][w - 1:])}", flush=True)
         result = work / f"floor{r}.json"
-        argv = [sys.executable, __file__, "--size", size, "--threads", str(threads), "--warmup", str(w),
-                "--steps", str(k), "--floor", str(model), str(result)]
+        argv = [sys.executable, __file__, "--size", size, "--family", family, "--resolution", str(resolution),
+                "--threads", str(threads), "--warmup", str(w), "--steps", str(k), "--floor", str(model), str(result),
+                *([] if args.reference else ["--no-reference"])]
         run = run_child(argv, work / f"floor{r}.log", threads, wait)
         rss["floor"] = max(rss["floor"], run["rss"])
+        others["floor"].append(run["others"])
         for name, times in json.loads(result.read_text()).items():
             steps[name] += times
             rounds[name].append(mean(times))
@@ -215,13 +349,19 @@ def main() -> int:
         print(f"  round {r}: floor process {run['wall']:.1f} s, peak RSS {run['rss']:.0f} MiB, others used "
               f"{100 * run['others']:.0f} % CPU", flush=True)
 
-    print(f"\n{size} model, {RESOLUTION[size]} px, rank {RANK}, batch 1, {threads} threads, W={w}, K={k}, "
+    model_name = "SDXL, U-Net LoRA, bf16 mixed precision" if family == "sdxl" else "SD 1.5"
+    print(f"\n{size} {model_name} model, {resolution} px, rank {RANK}, batch 1, {threads} threads, W={w}, K={k}, "
           f"{repeats} round(s). s/step of each round: mean, min, max over the rounds; median of all single steps.")
     for metric, title in ((0, "wall-clock seconds per step"), (1, "CPU seconds per step (process user + sys)")):
         print(f"\n{title}\n")
         print_table(metric, labels, rounds, steps, rss)
-    if args.keep:
-        print(f"kept {work}")
+    print("\nours: seconds from the process's start to the first step's start / end (imports, loading, caching, "
+          "set-up; then step 1), per run: " + ", ".join(f"{n} steps {a:.1f}/{b:.1f}" for n, a, b in first))
+    print("other processes' share of the CPU while each child ran: ours "
+          + ", ".join(f"{100 * x:.0f} %" for x in others["ours"]) + "; floor "
+          + ", ".join(f"{100 * x:.0f} %" for x in others["floor"]))
+    if args.keep or (args.model and work.resolve() in args.model.resolve().parents):
+        print(f"kept {work}")  # (also when it holds the --model file)
     else:
         shutil.rmtree(work)
     return 0
