@@ -40,7 +40,8 @@ trainer does once their outputs are cached, applies the fp32 LoRA to the U-Net o
 bf16 autocast: fixed text conditioning (random hidden states [1, 77, 2048], pooled output [1, 1280] and time ids
 [1, 6]), U-Net forward on the noised latent, MSE, backward, AdamW step. The reference is the U-Net forward/backward
 without LoRA or optimizer (`--no-reference` skips it). `--model FILE` reuses a model file an earlier run kept
-(`--keep`), so the 14 GB file is built once for several runs.
+(`--keep`), so the 14 GB file is built once for several runs; `--model-dtype fp16` writes it in fp16 (6.6 GB, as
+SDXL base is published) where the disk has no room for fp32.
 """
 
 from __future__ import annotations
@@ -88,6 +89,22 @@ finally:
 SCRIPT = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py"}
 # What "ours" adds for SDXL: the settings that fit a 24 GB card (U-Net LoRA, cached text-encoder outputs, bf16).
 SDXL_FLAGS = ["--network_train_unet_only", "--cache_text_encoder_outputs", "--mixed_precision", "bf16"]
+
+
+def build_model_file(size: str, dest: Path, family: str, dtype: str) -> None:
+    """Child process: bench_common.build_model, or the same models written in fp16 (`dtype` "fp16")."""
+    if dtype == "fp32":
+        build_model(size, dest, family)
+        return
+    import torch
+
+    from library.checkpoint_writer import SaveFormat, save_checkpoint
+    from library.families import FAMILIES, ModelSize
+    from library.model_loading import checkpoint_from_models
+    from library.tiny_models import build_random_models
+
+    models = build_random_models(FAMILIES[family], ModelSize(size), seed=0, perturb=False)
+    save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS, dtype=torch.float16)
 
 
 def floor(model: Path, resolution: int, threads: int, warmup: int, steps: int, result: Path) -> None:
@@ -257,6 +274,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=None, help="rounds of ours + floor (default 3; tiny: 1)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the no-LoRA reference (SDXL only; it doubles the floor child's steps)")
+    p.add_argument("--model-dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="the dtype of the model file built (default fp32; fp16 halves the disk space)")
     p.add_argument("--model", type=Path, default=None,
                    help="reuse this model file (of --family and --size, kept by an earlier run) instead of building one")
     p.add_argument("--workdir", type=Path, default=None, help="where the files go (default: a new temp dir in /tmp)")
@@ -271,7 +290,7 @@ def main() -> int:
     if w < 1 or k < 1:
         p.error("--warmup and --steps must be at least 1")
     if args.build_into:
-        build_model(size, args.build_into, family)
+        build_model_file(size, args.build_into, family, args.model_dtype)
         return 0
     if args.floor:
         if family == "sdxl":
@@ -298,8 +317,8 @@ def main() -> int:
         print(f"model: {model} ({model.stat().st_size / 2**20:.0f} MiB, not rebuilt)", flush=True)
     else:
         model = work / "model.safetensors"
-        build_in_child([sys.executable, __file__, "--size", size, "--family", family, "--build-into", str(model)],
-                       model, size, work / "build.log", threads)
+        build_in_child([sys.executable, __file__, "--size", size, "--family", family, "--model-dtype",
+                        args.model_dtype, "--build-into", str(model)], model, size, work / "build.log", threads)
 
     # (wall, CPU) s/step of each round, and of every single measured step (the difference has no single steps).
     if family == "sdxl":
