@@ -10,8 +10,8 @@ bit-identical). Captions use the token string (expanded to all its vectors), or 
 `--use_object_template` / `--use_style_template`. Saved as `.pt` (WebUI's layout, the default, as kohya) or
 `.safetensors` (`emb_params`); both load in WebUI's `embeddings/` folder, ComfyUI and diffusers'
 `load_textual_inversion`. The recipe handles the model's text encoders as a list: with SDXL's two the word gets
-vectors in each (one trained parameter per encoder, one optimizer group) and the file holds one tensor per encoder
-(`clip_l`, `clip_g`).
+vectors in each (one trained parameter per encoder, one optimizer group; `library/textual_inversion.add_word`, which
+pivotal tuning shares) and the file holds one tensor per encoder (`clip_l`, `clip_g`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,66 +53,22 @@ def setup_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass(frozen=True)
-class TrainedWord:
-    """The new word in every text encoder of the model (family order): the same token strings in each tokenizer,
-    and the layer that holds the word's trained vectors in each encoder."""
-
-    tokens: ti.NewTokens  # as the first tokenizer has them
-    layers: tuple[ti.AddedTokenEmbedding, ...]
-    keys: tuple[str, ...]  # each encoder's key in a file with one tensor per encoder (clip_l, clip_g)
-
-    @property
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [layer.added for layer in self.layers]
-
-
-def add_word(models, *, token_string: str, num_vectors: int, init_word: str | None, weights: str | None,
-             dtype: torch.dtype) -> TrainedWord:
-    """--token_string's tokens in every tokenizer, their starting vectors in every text encoder (from --weights,
-    --init_word in that encoder's own table, or the table mean), installed and trainable."""
-    slots, encoders = models.family.text_encoders, models.text_encoders
-    tables = [encoder.get_input_embeddings() for encoder in encoders]
-    try:
-        tokens = [ti.add_tokens(tokenizer, token_string, num_vectors) for tokenizer in models.tokenizers]
-        if weights:
-            vectors = ti.load_encoder_embeddings(Path(weights), [(slot.embedding_key, table.embedding_dim)
-                                                                 for slot, table in zip(slots, tables)],
-                                                 models.family.description)
-            if len(vectors[0]) != num_vectors:
-                raise ValueError(f"--weights {weights} holds {len(vectors[0])} vector(s); give "
-                                 f"--num_vectors_per_token {len(vectors[0])}")
-        else:
-            vectors = [ti.init_vectors(tokenizer, table, init_word, num_vectors)
-                       for tokenizer, table in zip(models.tokenizers, tables)]
-    except ValueError as e:  # EmbeddingFileError too
-        raise SystemExit(f"error: {e}") from None
-    layers = tuple(ti.install(encoder, v.to(dtype)) for encoder, v in zip(encoders, vectors))
-    for layer in layers:
-        layer.added.requires_grad_(True)
-    return TrainedWord(tokens[0], layers, tuple(slot.embedding_key for slot in slots))
-
-
 class EmbeddingTask:
     """The new word's vectors (one parameter per text encoder) as a `TrainingTask`."""
 
     train_text_encoder = True  # gradients flow through the (frozen) text encoders into the new vectors
 
-    def __init__(self, word: TrainedWord, *, save_as: str, save_dtype, metadata: dict[str, str]):
+    STATE_KEY = "added"  # the first encoder's vectors ("added_2": SDXL's bigG), as states have always named them
+
+    def __init__(self, word: ti.TrainedWord, *, save_as: str, save_dtype, metadata: dict[str, str]):
         self.word = word
         self.save_as, self.save_dtype, self.metadata = save_as, save_dtype, metadata
 
-    @staticmethod
-    def _state_key(i: int) -> str:  # "added" (the first encoder, as before SDXL), then "added_2"
-        return "added" if i == 0 else f"added_{i + 1}"
-
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {self._state_key(i): p.detach() for i, p in enumerate(self.word.parameters)}
+        return self.word.state(self.STATE_KEY)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for i, p in enumerate(self.word.parameters):
-                p.copy_(state[self._state_key(i)])
+        self.word.load_state(state, self.STATE_KEY)
 
     def model_file_suffix(self) -> str:
         return "." + self.save_as
@@ -145,8 +100,11 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
     models, precision = setup.load_models(args, checkpoint, accelerator)
-    word = add_word(models, token_string=args.token_string, num_vectors=args.num_vectors_per_token,
-                    init_word=args.init_word, weights=args.weights, dtype=precision.trained_dtype)
+    try:
+        word = ti.add_word(models, token_string=args.token_string, num_vectors=args.num_vectors_per_token,
+                           init_word=args.init_word, weights=args.weights, dtype=precision.trained_dtype)
+    except ValueError as e:  # EmbeddingFileError too
+        raise SystemExit(f"error: {e}") from None
     new_tokens = word.tokens
     logger.info("new tokens %s (ids %s)", " ".join(new_tokens.tokens), ", ".join(map(str, new_tokens.ids)))
     if args.gradient_checkpointing:

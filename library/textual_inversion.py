@@ -70,31 +70,48 @@ def token_names(token_string: str, num_vectors: int) -> tuple[str, ...]:
     return (token_string, *(f"{token_string}{i}" for i in range(1, num_vectors)))
 
 
-def add_tokens(tokenizer, token_string: str, num_vectors: int) -> NewTokens:
+@dataclass(frozen=True)
+class WordFlags:
+    """The command-line flags a trained word's settings come from, so that errors name the flag the user gave:
+    textual inversion's by default, pivotal tuning's in LoRA and full-model training (PIVOTAL_FLAGS)."""
+
+    token: str = "--token_string"
+    num_vectors: str = "--num_vectors_per_token"
+    init_word: str = "--init_word"
+    weights: str = "--weights"
+
+
+PIVOTAL_FLAGS = WordFlags(token="--pivotal_token", num_vectors="--pivotal_num_vectors",
+                          init_word="--pivotal_init_word", weights="")  # pivotal tuning starts no word from a file
+
+
+def add_tokens(tokenizer, token_string: str, num_vectors: int, *, flags: WordFlags = WordFlags()) -> NewTokens:
     """Register the new tokens with the tokenizer. A token that would reuse an existing id (the string is already a
     vocabulary entry) is an error; a string the tokenizer already reads as one known token is a warning (the new
     token takes that word over in prompts)."""
     if not token_string or any(c.isspace() for c in token_string):
-        raise ValueError(f"--token_string {token_string!r}: give one word without spaces, e.g. 'mychar'")
+        raise ValueError(f"{flags.token} {token_string!r}: give one word without spaces, e.g. 'mychar'")
     if num_vectors < 1:
-        raise ValueError(f"--num_vectors_per_token {num_vectors}: must be at least 1")
+        raise ValueError(f"{flags.num_vectors} {num_vectors}: must be at least 1")
     known = tokenizer(token_string, add_special_tokens=False).input_ids
     if len(known) == 1:
-        logger.warning("--token_string %r is already a known CLIP token (id %d); the new embedding replaces its "
-                       "meaning wherever it appears in prompts. A made-up word avoids that.", token_string, known[0])
+        logger.warning("%s %r is already a known CLIP token (id %d); the new embedding replaces its meaning "
+                       "wherever it appears in prompts. A made-up word avoids that.", flags.token, token_string,
+                       known[0])
     names = token_names(token_string, num_vectors)
     before = len(tokenizer)
     tokenizer.add_tokens(list(names))
     ids = tuple(tokenizer.convert_tokens_to_ids(list(names)))
     collisions = [name for name, i in zip(names, ids) if i < before]
     if collisions:
-        raise ValueError(f"--token_string {token_string!r}: {', '.join(collisions)} already exist(s) in the "
+        raise ValueError(f"{flags.token} {token_string!r}: {', '.join(collisions)} already exist(s) in the "
                          "tokenizer's vocabulary, so no new embedding could be added for it; choose another token "
                          "string")
     return NewTokens(token_string, names, ids)
 
 
-def init_vectors(tokenizer, embedding: nn.Embedding, init_word: str | None, num_vectors: int) -> torch.Tensor:
+def init_vectors(tokenizer, embedding: nn.Embedding, init_word: str | None, num_vectors: int, *,
+                 flags: WordFlags = WordFlags()) -> torch.Tensor:
     """Starting vectors [num_vectors, dim]: the init word's token embeddings, repeated to fill (kohya); without an
     init word, the mean of the table (a neutral start)."""
     weight = embedding.weight.detach()
@@ -102,7 +119,7 @@ def init_vectors(tokenizer, embedding: nn.Embedding, init_word: str | None, num_
         return weight.float().mean(0, keepdim=True).repeat(num_vectors, 1)
     ids = tokenizer(init_word, add_special_tokens=False).input_ids
     if len(ids) > num_vectors:
-        raise ValueError(f"--init_word {init_word!r} is {len(ids)} tokens, more than --num_vectors_per_token "
+        raise ValueError(f"{flags.init_word} {init_word!r} is {len(ids)} tokens, more than {flags.num_vectors} "
                          f"{num_vectors}; use a shorter init word or more vectors")
     vectors = weight[torch.tensor(ids)].float()
     return vectors.repeat((num_vectors + len(ids) - 1) // len(ids), 1)[:num_vectors]
@@ -167,6 +184,79 @@ def original_token_embedding(text_encoders: list) -> Iterator[None]:
     finally:
         for embeddings, layer in zip(tables, added):
             embeddings.token_embedding = layer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A word in every text encoder
+
+
+def _state_key(key: str, index: int) -> str:
+    # The first encoder's vectors keep the plain key, the one states of one-encoder models (SD 1.x / 2.x) have always
+    # used, so those stay readable; further encoders (SDXL's bigG) add "_2", ...
+    return key if index == 0 else f"{key}_{index + 1}"
+
+
+@dataclass(frozen=True)
+class TrainedWord:
+    """A new word in every text encoder of a model (family order): the same token strings in each tokenizer, and in
+    each encoder the layer that holds the word's trained vectors, of that encoder's width (SDXL: CLIP ViT-L's and
+    OpenCLIP bigG's). Textual inversion trains only this; pivotal tuning trains it beside a LoRA or a full model."""
+
+    tokens: NewTokens  # as the first tokenizer has them (every tokenizer gets the same token strings)
+    layers: tuple[AddedTokenEmbedding, ...]
+    keys: tuple[str, ...]  # each encoder's key in a file with one tensor per encoder (clip_l, clip_g)
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return [layer.added for layer in self.layers]
+
+    @property
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """Each encoder's vectors [n, width] under its embedding key, in family order."""
+        return {key: layer.added.detach() for key, layer in zip(self.keys, self.layers)}
+
+    def state_keys(self, key: str) -> list[str]:
+        return [_state_key(key, i) for i in range(len(self.layers))]
+
+    def state(self, key: str) -> dict[str, torch.Tensor]:
+        """The vectors for a training state: the first encoder's under `key`, the others' under `<key>_2`, ..."""
+        return {name: layer.added.detach().clone() for name, layer in zip(self.state_keys(key), self.layers)}
+
+    def load_state(self, state: dict[str, torch.Tensor], key: str) -> None:
+        missing = [name for name in self.state_keys(key) if name not in state]
+        if missing:
+            raise ValueError(f"the training state holds no vectors of {self.tokens.token_string!r} for "
+                             f"{len(missing)} of the model's {len(self.layers)} text encoders ({', '.join(missing)} "
+                             "missing): it was saved by a run that trained the word in fewer encoders; start a new "
+                             "run instead of resuming")
+        with torch.no_grad():
+            for name, parameter in zip(self.state_keys(key), self.parameters):
+                parameter.copy_(state[name])
+
+
+def add_word(models, *, token_string: str, num_vectors: int, init_word: str | None, dtype: torch.dtype,
+             weights: Path | None = None, flags: WordFlags = WordFlags()) -> TrainedWord:
+    """The word's tokens in every tokenizer and its starting vectors in every text encoder of `models` (`SDModels`):
+    from `weights` (an embedding file for this family), else `init_word` looked up in that encoder's own table, else
+    the table's mean; installed after the rows each encoder has, trainable. Raises ValueError (EmbeddingFileError
+    too) naming the flag (`flags`) that needs changing."""
+    slots, encoders = models.family.text_encoders, models.text_encoders
+    tables = [encoder.get_input_embeddings() for encoder in encoders]
+    tokens = [add_tokens(tokenizer, token_string, num_vectors, flags=flags) for tokenizer in models.tokenizers]
+    if weights:
+        vectors = load_encoder_embeddings(Path(weights), [(slot.embedding_key, table.embedding_dim)
+                                                          for slot, table in zip(slots, tables)],
+                                          models.family.description)
+        if len(vectors[0]) != num_vectors:
+            raise ValueError(f"{flags.weights} {weights} holds {len(vectors[0])} vector(s); give "
+                             f"{flags.num_vectors} {len(vectors[0])}")
+    else:
+        vectors = [init_vectors(tokenizer, table, init_word, num_vectors, flags=flags)
+                   for tokenizer, table in zip(models.tokenizers, tables)]
+    layers = tuple(install(encoder, v.to(dtype)) for encoder, v in zip(encoders, vectors))
+    for layer in layers:
+        layer.added.requires_grad_(True)
+    return TrainedWord(tokens[0], layers, tuple(slot.embedding_key for slot in slots))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -49,9 +49,9 @@ def _init_word_only_in_the_first_encoder():
 
     original, calls = ti.init_vectors, []
 
-    def first_encoder_only(tokenizer, embedding, init_word, num_vectors):
+    def first_encoder_only(tokenizer, embedding, init_word, num_vectors, **kwargs):
         calls.append(init_word)
-        return original(tokenizer, embedding, init_word if len(calls) == 1 else None, num_vectors)
+        return original(tokenizer, embedding, init_word if len(calls) == 1 else None, num_vectors, **kwargs)
 
     ti.init_vectors = first_encoder_only
     return lambda: setattr(ti, "init_vectors", original)
