@@ -33,7 +33,7 @@ from library.checkpoint_writer import modelspec_date, modelspec_keys  # noqa: E4
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.model_loading import SDModels, TextModelShim  # noqa: E402
 from networks.lora import original_layout_lora_names, renamed_modules  # noqa: E402
-from library.textual_inversion import (CaptionRewrite, bundle_key, embeddings_dir, expand_tokens,  # noqa: E402
+from library.textual_inversion import (CaptionRewrite, bundle_tensors, embeddings_dir, expand_tokens,  # noqa: E402
                                        save_beside)
 from library.training_metadata import additional_networks_hashes, run_metadata  # noqa: E402
 from library.train_dataset import TrainingDataset, describe_samples  # noqa: E402
@@ -81,7 +81,7 @@ def setup_parser() -> argparse.ArgumentParser:
 # The network as a training task
 
 
-PIVOT_STATE_KEY = "pivotal_embedding"
+PIVOT_STATE_KEY = "pivotal_embedding"  # the first text encoder's vectors; "pivotal_embedding_2": SDXL's bigG
 
 
 class LoRATask:
@@ -119,14 +119,15 @@ class LoRATask:
     def trainable_state(self):
         state = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
         if self.pivot is not None:
-            state[PIVOT_STATE_KEY] = self.pivot.vectors.clone()
+            state.update(self.pivot.word.state(PIVOT_STATE_KEY))
         return state
 
     def load_trainable_state(self, state):
         state = dict(state)
         if self.pivot is not None:
-            with torch.no_grad():
-                self.pivot.layer.added.copy_(state.pop(PIVOT_STATE_KEY))
+            self.pivot.word.load_state(state, PIVOT_STATE_KEY)
+            for key in self.pivot.word.state_keys(PIVOT_STATE_KEY):
+                state.pop(key)
         self.network.load_state_dict(state)
 
     def model_file_suffix(self) -> str:
@@ -178,7 +179,7 @@ class LoRATask:
             metadata.update(additional_networks_hashes(self._kohya_state(), self.save_dtype, metadata))
         bundle = {}
         if self.pivot is not None and self.bundle_embeddings:  # inside the LoRA: WebUI and ComfyUI read it there
-            bundle = {bundle_key(self.pivot.new_tokens.token_string): self.pivot.vectors.float()}
+            bundle = bundle_tensors(self.pivot.word)
         for fmt, file in self._format_paths(path_stem):
             if fmt == "kohya" and self.unet_renames:
                 self._save_renamed(file, metadata)
@@ -327,7 +328,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
     # A text-encoder LoRA with learning rate 0 stays applied but frozen (prepare_optimizer_params decides).
     train_text_encoder = any(p.requires_grad for lora in network.text_encoder_loras for p in lora.parameters())
     if pivot is not None:
-        param_groups.append({"params": [pivot.layer.added], "lr": args.pivotal_lr})
+        param_groups.append({"params": pivot.parameters, "lr": args.pivotal_lr})  # every encoder's vectors
         group_names.append("textual_inversion")
     if (train_text_encoder or pivot is not None) and args.gradient_checkpointing:
         for text_encoder in text_encoders:

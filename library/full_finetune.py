@@ -173,9 +173,10 @@ class FullModelTask:
                 and self.trains_text_encoder:
             # Frozen from here on; the optimizer skips parameters without gradients, so its state stays as is.
             logger.info("step %d: text encoder training stops (--stop_text_encoder_training)", global_step + 1)
+            pivot_vectors = {id(p) for p in self.pivot.parameters} if self.pivot is not None else set()
             for component in self.trained_text_encoders:
                 for parameter in self.models.component(component).parameters():
-                    if self.pivot is None or parameter is not self.pivot.layer.added:
+                    if id(parameter) not in pivot_vectors:  # the word keeps its own schedule (--pivotal_steps)
                         parameter.requires_grad_(False)
             self.trains_text_encoder = False
 
@@ -189,8 +190,8 @@ class FullModelTask:
                             for name, module in self._modules().items()}}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-        if self.pivot is not None:
-            state["pivot"] = self.pivot.vectors
+        if self.pivot is not None:  # "pivot": the first text encoder's vectors, "pivot_2": SDXL's bigG
+            state.update(self.pivot.word.state("pivot"))
         return state
 
     def load_trainable_state(self, state: dict) -> None:
@@ -199,8 +200,7 @@ class FullModelTask:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if self.pivot is not None:
-            with torch.no_grad():
-                self.pivot.layer.added.copy_(state["pivot"])
+            self.pivot.word.load_state(state, "pivot")
 
     def model_file_suffix(self) -> str:
         return "" if self.save_as.is_diffusers else "." + self.save_as.value
@@ -340,7 +340,8 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
         text_encoder.to(precision.trained_dtype)
         text_encoder.requires_grad_(True)
         for module in text_encoder.modules():  # loaded embeddings stay as they are (--textual_inversion_embeddings)
-            if isinstance(module, AddedTokenEmbedding) and (pivot is None or module is not pivot.layer):
+            if isinstance(module, AddedTokenEmbedding) and (pivot is None or
+                                                            not any(module is layer for layer in pivot.layers)):
                 module.added.requires_grad_(False)
         text_encoder.train()
         if args.gradient_checkpointing:
@@ -348,10 +349,11 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
         param_groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
         lr_names.append("textencoder" if len(slots) == 1 else f"textencoder{i + 1}")  # kohya's lr/ names
         trained_encoders.append(slot.component)
-    if trained_encoders and pivot is not None:  # the new vectors train in their own group, at their own rate
-        param_groups[-1]["params"] = [p for p in param_groups[-1]["params"] if p is not pivot.layer.added]
-    if pivot is not None:
-        param_groups.append({"params": [pivot.layer.added], "lr": args.pivotal_lr})
+    if pivot is not None:  # the new vectors (of every encoder) train in their own group, at their own rate
+        pivot_vectors = {id(p) for p in pivot.parameters}
+        for group in param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in pivot_vectors]
+        param_groups.append({"params": pivot.parameters, "lr": args.pivotal_lr})
         lr_names.append("textual_inversion")
     trainable = [p for g in param_groups for p in g["params"]]
     ema = None

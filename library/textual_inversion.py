@@ -8,7 +8,9 @@ updates the whole table and copies the old rows back after every step).
 Files: `.safetensors` with `emb_params` [n, dim] (kohya, WebUI, ComfyUI, diffusers), and the WebUI `.pt` layout
 (`string_to_param["*"]`, `string_to_token`, `name`, `step`), also written for `--save_model_as ckpt` as kohya does.
 Models with several text encoders (SDXL) read and write one tensor per encoder, keyed by the family's
-`TextEncoderSlot.embedding_key` (`clip_l`, `clip_g`): one word has vectors in every encoder.
+`TextEncoderSlot.embedding_key` (`clip_l`, `clip_g`): one word has vectors in every encoder. `add_word` /
+`TrainedWord` is that word, the one implementation textual inversion and pivotal tuning (`PivotalEmbedding`, a word
+trained beside a LoRA or a full model) share; a LoRA can carry it inside (`bundle_tensors`, WebUI's `bundle_emb.*`).
 """
 
 from __future__ import annotations
@@ -403,10 +405,26 @@ def template_caption(templates: tuple[str, ...], new_tokens: NewTokens, rng: ran
 # Embeddings in other trainers: loaded ones (frozen) and pivotal tuning (a token trained in the same run)
 
 
-def bundle_key(token_string: str) -> str:
-    """Where a LoRA file carries an embedding: WebUI's Lora extension and ComfyUI read `bundle_emb.<name>.*`
-    (the `.string_to_param.*` form is the one both accept) and make `<name>` a prompt word."""
-    return f"bundle_emb.{token_string}.string_to_param.*"
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def bundle_tensors(word: TrainedWord) -> dict[str, torch.Tensor]:
+    """The word as tensors to carry inside a LoRA file, under the keys WebUI's Lora extension and ComfyUI read.
+
+    The layout is AUTOMATIC1111's lora-embedding bundle (stable-diffusion-webui PR #13568, KohakuBlueleaf): a key
+    `bundle_emb.<word>.<key in the embedding's own state dict>`. Its extensions-builtin/Lora/networks.py
+    `load_network` splits each `bundle_emb.*` key into the word and the rest, turns `string_to_param.<k>` into
+    `{"string_to_param": {k: tensor}}` and any other rest into a dict entry of that name, and hands the dict to
+    modules/textual_inversion `create_embedding_from_data`, which reads `string_to_param` as a one-encoder embedding
+    and a dict with both `clip_l` and `clip_g` as an SDXL one. ComfyUI's comfy/sd1_clip.py `load_embed` looks for
+    `bundle_emb.*.string_to_param.*`, then `bundle_emb.*.<its encoder's embedding key>` (clip_l, clip_g). So: one
+    text encoder (SD 1.x / 2.x) `bundle_emb.<word>.string_to_param.*`; several (SDXL) one tensor per encoder,
+    `bundle_emb.<word>.clip_l` and `bundle_emb.<word>.clip_g` (what OneTrainer writes for SDXL too)."""
+    token = word.tokens.token_string
+    vectors = word.vectors
+    if len(vectors) == 1:
+        return {f"{BUNDLE_PREFIX}{token}.string_to_param.*": next(iter(vectors.values())).float()}
+    return {f"{BUNDLE_PREFIX}{token}.{key}": v.float() for key, v in vectors.items()}
 
 
 def load_embeddings(models, files: list[str]) -> list[NewTokens]:
@@ -434,33 +452,47 @@ def load_embeddings(models, files: list[str]) -> list[NewTokens]:
 
 
 class PivotalEmbedding:
-    """A new token trained in the same run as a LoRA or a full model (pivotal tuning): trained for the first
-    `train_steps` steps (None: all), then frozen, and saved with the model."""
+    """A word trained in the same run as a LoRA or a full model (pivotal tuning), in every text encoder of the model
+    (`TrainedWord`): trained for the first `train_steps` steps (None: all), then frozen in every encoder, and saved
+    with the model."""
 
-    def __init__(self, layer: AddedTokenEmbedding, new_tokens: NewTokens, *, train_steps: int | None):
-        self.layer, self.new_tokens, self.train_steps = layer, new_tokens, train_steps
+    def __init__(self, word: TrainedWord, *, train_steps: int | None):
+        self.word, self.train_steps = word, train_steps
         self.training = True
+
+    @property
+    def new_tokens(self) -> NewTokens:
+        return self.word.tokens
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """The vectors of every encoder: the optimizer group at --pivotal_lr."""
+        return self.word.parameters
+
+    @property
+    def layers(self) -> tuple[AddedTokenEmbedding, ...]:
+        return self.word.layers
+
+    @property
+    def vectors(self) -> dict[str, torch.Tensor]:
+        """Each encoder's vectors under the family's embedding key (clip_l; SDXL clip_l and clip_g)."""
+        return self.word.vectors
 
     def before_step(self, global_step: int) -> None:
         if self.training and self.train_steps is not None and global_step >= self.train_steps:
             logger.info("step %d: the embedding of %r is frozen from here on (--pivotal_steps)", global_step + 1,
                         self.new_tokens.token_string)
-            self.layer.added.requires_grad_(False)
+            for parameter in self.parameters:
+                parameter.requires_grad_(False)
             self.training = False
 
-    @property
-    def vectors(self) -> torch.Tensor:
-        return self.layer.added.detach()
 
-
-def add_pivotal_token(text_encoder, tokenizer, *, token_string: str, init_word: str | None, num_vectors: int,
+def add_pivotal_token(models, *, token_string: str, init_word: str | None, num_vectors: int,
                       train_steps: int | None, dtype: torch.dtype = torch.float32) -> PivotalEmbedding:
-    table = text_encoder.get_input_embeddings()
-    new_tokens = add_tokens(tokenizer, token_string, num_vectors)
-    vectors = init_vectors(tokenizer, table, init_word, num_vectors)
-    layer = install(text_encoder, vectors.to(dtype))
-    layer.added.requires_grad_(True)
-    return PivotalEmbedding(layer, new_tokens, train_steps=train_steps)
+    """--pivotal_token: the word in every text encoder of `models`, trainable."""
+    word = add_word(models, token_string=token_string, num_vectors=num_vectors, init_word=init_word, dtype=dtype,
+                    flags=PIVOTAL_FLAGS)
+    return PivotalEmbedding(word, train_steps=train_steps)
 
 
 def check_token_in_captions(records, token_string: str, *, flag: str, alternatives: str = "") -> None:
@@ -484,10 +516,12 @@ def embeddings_dir(path_stem: Path) -> Path:
 
 def save_beside(path_stem: Path, pivot: PivotalEmbedding, *, step: int, metadata: dict[str, str]) -> Path:
     """The trained word as an embedding file named after the token (WebUI's embeddings/ and ComfyUI's
-    models/embeddings/ take the file name as the prompt word; diffusers' load_textual_inversion reads it)."""
+    models/embeddings/ take the file name as the prompt word; diffusers' load_textual_inversion reads it): `emb_params`
+    for a one-encoder model, `clip_l` and `clip_g` for SDXL (`save_encoder_embeddings`)."""
     token = pivot.new_tokens.token_string
-    path = save_embedding(embeddings_dir(path_stem) / f"{token}.safetensors", pivot.vectors, token_string=token,
-                          step=step, metadata=metadata)
+    vectors = pivot.vectors
+    path = save_encoder_embeddings(embeddings_dir(path_stem) / f"{token}.safetensors", list(vectors.values()),
+                                   list(vectors), token_string=token, step=step, metadata=metadata)
     logger.info("saved %s", path)
     return path
 

@@ -135,9 +135,9 @@ def add_embeddings(args: argparse.Namespace, models: SDModels, precision: Precis
         tokens = ti.load_embeddings(models, args.textual_inversion_embeddings or [])
         pivot = None
         if args.pivotal_token:
-            pivot = ti.add_pivotal_token(models.text_encoder, models.tokenizer, token_string=args.pivotal_token,
-                                         init_word=args.pivotal_init_word, num_vectors=args.pivotal_num_vectors,
-                                         train_steps=args.pivotal_steps,
+            # The word in every text encoder (SDXL: vectors in CLIP ViT-L and in OpenCLIP bigG).
+            pivot = ti.add_pivotal_token(models, token_string=args.pivotal_token, init_word=args.pivotal_init_word,
+                                         num_vectors=args.pivotal_num_vectors, train_steps=args.pivotal_steps,
                                          dtype=torch.float32 if not precision.full_half else precision.trained_dtype)
             tokens.append(pivot.new_tokens)
     except ValueError as e:  # EmbeddingFileError, a colliding token, a too-long init word
