@@ -405,7 +405,19 @@ def template_caption(templates: tuple[str, ...], new_tokens: NewTokens, rng: ran
 # Embeddings in other trainers: loaded ones (frozen) and pivotal tuning (a token trained in the same run)
 
 
-BUNDLE_PREFIX = "bundle_emb."
+BUNDLE_PREFIX = "bundle_emb."  # textual-inversion embeddings carried in a LoRA file (WebUI, ComfyUI)
+
+
+def split_bundled(tensors: dict) -> tuple[dict, dict]:
+    """A LoRA file's tensors as (network weights, bundled embedding tensors `bundle_emb.*`): what reads a LoRA as a
+    network keeps the first and decides what to do with the second (carry it, use it, or say it is left out)."""
+    bundled = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}
+    return {k: v for k, v in tensors.items() if k not in bundled}, bundled
+
+
+def bundled_words(keys) -> list[str]:
+    """The prompt words of a LoRA file's bundled embeddings (`bundle_emb.<word>.*`), sorted."""
+    return sorted({k[len(BUNDLE_PREFIX):].split(".", 1)[0] for k in keys if k.startswith(BUNDLE_PREFIX)})
 
 
 def bundle_tensors(word: TrainedWord) -> dict[str, torch.Tensor]:

@@ -7,8 +7,9 @@ mean |w|, min |w|, max |w|, and the module flags:
 - ZERO: the module's update is all zeros (lora_up or lora_down is zero: an untrained module, e.g. a run whose
   learning rate for that part was 0, or a save before the first step);
 - NaN / Inf: non-finite values (a diverged or fp16-overflowed run); such a file breaks every image it touches.
-Keys outside kohya's layout and incomplete modules are listed too. Exit status: 0 when nothing is flagged, 1 when
-something is, 2 when the file cannot be read.
+Keys outside kohya's layout and incomplete modules are listed too; embeddings bundled in the LoRA (`bundle_emb.*`,
+WebUI's layout) are listed by word and are not a problem. Exit status: 0 when nothing is flagged, 1 when something
+is, 2 when the file cannot be read.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from library.tensor_files import CheckpointError, open_tensor_file  # noqa: E402
+from library.textual_inversion import bundled_words  # noqa: E402
 from networks.lora_files import ALPHA, DOWN, UP, LoRAFactors, parse_lora_tensors  # noqa: E402
 
 
@@ -89,6 +91,10 @@ def check(path: Path, *, show_all_keys: bool = False, out=None) -> int:
             print(f"\n{len(items)} {title}:", file=out)
             for item in items:
                 print(f"  {item}", file=out)
+    if parsed.bundled:
+        print(f"\nbundled embedding(s) {', '.join(bundled_words(parsed.bundled))}:", file=out)
+        for key, tensor in parsed.bundled.items():
+            print(f"  {key}  {list(tensor.shape)}  {str(tensor.dtype).replace('torch.', '')}", file=out)
     alpha_count = sum(1 for k in tensors if k.endswith(ALPHA))
     print(f"\n{'OK' if not problems else 'PROBLEMS'}: {len(modules)} modules, {alpha_count} alphas, "
           f"{len(flagged)} flagged, {len(parsed.unknown)} foreign keys", file=out)

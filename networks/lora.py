@@ -36,6 +36,7 @@ from library.atomic_files import atomic_file
 from library.key_maps import original_unet_module
 from library.safetensors_io import save_tensors
 from library.tensor_files import open_tensor_file
+from library.textual_inversion import bundled_words, split_bundled
 from library.unet_blocks import SDXL_BLOCK_COUNT, sdxl_block_of
 
 logger = logging.getLogger(__name__)
@@ -610,7 +611,7 @@ class LoRANetwork(nn.Module):
         """Load a LoRA file into this network: shapes must match and no key may be unknown. Returns torch's
         (missing_keys, unexpected_keys) info; missing keys keep their current values, as in kohya. Bundled
         embeddings (`bundle_emb.*`) are not network weights and are left out."""
-        weights = {k: v for k, v in read_weights(file).items() if not k.startswith(BUNDLE_PREFIX)}
+        weights, _ = split_bundled(read_weights(file))
         return self._load_checked(weights, str(file))
 
     def save_weights(self, file: str | Path, dtype: torch.dtype | None, metadata: dict[str, str] | None, *,
@@ -625,9 +626,6 @@ class LoRANetwork(nn.Module):
         else:
             with atomic_file(file) as tmp:
                 torch.save(state, tmp)
-
-
-BUNDLE_PREFIX = "bundle_emb."  # textual-inversion embeddings carried in a LoRA file (WebUI, ComfyUI)
 
 
 def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
@@ -909,6 +907,12 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
     args = parse_network_args(kwargs)
     if weights_sd is None:
         weights_sd = read_weights(file)
+    # A LoRA with bundled embeddings (--bundle_embeddings, WebUI's bundle_emb.*): the network is the rest. The
+    # weights returned (which callers load or merge) leave them out too; the words are not applied from here.
+    weights_sd, bundled = split_bundled(weights_sd)
+    if bundled:
+        logger.info("%s carries embedding(s) %s (bundle_emb.*): not network weights, left out here", file or "LoRA",
+                    ", ".join(bundled_words(bundled)))
     dims, alphas = dims_from_weights(weights_sd)
     dropouts = {} if for_inference else dict(dropout=args.dropout, rank_dropout=args.rank_dropout,
                                               module_dropout=args.module_dropout)

@@ -10,7 +10,9 @@ The LoRA tools (merge, resize, extract, check) work on these factors directly, w
 reader accepts .safetensors and PyTorch pickles (.pt / .ckpt, weights-only unpickling), and refuses, by name,
 every key that is not in this layout (PEFT `lora_A`/`lora_B`, LyCORIS `hada_*`, DoRA `dora_scale`, ...), a module
 with only one of its two factors, mismatched factor shapes, and (on request) NaN / Inf values: a tool never drops
-part of a file silently.
+part of a file silently. Textual-inversion embeddings bundled in a LoRA (`bundle_emb.<word>.*`: WebUI's layout,
+train_network.py's --bundle_embeddings) are not modules: they are kept aside (`LoRAFile.bundled`), written back by
+the tools whose output is still that LoRA, and named when an output has no place for them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from library.atomic_files import atomic_file
 from library.checkpoint_writer import MODELSPEC_VERSION, modelspec_date
 from library.safetensors_io import save_tensors
 from library.tensor_files import CheckpointError, open_tensor_file
+from library.textual_inversion import bundled_words, split_bundled
 from networks.lora import weight_delta
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,7 @@ class LoRAFile:
     modules: dict[str, LoRAFactors]
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    bundled: dict[str, torch.Tensor] = field(default_factory=dict)  # bundle_emb.* tensors, as stored
 
     @property
     def title(self) -> str:
@@ -120,10 +124,13 @@ class ParsedTensors:
     unknown: list[str]  # keys outside the layout
     incomplete: list[str]  # "<name>: has lora_down but no lora_up", ...
     bad_shapes: list[str]  # "<name>: down [4, 32], up [16, 8]", ...
+    bundled: dict[str, torch.Tensor] = field(default_factory=dict)  # embeddings carried in the file (bundle_emb.*)
 
 
 def parse_lora_tensors(tensors: dict[str, torch.Tensor]) -> ParsedTensors:
-    """Group `<name>.lora_down.weight` / `.lora_up.weight` / `.alpha` by module; report the rest."""
+    """Group `<name>.lora_down.weight` / `.lora_up.weight` / `.alpha` by module; bundled embeddings aside; report
+    the rest."""
+    tensors, bundled = split_bundled(tensors)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in tensors.items():
@@ -154,7 +161,7 @@ def parse_lora_tensors(tensors: dict[str, torch.Tensor]) -> ParsedTensors:
         # No alpha, or alpha 0, means alpha = rank (scale 1), as networks.lora and kohya read it.
         alpha_value = float(alpha.float().item()) if alpha is not None else 0.0
         modules[name] = LoRAFactors(down, up, alpha_value or float(down.shape[0]))
-    return ParsedTensors(modules, sorted(unknown), sorted(incomplete), sorted(bad_shapes))
+    return ParsedTensors(modules, sorted(unknown), sorted(incomplete), sorted(bad_shapes), bundled)
 
 
 def short_list(items: list[str], limit: int = 12) -> str:
@@ -197,7 +204,7 @@ def read_lora_file(path: str | Path, *, require_finite: bool = True) -> LoRAFile
     if problems:
         raise LoRAFileError(f"{path}: cannot use this file as a kohya LoRA; nothing was written.\n  "
                             + "\n  ".join(problems))
-    lora = LoRAFile(parsed.modules, metadata, path)
+    lora = LoRAFile(parsed.modules, metadata, path, parsed.bundled)
     if require_finite:
         check_finite(lora)
     return lora
@@ -350,10 +357,38 @@ def lora_state_dict(modules: dict[str, LoRAFactors], dtype: torch.dtype | None) 
     return state
 
 
+def bundles_of(loras: list[LoRAFile]) -> dict[str, torch.Tensor]:
+    """The bundled embeddings a LoRA made from `loras` carries: every input's. A word bundled by several inputs with
+    different vectors can be carried once only: the first input's is kept, and the warning names the others."""
+    carried: dict[str, torch.Tensor] = {}
+    conflicts: dict[str, list[str]] = {}
+    for lora in loras:
+        keys = set(lora.bundled)
+        clashing = [k for k in keys if k in carried and not (carried[k].shape == lora.bundled[k].shape and
+                                                             torch.equal(carried[k], lora.bundled[k]))]
+        for word in bundled_words(clashing):
+            conflicts.setdefault(word, []).append(lora.name)
+        carried.update({k: v for k, v in lora.bundled.items() if k not in carried})
+    for word, names in conflicts.items():
+        logger.warning("the embedding %r is bundled with other vectors in %s; the output carries the first input's",
+                       word, ", ".join(names))
+    return carried
+
+
+def warn_bundles_left_out(loras: list[LoRAFile], where: str) -> None:
+    """Say which bundled embeddings an output with no place for them (a model checkpoint) leaves out."""
+    for lora in loras:
+        if lora.bundled:
+            logger.warning("%s bundles the embedding(s) %s; %s has no place for new words, so they are not in it "
+                           "(keep using them from the LoRA file)", lora.name, ", ".join(bundled_words(lora.bundled)),
+                           where)
+
+
 def write_lora_file(path: str | Path, modules: dict[str, LoRAFactors], metadata: dict[str, str] | None,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, *, bundled: dict[str, torch.Tensor] | None = None) -> Path:
     """Write atomically: .safetensors with the metadata plus fresh sshs_* hashes (sd-webui-additional-networks'
-    ids), or .pt / .ckpt with torch.save (no metadata, as kohya)."""
+    ids), or .pt / .ckpt with torch.save (no metadata, as kohya). `bundled`: embeddings to carry (`bundle_emb.*`),
+    written as they are (not cast to `dtype`: WebUI reads them in fp32 anyway, and they are a few vectors)."""
     from library.training_metadata import additional_networks_hashes
 
     path = check_lora_output_path(path)
@@ -364,12 +399,16 @@ def write_lora_file(path: str | Path, modules: dict[str, LoRAFactors], metadata:
     state = lora_state_dict(modules, dtype)
     if path.suffix.lower() == ".safetensors":
         metadata = dict(metadata or {})
+        # Hashes of the network tensors only, as train_network.py computes them for a file it bundles words into.
         metadata.update(additional_networks_hashes(state, None, metadata))
+        state.update({k: v.detach().to("cpu").contiguous() for k, v in (bundled or {}).items()})
         save_tensors(path, state, metadata)
     else:
         if metadata:
             logger.info("%s: .pt / .ckpt files carry no metadata; use .safetensors to keep it", path)
+        state.update({k: v.detach().to("cpu").contiguous() for k, v in (bundled or {}).items()})
         with atomic_file(path) as tmp:
             torch.save(state, tmp)
-    logger.info("wrote %s (%d modules)", path, len(modules))
+    logger.info("wrote %s (%d modules%s)", path, len(modules),
+                f", bundled embedding(s) {', '.join(bundled_words(bundled))}" if bundled else "")
     return path

@@ -52,9 +52,9 @@ from library.sd_checkpoint import FamilyHints, read_checkpoint  # noqa: E402
 from networks.lora_block_weights import (add_lbws_argument, module_block_weights, parse_lbws,  # noqa: E402
                                          weighted_terms)
 from networks.lora_checkpoint import merge_into_checkpoint  # noqa: E402
-from networks.lora_files import (LoRAFactors, LoRAFile, LoRAFileError, check_lora_output_path,  # noqa: E402
-                                 check_same_layers, identity_metadata, lora_metadata, read_lora_files, short_list,
-                                 write_lora_file)
+from networks.lora_files import (LoRAFactors, LoRAFile, LoRAFileError, bundles_of,  # noqa: E402
+                                 check_lora_output_path, check_same_layers, identity_metadata, lora_metadata,
+                                 read_lora_files, short_list, warn_bundles_left_out, write_lora_file)
 from networks.lora_math import Retention, concat_factors, svd_of_factors  # noqa: E402
 from tools.convert_diffusers20_original_sd import check_no_overlap  # noqa: E402
 
@@ -96,6 +96,7 @@ def merge_into_model(args: argparse.Namespace) -> Path:
     check_no_overlap(dest, sources)
     lbws = parse_lbws(args.lbws, len(args.models))
     loras, ratios = read_lora_files(args.models, args.ratios)
+    warn_bundles_left_out(loras, f"the merged model {dest}")
     merge_dtype = SAVE_DTYPES[args.precision]
     save_dtype = parse_save_precision(args.save_precision) or merge_dtype
     with read_checkpoint(args.sd_model, FamilyHints(v2=True if args.v2 else None)) as checkpoint:
@@ -176,7 +177,7 @@ def merge_into_lora(args: argparse.Namespace) -> Path:
         metadata = lora_metadata(carried, modules, title=dest.stem,
                                  merged_from_titles=[lora.title for lora in loras])
     save_dtype = parse_save_precision(args.save_precision) or SAVE_DTYPES[args.precision]
-    return write_lora_file(dest, modules, metadata, save_dtype)
+    return write_lora_file(dest, modules, metadata, save_dtype, bundled=bundles_of(loras))
 
 
 def main(argv: list[str] | None = None) -> int:

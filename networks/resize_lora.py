@@ -106,7 +106,8 @@ def resize(args: argparse.Namespace) -> Path:
         conv = "" if conv_rule.max_rank == rule.max_rank else f" (conv: {conv_rule.max_rank})"
         comment = f"dimension is resized from {old_ranks[-1]} to {args.new_rank}{conv}"
     metadata = lora_metadata(lora.metadata, modules, comment=comment)
-    return write_lora_file(dest, modules, metadata, parse_save_precision(args.save_precision))
+    return write_lora_file(dest, modules, metadata, parse_save_precision(args.save_precision),
+                           bundled=lora.bundled)  # the resized LoRA is the same LoRA: its words stay with it
 
 
 def main(argv: list[str] | None = None) -> int:

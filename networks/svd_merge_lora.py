@@ -35,9 +35,9 @@ from library.atomic_files import check_writable_output  # noqa: E402
 from library.checkpoint_writer import SAVE_DTYPES, parse_save_precision  # noqa: E402
 from networks.lora_block_weights import (add_lbws_argument, module_block_weights, parse_lbws,  # noqa: E402
                                          weighted_terms)
-from networks.lora_files import (LoRAFactors, LoRAFile, LoRAFileError, check_lora_output_path,  # noqa: E402
-                                 check_same_layers, identity_metadata, lora_metadata, read_lora_files,
-                                 write_lora_file)
+from networks.lora_files import (LoRAFactors, LoRAFile, LoRAFileError, bundles_of,  # noqa: E402
+                                 check_lora_output_path, check_same_layers, identity_metadata, lora_metadata,
+                                 read_lora_files, write_lora_file)
 from networks.lora_math import Retention, check_rank_fits, svd_of_factors  # noqa: E402
 
 logger = logging.getLogger("svd_merge_lora")
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> Path:
     else:
         metadata = lora_metadata(carried, modules, title=dest.stem, merged_from_titles=[lora.title for lora in loras])
     save_dtype = parse_save_precision(args.save_precision) or load_dtype
-    return write_lora_file(dest, modules, metadata, save_dtype)
+    return write_lora_file(dest, modules, metadata, save_dtype, bundled=bundles_of(loras))
 
 
 def main(argv: list[str] | None = None) -> int:

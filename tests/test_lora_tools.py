@@ -536,6 +536,51 @@ def test_check_lora_weights_flags_zero_and_nan_modules(tmp_path, loras, capsys):
     assert "OK: 289 modules, 289 alphas, 0 flagged" in result.stdout
 
 
+# ------------------------------------------------------------------------------ bundled embeddings (bundle_emb.*)
+
+
+def test_bundled_embeddings_are_kept_aside_and_carried(tmp_path, base, loras, caplog, capsys):
+    """A LoRA with embeddings inside (train_network --bundle_embeddings; WebUI's bundle_emb.* keys, the one-encoder
+    form and SDXL's clip_l / clip_g form): every reader takes the network from it exactly as from the plain file,
+    the tools whose output is still that LoRA carry the embeddings byte for byte, and a merge into a checkpoint
+    (no place for new words) says which it leaves out."""
+    import logging
+
+    generator = torch.Generator().manual_seed(3)
+    bundle = {"bundle_emb.zwxq.string_to_param.*": torch.randn(2, 32, generator=generator),
+              "bundle_emb.qxvz.clip_l": torch.randn(1, 32, generator=generator),
+              "bundle_emb.qxvz.clip_g": torch.randn(1, 48, generator=generator)}
+    plain = read_weights(loras["attention"])
+    bundled = tmp_path / "bundled.safetensors"
+    save_tensors(bundled, {**plain, **bundle}, metadata_of(loras["attention"]))
+
+    lora = read_lora_file(bundled)
+    assert lora.modules.keys() == read_lora_file(loras["attention"]).modules.keys()
+    assert lora.bundled.keys() == bundle.keys() and all(torch.equal(lora.bundled[k], v) for k, v in bundle.items())
+    models = tiny()
+    network, weights = create_network_from_weights(1.0, str(bundled), None, models.text_encoder, models.unet)
+    assert weights.keys() == plain.keys() and all(torch.equal(weights[k], v) for k, v in plain.items())
+    assert check_lora_weights.main([str(bundled)]) == 0
+    assert "bundled embedding(s) qxvz, zwxq:" in capsys.readouterr().out
+
+    resized = tmp_path / "resized.safetensors"
+    assert resize_lora.main(["--model", str(bundled), "--new_rank", "2", "--save_to", str(resized)]) == 0
+    merged = tmp_path / "merged.safetensors"
+    assert merge_lora.main(["--models", str(bundled), str(loras["b"]), "--ratios", "0.5", "0.5", "--concat",
+                            "--save_to", str(merged)]) == 0
+    svd_merged = tmp_path / "svd_merged.safetensors"
+    assert svd_merge_lora.main(["--models", str(bundled), "--ratios", "0.5", "--new_rank", "2", "--save_to",
+                                str(svd_merged)]) == 0
+    for out in (resized, merged, svd_merged):
+        carried = read_lora_file(out).bundled
+        assert carried.keys() == bundle.keys() and all(torch.equal(carried[k], v) for k, v in bundle.items()), out
+
+    caplog.set_level(logging.WARNING)
+    assert merge_lora.main(["--sd_model", str(base["safetensors"]), "--models", str(bundled), "--save_to",
+                            str(tmp_path / "model.safetensors")]) == 0
+    assert "bundles the embedding(s) qxvz, zwxq" in caplog.text and "not in it" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 
 
