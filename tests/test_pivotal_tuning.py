@@ -143,6 +143,15 @@ def test_pivotal_token_in_no_caption_is_an_error(workspace, script):
     assert (workspace / f"absent_{script}" / "model_embeddings" / "qxvz.safetensors").exists()
 
 
+def test_pivotal_errors_name_the_pivotal_flags(workspace):
+    """The word's checks are textual inversion's (shared add_word); their messages name the flags this trainer has."""
+    argv = lora_args(workspace, "bad_init") + ["--max_train_steps", "1"]
+    argv[argv.index("shape", argv.index("--pivotal_init_word"))] = "a big shape"  # 3 tokens for 2 vectors
+    with pytest.raises(SystemExit) as info:
+        run("train_network", argv)
+    assert "--pivotal_init_word 'a big shape' is 3 tokens, more than --pivotal_num_vectors 2" in str(info.value.code)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # SDXL: the word has vectors in both text encoders (clip_l: CLIP ViT-L, 32 wide in the tiny model; clip_g: OpenCLIP
 # bigG, 48 wide), trained together, saved and bundled in the SDXL embedding layout.
