@@ -2,7 +2,8 @@
 
 - `ckpt`: `torch.save({"state_dict": ..., "epoch": e, "global_step": s})`, original (LDM) key names;
 - `safetensors`: original key names plus `modelspec.*` metadata (architecture, prediction type, resolution, ...);
-- `diffusers` / `diffusers_safetensors`: a StableDiffusionPipeline folder (`.bin` / `.safetensors` weights).
+- `diffusers` / `diffusers_safetensors`: a folder of the family's diffusers pipeline (`StableDiffusionPipeline`,
+  `StableDiffusionXLInpaintPipeline`, ...: `ModelFamily.pipeline_class`) with `.bin` / `.safetensors` weights.
 
 Original-layout files have the key layout WebUI and ComfyUI expect for the family (SD 1.x text encoder under
 `cond_stage_model.transformer.text_model.*`, SD 2.x in the OpenCLIP layout with fused q/k/v). Diffusers folders
@@ -103,6 +104,11 @@ def original_tensors(checkpoint: SDCheckpoint, dtype: torch.dtype | None = None)
         if slot.kind is TextEncoderKind.OPENCLIP_H and slot.original_prefix + "text_projection" not in out:
             logger.info("SD 2.x text encoder written without the unused last layer and text_projection (the source "
                         "had none); WebUI and ComfyUI load such files, they use the penultimate layer")
+    for part in checkpoint.family.original_parts:
+        if not any(key.startswith(part.prefix) for key in checkpoint.extras):
+            # e.g. an SD 2.x depth model from a diffusers folder: its MiDaS weights are in another layout, elsewhere.
+            logger.warning("%s written without %s* (the source has none): %s", checkpoint.family.description.split(
+                " (")[0], part.prefix, part.what)
     return out
 
 

@@ -16,6 +16,16 @@ pooled output, the U-Net's added conditioning) on.
 Each family ships its diffusers component configs in `library/model_configs/<family>/`. Besides the real
 ("full") size, every family has a "tiny" size with the same block structure and much smaller widths, used by
 tests and the quickstart: the key maps, conversion and loading code treat both sizes identically.
+
+Some families' U-Nets see more than the noisy latents: their first convolution is wider (`ModelFamily.unet_inputs`
+says which channels hold what, in the order diffusers' pipelines concatenate them). They are variants of a
+text-to-image family (`_variant`): the same blocks, encoders, key names and configs but for the U-Net's
+`in_channels`, with their own modelspec id and diffusers pipeline. Released ones: SD 1.x / 2.x / SDXL inpainting
+(9 channels: latents, mask, masked-image latents) and SD 2.x depth (5: latents, depth map); and for models made
+with `tools/add_input_channels.py --extra_channels N`, one "extra channels" family per text-to-image family, whose
+width is the model's own. A model's family is told by its text encoders (the architecture) and its U-Net's input
+width (`sd_checkpoint`); code that handles only the noisy latents (the trainers and gen_img.py, so far) refuses the
+others by name (`sd_checkpoint.require_arch`).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from __future__ import annotations
 import copy
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 CONFIG_ROOT = Path(__file__).parent / "model_configs"
@@ -102,6 +112,68 @@ class ModelSize(enum.Enum):
 
 
 @dataclass(frozen=True)
+class InputPart:
+    """A group of adjacent U-Net input channels and what they hold."""
+
+    what: str  # "noisy latents", "mask", "masked-image latents", "depth map", "extra channels"
+    channels: int | None  # None: as many as the model has (at least one): the width of an "extra channels" model
+
+
+@dataclass(frozen=True)
+class UNetInputs:
+    """What a family's U-Net takes, channel group by channel group, in the order diffusers' pipelines concatenate them
+    along dim 1 (`torch.cat([latents, mask, masked_image_latents], dim=1)` in the inpainting pipelines,
+    `[latents, depth]` in depth2img). Only the last part may have a variable width."""
+
+    name: str
+    parts: tuple[InputPart, ...]
+    new_model_extra: int = 0  # the variable part's width in models built from scratch (the tiny test models)
+
+    @property
+    def fixed(self) -> bool:
+        return all(part.channels is not None for part in self.parts)
+
+    @property
+    def fixed_channels(self) -> int:
+        return sum(part.channels or 0 for part in self.parts)
+
+    @property
+    def new_model_channels(self) -> int:
+        return self.fixed_channels + (0 if self.fixed else self.new_model_extra)
+
+    def accepts(self, in_channels: int) -> bool:
+        return in_channels == self.fixed_channels if self.fixed else in_channels > self.fixed_channels
+
+    def describe(self, in_channels: int) -> str:
+        """"9 input channels: 4 noisy latents, 1 mask, 4 masked-image latents"."""
+        variable = in_channels - self.fixed_channels
+        parts = ", ".join(f"{part.channels if part.channels is not None else variable} {part.what}"
+                          for part in self.parts)
+        return f"{in_channels} input channels: {parts}"
+
+
+_NOISY_LATENTS = InputPart("noisy latents", 4)  # the VAE's 4 latent channels, what every SD U-Net denoises
+TEXT_TO_IMAGE = UNetInputs("text-to-image", (_NOISY_LATENTS,))
+# RunwayML's layout, which every SD inpainting model and diffusers' inpainting pipelines use: the mask is 1 where the
+# image is repainted, at latent size; the masked image is the VAE latents of the image with that area blanked.
+INPAINTING = UNetInputs("inpainting", (_NOISY_LATENTS, InputPart("mask", 1), InputPart("masked-image latents", 4)))
+# SD 2.x depth: MiDaS' depth map of the input image at latent size, scaled to [-1, 1] (diffusers' depth2img).
+DEPTH = UNetInputs("depth", (_NOISY_LATENTS, InputPart("depth map", 1)))
+# Models made with tools/add_input_channels.py --extra_channels N: the user's own conditions after the latents.
+# New ones get 2 here: a width no released layout has, so a tiny test model is told apart by its weights alone.
+EXTRA_CHANNELS = UNetInputs("extra channels", (_NOISY_LATENTS, InputPart("extra channels", None)), new_model_extra=2)
+
+
+@dataclass(frozen=True)
+class OriginalPart:
+    """A part of a family's original (WebUI) single file that no diffusers model holds, carried through unchanged
+    (inside a diffusers folder it lives in `original_extras.safetensors`, see sd_checkpoint.EXTRAS_FILE)."""
+
+    prefix: str  # its keys' prefix
+    what: str  # what it is, and who needs it: said when a single file is written without it
+
+
+@dataclass(frozen=True)
 class ModelConfigs:
     """Diffusers/transformers config dicts of one model (deep copies: callers may not mutate shared data)."""
 
@@ -146,6 +218,13 @@ class ModelFamily:
     # public SDXL ControlNet ships; both UIs detect them by `controlnet_cond_embedding.conv_in.weight`).
     controlnet_pipeline_class: str | None = "StableDiffusionControlNetPipeline"
     controlnet_file_keys: str = "original"
+    # What the U-Net's first convolution takes (its `in_channels` is their sum, or the model's own width for the
+    # "extra channels" families). Together with `arch` it tells the families apart (`family_for`).
+    unet_inputs: UNetInputs = TEXT_TO_IMAGE
+    # The folder below model_configs/ with the diffusers configs: a variant shares its text-to-image family's, with
+    # the U-Net's in_channels set from `unet_inputs` ("": the family's own name).
+    config_folder: str = ""
+    original_parts: tuple[OriginalPart, ...] = ()
 
     @property
     def is_v2(self) -> bool:
@@ -163,11 +242,14 @@ class ModelFamily:
         raise ValueError(f"{self.description} has no text encoder {component!r}")
 
     def configs(self, size: ModelSize = ModelSize.FULL) -> ModelConfigs:
-        folder = CONFIG_ROOT / self.name
+        """The configs of a new model of this family (a file's own choices, such as an "extra channels" model's
+        width, are read from the file: `sd_checkpoint`)."""
+        folder = CONFIG_ROOT / (self.config_folder or self.name)
         loaded = {part: json.loads((folder / f"{part}.json").read_text()) for part in self.components + ("scheduler",)}
         if size is ModelSize.TINY:
             for part, overrides in _TINY_OVERRIDES[self.arch].items():
                 loaded[part].update(copy.deepcopy(overrides))
+        loaded["unet"]["in_channels"] = self.unet_inputs.new_model_channels
         return ModelConfigs(unet=loaded["unet"], vae=loaded["vae"], scheduler=loaded["scheduler"],
                             text_encoders={slot.component: loaded[slot.component] for slot in self.text_encoders})
 
@@ -271,20 +353,97 @@ SDXL_REFINER = ModelFamily(
     text_conditioning=TextConditioningKind.SDXL_REFINER, controlnet_pipeline_class=None,
 )
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2_512, SD2_768_V, SDXL, SDXL_REFINER)}
+
+def _variant(base: ModelFamily, inputs: UNetInputs, **record) -> ModelFamily:
+    """`base` with other U-Net inputs: same architecture, encoders, configs (but the U-Net's in_channels) and key
+    names; its own name, modelspec id, description and pipeline (`record`). No ControlNet support (yet)."""
+    return replace(base, unet_inputs=inputs, config_folder=base.config_folder or base.name,
+                   controlnet_pipeline_class=None, **record)
 
 
-def family_for(arch: str, prediction_type: PredictionType) -> ModelFamily:
-    """The family record of an architecture with a prediction type.
+# The released inpainting models. modelspec ids: SAI's spec lists none for them; these are the ids SwarmUI (the
+# spec author's UI) knows: "stable-diffusion-v1/inpaint" (which its docs ask users to set on RunwayML's model) and
+# "stable-diffusion-v2-inpainting"; for SDXL, which has none, the same "<base id>/inpaint" form, the one SwarmUI
+# treats as an inpainting model.
+_SD_INPAINT = {"pipeline_class": "StableDiffusionInpaintPipeline",
+               "img2img_pipeline_class": "StableDiffusionInpaintPipeline"}
+SD1_INPAINTING = _variant(
+    SD1, INPAINTING, name="sd1-inpainting", modelspec_architecture="stable-diffusion-v1/inpaint", **_SD_INPAINT,
+    description="Stable Diffusion 1.x inpainting (RunwayML's layout: noisy latents, mask and masked-image latents "
+                "into the U-Net; CLIP ViT-L text encoder, epsilon prediction, 512 px)")
+SD2_512_INPAINTING = _variant(
+    SD2_512, INPAINTING, name="sd2-512-inpainting", modelspec_architecture="stable-diffusion-v2-inpainting",
+    **_SD_INPAINT,
+    description="Stable Diffusion 2.x inpainting (noisy latents, mask and masked-image latents into the U-Net; "
+                "OpenCLIP ViT-H text encoder, epsilon prediction, 512 px)")
+# Not released by Stability, but what --add_inpainting_channels makes of a 768-v model (its own configs:
+# upcast_attention, 768 px).
+SD2_768_V_INPAINTING = _variant(
+    SD2_768_V, INPAINTING, name="sd2-768-v-inpainting", modelspec_architecture="stable-diffusion-v2-768-v/inpaint",
+    **_SD_INPAINT,
+    description="Stable Diffusion 2.x 768-v inpainting (noisy latents, mask and masked-image latents into the "
+                "U-Net; OpenCLIP ViT-H text encoder, v-prediction, 768 px)")
+SDXL_INPAINTING = _variant(
+    SDXL, INPAINTING, name="sdxl-inpainting", modelspec_architecture="stable-diffusion-xl-v1-base/inpaint",
+    pipeline_class="StableDiffusionXLInpaintPipeline", img2img_pipeline_class="StableDiffusionXLInpaintPipeline",
+    pipeline_flags=(("force_zeros_for_empty_prompt", True), ("requires_aesthetics_score", False)),
+    description="Stable Diffusion XL inpainting (noisy latents, mask and masked-image latents into the U-Net; "
+                "CLIP ViT-L + OpenCLIP ViT-bigG text encoders, 1024 px)")
+# Stability's 512-depth-ema: SD 2.x base with a depth channel. Its single file also holds the MiDaS (DPT-Hybrid)
+# depth estimator under `depth_model.`: no diffusers model has those tensors (diffusers' depth2img pipeline brings
+# its own `DPTForDepthEstimation`, in another layout, and from_single_file ignores them), but WebUI runs them and
+# tells depth models by them, so they are carried through like SD 2.x's unused text-encoder layer. The pipeline's
+# depth estimator and its image processor are left empty: pass them, or a `depth_map`, to the pipeline.
+SD2_512_DEPTH = _variant(
+    SD2_512, DEPTH, name="sd2-512-depth", modelspec_architecture="stable-diffusion-v2-depth",
+    pipeline_class="StableDiffusionDepth2ImgPipeline", img2img_pipeline_class="StableDiffusionDepth2ImgPipeline",
+    pipeline_absent=("depth_estimator", "feature_extractor"), pipeline_flags=(),
+    original_parts=(OriginalPart("depth_model.", "the MiDaS depth estimator (DPT-Hybrid) of Stability's depth file: "
+                                                 "WebUI runs it to make the depth map and recognises depth models by "
+                                                 "it; diffusers brings its own (DPTForDepthEstimation)"),),
+    description="Stable Diffusion 2.x depth (noisy latents and a depth map into the U-Net; OpenCLIP ViT-H text "
+                "encoder, epsilon prediction, 512 px)")
+# Models made here with --extra_channels N: a text-to-image model whose U-Net also takes N channels of the user's
+# conditions. Their diffusers folders are the text-to-image family's pipeline (diffusers has no pipeline that feeds
+# such channels; its components load as usual).
+def _extra_channels_variant(base: ModelFamily) -> ModelFamily:
+    kind, details = base.description.split(" (", 1)
+    return _variant(base, EXTRA_CHANNELS, name=f"{base.name}-extra",
+                    modelspec_architecture=f"{base.modelspec_architecture}/extra-channels",
+                    description=f"{kind} with extra U-Net input channels (noisy latents, then the model's own "
+                                f"conditions; {details}")
 
-    SD 1.x and SDXL have no v-prediction family of their own: rare v-prediction fine-tunes of them keep the base
-    record and carry their own prediction type beside the family (see `SDCheckpoint.prediction_type`)."""
-    if arch == "sd1":
-        return SD1
-    if arch == "sd2":
-        return SD2_768_V if prediction_type is PredictionType.V_PREDICTION else SD2_512
-    if arch == "sdxl":
-        return SDXL
-    if arch == "sdxl-refiner":
-        return SDXL_REFINER
-    raise ValueError(f"unknown architecture {arch!r}")
+
+SD1_EXTRA, SD2_512_EXTRA, SD2_768_V_EXTRA, SDXL_EXTRA = map(_extra_channels_variant, (SD1, SD2_512, SD2_768_V, SDXL))
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
+    SD1, SD2_512, SD2_768_V, SDXL, SDXL_REFINER,
+    SD1_INPAINTING, SD2_512_INPAINTING, SD2_768_V_INPAINTING, SDXL_INPAINTING, SD2_512_DEPTH,
+    SD1_EXTRA, SD2_512_EXTRA, SD2_768_V_EXTRA, SDXL_EXTRA)}
+
+
+def family_for(arch: str, prediction_type: PredictionType, inputs: UNetInputs = TEXT_TO_IMAGE) -> ModelFamily:
+    """The family record of an architecture with a prediction type and U-Net inputs.
+
+    Where a family exists for each prediction type (SD 2.x) the prediction picks it. SD 1.x and SDXL have no
+    v-prediction family of their own: rare v-prediction fine-tunes of them keep the epsilon record and carry their
+    own prediction type beside the family (see `SDCheckpoint.prediction_type`); so do models of a layout that
+    exists for one prediction type only (SD 2.x depth)."""
+    fitting = [f for f in FAMILIES.values() if f.arch == arch and f.unet_inputs == inputs]
+    if not fitting:
+        known = sorted({f.unet_inputs.name for f in FAMILIES.values() if f.arch == arch})
+        raise ValueError(f"no {inputs.name} family for architecture {arch!r}"
+                         + (f" (it has: {', '.join(known)})" if known else " (unknown architecture)"))
+    same_prediction = [f for f in fitting if f.prediction_type is prediction_type]
+    return same_prediction[0] if same_prediction else fitting[0]
+
+
+def unet_inputs_of(arch: str, in_channels: int) -> UNetInputs | None:
+    """The U-Net inputs a model of `arch` with this input width has: a released layout of that width, else the
+    "extra channels" one (a width no released layout has); None if no family of the architecture takes it."""
+    layouts = [f.unet_inputs for f in FAMILIES.values() if f.arch == arch]
+    fixed = [inputs for inputs in layouts if inputs.fixed and inputs.accepts(in_channels)]
+    if fixed:
+        return fixed[0]
+    variable = [inputs for inputs in layouts if not inputs.fixed and inputs.accepts(in_channels)]
+    return variable[0] if variable else None

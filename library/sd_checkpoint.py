@@ -1,10 +1,11 @@
 """Read a Stable Diffusion model from any layout users have, into one lazy, validated form.
 
 `read_checkpoint(path)` accepts an original (LDM/WebUI) `.safetensors` / `.ckpt` file or a diffusers folder and
-returns an `SDCheckpoint`: the family (detected from the weights, checked against `--v2` /
-`--v_parameterization`), diffusers configs, and the UNet / VAE / text-encoder tensors under diffusers names, each
-read only when used. Writers (`checkpoint_writer.py`) and model loading (`model_loading.py`) take it from
-there, so every input layout meets every output layout through this one form.
+returns an `SDCheckpoint`: the family (detected from the weights: the text encoders give the architecture, the
+U-Net's input width its inputs, e.g. an inpainting model; checked against `--v2` / `--v_parameterization`),
+diffusers configs, and the UNet / VAE / text-encoder tensors under diffusers names, each read only when used.
+Writers (`checkpoint_writer.py`) and model loading (`model_loading.py`) take it from there, so every input layout
+meets every output layout through this one form.
 
 Every key is accounted for: a tensor that no key map or known extra covers, a missing tensor and a wrong shape
 are errors naming the key, never silently dropped.
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from library import key_maps
-from library.families import (FAMILIES, SD1, ModelConfigs, ModelFamily, ModelSize, PredictionType,
-                              TextEncoderKind, family_for)
+from library.families import (FAMILIES, SD1, TEXT_TO_IMAGE, ModelConfigs, ModelFamily, ModelSize, PredictionType,
+                              TextEncoderKind, UNetInputs, family_for, unet_inputs_of)
 from library.key_maps import (KeyTable, TensorMapping, key_table, reshape_checked, shape_compatible, split_original,
                               token_embedding_key)
 from library.tensor_files import CheckpointError, LazyTensor, TensorSource, open_tensor_file
@@ -144,9 +145,6 @@ def _detect_original_arch(keys: set[str], source: TensorSource) -> str:
         raise CheckpointError(f"{path}: no Stable Diffusion UNet found (missing "
                               f"{key_maps.UNET_PREFIX}input_blocks.0.0.weight); is this a full SD 1.x / 2.x / "
                               "SDXL checkpoint? (A VAE-only file goes to --vae.)")
-    if len(conv_in.shape) == 4 and conv_in.shape[1] != 4:
-        raise CheckpointError(f"{path}: the UNet takes {conv_in.shape[1]} input channels (an inpainting or "
-                              "instruct-pix2pix model); only standard 4-channel models are supported")
     # Each architecture keeps its text encoders under its own prefixes (the families' slots); the one whose
     # encoders are all there is the file's. No two architectures share a prefix.
     found = [arch for arch, family in _FAMILY_OF_ARCH.items()
@@ -160,6 +158,32 @@ def _detect_original_arch(keys: set[str], source: TensorSource) -> str:
 
 
 _FAMILY_OF_ARCH = {family.arch: family for family in FAMILIES.values()}  # families of one arch share slots
+
+
+def _conv_in_width(source: TensorSource) -> int:
+    """How many input channels the U-Net's first convolution takes ([channels, input channels, 3, 3])."""
+    key = key_maps.UNET_PREFIX + "input_blocks.0.0.weight"
+    shape = tuple(source.tensors[key].shape)
+    if len(shape) != 4:
+        raise CheckpointError(f"{source.path}: {key} has shape {shape}; the U-Net's first convolution is [channels, "
+                              "input channels, 3, 3]. The file is damaged or not a Stable Diffusion checkpoint.")
+    return shape[1]
+
+
+def _resolve_inputs(arch: str, in_channels: int, path: Path) -> UNetInputs:
+    """What the U-Net's input channels hold, from their number (as WebUI, ComfyUI and diffusers tell inpainting
+    models apart); refused when no family of the architecture has that width."""
+    inputs = unet_inputs_of(arch, in_channels)
+    if inputs is None:
+        layouts = sorted({f.unet_inputs for f in FAMILIES.values() if f.arch == arch},
+                         key=lambda u: (u.fixed_channels, u.name))
+        widths = "; ".join(f"{u.fixed_channels}{'' if u.fixed else ' + N'} ({u.name})" for u in layouts)
+        raise CheckpointError(f"{path}: the U-Net takes {in_channels} input channels, which no family of "
+                              f"{_ARCH_NAMES[arch]} has (known widths: {widths}). The file is damaged or of a kind "
+                              "not supported.")
+    if inputs != TEXT_TO_IMAGE:
+        logger.info("%s: the U-Net takes %s", path, inputs.describe(in_channels))
+    return inputs
 
 
 _LORA_MARKERS = ("lora_down", "lora_up", "lora_A.", "lora_B.", ".lora.down.", ".lora.up.", "hada_w1", "lokr_w1")
@@ -197,6 +221,7 @@ def _original_configs(family: ModelFamily, source: TensorSource) -> ModelConfigs
         raise CheckpointError(f"{source.path}: unrecognised model width (UNet conv_in has {conv_in_channels} "
                               f"channels, {widths}); expected a standard {family.description}")
     unet = dict(configs.unet)
+    unet["in_channels"] = _conv_in_width(source)  # the family accepts it; an extra-channel model's own
     proj_in = t.get(key_maps.UNET_PREFIX + "input_blocks.1.1.proj_in.weight")
     if proj_in is not None:
         # SD 2.x files store proj_in/proj_out as Linear, older conversions as 1x1 conv: follow the file so that
@@ -226,9 +251,10 @@ def _read_original(path: Path, hints: FamilyHints, *, extract_ema: bool, allow_u
         keys = set(source.tensors)
         arch = _detect_original_arch(keys, source)
         _check_v2_hint(arch, hints, path)
+        inputs = _resolve_inputs(arch, _conv_in_width(source), path)
         declared, where = _prediction_from_original(source)
         prediction = _resolve_prediction(declared, where, hints, path)
-        family = family_for(arch, prediction)
+        family = family_for(arch, prediction, inputs)
         configs = _with_prediction(_original_configs(family, source), prediction)
         checkpoint = SDCheckpoint(family, prediction, configs, {}, metadata=dict(source.metadata),
                                   values=dict(source.values), source=path, _open=[source])
@@ -281,9 +307,11 @@ def _map_original_tensors(checkpoint: SDCheckpoint, source: TensorSource, *, ext
     for slot in checkpoint.family.text_encoders:
         layers = checkpoint.configs.text_encoders[slot.component]["num_hidden_layers"]
         known_extras |= set(key_maps.text_encoder_extra_keys(slot, layers))
+    family_parts = tuple(part.prefix for part in checkpoint.family.original_parts)  # e.g. SD 2.x depth's MiDaS
     unknown = []
     for key in sorted(set(tensors) - used):
-        if key in known_extras or key.startswith("model_ema.") or (extract_ema and key.startswith(key_maps.UNET_PREFIX)):
+        if (key in known_extras or key.startswith(("model_ema.", *family_parts))
+                or (extract_ema and key.startswith(key_maps.UNET_PREFIX))):
             if not (extract_ema and (key.startswith(key_maps.UNET_PREFIX) or key.startswith("model_ema."))):
                 checkpoint.extras[key] = tensors[key]
         else:
@@ -362,13 +390,19 @@ def _read_diffusers(path: Path, hints: FamilyHints) -> SDCheckpoint:
 
     arch = _diffusers_arch(path, index, config)
     _check_v2_hint(arch, hints, path)
+    unet = config("unet/config.json")
+    in_channels = unet.get("in_channels", 4)  # (diffusers' default)
+    if not isinstance(in_channels, int):
+        raise CheckpointError(f"{path}: unet/config.json: in_channels {in_channels!r} is not a number; fix the file "
+                              "or fetch the model again")
+    inputs = _resolve_inputs(arch, in_channels, path / "unet" / "config.json")
+    unet["in_channels"] = in_channels  # (spelled out when a hand-written config leaves diffusers' default)
     scheduler = config("scheduler/scheduler_config.json")
     declared = scheduler.get("prediction_type")
     prediction = _resolve_prediction(PredictionType.parse(declared) if declared else None,
                                      "scheduler/scheduler_config.json", hints, path)
-    family = family_for(arch, prediction)
+    family = family_for(arch, prediction, inputs)
     text_encoders = {slot.component: config(f"{slot.component}/config.json") for slot in family.text_encoders}
-    unet = config("unet/config.json")
     cross = unet.get("cross_attention_dim")
     widths = [c.get("hidden_size") for c in text_encoders.values()]
     if cross != sum(w or 0 for w in widths):
@@ -392,12 +426,20 @@ def _read_diffusers(path: Path, hints: FamilyHints) -> SDCheckpoint:
     return checkpoint
 
 
-_SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-_SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+def _pipeline_classes(archs: tuple[str, ...]) -> tuple[str, ...]:
+    """The diffusers pipelines whose folders hold a model of these architectures (the families' records)."""
+    return tuple(dict.fromkeys(name for f in FAMILIES.values() if f.arch in archs
+                               for name in (f.pipeline_class, f.img2img_pipeline_class)))
+
+
+_SD_PIPELINES = _pipeline_classes(("sd1", "sd2"))
+_SDXL_PIPELINES = _pipeline_classes(("sdxl", "sdxl-refiner"))
 
 
 def _diffusers_arch(path: Path, index: dict, config) -> str:
-    """The architecture of a pipeline folder, from model_index.json (and SD 1.x / 2.x from the text encoder)."""
+    """The architecture of a pipeline folder, from model_index.json (and SD 1.x / 2.x from the text encoder). The
+    pipeline class does not say what the U-Net's inputs are: the U-Net's in_channels does (diffusers' inpainting
+    pipelines also run plain models, and older conversions wrote inpainting models as StableDiffusionPipeline)."""
     name = index.get("_class_name")
 
     def present(component: str) -> bool:  # diffusers writes [null, null] for a component a pipeline does without
@@ -479,14 +521,22 @@ SD_ARCHS = ("sd1", "sd2")
 
 
 def require_arch(checkpoint: SDCheckpoint, tool: str, archs: tuple[str, ...] = SD_ARCHS, *,
-                 elsewhere: dict[str, str] | None = None) -> None:
+                 elsewhere: dict[str, str] | None = None, inputs: tuple[UNetInputs, ...] = (TEXT_TO_IMAGE,)) -> None:
     """Refuse, by name, a model a tool does not handle: e.g. SDXL in a tool made for SD 1.x / 2.x. `elsewhere`: the
     tool that does handle an architecture (kohya's split: train_network.py for SD 1.x / 2.x, sdxl_train_network.py
-    for SDXL), named in the message. Closes the checkpoint's files before raising."""
+    for SDXL), named in the message. `inputs`: the U-Net inputs the tool feeds (the trainers and gen_img.py feed the
+    noisy latents only, so far). Closes the checkpoint's files before raising."""
     arch = checkpoint.family.arch
-    if arch in archs:
+    if arch in archs and checkpoint.family.unet_inputs in inputs:
         return
     checkpoint.close()
+    if arch in archs:
+        in_channels = checkpoint.configs.unet["in_channels"]
+        raise CheckpointError(
+            f"{checkpoint.source or 'the model'}: this is {checkpoint.family.description.split(' (')[0]} (U-Net "
+            f"{checkpoint.family.unet_inputs.describe(in_channels)}); {tool} does not feed such a U-Net yet. "
+            "Converting them works (tools/convert_diffusers20_original_sd.py), and tools/add_input_channels.py "
+            "makes them; training and generating with their extra inputs come next.")
     handled = " / ".join(_ARCH_NAMES[a].split(" (")[0].removeprefix("an ").removesuffix(" model") for a in archs)
     where = (f"use {elsewhere[arch]} for it (same flags)" if arch in (elsewhere or {}) else
              "does not support it yet (tools/convert_diffusers20_original_sd.py and tools/merge_models.py do)")

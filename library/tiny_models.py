@@ -92,12 +92,54 @@ def fresh_tiny_models(family_name: str, seed: int = 0) -> SDModels:
     return copy.deepcopy(_tiny_models_once(family_name, seed))
 
 
+def _tiny_midas_shapes(width: int = 8, features: int = 8) -> dict[str, tuple[int, ...]]:
+    """A tiny stand-in for SD 2.x depth's MiDaS part (`families.SD2_512_DEPTH.original_parts`), which is carried
+    through byte for byte and never interpreted. The DPT-Hybrid head and neck have the key names of Stability's file
+    (ldm/modules/midas: `DPTDepthModel` as `depth_model.model`; WebUI and SwarmUI recognise the model by
+    `...pretrained.act_postprocess3.0.project.0.bias`); of its timm ViT-hybrid backbone (`pretrained.model.*`,
+    hundreds of tensors) a few stand for the rest."""
+    p = "depth_model.model."
+    shapes = {p + "pretrained.model.cls_token": (1, 1, width), p + "pretrained.model.pos_embed": (1, 5, width),
+              p + "pretrained.model.patch_embed.backbone.stem.conv.weight": (4, 3, 3, 3),
+              p + "pretrained.model.patch_embed.proj.weight": (width, 4, 1, 1),
+              p + "pretrained.model.patch_embed.proj.bias": (width,),
+              p + "pretrained.model.blocks.0.norm1.weight": (width,),
+              p + "pretrained.model.blocks.0.attn.qkv.weight": (3 * width, width),
+              p + "pretrained.model.norm.weight": (width,)}
+    for hook in (3, 4):  # the readout projections and reassembly convolutions of the two ViT hooks
+        post = f"{p}pretrained.act_postprocess{hook}."
+        shapes |= {post + "0.project.0.weight": (width, 2 * width), post + "0.project.0.bias": (width,),
+                   post + "3.weight": (features, width, 1, 1), post + "3.bias": (features,)}
+    shapes |= {f"{p}pretrained.act_postprocess4.4.weight": (features, features, 3, 3),
+               f"{p}pretrained.act_postprocess4.4.bias": (features,)}
+    for i in range(1, 5):
+        shapes[f"{p}scratch.layer{i}_rn.weight"] = (features, features, 3, 3)
+        fusion = f"{p}scratch.refinenet{i}."
+        shapes |= {fusion + "out_conv.weight": (features, features, 1, 1), fusion + "out_conv.bias": (features,)}
+        for unit in ("resConfUnit1", "resConfUnit2"):
+            for conv in ("conv1", "conv2"):
+                shapes |= {f"{fusion}{unit}.{conv}.weight": (features, features, 3, 3),
+                           f"{fusion}{unit}.{conv}.bias": (features,)}
+    for index, (out_c, in_c, k) in {0: (features // 2, features, 3), 2: (4, features // 2, 3), 4: (1, 4, 1)}.items():
+        shapes |= {f"{p}scratch.output_conv.{index}.weight": (out_c, in_c, k, k),
+                   f"{p}scratch.output_conv.{index}.bias": (out_c,)}
+    return shapes
+
+
+# The tiny stand-ins of the families' `original_parts`, by key prefix.
+_TINY_ORIGINAL_PARTS = {"depth_model.": _tiny_midas_shapes}
+
+
 def original_only_tensors(family: ModelFamily, configs, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """Tensors a real original file of this family has beyond the diffusers models (`key_maps.
     text_encoder_extra_keys`): SD 2.x's OpenCLIP last layer, text projection and logit scale; SDXL's OpenCLIP
-    logit scale. (CLIP ViT-L's `position_ids` buffer is left out, as many real files do.)"""
+    logit scale; the family's `original_parts` (SD 2.x depth's MiDaS, as a tiny stand-in). (CLIP ViT-L's
+    `position_ids` buffer is left out, as many real files do.)"""
     generator = torch.Generator().manual_seed(seed + 2)
     out = {}
+    for part in family.original_parts:
+        for key, shape in _TINY_ORIGINAL_PARTS[part.prefix]().items():
+            out[key] = torch.randn(shape, generator=generator) * 0.02
     for slot in family.text_encoders:
         if slot.kind is TextEncoderKind.CLIP_L:
             continue

@@ -24,9 +24,12 @@ import torch  # noqa: E402
 # processes compete for the cores (multi-threaded CPU kernels may then split reductions differently).
 torch.set_num_threads(1)
 
-from library.families import FAMILIES  # noqa: E402
+from library.families import FAMILIES, TEXT_TO_IMAGE  # noqa: E402
 
-FAMILY_NAMES = list(FAMILIES)
+# The text-to-image families, which the family-parametrized tests and the tiny-model fixtures below cover. Their
+# variants with other U-Net inputs (inpainting, depth, extra channels) have their own fixtures and the same checks in
+# tests/test_families_extra_inputs.py.
+FAMILY_NAMES = [name for name, family in FAMILIES.items() if family.unet_inputs == TEXT_TO_IMAGE]
 
 
 def pytest_addoption(parser):
@@ -49,17 +52,20 @@ def tiny_checkpoints():
     """family name -> SDCheckpoint of a tiny random model (SD 2.x with the original-only tensors)."""
     from library.tiny_models import tiny_checkpoint
 
-    return {name: tiny_checkpoint(family, seed=i) for i, (name, family) in enumerate(FAMILIES.items())}
+    return {name: tiny_checkpoint(FAMILIES[name], seed=i) for i, name in enumerate(FAMILY_NAMES)}
 
 
 @pytest.fixture(scope="session")
 def tiny_files(tmp_path_factory, tiny_checkpoints):
     """family name -> {format name -> path} of the tiny models written in every format."""
+    return write_every_format(tiny_checkpoints, tmp_path_factory.mktemp("tiny_models"))
+
+
+def write_every_format(checkpoints: dict, root) -> dict:
     from library.checkpoint_writer import SaveFormat, save_checkpoint
 
-    root = tmp_path_factory.mktemp("tiny_models")
     files = {}
-    for name, checkpoint in tiny_checkpoints.items():
+    for name, checkpoint in checkpoints.items():
         files[name] = {
             "safetensors": save_checkpoint(checkpoint, root / f"{name}.safetensors", SaveFormat.SAFETENSORS),
             "ckpt": save_checkpoint(checkpoint, root / f"{name}.ckpt", SaveFormat.CKPT),
@@ -68,6 +74,25 @@ def tiny_files(tmp_path_factory, tiny_checkpoints):
                                                      SaveFormat.DIFFUSERS_SAFETENSORS),
         }
     return files
+
+
+# The families whose U-Net takes more than the noisy latents (inpainting, depth, extra channels).
+VARIANT_NAMES = [name for name in FAMILIES if name not in FAMILY_NAMES]
+
+
+@pytest.fixture(scope="session")
+def variant_checkpoints():
+    """family name -> SDCheckpoint of a tiny random model of each variant family (with its original-only tensors:
+    SD 2.x's text-encoder extras, SD 2.x depth's MiDaS stand-in)."""
+    from library.tiny_models import tiny_checkpoint
+
+    return {name: tiny_checkpoint(FAMILIES[name], seed=100 + i) for i, name in enumerate(VARIANT_NAMES)}
+
+
+@pytest.fixture(scope="session")
+def variant_files(tmp_path_factory, variant_checkpoints):
+    """family name -> {format name -> path}: the variant families' tiny models written in every format."""
+    return write_every_format(variant_checkpoints, tmp_path_factory.mktemp("tiny_variant_models"))
 
 
 @pytest.fixture(autouse=True)

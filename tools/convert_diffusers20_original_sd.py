@@ -7,9 +7,10 @@ kohya-ss/sd-scripts' interface:
     python tools/convert_diffusers20_original_sd.py diffusers_folder out.safetensors --fp16
 
 The output format follows the output path: `.safetensors`, `.ckpt`, or a folder (diffusers; `--use_safetensors`
-for `.safetensors` weights inside). The family (SD 1.x, 2.x base, 2.x 768-v, SDXL base, SDXL refiner) is
-detected from the weights; `--v1` / `--v2` / `--v_parameterization` are checked against it. (kohya's converter
-handles SD 1.x / 2.x only; SDXL folders are StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline ones.)
+for `.safetensors` weights inside). The family (SD 1.x, 2.x base, 2.x 768-v, SDXL base, SDXL refiner, and their
+inpainting, depth and extra-channel models) is detected from the weights; `--v1` / `--v2` / `--v_parameterization`
+are checked against it. (kohya's converter handles SD 1.x / 2.x only, and no inpainting or depth model; a folder is
+the family's pipeline: StableDiffusionXLPipeline, StableDiffusionInpaintPipeline, StableDiffusionDepth2ImgPipeline...)
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ without downloading anything. A .safetensors file is about 21 MB for sd1 and 24 
     python tools/make_tiny_model.py --family sd1 out/tiny_sd1.safetensors
     python tools/make_tiny_model.py --family sd2-768-v out/tiny_sd2v        # a folder: diffusers layout
 
-Families: sd1, sd2-512, sd2-768-v, sdxl, sdxl-refiner. The output format follows the path (.safetensors, .ckpt, or a folder).
+Families: sd1, sd2-512, sd2-768-v, sdxl, sdxl-refiner; their inpainting models sd1-inpainting, sd2-512-inpainting,
+sd2-768-v-inpainting, sdxl-inpainting; sd2-512-depth (with a tiny stand-in for its MiDaS part); and the extra-channel
+families sd1-extra, sd2-512-extra, sd2-768-v-extra, sdxl-extra (2 extra channels). The output format follows the path
+(.safetensors, .ckpt, or a folder).
 """
 
 from __future__ import annotations
