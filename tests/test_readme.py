@@ -68,6 +68,9 @@ EXPECTED = {
     "python tools/make_synthetic_dataset.py out/data --images 4 --size 64 --reg": [
         "out/tiny.safetensors", "out/data/10_sks shape/000.png", "out/data/10_sks shape/000.caption",
         "out/data_reg/1_shape/000.png", "out/prompts.txt"],
+    "python tools/add_input_channels.py --extra_channels 3 out/tiny.safetensors out/tiny_3ch.safetensors": [
+        "out/tiny_inpainting.safetensors", "out/tiny_inpainting_diffusers/unet/config.json",
+        "out/tiny_3ch.safetensors"],
     "python train_network.py --config_file out/lora.toml": [
         "out/lora.toml", "out/lora/tiny_lora.safetensors", "out/lora/tiny_lora-step00000004.safetensors",
         "out/lora/tiny_lora-step00000004-state/*", "out/lora/tiny_lora-state/*", "out/lora/sample/*.png",
