@@ -61,20 +61,22 @@ from bench_common import RESOLUTION, ROOT, build_in_child, build_model, machine_
 
 CAPTION = "sks shape, red circle, simple background"
 RANK, LR = 16, 1e-4
-# "ours" runs the CLI file as __main__, recording (wall, CPU) times after each step (Trainer._log ends a step), and
-# the seconds since the process started (/proc/self/stat's start time, on CLOCK_BOOTTIME) when the first optimizer
-# step began and ended.
-HOOK = """import json, os, runpy, sys, time
+# "ours" runs the CLI file as __main__, recording (wall, CPU) times and the peak RSS so far after each step
+# (Trainer._log ends a step), and the seconds since the process started (/proc/self/stat's start time, on
+# CLOCK_BOOTTIME) when the first optimizer step began and ended (with the peak RSS when it began).
+HOOK = """import json, os, resource, runpy, sys, time
 import library.training_loop as tl
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 since_start = lambda: time.clock_gettime(time.CLOCK_BOOTTIME) - int(
     open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-stamps, first, log, step = [], [], tl.Trainer._log, tl.Trainer._optimizer_step
+stamps, first, before, log, step = [], [], [], tl.Trainer._log, tl.Trainer._optimizer_step
 def timed_log(self, *args):
     log(self, *args)
-    stamps.append((time.perf_counter(), time.process_time()))
+    stamps.append((time.perf_counter(), time.process_time(), peak()))
 def timed_step(self, *args):
     if not first:
         first.append(since_start())
+        before.append(peak())
     out = step(self, *args)
     if len(first) == 1:
         first.append(since_start())
@@ -84,11 +86,18 @@ sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    open(os.environ["BENCH_STEP_STAMPS"], "w").write(json.dumps({"steps": stamps, "first": first}))
+    open(os.environ["BENCH_STEP_STAMPS"], "w").write(json.dumps({"steps": stamps, "first": first, "peak_before": before}))
 """
 SCRIPT = {"sd1": "train_network.py", "sdxl": "sdxl_train_network.py"}
 # What "ours" adds for SDXL: the settings that fit a 24 GB card (U-Net LoRA, cached text-encoder outputs, bf16).
 SDXL_FLAGS = ["--network_train_unet_only", "--cache_text_encoder_outputs", "--mixed_precision", "bf16"]
+
+
+def peak_mib() -> float:
+    """This process's peak RSS so far, MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_model_file(size: str, dest: Path, family: str, dtype: str) -> None:
@@ -148,14 +157,17 @@ def floor(model: Path, resolution: int, threads: int, warmup: int, steps: int, r
             times.append((time.perf_counter() - wall, time.process_time() - cpu))
         return times[warmup:]
 
+    peaks = {"set up": peak_mib()}
     out = {"floor": timed(True)}
+    peaks["floor steps"] = peak_mib()
     network.restore()
     # Without the LoRA nothing in the text encoder needs a gradient: make its embeddings' output need one, so the
     # backward pass runs through the text encoder as it does with the LoRA.
     embeddings = getattr(te, "embeddings", None) or te.text_model.embeddings
     embeddings.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_(True))
     out["reference"] = timed(False)
-    result.write_text(json.dumps(out))
+    peaks["reference steps"] = peak_mib()
+    result.write_text(json.dumps({"times": out, "peaks": peaks}))
 
 
 def floor_sdxl(model: Path, resolution: int, threads: int, warmup: int, steps: int, result: Path,
@@ -214,11 +226,14 @@ def floor_sdxl(model: Path, resolution: int, threads: int, warmup: int, steps: i
             times.append((time.perf_counter() - wall, time.process_time() - cpu))
         return times[warmup:]
 
+    peaks = {"set up": peak_mib()}
     out = {"floor": timed(True)}
+    peaks["floor steps"] = peak_mib()
     if reference:
         network.restore()
         out["reference"] = timed(False)
-    result.write_text(json.dumps(out))
+        peaks["reference steps"] = peak_mib()
+    result.write_text(json.dumps({"times": out, "peaks": peaks}))
 
 
 def ours(work: Path, model: Path, data: Path, family: str, resolution: int, threads: int, steps: int, tag: str,
@@ -241,6 +256,7 @@ def ours(work: Path, model: Path, data: Path, family: str, resolution: int, thre
     run["total"] = float(found[-1][1])
     run["steps"] = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(times, times[1:])]  # steps 2..N
     run["first"] = recorded["first"]  # seconds from the process's start to the first step's start, and end
+    run["peaks"] = recorded["peak_before"] + [t[2] for t in times]  # peak RSS MiB: at step 1's start, after each
     return run
 
 
@@ -352,6 +368,8 @@ def main() -> int:
             others["ours"].append(run["others"])
             print(f"  round {r}: ours {n} steps: trainer {run['total']:.1f} s, process {run['wall']:.1f} s wall, "
                   f"{run['cpu']:.1f} s CPU, peak RSS {run['rss']:.0f} MiB, others used {100 * run['others']:.0f} % CPU")
+            print(f"  round {r}: ours {n} steps: peak RSS so far (MiB) when step 1 began {run['peaks'][0]:.0f}, after "
+                  f"each step {', '.join(f'{x:.0f}' for x in run['peaks'][1:])}")
         print(f"  round {r}: ours, wall/CPU s per step: difference {'%.2f/%.2f' % rounds['ours'][-1]}; "
               f"single steps {show(full['steps'][w - 1:])}", flush=True)
         result = work / f"floor{r}.json"
@@ -361,10 +379,13 @@ def main() -> int:
         run = run_child(argv, work / f"floor{r}.log", threads, wait)
         rss["floor"] = max(rss["floor"], run["rss"])
         others["floor"].append(run["others"])
-        for name, times in json.loads(result.read_text()).items():
+        recorded = json.loads(result.read_text())
+        for name, times in recorded["times"].items():
             steps[name] += times
             rounds[name].append(mean(times))
             print(f"  round {r}: {name}, wall/CPU s per step: {show(times)}")
+        print(f"  round {r}: floor, peak RSS so far (MiB): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in recorded["peaks"].items()))
         print(f"  round {r}: floor process {run['wall']:.1f} s, peak RSS {run['rss']:.0f} MiB, others used "
               f"{100 * run['others']:.0f} % CPU", flush=True)
 
