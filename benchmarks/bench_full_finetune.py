@@ -98,6 +98,7 @@ def run_config(name: str, work: Path, model: Path, data: Path, family: str, reso
     """train_db.py (sdxl_train.py) with configuration `name` for `steps` steps: run_training's figures, and the
     lowest MemAvailable (GiB) while it ran. A child killed by SIGKILL is reported as the OOM killer's work."""
     out, logs = work / f"out_{name}", work / f"logs_{name}"
+    shutil.rmtree(logs, ignore_errors=True)  # a kept work dir holds an earlier run's TensorBoard events
     extra = (["--stop_text_encoder_training", "-1"] if family == "sd1" else SDXL_COMMON)
     configs = SDXL_CONFIGS if family == "sdxl" else CONFIGS
     argv = [sys.executable, str(ROOT / SCRIPT[family]), "--pretrained_model_name_or_path", str(model),
