@@ -116,6 +116,16 @@ def build_model_file(size: str, dest: Path, family: str, dtype: str) -> None:
     save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS, dtype=torch.float16)
 
 
+def time_steps(step, warmup: int, steps: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each of `steps` calls of `step` after `warmup` unmeasured ones."""
+    times = []
+    for _ in range(warmup + steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        step()
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return times[warmup:]
+
+
 def floor(model: Path, resolution: int, threads: int, warmup: int, steps: int, result: Path) -> None:
     """Child process: the bare LoRA step, then the no-LoRA reference; writes their step times to `result`."""
     import torch
@@ -149,13 +159,8 @@ def floor(model: Path, resolution: int, threads: int, warmup: int, steps: int, r
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    def timed(lora: bool) -> list[tuple[float, float]]:  # (wall, CPU) seconds of each measured step
-        times = []
-        for _ in range(warmup + steps):
-            wall, cpu = time.perf_counter(), time.process_time()
-            step(lora)
-            times.append((time.perf_counter() - wall, time.process_time() - cpu))
-        return times[warmup:]
+    def timed(lora: bool) -> list[tuple[float, float]]:
+        return time_steps(lambda: step(lora), warmup, steps)
 
     peaks = {"set up": peak_mib()}
     out = {"floor": timed(True)}
@@ -218,13 +223,8 @@ def floor_sdxl(model: Path, resolution: int, threads: int, warmup: int, steps: i
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    def timed(lora: bool) -> list[tuple[float, float]]:  # (wall, CPU) seconds of each measured step
-        times = []
-        for _ in range(warmup + steps):
-            wall, cpu = time.perf_counter(), time.process_time()
-            step(lora)
-            times.append((time.perf_counter() - wall, time.process_time() - cpu))
-        return times[warmup:]
+    def timed(lora: bool) -> list[tuple[float, float]]:
+        return time_steps(lambda: step(lora), warmup, steps)
 
     peaks = {"set up": peak_mib()}
     out = {"floor": timed(True)}

@@ -22,20 +22,15 @@ from library.families import (FAMILIES, INPAINTING, SD1_INPAINTING, SD2_512_DEPT
                               ModelSize, PredictionType, family_for)
 from library.key_maps import key_table
 from library.safetensors_io import SafetensorsReader, save_tensors
-from library.sd_checkpoint import EXTRAS_FILE, FamilyHints, read_checkpoint, require_arch
+from library.sd_checkpoint import EXTRAS_FILE, read_checkpoint, require_arch
 from library.tensor_files import CheckpointError
 from tests.conftest import VARIANT_NAMES
 from tests.numerics import assert_outputs_close
-from tests.test_checkpoint_roundtrip import FORMATS, SUFFIX, assert_same_tensors, original_file_tensors
+from tests.test_checkpoint_roundtrip import (assert_original_round_trip, assert_same_tensors, hints_for,
+                                             original_file_tensors)
 
 CONV_IN = key_maps.UNET_PREFIX + "input_blocks.0.0.weight"
 RELEASED = ["sd1-inpainting", "sd2-512-inpainting", "sd2-512-depth", "sdxl-inpainting"]
-
-
-def hints_for(family_name: str, fmt: str) -> FamilyHints:
-    # A .ckpt has no metadata, so a v-prediction model needs the flag (as in kohya).
-    return FamilyHints(v_parameterization=FAMILIES[family_name].prediction_type is PredictionType.V_PREDICTION
-                       and fmt == "ckpt")
 
 
 def base_of(family):
@@ -107,16 +102,8 @@ def test_full_size_keys_are_the_released_files_keys(family_name):
                                           ("safetensors", "ckpt")])
 def test_original_round_trip_is_bit_exact(family_name, first, second, variant_files, tmp_path):
     """original -> other format -> original: same key set (SD 2.x depth's MiDaS part too), identical tensors."""
-    source = variant_files[family_name][first]
-    with read_checkpoint(source, hints_for(family_name, first)) as checkpoint:
-        middle = save_checkpoint(checkpoint, tmp_path / f"mid{SUFFIX[second]}", FORMATS[second])
-    with read_checkpoint(middle, hints_for(family_name, second)) as checkpoint:
-        assert checkpoint.family.name == family_name
-        back = save_checkpoint(checkpoint, tmp_path / f"back{SUFFIX[first]}", FORMATS[first])
-    before, after = original_file_tensors(source), original_file_tensors(back)
-    assert before.keys() == after.keys()
-    for key in before:
-        assert before[key].dtype == after[key].dtype and torch.equal(before[key], after[key]), key
+    assert_original_round_trip(variant_files[family_name][first], family_name, first, second, tmp_path,
+                               check_family=True)
 
 
 @pytest.mark.parametrize("family_name", VARIANT_NAMES)
