@@ -18,9 +18,11 @@ import sys
 import train_network
 from library import train_args
 from library import training_setup as setup
+from library.families import ALL_UNET_INPUTS
 
 TRAINS = setup.TrainedArchs("sdxl_train_network.py", ("sdxl",),
-                            elsewhere=(("sd1", "train_network.py"), ("sd2", "train_network.py")))
+                            elsewhere=(("sd1", "train_network.py"), ("sd2", "train_network.py")),
+                            inputs=ALL_UNET_INPUTS)
 
 
 def setup_parser():

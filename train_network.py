@@ -31,6 +31,7 @@ from library import train_args  # noqa: E402
 from library import training_setup as setup  # noqa: E402
 from library.checkpoint_writer import modelspec_date, modelspec_keys  # noqa: E402
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
+from library.families import ALL_UNET_INPUTS  # noqa: E402
 from library.model_loading import SDModels, TextModelShim  # noqa: E402
 from networks.lora import original_layout_lora_names, renamed_modules  # noqa: E402
 from library.textual_inversion import (CaptionRewrite, bundle_tensors, embeddings_dir, expand_tokens,  # noqa: E402
@@ -221,7 +222,8 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
 
 
 # kohya's split: this script trains SD 1.x / 2.x, sdxl_train_network.py SDXL (with the same flags and a few more).
-TRAINS = setup.TrainedArchs("train_network.py", setup.SD_ARCHS, elsewhere=(("sdxl", "sdxl_train_network.py"),))
+TRAINS = setup.TrainedArchs("train_network.py", setup.SD_ARCHS, elsewhere=(("sdxl", "sdxl_train_network.py"),),
+                            inputs=ALL_UNET_INPUTS)
 
 
 def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
@@ -264,7 +266,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
     if before_data is not None and accelerator.is_main_process:
         before_data(models, start)
     accelerator.wait_for_everyone()
-    dataset, data_summary = setup.build_dataset(args, family, start.seed)
+    dataset, data_summary = setup.build_dataset(args, family, start.seed, unet_in_channels=unet.config.in_channels)
     if added_tokens:
         dataset.caption_rewrite = CaptionRewrite(added_tokens)  # a token string stands for all its vectors
         prompts = [replace(p, prompt=expand_tokens(p.prompt, added_tokens)) for p in prompts]

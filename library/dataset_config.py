@@ -244,9 +244,10 @@ def build_groups(specs: list[DatasetSpec], *, family_step: int) -> tuple[list[Da
 
 def build_training_dataset(cli: dict, dataset_config: Path | None, *, family_step: int, seed: int,
                            prior_loss_weight: float, max_train_steps: int,
-                           conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK):
+                           conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK, condition=None):
     """The training dataset described by a dataset config (or, without one, by the command-line flags) and a
-    summary for the metadata. `conditioning_use`: what the subsets' conditioning images are for."""
+    summary for the metadata. `conditioning_use`: what the subsets' conditioning images are for; `condition`
+    (extra_inputs.ConditionImages): a model's extra U-Net input, which they then are."""
     from library.train_dataset import TrainingDataset
 
     if dataset_config is not None:
@@ -255,7 +256,7 @@ def build_training_dataset(cli: dict, dataset_config: Path | None, *, family_ste
         specs = specs_from_flags(cli)
     groups, summary = build_groups(specs, family_step=family_step)
     dataset = TrainingDataset(groups, seed=seed, prior_loss_weight=prior_loss_weight, max_train_steps=max_train_steps,
-                              conditioning_use=conditioning_use)
+                              conditioning_use=conditioning_use, condition=condition)
     return dataset, summary
 
 

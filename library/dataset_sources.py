@@ -57,6 +57,7 @@ class ConditioningUse(enum.Enum):
 
     LOSS_MASK = "loss_mask"  # --masked_loss: its R channel weights the loss
     CONTROL = "control"  # ControlNet: the control image, given to the ControlNet as is (0..1)
+    UNET_INPUT = "unet_input"  # a model's extra U-Net input: inpainting mask, depth map, condition channels
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,11 @@ def scan_metadata_subset(subset: Subset, caption_joiner: str = ", ") -> tuple[li
                            len(unlisted), ", ".join(unlisted[:5]))
     if not records and not problems:
         raise DatasetError(f"{subset.metadata_file}: no entries")
+    if subset.conditioning_dir is not None:
+        if subset.conditioning_column:
+            raise DatasetError(f"{subset.metadata_file}: conditioning images named both by the column "
+                               f"{subset.conditioning_column!r} and by the folder {subset.conditioning_dir}; give one")
+        records = pair_conditioning(records, subset.conditioning_dir)
     return records, problems
 
 

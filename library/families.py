@@ -4,8 +4,8 @@ Everything that differs between SD 1.x, SD 2.x 512-base, SD 2.x 768-v, SDXL base
 (configs, text encoders, prediction type, VAE scale, default resolution, bucket step, metadata names, the diffusers
 pipeline class), so code elsewhere asks the record instead of testing `v2` / `v_parameterization` / `sdxl` flags.
 Checkpoint I/O, conversion, gen_img.py, the LoRA network and the LoRA tools handle every family; the sdxl_* trainers
-(LoRA, full model, textual inversion) train SDXL base, while ControlNet training and the ControlNet converter handle
-SD 1.x / 2.x so far and refuse SDXL by name (`sd_checkpoint.require_arch`, `training_setup.TrainedArchs`).
+(LoRA, full model, textual inversion, ControlNet) train SDXL base; a script refuses what it does not handle by name
+(`sd_checkpoint.require_arch`, `training_setup.TrainedArchs`).
 
 A family owns a *list* of text encoders (`ModelFamily.text_encoders`, one `TextEncoderSlot` each: its diffusers
 pipeline component, its tokenizer, where an original file keeps it, its LoRA prefix), because SDXL has two.
@@ -24,8 +24,9 @@ text-to-image family (`_variant`): the same blocks, encoders, key names and conf
 (9 channels: latents, mask, masked-image latents) and SD 2.x depth (5: latents, depth map); and for models made
 with `tools/add_input_channels.py --extra_channels N`, one "extra channels" family per text-to-image family, whose
 width is the model's own. A model's family is told by its text encoders (the architecture) and its U-Net's input
-width (`sd_checkpoint`); code that handles only the noisy latents (the trainers and gen_img.py, so far) refuses the
-others by name (`sd_checkpoint.require_arch`).
+width (`sd_checkpoint`). The LoRA, DreamBooth and fine-tune trainers feed every layout (`ALL_UNET_INPUTS`,
+library/extra_inputs.py); code that handles only the noisy latents refuses the others by name
+(`sd_checkpoint.require_arch`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ DEPTH = UNetInputs("depth", (_NOISY_LATENTS, InputPart("depth map", 1)))
 # Models made with tools/add_input_channels.py --extra_channels N: the user's own conditions after the latents.
 # New ones get 2 here: a width no released layout has, so a tiny test model is told apart by its weights alone.
 EXTRA_CHANNELS = UNetInputs("extra channels", (_NOISY_LATENTS, InputPart("extra channels", None)), new_model_extra=2)
+ALL_UNET_INPUTS = (TEXT_TO_IMAGE, INPAINTING, DEPTH, EXTRA_CHANNELS)  # what the trainers feed (extra_inputs.py)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from library import train_args
 from library import training_setup as setup
 from library.checkpoint_writer import SaveFormat, save_checkpoint
 from library.diffusion_objective import DiffusionObjective
+from library.families import ALL_UNET_INPUTS
 from library.model_loading import SDModels, checkpoint_from_models
 from library.sd_checkpoint import SDCheckpoint
 from library.tensor_files import CheckpointError
@@ -297,7 +298,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
 
     # Models
     checkpoint = setup.read_base_model(args, setup.TrainedArchs(f"{recipe.name}.py", recipe.families,
-                                                                recipe.elsewhere))
+                                                                recipe.elsewhere, inputs=ALL_UNET_INPUTS))
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
@@ -313,7 +314,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     if recipe.before_data is not None and accelerator.is_main_process:
         recipe.before_data(models, start)
     accelerator.wait_for_everyone()
-    dataset, data_summary = setup.build_dataset(args, family, start.seed)
+    dataset, data_summary = setup.build_dataset(args, family, start.seed, unet_in_channels=unet.config.in_channels)
     if added_tokens:
         dataset.caption_rewrite = CaptionRewrite(added_tokens)  # a token string stands for all its vectors
         prompts = [replace(p, prompt=expand_tokens(p.prompt, added_tokens)) for p in prompts]

@@ -86,14 +86,47 @@ def load_image(path: Path, *, want_alpha: bool = False) -> LoadedImage:
     return LoadedImage(rgb, alpha if want_alpha else None)
 
 
+def band_count(path: Path) -> int:
+    """How many planes `load_bands` gives for the image, from its header."""
+    with _open(path) as image:
+        if image.mode in _WIDE_GRAY + ("F",) or image.mode in ("L", "LA", "RGB", "RGBA"):
+            return 1 if image.mode in _WIDE_GRAY + ("F",) else len(image.mode)
+        return 4 if "A" in image.getbands() or "transparency" in image.info else 3
+
+
+def load_bands(path: Path) -> list[Image.Image]:
+    """The image's channels as separate 8-bit "L" planes (1 to 4), orientation applied; 16-bit grayscale (depth
+    maps) scaled to 8 bits. Each plane is resized on its own later: PIL resizes RGBA / LA with premultiplied alpha,
+    which would mix an alpha band into the others."""
+    with _open(path) as image:
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{path}: the image data is corrupt or truncated ({e}); remove it or copy it "
+                             "again") from e
+        image = ImageOps.exif_transpose(image)
+        if image.mode in _WIDE_GRAY + ("F",):
+            return [_wide_gray_to_l(image)]
+        if image.mode not in ("L", "LA", "RGB", "RGBA"):
+            image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+        return list(image.split())
+
+
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _wide_gray_to_l(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale (e.g. depth maps) as 8-bit "L": PIL's convert would clip at 255; scale the real range
+    down instead."""
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0  # F: 0..255 or 0..65535
+    return Image.fromarray(np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8), "L")
+
+
 def _to_rgb(image: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grayscale: PIL's convert("RGB") would clip at 255; scale the real range down instead.
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
-        gray = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB"), None
+    if mode in _WIDE_GRAY:
+        return _wide_gray_to_l(image).convert("RGB"), None
     if mode == "P":
         # Palette images may carry transparency in their info; going through RGBA keeps it.
         image = image.convert("RGBA")

@@ -535,8 +535,8 @@ def require_arch(checkpoint: SDCheckpoint, tool: str, archs: tuple[str, ...] = S
         raise CheckpointError(
             f"{checkpoint.source or 'the model'}: this is {checkpoint.family.description.split(' (')[0]} (U-Net "
             f"{checkpoint.family.unet_inputs.describe(in_channels)}); {tool} does not feed such a U-Net yet. "
-            "Converting them works (tools/convert_diffusers20_original_sd.py), and tools/add_input_channels.py "
-            "makes them; training and generating with their extra inputs come next.")
+            "train_network.py, train_db.py, fine_tune.py, sdxl_train.py and sdxl_train_network.py train them, "
+            "tools/convert_diffusers20_original_sd.py converts them and tools/add_input_channels.py makes them.")
     handled = " / ".join(_ARCH_NAMES[a].split(" (")[0].removeprefix("an ").removesuffix(" model") for a in archs)
     where = (f"use {elsewhere[arch]} for it (same flags)" if arch in (elsewhere or {}) else
              "does not support it yet (tools/convert_diffusers20_original_sd.py and tools/merge_models.py do)")

@@ -165,7 +165,21 @@ def add_objective_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--masked_loss", action="store_true",
                    help="weight the loss by a mask: the R channel of same-stem images in --conditioning_data_dir")
     g.add_argument("--conditioning_data_dir", default=None,
-                   help="folder of same-stem mask images for --masked_loss")
+                   help="folder of same-stem images: --masked_loss masks; on an inpainting / depth / extra-channel "
+                        "model its masks (white: repaint), depth maps or condition images")
+
+
+def add_extra_input_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inpainting models (synthetic masks, for images without a mask in "
+                             "--conditioning_data_dir)")
+    g.add_argument("--inpaint_full_mask_prob", type=float, default=0.25,
+                   help="share of samples with the whole image masked, so the model keeps generating from text "
+                        "alone (default 0.25, as RunwayML trained SD inpainting)")
+    g.add_argument("--inpaint_mask_max_shapes", type=int, default=3,
+                   help="each synthetic mask has 1 to N random rectangles and ellipses (default 3)")
+    g.add_argument("--inpaint_mask_size", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="a shape's width and height as shares of the image's, drawn between MIN and MAX (default "
+                        "0.1 0.5)")
 
 
 def add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
@@ -329,7 +343,8 @@ def add_common_training_arguments(p: argparse.ArgumentParser, *, implemented: tu
     """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, metadata,
     refusals). `implemented`: flags of NOT_YET_IMPLEMENTED that the trainer adds itself."""
     for add in (add_model_arguments, add_dataset_arguments, add_training_arguments, add_objective_arguments,
-                add_optimizer_arguments, add_sample_arguments, add_modelspec_arguments, add_console_log_arguments):
+                add_extra_input_arguments, add_optimizer_arguments, add_sample_arguments, add_modelspec_arguments,
+                add_console_log_arguments):
         add(p)
     add_not_yet_implemented(p, implemented)
 
@@ -583,7 +598,8 @@ def check_training_flags(args: argparse.Namespace, *, control_images: bool = Fal
         if args.masked_loss:
             problems.append("--masked_loss: not supported in ControlNet training (--conditioning_data_dir holds the "
                             "control images)")
-    elif args.masked_loss != bool(args.conditioning_data_dir):
+    elif args.masked_loss and not args.conditioning_data_dir:
+        # The other half (a folder without --masked_loss) depends on the model: training_setup.check_condition_flags.
         problems.append("--masked_loss and --conditioning_data_dir go together (the masks are the R channel of "
                         "same-stem images in that folder; for PNG alpha use --alpha_mask)")
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:

@@ -26,7 +26,8 @@ from PIL import Image
 from library.buckets import (BucketAssigner, BucketBatchSampler, CropPlan, ImageTooSmallError, apply_plan_to_image,
                              plan_resize_and_crop, resample_filter)
 from library.captions import process_caption
-from library.dataset_sources import ConditioningUse, ImageRecord
+from library.dataset_sources import ConditioningUse, DatasetError, ImageRecord
+from library.extra_inputs import ConditionImages
 from library.images import load_image
 from library.text_conditioning import SizeConditioning
 
@@ -86,9 +87,13 @@ def assign_bucket(assigner: BucketAssigner, record: ImageRecord):
 
 class TrainingDataset(torch.utils.data.Dataset):
     def __init__(self, groups: list[DatasetGroup], *, seed: int, prior_loss_weight: float = 1.0,
-                 max_train_steps: int = 0, conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK):
+                 max_train_steps: int = 0, conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK,
+                 condition: ConditionImages | None = None):
+        """`condition`: what a model with extra U-Net inputs gets from each sample (extra_inputs.py); the subsets'
+        conditioning images are then those inputs."""
         self.seed = seed
-        self.conditioning_use = conditioning_use
+        self.condition = condition
+        self.conditioning_use = ConditioningUse.UNET_INPUT if condition is not None else conditioning_use
         self.groups = groups
         self.max_train_steps = max_train_steps
         self.items: list[Item] = []
@@ -100,6 +105,14 @@ class TrainingDataset(torch.utils.data.Dataset):
                 item = Item(record, choice.bucket, weight, g)
                 self._choices[item.cache_id] = choice
                 self.items += [item] * repeats
+        if condition is not None and condition.required:
+            lacking = sorted({str(item.record.subset.image_dir) for item in self.items if item.record.conditioning is None})
+            if lacking:
+                raise DatasetError(f"{', '.join(lacking)}: this model takes a {condition.kind.value} with every image; "
+                                   "give conditioning_data_dir (--conditioning_data_dir, or the key in the dataset "
+                                   f"config) with one same-stem {condition.kind.value} per image")
+        if condition is not None:
+            check_condition_images((item.record for item in self.items), condition)
         self.latent_cache = None  # set by LatentCache.build
         # A recipe's last word on each caption (textual inversion: templates, token expansion), given its own
         # seeded random stream: (processed caption, rng) -> caption.
@@ -143,6 +156,10 @@ class TrainingDataset(torch.utils.data.Dataset):
             out["mask"] = mask if mask is not None else torch.ones(1, *item.bucket[::-1])
         if self.conditioning_use is ConditioningUse.CONTROL and item.record.conditioning is not None:
             out["control"] = self.load_control(item, key, flip)
+        if self.condition is not None:
+            out["condition"] = self.load_condition(item, key, flip)
+            if self.condition.needs_pixels and "pixels" not in out:  # inpainting: the masked photo is encoded
+                out["pixels"], _ = self.load_pixels(item, key, flip)
         rng = _rng(self.seed, "caption", key.epoch, key.index)
         out["caption"] = process_caption(item.record.caption, subset.caption, rng=rng, epoch=key.epoch,
                                          step=key.step, max_train_steps=self.max_train_steps)
@@ -189,6 +206,14 @@ class TrainingDataset(torch.utils.data.Dataset):
         control = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         return control.flip(-1) if flip else control
 
+    def load_condition(self, item: Item, key: SampleKey | None, flip: bool) -> torch.Tensor:
+        """The model's extra input for the sample [C, H, W] (extra_inputs.ConditionImages.load), through the photo's
+        resize, crop and flip; a synthetic inpainting mask comes from the sample's own random stream."""
+        epoch, index = (key.epoch, key.index) if key is not None else (0, 0)
+        return self.condition.load(item.record.conditioning, self.sample_plan(item, key), flip,
+                                   _rng(self.seed, "inpaint-mask", epoch, index),
+                                   resample=resample_filter(item.record.subset.resize_interpolation))
+
     def _companion(self, item: Item, plan: CropPlan) -> Image.Image:
         companion = load_image(item.record.conditioning).rgb
         resample = resample_filter(item.record.subset.resize_interpolation)  # the photo's filter too
@@ -196,6 +221,17 @@ class TrainingDataset(torch.utils.data.Dataset):
             return apply_plan_to_image(companion, plan, resample=resample)
         except ValueError as e:
             raise ValueError(f"{item.record.conditioning}: {e} ({item.record.path.name})") from None
+
+
+def check_condition_images(records, condition: ConditionImages) -> None:
+    """Every conditioning image fits its photo (aspect ratio; channel count for condition channels), checked from the
+    headers before training, so a wrong mask or depth map is named at once, not at the step that loads it."""
+    wrong = [problem for record in dict.fromkeys(records) if record.conditioning is not None
+             and (problem := condition.header_problem(record.conditioning, record.size))]
+    if wrong:
+        raise DatasetError(f"{len(wrong)} conditioning image(s) do not fit their images: {'; '.join(wrong[:5])}"
+                           f"{' ...' if len(wrong) > 5 else ''}. Give each image its own {condition.kind.value}, at "
+                           "its size or scaled with it")
 
 
 def describe_samples(dataset: "TrainingDataset", batches: "EpochBatches", limit: int = 20) -> list[str]:
@@ -247,7 +283,7 @@ def collate(samples: list[dict]) -> dict:
     batch = {"caption": [s["caption"] for s in samples], "path": [s["path"] for s in samples],
              "slot": [s["slot"] for s in samples], "sizes": [s["size"] for s in samples],
              "loss_weight": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32)}
-    for key in ("latents", "pixels", "mask", "control"):
+    for key in ("latents", "pixels", "mask", "control", "condition"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])
     return batch

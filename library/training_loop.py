@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from library.atomic_files import atomic_directory
 from library.diffusion_objective import DiffusionObjective
+from library.extra_inputs import feeder_for
 from library.run_logging import LogSettings, RunLog
 from library.text_conditioning import TextConditioner, TextConditioning
 from library.train_dataset import EpochBatches, SampleKey, TrainingDataset, collate
@@ -152,6 +153,8 @@ class Trainer:
         self.weight_dtype = weight_dtype
         self.on_log = on_log
         self.sampler, self.sample_trainable = sampler, sample_trainable
+        # A model with extra U-Net inputs (inpainting, depth, extra channels) gets them after the noisy latents.
+        self.unet_inputs = feeder_for(dataset.condition, vae=vae, scaling_factor=config.vae_scale_factor)
         self._extra_logs: dict[str, float] = {}
         self.lr_names = lr_names  # TensorBoard names of the param groups' learning rates (kohya: lr/unet ...)
         self.state = TrainState(run_fingerprint=run_fingerprint)
@@ -235,8 +238,11 @@ class Trainer:
         cond = self._conditioning(batch)
         noised = self.objective.noised(latents, generators)
         denoise = getattr(self.task, "denoise", None)
+        noisy = noised.noisy_latents
+        if self.unet_inputs is not None:
+            noisy = torch.cat([noisy, self.unet_inputs(batch, generators, tuple(latents.shape[-2:])).to(device)], dim=1)
         with self.accelerator.autocast():
-            noisy, timesteps = noised.noisy_latents.to(self.weight_dtype), noised.timesteps.to(device)
+            noisy, timesteps = noisy.to(self.weight_dtype), noised.timesteps.to(device)
             if denoise is not None:
                 prediction = denoise(noisy, timesteps, cond.to(self.weight_dtype), batch)
             else:

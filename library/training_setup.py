@@ -22,6 +22,8 @@ import torch
 from library import train_args
 from library.dataset_config import DatasetConfigError, build_training_dataset
 from library.dataset_sources import ConditioningUse, DatasetError
+from library.extra_inputs import MaskSettings, condition_images_for
+from library.families import TEXT_TO_IMAGE, UNetInputs
 from library.images import ImageError
 from library.latent_cache import CacheSettings, LatentCache
 from library.model_loading import SDModels, instantiate_models, replace_vae
@@ -69,6 +71,7 @@ class TrainedArchs:
     script: str
     archs: tuple[str, ...] = SD_ARCHS
     elsewhere: tuple[tuple[str, str], ...] = ()  # (arch, the script that trains it)
+    inputs: tuple[UNetInputs, ...] = (TEXT_TO_IMAGE,)  # the U-Net inputs it feeds (families.ALL_UNET_INPUTS)
 
 
 def read_base_model(args: argparse.Namespace, trains: TrainedArchs) -> SDCheckpoint:
@@ -89,7 +92,7 @@ def open_base_model(args: argparse.Namespace, trains: TrainedArchs | None = None
     checkpoint = read_checkpoint(args.pretrained_model_name_or_path, hints,
                                  allow_unsafe_pickle=args.allow_unsafe_pickle)
     if trains is not None:
-        require_arch(checkpoint, trains.script, trains.archs, elsewhere=dict(trains.elsewhere))
+        require_arch(checkpoint, trains.script, trains.archs, elsewhere=dict(trains.elsewhere), inputs=trains.inputs)
     try:
         if args.vae:
             replace_vae(checkpoint, args.vae, allow_unsafe_pickle=args.allow_unsafe_pickle)
@@ -163,18 +166,56 @@ def check_pivotal_token(args: argparse.Namespace, dataset: TrainingDataset) -> N
 
 
 def build_dataset(args: argparse.Namespace, family, seed: int, *, extra_options: dict | None = None,
-                  conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK) -> tuple[TrainingDataset, dict]:
+                  conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK,
+                  unet_in_channels: int | None = None) -> tuple[TrainingDataset, dict]:
     """The dataset of the data flags / --dataset_config; `extra_options`: recipe-specific subset options (e.g. a
-    ControlNet metadata column), under their dataset-config names."""
+    ControlNet metadata column), under their dataset-config names. For a model with extra U-Net inputs (inpainting,
+    depth, extra channels; `unet_in_channels`: its U-Net's input width) the conditioning images are those inputs."""
     cli = train_args.dataset_cli_values(args, family.default_resolution)
     cli.update(extra_options or {})
     try:
+        condition = condition_images_for(family.unet_inputs, unet_in_channels or family.unet_inputs.new_model_channels,
+                                         mask_settings(args))
+        check_condition_flags(args, family, condition)
         return build_training_dataset(cli, Path(args.dataset_config) if args.dataset_config else None,
                                       family_step=family.bucket_reso_step, seed=seed,
                                       prior_loss_weight=args.prior_loss_weight, max_train_steps=args.max_train_steps,
-                                      conditioning_use=conditioning_use)
+                                      conditioning_use=conditioning_use, condition=condition)
     except (DatasetError, DatasetConfigError, ImageError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def mask_settings(args: argparse.Namespace) -> MaskSettings:
+    """The synthetic inpainting masks of the --inpaint_* flags (defaults where a trainer lacks them)."""
+    defaults = MaskSettings()
+    size = getattr(args, "inpaint_mask_size", None) or (defaults.min_size, defaults.max_size)
+    return MaskSettings(full_mask_prob=getattr(args, "inpaint_full_mask_prob", defaults.full_mask_prob),
+                        max_shapes=getattr(args, "inpaint_mask_max_shapes", defaults.max_shapes),
+                        min_size=size[0], max_size=size[1])
+
+
+def check_condition_flags(args: argparse.Namespace, family, condition) -> None:
+    """The flags that only mean something for some U-Net inputs, checked once the model's are known: the
+    --inpaint_* flags need an inpainting model; --conditioning_data_dir is --masked_loss's mask folder on a
+    text-to-image model and the model's own input (masks, depth maps, conditions) on the others."""
+    from library.extra_inputs import ConditionKind
+
+    given = [flag for flag, default in (("--inpaint_full_mask_prob", MaskSettings().full_mask_prob),
+                                        ("--inpaint_mask_max_shapes", MaskSettings().max_shapes),
+                                        ("--inpaint_mask_size", None))
+             if getattr(args, flag[2:], default) != default]
+    if given and (condition is None or condition.kind is not ConditionKind.INPAINT_MASK):
+        raise ValueError(f"{' / '.join(given)}: synthetic inpainting masks, but this is "
+                         f"{family.description.split(' (')[0]}, not an inpainting model: drop the flag(s)")
+    if condition is None:
+        if args.conditioning_data_dir and not args.masked_loss:
+            raise ValueError("--conditioning_data_dir without --masked_loss: on this text-to-image model the folder "
+                             "holds --masked_loss masks (the R channel of same-stem images): add --masked_loss "
+                             "(for PNG alpha use --alpha_mask)")
+    elif args.masked_loss:
+        raise ValueError(f"--masked_loss: on {family.description.split(' (')[0]} the conditioning images "
+                         f"(--conditioning_data_dir) are the model's {condition.kind.value}s, not loss masks; "
+                         "drop --masked_loss (the alpha channel, --alpha_mask, still masks the loss)")
 
 
 def epoch_batches(dataset: TrainingDataset, seed: int, accelerator) -> EpochBatches:
@@ -337,6 +378,10 @@ def load_sample_prompts(args: argparse.Namespace, family) -> list:
     the models load, so a bad prompt file is reported at once."""
     if not args.sample_prompts:
         return []
+    if family.unet_inputs != TEXT_TO_IMAGE:
+        raise SystemExit(f"error: --sample_prompts: sample images of {family.description.split(' (')[0]} need its "
+                         f"{family.unet_inputs.name} inputs, which the training sampler does not give yet; train "
+                         "without them and generate afterwards")
     from library.sampling import PromptFileError, SamplePrompt, load_prompts
 
     width, height = train_args.parse_resolution(args.resolution, family.default_resolution)

@@ -334,13 +334,14 @@ def test_the_unet_width_decides_not_the_pipeline_class(variant_files, tiny_files
 def test_tools_that_feed_only_the_latents_refuse_by_name(variant_files, tiny_files):
     with read_checkpoint(variant_files["sd1-inpainting"]["safetensors"]) as checkpoint:
         with pytest.raises(CheckpointError) as error:
-            require_arch(checkpoint, "train_network.py")
+            require_arch(checkpoint, "train_controlnet.py")
     message = str(error.value)
     for needle in ("sd1-inpainting.safetensors", "Stable Diffusion 1.x inpainting", "9 input channels",
-                   "4 noisy latents, 1 mask, 4 masked-image latents", "train_network.py does not feed"):
+                   "4 noisy latents, 1 mask, 4 masked-image latents", "train_controlnet.py does not feed",
+                   "train_network.py, train_db.py"):
         assert needle in message, message
     with read_checkpoint(tiny_files["sd1"]["safetensors"]) as checkpoint:
-        require_arch(checkpoint, "train_network.py")  # the text-to-image model passes
+        require_arch(checkpoint, "train_controlnet.py")  # the text-to-image model passes
         require_arch(checkpoint, "train_network.py", inputs=(TEXT_TO_IMAGE, INPAINTING))
     with read_checkpoint(variant_files["sd1-inpainting"]["safetensors"]) as checkpoint:
         require_arch(checkpoint, "a tool that feeds both", inputs=(TEXT_TO_IMAGE, INPAINTING))
