@@ -224,3 +224,24 @@ def test_a_text_to_image_model_refuses_the_inpainting_flags(workspace, tmp_path)
         with pytest.raises(SystemExit) as exited:
             run_script("train_network", argv + extra + ["--max_train_steps", "1"])
         assert needle in str(exited.value.code), exited.value.code
+
+
+@pytest.mark.parametrize("variant, base", [("sd1-inpainting", "sd1"), ("sdxl-inpainting", "sdxl"),
+                                           ("sd2-512-depth", "sd2-512"), ("sd1-extra", "sd1")])
+def test_a_lora_of_a_variant_has_the_base_models_modules(variant, base):
+    """LoRA (with conv layers) on an inpainting / depth / extra-channel model trains the modules it trains on the
+    base model, with the same names and shapes: the first convolution, the only layer that differs, is not one of
+    them. So a LoRA trained on SD 1.5 fits SD 1.5 inpainting and the reverse."""
+    from library.families import FAMILIES, ModelSize
+    from library.tiny_models import build_random_models
+    from networks.lora import create_network
+
+    def lora_shapes(name):
+        models = build_random_models(FAMILIES[name], ModelSize.TINY, seed=0, perturb=False)
+        encoders = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
+        network = create_network(1.0, 4, 2, models.vae, encoders, models.unet, conv_dim=4, conv_alpha=1)
+        network.apply_to(encoders, models.unet)
+        return {k: tuple(v.shape) for k, v in network.state_dict().items()}
+
+    ours, theirs = lora_shapes(variant), lora_shapes(base)
+    assert ours == theirs and any("conv" in k for k in ours)
