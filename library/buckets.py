@@ -148,8 +148,15 @@ class BucketAssigner:
             self.buckets = tuple(make_bucket_resolutions(config.resolution, low, high, config.bucket_reso_steps))
         self._bucket_set = set(self.buckets)
         self._aspects = [w / h for w, h in self.buckets]
+        self._choices: dict[Size, BucketChoice] = {}  # datasets repeat sizes: 100k images have a few thousand
 
     def assign(self, image_size: Size) -> BucketChoice:
+        size = tuple(image_size)
+        if size not in self._choices:
+            self._choices[size] = self._assign(size)
+        return self._choices[size]
+
+    def _assign(self, image_size: Size) -> BucketChoice:
         width, height = image_size
         if width <= 0 or height <= 0:  # kohya #1836: an unreadable size became a (-128, -128) bucket
             raise ImageTooSmallError(f"image size {width}x{height} is not positive (unreadable image or metadata?)")

@@ -31,13 +31,12 @@ DATASET_LEVEL = {"batch_size": int, "resolution": (int, list), "enable_bucket": 
                  "min_bucket_reso": int, "max_bucket_reso": int, "bucket_reso_steps": int}
 CAPTION_OPTIONS = {f.name: f.type for f in fields(CaptionOptions)}
 SUBSET_ANY_LEVEL = {"num_repeats": int, "caption_extension": str, "class_tokens": str, "flip_aug": bool,
-                    "color_aug": bool, "random_crop": bool, "resize_interpolation": str,
+                    "color_aug": bool, "random_crop": bool, "resize_interpolation": str, "cache_info": bool,
                     **{k: object for k in CAPTION_OPTIONS}}
 SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "alpha_mask": bool, "metadata_file": str, "caption_column": str,
                "conditioning_data_dir": str, "image_column": str, "conditioning_image_column": str}
 # kohya keys users may have that this suite does not implement yet: refused by name, never silently ignored.
-NOT_YET = {"network_multiplier", "validation_split", "validation_seed", "face_crop_aug_range", "cache_info",
-           "custom_attributes"}
+NOT_YET = {"network_multiplier", "validation_split", "validation_seed", "face_crop_aug_range", "custom_attributes"}
 
 
 class DatasetConfigError(ValueError):
@@ -147,7 +146,7 @@ def _subset(options: dict, where: str, base: Path) -> Subset:
                   class_tokens=options.get("class_tokens"), is_reg=bool(options.get("is_reg", False)),
                   caption_extension=extension if extension.startswith(".") else "." + extension, caption=caption,
                   flip_aug=bool(options.get("flip_aug", False)), color_aug=bool(options.get("color_aug", False)),
-                  random_crop=bool(options.get("random_crop", False)),
+                  random_crop=bool(options.get("random_crop", False)), cache_info=bool(options.get("cache_info")),
                   resize_interpolation=options.get("resize_interpolation"),
                   alpha_mask=bool(options.get("alpha_mask", False)), metadata_file=metadata,
                   caption_column=options.get("caption_column", "text"),

@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from library.captions import CaptionOptions, caption_path_for, other_caption_files, read_caption_file
+from library.captions import CaptionOptions, other_caption_files
+from library.image_scan import scan_folder
 from library.images import ImageError, image_size, is_image_file
 from library.metadata_files import MetadataError, read_entries, resolve_image
 
@@ -50,6 +51,7 @@ class Subset:
     image_column: str | None = None  # metadata column naming the image (default: image_path / file_name)
     conditioning_column: str | None = None  # metadata column naming a ControlNet conditioning image
     conditioning_dir: Path | None = None  # same-stem companion images (loss masks, ControlNet conditions)
+    cache_info: bool = False  # kohya's --cache_info: sizes and captions kept in <image_dir>/metadata_cache.json
 
 
 class ConditioningUse(enum.Enum):
@@ -119,17 +121,15 @@ def scan_subset(subset: Subset) -> tuple[list[ImageRecord], list[str]]:
     if not subset.image_dir.is_dir():
         raise DatasetError(f"{subset.image_dir}: no such image folder")
     records, problems, uncaptioned = [], [], []
-    for path in sorted(p for p in subset.image_dir.iterdir() if p.is_file() and is_image_file(p)):
-        try:
-            size = image_size(path)
-        except ImageError as e:
-            problems.append(str(e))
+    for info in scan_folder(subset.image_dir, subset.caption_extension, cache_info=subset.cache_info):
+        if info.problem is not None:
+            problems.append(info.problem)
             continue
-        caption = read_caption_file(caption_path_for(path, subset.caption_extension))
+        caption = info.caption
         if caption is None:
-            uncaptioned.append(path.name)
+            uncaptioned.append(info.path.name)
             caption = subset.class_tokens or ""
-        records.append(ImageRecord(path, size, caption, subset))
+        records.append(ImageRecord(info.path, info.size, caption, subset))
     if uncaptioned:
         fallback = f"the folder's class tokens {subset.class_tokens!r}" if subset.class_tokens else "an empty caption"
         logger.warning("%s: %d image(s) without a %s caption file use %s: %s%s", subset.image_dir, len(uncaptioned),

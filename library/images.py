@@ -48,12 +48,39 @@ def image_size(path: Path) -> tuple[int, int]:
     with _open(path) as image:
         width, height = image.size
         try:
-            orientation = image.getexif().get(0x0112, 1)
+            orientation = 1 if _png_without_exif(image) else image.getexif().get(0x0112, 1)
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
             raise ImageError(f"{path}: the image data is corrupt or truncated ({e}); remove it or copy it "
                              "again") from e
     # Orientations 5-8 rotate by 90 degrees and swap the sides.
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+# PNG chunks after the image data that can hold EXIF (eXIf, or ImageMagick's "Raw profile type exif" text).
+_LATE_EXIF_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_without_exif(image: Image.Image) -> bool:
+    """A PNG that certainly has no EXIF (so no orientation), found by walking its chunk headers. PIL's getexif()
+    on a PNG decodes the whole image to look for EXIF after the pixel data: tens of ms for a large PNG, minutes
+    over a big dataset's first scan."""
+    if image.format != "PNG" or "exif" in image.info or "Raw profile type exif" in image.info:
+        return False
+    fp, start = image.fp, image.fp.tell()
+    try:
+        fp.seek(8)  # the signature
+        while True:
+            header = fp.read(8)
+            if len(header) < 8:
+                return False  # truncated: let PIL's own reading report it
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"IEND":
+                return True
+            if kind in _LATE_EXIF_CHUNKS:
+                return False
+            fp.seek(length + 4, 1)  # the data and its CRC
+    finally:
+        fp.seek(start)
 
 
 def _open(path: Path) -> Image.Image:

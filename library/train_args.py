@@ -80,6 +80,9 @@ def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
                    help="caption column of a diffusers imagefolder metadata.jsonl / metadata.csv")
     g.add_argument("--dataset_repeats", type=int, default=1)
     g.add_argument("--debug_dataset", action="store_true")
+    g.add_argument("--cache_info", action="store_true",
+                   help="keep each image folder's sizes and captions in <folder>/metadata_cache.json (kohya's file), "
+                        "checked against the files' sizes and times, so a repeated scan of a large dataset is quick")
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
@@ -492,7 +495,7 @@ def dataset_cli_values(args: argparse.Namespace, default_resolution: int) -> dic
         "random_crop", "resize_interpolation", "alpha_mask", "caption_column", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
         "caption_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
         "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
-        "token_warmup_step", "conditioning_data_dir")}
+        "token_warmup_step", "conditioning_data_dir", "cache_info")}
     options["batch_size"] = args.train_batch_size
     options["resolution"] = parse_resolution(args.resolution, default_resolution)
     return options
