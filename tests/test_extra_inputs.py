@@ -245,3 +245,24 @@ def test_a_depth_model_needs_a_depth_map_per_image(tmp_path):
                                            r"conditioning_data_dir"):
         build_training_dataset(cli, None, family_step=8, seed=4, prior_loss_weight=1.0, max_train_steps=0,
                                condition=ConditionImages(ConditionKind.DEPTH_MAP, 1))
+
+
+def test_the_synthetic_datasets_companions_trace_each_images_shape(tmp_path):
+    """tools/make_synthetic_dataset.py --masks / --depth_maps / --edge_maps (the README walkthroughs' data): the mask
+    is exactly where the shape was drawn, the depth map puts the shape nearest, the edges are its outline; the
+    images themselves are the ones written without companions (the golden tests' data does not move)."""
+    from tools.make_synthetic_dataset import main as make
+
+    assert make([str(tmp_path / "a"), "--images", "4", "--masks", str(tmp_path / "m"), "--depth_maps",
+                 str(tmp_path / "d"), "--edge_maps", str(tmp_path / "e")]) == 0
+    assert make([str(tmp_path / "b"), "--images", "4"]) == 0
+    for path in sorted((tmp_path / "a" / "10_sks shape").glob("*.png")):
+        photo = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        assert np.array_equal(photo, np.asarray(Image.open(tmp_path / "b" / "10_sks shape" / path.name)))
+        mask = np.asarray(Image.open(tmp_path / "m" / path.name)) > 127
+        background = photo[~mask]
+        assert (background == background[0]).all() and not (photo[mask] == background[0]).all(axis=1).any()
+        depth = np.asarray(Image.open(tmp_path / "d" / path.name)).astype(int)
+        assert depth[mask].min() > depth[~mask].max()
+        edges = np.asarray(Image.open(tmp_path / "e" / path.name)) > 0
+        assert edges.any() and (edges & ~mask).sum() <= edges.sum() * 0.6  # on the outline, around the inside
