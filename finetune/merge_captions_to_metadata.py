@@ -18,12 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from finetune._merge_text_files import merge_parser, run_merge  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def setup_parser():
     parser = merge_parser(__doc__, default_extension=".caption")
     # kohya's original misspelling of the flag, still accepted there
     parser.add_argument("--caption_extention", dest="caption_extension", default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)
-    return run_merge(parser.parse_args(argv), field="caption")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_merge(setup_parser().parse_args(argv), field="caption")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from finetune._merge_text_files import merge_parser, run_merge  # noqa: E402
 
 
+def setup_parser():
+    return merge_parser(__doc__, default_extension=".txt")
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_merge(merge_parser(__doc__, default_extension=".txt").parse_args(argv), field="tags")
+    return run_merge(setup_parser().parse_args(argv), field="tags")
 
 
 if __name__ == "__main__":
