@@ -35,6 +35,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow_unsafe_pickle", action="store_true",
                    help="load .ckpt files that need arbitrary Python objects (runs code from the file)")
     g.add_argument("--tokenizer_cache_dir", default=None, help="accepted for compatibility; tokenizers are shipped")
+    g.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                   help="kohya's switch away from memory-mapped loading (slow on some file systems): this suite always "
+                        "reads .safetensors tensor by tensor without mmap (library/safetensors_io.py), so it is the "
+                        "behaviour with or without the flag")
 
 
 def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
