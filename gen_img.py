@@ -14,6 +14,15 @@ img2img strength, `--am` network multipliers, `--f` file name, and for SDXL `--o
 `--ct` / `--cl` (size conditioning; `--original_width` etc. set them for every prompt). Weights `(word:1.2)`,
 `[word]` and `BREAK` are read as WebUI reads them; prompts longer than 75 tokens use 2 or 3 CLIP windows (up to
 225 tokens), through both encoders for SDXL. The SDXL refiner works as img2img (`--image_path`).
+
+Inpainting and models with extra inputs (`library/generation_inputs.py` says which diffusers pipeline gets what):
+`--image_path` with `--mask_path` (kohya's flags; white: repaint) inpaints with an inpainting model, and repaints by
+masked img2img with a text-to-image one; an inpainting model without `--image_path` generates from the prompt alone.
+An SD 2.x depth model takes its depth map (`--depth_path`), an extra-channel model (tools/add_input_channels.py
+--extra_channels N) its condition image (`--condition_path`, N bands); each, or a prompt's `--cn` file, with or
+without `--image_path` (without: depth2img starts from a mid-gray image at strength 1). Each of these flags takes a
+file, or a folder whose images are used in turn, image by image (kohya's rule for --image_path and --mask_path);
+masks, maps and condition images are resized to their image's size and must have its aspect ratio.
 """
 
 from __future__ import annotations
@@ -34,17 +43,18 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library import sampling  # noqa: E402
+from library import generation_inputs as gi  # noqa: E402
+from library.families import DEPTH, EXTRA_CHANNELS, INPAINTING, TEXT_TO_IMAGE  # noqa: E402
 from library import textual_inversion as ti  # noqa: E402
 from library.model_loading import SDModels, TextModelShim, instantiate_models, replace_vae  # noqa: E402
 from library.sampling import ImageJob, PromptFileError, SamplePrompt  # noqa: E402
 from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint, require_arch  # noqa: E402
-from library.tensor_files import CheckpointError  # noqa: E402
+from library.tensor_files import CheckpointError, open_tensor_file  # noqa: E402
 from library.text_encoding import CHUNK, fitting_token_length, token_count  # noqa: E402
 from library.text_conditioning import CaptionEncoding, conditioner_for  # noqa: E402
+from networks.lora_files import other_unet_inputs_note  # noqa: E402
 
 logger = logging.getLogger("gen_img")
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -103,7 +113,17 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop_top", type=int, default=None, help="SDXL: crop conditioning, top (default 0); --ct")
     g.add_argument("--crop_left", type=int, default=None, help="SDXL: crop conditioning, left (default 0); --cl")
     g.add_argument("--image_path", default=None, help="img2img: an image, or a folder of images used in turn")
-    g.add_argument("--strength", type=float, default=None, help="img2img denoising strength (default 0.8)")
+    g.add_argument("--mask_path", default=None,
+                   help="inpainting: the mask of each --image_path image (white: repaint), a file or a folder used in "
+                        "turn; with a text-to-image model, masked img2img")
+    g.add_argument("--strength", type=float, default=None,
+                   help="img2img / inpainting denoising strength (default 0.8; inpainting models: 1.0)")
+    g.add_argument("--depth_path", default=None,
+                   help="SD 2.x depth models: the depth map (white: near), a file or a folder used in turn (not in "
+                        "kohya's gen_img); a prompt's --cn gives its own")
+    g.add_argument("--condition_path", default=None,
+                   help="extra-channel models (tools/add_input_channels.py --extra_channels N): the condition image "
+                        "with N bands, as in training; a file or a folder used in turn; a prompt's --cn gives its own")
 
     g = p.add_argument_group("networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=None,
@@ -148,6 +168,10 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
             raise fail(f"--{flag} {value}: use a multiple of 8, at least 64")
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise fail(f"--strength {args.strength}: must be in (0, 1]")
+    if args.strength is not None and not args.image_path:
+        raise fail("--strength needs --image_path (the image that img2img / inpainting starts from)")
+    if args.mask_path and not args.image_path:
+        raise fail("--mask_path needs --image_path (the image whose masked area is repainted)")
     if args.max_embeddings_multiples and args.max_token_length and \
             args.max_embeddings_multiples * CHUNK != args.max_token_length:
         raise fail("--max_embeddings_multiples and --max_token_length disagree; give one")
@@ -237,6 +261,98 @@ def read_prompts(args: argparse.Namespace, family, applied_networks: int) -> lis
     return prompts
 
 
+# The flag that gives each kind of model its own input, and the model a flag is for (in messages).
+INPUT_FLAGS = {INPAINTING: "--mask_path", DEPTH: "--depth_path", EXTRA_CHANNELS: "--condition_path"}
+FLAG_MODELS = {"--depth_path": "an SD 2.x depth model",
+               "--condition_path": "an extra-channel model (tools/add_input_channels.py --extra_channels N)"}
+
+
+def check_image_inputs(args: argparse.Namespace, family, prompts: list[SamplePrompt]) -> None:
+    """The image flags against what the model takes, once its family is known (before its weights load): each
+    model's own input is there, no flag gives a model what it does not take, and what will happen is logged."""
+    inputs, model = family.unet_inputs, family.description.split(" (")[0]
+    own = INPUT_FLAGS.get(inputs)
+    for flag in ("--depth_path", "--condition_path"):
+        if getattr(args, flag[2:]) and flag != own:
+            raise fail(f"{flag}: {args.ckpt} is {model}, which takes no {gi.FLAG_KINDS[flag].value}; the flag is for "
+                       f"{FLAG_MODELS[flag]}")
+    if args.mask_path and inputs in (DEPTH, EXTRA_CHANNELS):
+        raise fail(f"--mask_path: {args.ckpt} is {model}, which does not inpaint; use an inpainting model, or a "
+                   "text-to-image model for masked img2img")
+    if args.no_half_vae and (args.mask_path or inputs in (INPAINTING, DEPTH)):
+        raise fail(f"--no_half_vae: the inpainting and depth2img pipelines VAE-encode their images themselves, in the "
+                   "U-Net's precision; run without it (or in fp32), or use a VAE that is stable in half precision")
+    if inputs == INPAINTING:
+        if args.image_path and not args.mask_path:
+            raise fail(f"--image_path without --mask_path: {model} repaints the white area of a mask; give "
+                       "--mask_path (without --image_path it generates from the prompt alone)")
+        if not args.image_path:
+            logger.info("%s without --image_path: generating from the prompt alone (the whole image masked, "
+                        "strength 1, as the model was trained for a share of its samples)", model)
+    elif inputs in (DEPTH, EXTRA_CHANNELS):
+        kind = gi.FLAG_KINDS[own].value
+        missing = [p.where or "--prompt" for p in prompts if not p.condition_image]
+        if missing and not getattr(args, own[2:]):
+            raise fail(f"{args.ckpt} is {model}: every image needs its {kind}; give {own} (a file, or a folder "
+                       f"used in turn) or --cn <file> on each prompt line ({missing[0]} has none)")
+        for p in prompts:
+            if p.condition_image and not Path(p.condition_image).is_file():
+                raise fail(f"{p.where or '--prompt'}: --cn {p.condition_image}: no such file")
+        if inputs == DEPTH and not args.image_path:
+            logger.info("%s without --image_path: depth2img starts from a mid-gray image at strength 1 (the depth "
+                        "map and the prompt decide the picture)", model)
+    elif args.mask_path:
+        try:
+            pipeline = gi.inpainting_pipeline_class(family)
+        except ValueError as e:
+            raise fail(f"--mask_path: {e}") from None
+        logger.info("%s is a text-to-image model, not an inpainting one: --mask_path repaints the white area by "
+                    "masked img2img (%s with a 4-channel U-Net: outside the mask the image's own latents, noised "
+                    "to each step, are kept); an inpainting model blends the new part in better", model, pipeline)
+
+
+def input_files(args: argparse.Namespace) -> dict[str, list[Path]]:
+    """--mask_path / --depth_path / --condition_path given: flag -> its files, used in turn (kohya's rule)."""
+    try:
+        return {flag: gi.image_files(getattr(args, flag[2:]), flag) for flag in gi.FLAG_KINDS
+                if getattr(args, flag[2:])}
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
+def job_inputs(jobs: list[ImageJob], init_files: list[Path], files: dict[str, list[Path]], family,
+               in_channels: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Each image's mask / depth map / condition (generate_images' per-image inputs, by job index), paired with the
+    images as kohya pairs --mask_path with --image_path (the n-th image takes file n modulo the count; a prompt's
+    --cn comes first), at the image's size. All are loaded here, before the first image is made, so a bad file
+    stops the run with nothing written; each (file, size) is loaded once."""
+    own = INPUT_FLAGS.get(family.unet_inputs)
+    wanted = [flag for flag in files if flag == own or (flag == "--mask_path" and own is None)]
+    if own in ("--depth_path", "--condition_path") and own not in wanted:
+        wanted.append(own)  # every prompt has its --cn (check_image_inputs)
+    channels = in_channels - family.unet_inputs.fixed_channels if own == "--condition_path" else 1
+    argument = {"--mask_path": "masks", "--depth_path": "depth_maps", "--condition_path": "conditions"}
+    loaded: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for job in jobs:
+        size = (job.prompt.width, job.prompt.height)
+        init = init_files[job.index % len(init_files)] if init_files else None
+        goes_with = f" ({init})" if init else " (the prompt's size)"
+        out[job.index] = {}
+        for flag in wanted:
+            cn = job.prompt.condition_image if flag != "--mask_path" else None
+            path = Path(cn) if cn else files[flag][job.index % len(files[flag])]
+            where = f"{job.prompt.where or '--prompt'}: --cn" if cn else flag
+            if (path, size) not in loaded:
+                try:
+                    loaded[path, size] = gi.load_condition(path, gi.FLAG_KINDS[flag], size, flag=where,
+                                                           channels=channels, goes_with=goes_with)
+                except ValueError as e:
+                    raise fail(str(e)) from None
+            out[job.index][argument[flag]] = loaded[path, size]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Models and networks
 
@@ -248,7 +364,8 @@ def read_model(args: argparse.Namespace) -> SDCheckpoint:
                         v_parameterization=args.v_parameterization)
     try:
         checkpoint = read_checkpoint(args.ckpt, hints, allow_unsafe_pickle=args.allow_unsafe_pickle)
-        require_arch(checkpoint, "gen_img.py", archs=("sd1", "sd2", "sdxl", "sdxl-refiner"))
+        require_arch(checkpoint, "gen_img.py", archs=("sd1", "sd2", "sdxl", "sdxl-refiner"),
+                     inputs=(TEXT_TO_IMAGE, INPAINTING, DEPTH, EXTRA_CHANNELS))
         if args.sdxl and checkpoint.family.arch not in ("sdxl", "sdxl-refiner"):
             checkpoint.close()
             raise CheckpointError(f"{args.ckpt}: --sdxl was given, but the model is {checkpoint.family.description}. "
@@ -293,6 +410,8 @@ def add_networks(specs: list[NetworkSpec], models: SDModels, device: torch.devic
                                                                   text_encoder, models.unet, for_inference=True,
                                                                   **spec.kwargs)
             check_fit(network, weights, spec.weights, models.family.description)
+            if note := other_unet_inputs_note(str(spec.weights), lora_file_metadata(spec.weights), models.family):
+                logger.info("%s", note)
             if spec.merge and not network.is_mergeable():
                 logger.warning("%s: this network cannot be merged; applying it instead", spec.weights)
             if spec.merge and network.is_mergeable():
@@ -315,6 +434,17 @@ def add_networks(specs: list[NetworkSpec], models: SDModels, device: torch.devic
     return applied
 
 
+def lora_file_metadata(path: Path) -> dict[str, str]:
+    """A network file's metadata (safetensors; none in a pickle), read without its tensors."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with open_tensor_file(path) as source:
+            return dict(source.metadata)
+    except CheckpointError:
+        return {}
+
+
 def check_fit(network, weights: dict, file: Path, model: str) -> None:
     """Refuse a network file whose tensors do not fit this model's layers, in one line that says how many did."""
     own = network.state_dict()
@@ -329,17 +459,17 @@ def check_fit(network, weights: dict, file: Path, model: str) -> None:
 # Images in and out
 
 
-def load_init_images(path: str | None) -> list:
-    """img2img inputs, RGB, cut down to a multiple of 8 in each side (kohya: 32) by resizing."""
+def load_init_images(path: str | None) -> tuple[list[Path], list]:
+    """img2img inputs (their files, and the images: RGB, cut down to a multiple of 8 in each side (kohya: 32) by
+    resizing)."""
     if path is None:
-        return []
+        return [], []
     from PIL import Image
 
-    source = Path(path)
-    files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else \
-        [source]
-    if not files or not files[0].is_file():
-        raise fail(f"--image_path {path}: no image file found")
+    try:
+        files = gi.image_files(path, "--image_path")
+    except ValueError as e:
+        raise fail(str(e)) from None
     images = []
     for file in files:
         try:
@@ -353,7 +483,7 @@ def load_init_images(path: str | None) -> list:
             logger.warning("%s: resized to %dx%d (a multiple of 8)", file, *size)
             image = image.resize(size, Image.Resampling.LANCZOS)
         images.append(image)
-    return images
+    return files, images
 
 
 def output_paths(outdir: Path, jobs: list[ImageJob], *, sequential: bool) -> list[Path]:
@@ -386,10 +516,12 @@ def output_paths(outdir: Path, jobs: list[ImageJob], *, sequential: bool) -> lis
 def run(args: argparse.Namespace) -> list[Path]:
     device, dtype = check_args(args)
     specs = network_specs(args)
-    init_images = load_init_images(args.image_path)
+    init_files, init_images = load_init_images(args.image_path)
+    files = input_files(args)
     checkpoint = read_model(args)
     try:
         prompts = read_prompts(args, checkpoint.family, sum(not spec.merge for spec in specs))
+        check_image_inputs(args, checkpoint.family, prompts)
     except SystemExit:
         checkpoint.close()
         raise
@@ -408,13 +540,15 @@ def run(args: argparse.Namespace) -> list[Path]:
         return replace(p, prompt=ti.expand_tokens(p.prompt, words),
                        negative_prompt=ti.expand_tokens(p.negative_prompt, words)) if words else p
     jobs = [replace(job, prompt=settle(job.prompt, init_images[job.index % len(init_images)] if init_images else None,
-                                       strength=args.strength, multipliers=[mul for _, mul in applied]))
+                                       strength=args.strength, multipliers=[mul for _, mul in applied],
+                                       default_strength=1.0 if models.family.unet_inputs == INPAINTING else 0.8))
             for job in sampling.plan_images(prompts, images_per_prompt=args.images_per_prompt, n_iter=args.n_iter,
                                             seed=args.seed, iter_same_seed=args.iter_same_seed)]
     for p in {job.prompt for job in jobs}:
         if p.strength is not None and int(p.steps * p.strength) < 1:  # diffusers' img2img runs int(steps * strength)
             raise fail(f"{p.where or 'prompt'}: img2img with strength {p.strength} and {p.steps} steps runs no "
                        "denoising step (steps x strength < 1); raise --steps or --strength")
+    inputs = job_inputs(jobs, init_files, files, models.family, models.unet.config.in_channels)
     # (every encoder of a family shares CLIP's vocabulary: one tokenizer counts for all)
     lengths = token_lengths([expanded(p) for p in prompts], models.tokenizers[0], args.max_token_length or
                             (args.max_embeddings_multiples or 0) * CHUNK or None)
@@ -439,7 +573,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                 encoding=CaptionEncoding(clip_skip=args.clip_skip, weighted=True,
                                          max_token_length=lengths[first.prompt, first.negative_prompt]),
                 progress=True,
-                init_images=[init_images[job.index % len(init_images)] for job in batch] if init_images else None)
+                init_images=[init_images[job.index % len(init_images)] for job in batch] if init_images else None,
+                **{name: [inputs[job.index][name] for job in batch] for name in inputs[batch[0].index]})
             for job, image in zip(batch, images):
                 written.append(sampling.save_png(image, paths[job.index], png_text(job.prompt, job.seed, args)))
             bar.update(len(batch))
@@ -447,12 +582,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def settle(prompt: SamplePrompt, init_image, *, strength: float | None, multipliers: list[float]) -> SamplePrompt:
-    """The prompt with what the run decides filled in: img2img size (the input's) and strength, and one
-    multiplier per applied network (`--am` values, the last repeated as in kohya; else `--network_mul`)."""
+def settle(prompt: SamplePrompt, init_image, *, strength: float | None, multipliers: list[float],
+           default_strength: float = 0.8) -> SamplePrompt:
+    """The prompt with what the run decides filled in: img2img size (the input's) and strength (`--t`, else
+    `--strength`, else `default_strength`: kohya's 0.8 for img2img; 1.0, diffusers' default, for an inpainting
+    model, which sees the unmasked image in its own inputs), and one multiplier per applied network (`--am` values,
+    the last repeated as in kohya; else `--network_mul`)."""
     if init_image is not None:
         prompt = replace(prompt, width=init_image.width, height=init_image.height,
-                         strength=prompt.strength or strength or 0.8)
+                         strength=prompt.strength or strength or default_strength)
     if multipliers:
         muls = list(prompt.network_multipliers or multipliers)
         prompt = replace(prompt, network_multipliers=tuple(muls + muls[-1:] * (len(multipliers) - len(muls))))

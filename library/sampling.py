@@ -4,12 +4,14 @@ sampler names, one generation function (`generate_images`), kohya's seed rules a
 Prompt files (kohya's formats): `.txt` — one prompt per line, `#` comments, per-line options after ` --`:
 `--n` negative prompt, `--w` / `--h` size, `--d` seed (gen_img: a comma list, one per image), `--l` CFG scale,
 `--s` steps, `--ss` sampler, and gen_img's `--t` img2img strength, `--am` network multipliers, `--f` file name,
-SDXL's `--ow` / `--oh` original size, `--nw` / `--nh` the negative prompt's original size, `--ct` / `--cl` crop;
+SDXL's `--ow` / `--oh` original size, `--nw` / `--nh` the negative prompt's original size, `--ct` / `--cl` crop,
+and `--cn` (kohya's ControlNet image) the depth map / condition image of a depth or extra-channel model's image;
 `.toml` — `[prompt]` defaults plus `[[prompt.subset]]` entries; `.json` — a list of strings or of dicts with the
 same keys (`prompt`, `negative_prompt`, `width`, `height`, `seed`, `scale`, `sample_steps`, `sample_sampler`).
 
-Sampling uses diffusers' StableDiffusionPipeline with the conditioning computed by `text_encoding` (so clip skip
-and 150/225-token prompts behave exactly as in training) and a scheduler chosen by kohya's sampler names.
+Sampling uses the family's diffusers pipeline with the conditioning computed by `text_encoding` (so clip skip
+and 150/225-token prompts behave exactly as in training) and a scheduler chosen by kohya's sampler names. Models
+with extra U-Net inputs (inpainting, depth, extra channels) and masked img2img: `generation_inputs`.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class SamplePrompt:
     strength: float | None = None  # `--t`: img2img denoising strength (None: the run's --strength)
     network_multipliers: tuple[float, ...] | None = None  # `--am`: one per network (None: the run's --network_mul)
     filename: str | None = None  # `--f`: output file name
+    # `--cn`: kohya's ControlNet image option, here the image of a model with condition inputs: a depth model's
+    # depth map, an extra-channel model's condition image (gen_img and training samples; other models ignore it)
+    condition_image: str | None = None
     # SDXL's size conditioning (None: the image size; crop 0): `--ow --oh`, `--nw --nh` (negative), `--ct --cl`
     original_width: int | None = None
     original_height: int | None = None
@@ -121,9 +126,9 @@ _UNSUPPORTED = {"nl": "negative scale", "c": "CLIP guidance prompt", "dsd1": "De
                 "dst1": "Deep Shrink", "dsd2": "Deep Shrink", "dst2": "Deep Shrink", "dsr": "Deep Shrink",
                 "glt": "Gradual Latent", "glr": "Gradual Latent", "gle": "Gradual Latent", "gls": "Gradual Latent",
                 "glsn": "Gradual Latent", "glus": "Gradual Latent"}
-# Options of other model families' sample prompts (ControlNet image, guidance, ...): accepted, ignored here.
-_IGNORED = ("cn", "g", "ctr", "rcfg", "fs")
-KNOWN_OPTIONS = "--n --w --h --d --l --s --ss --t --am --f --ow --oh --nw --nh --ct --cl"
+# Options of other model families' sample prompts (guidance, ...): accepted, ignored here.
+_IGNORED = ("g", "ctr", "rcfg", "fs")
+KNOWN_OPTIONS = "--n --w --h --d --l --s --ss --t --am --f --cn --ow --oh --nw --nh --ct --cl"
 _SIZE_OPTIONS = {"ow": "original_width", "oh": "original_height", "nw": "negative_original_width",
                  "nh": "negative_original_height", "ct": "crop_top", "cl": "crop_left"}
 
@@ -142,7 +147,7 @@ def parse_prompt_line(line: str, defaults: SamplePrompt, *, where: str) -> Sampl
                                   f"supported here; remove it (supported: {KNOWN_OPTIONS})")
         if key in _IGNORED:
             continue
-        if not match or key not in ("n", "w", "h", "d", "l", "s", "ss", "t", "am", "f", *_SIZE_OPTIONS):
+        if not match or key not in ("n", "w", "h", "d", "l", "s", "ss", "t", "am", "f", "cn", *_SIZE_OPTIONS):
             raise PromptFileError(f"{where}: unknown option '--{key}' (known: {KNOWN_OPTIONS})")
         if not value:
             raise PromptFileError(f"{where}: --{key} needs a value")
@@ -177,6 +182,8 @@ def _option_fields(key: str, value: str) -> dict:
         if number < 0:
             raise ValueError("sizes and crops are pixel counts, not negative")
         return {_SIZE_OPTIONS[key]: number}
+    if key == "cn":
+        return {"condition_image": value}
     return {"filename": value}  # "f"
 
 
@@ -239,9 +246,12 @@ def load_prompts(path: str | Path, defaults: SamplePrompt = SamplePrompt("")) ->
 
 
 @torch.no_grad()
-def generate(prompt: SamplePrompt, *, models, scheduler, seed: int, encoding=None):
-    """One image (PIL) for a prompt, reproducible for a seed."""
-    return generate_batch(prompt, models=models, scheduler=scheduler, seeds=[seed], encoding=encoding)[0]
+def generate(prompt: SamplePrompt, *, models, scheduler, seed: int, encoding=None, depth_map=None, condition=None):
+    """One image (PIL) for a prompt, reproducible for a seed; a depth model's `depth_map` or an extra-channel
+    model's `condition` at the image's size (`generation_inputs.load_condition`)."""
+    return generate_images([prompt], [seed], models=models, scheduler=scheduler, encoding=encoding,
+                           depth_maps=None if depth_map is None else [depth_map],
+                           conditions=None if condition is None else [condition])[0]
 
 
 @torch.no_grad()
@@ -284,18 +294,28 @@ def encode_prompts(texts: list[str], sizes: list, conditioner):
 
 @torch.no_grad()
 def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, scheduler, encoding=None,
-                    init_images: list | None = None, output_type: str = "pil", progress: bool = False,
+                    init_images: list | None = None, masks: list | None = None, depth_maps: list | None = None,
+                    conditions: list | None = None, output_type: str = "pil", progress: bool = False,
                     vae_apart: bool | None = None) -> list:
     """One image per (prompt, seed), in one batch, through the family's diffusers pipeline (StableDiffusionPipeline,
     StableDiffusionXLPipeline, or their img2img pipelines when `init_images`, PIL images of the output size, are
     given) with our conditioning: the family's conditioner over `models`' encoders (`encoding`: clip skip, token
     length, weighted prompts; `text_conditioning.CaptionEncoding`), so prompts read exactly as captions do in training.
 
+    Models that see more than the noisy latents, and masked img2img, take one input per prompt at the output size
+    (made by `generation_inputs.load_condition`; which pipeline gets what: the `generation_inputs` docstring):
+    `masks` ([1, H, W], 1: repaint) with `init_images` inpaint with an inpainting model and repaint by masked
+    img2img with a text-to-image one; an inpainting model given neither generates from text alone (the whole image
+    masked). `depth_maps` ([1, H, W]) are an SD 2.x depth model's, `conditions` ([N, H, W] in [-1, 1]) an
+    extra-channel model's; both models work with or without `init_images`.
+
     The prompts may differ in text and negative prompt but must share size, steps, CFG scale and strength. Each
     image's noise (initial latents, ancestral samplers' step noise, img2img's VAE sample) comes from its own seed's
     generator, so an image depends on its seed, not on the batch it was made in. `output_type`: "pil" or "np"
     (floats in [0, 1], for exact comparisons). `vae_apart`: run the VAE outside the pipeline (default: when its
-    precision differs from the U-Net's, as with --no_half_vae)."""
+    precision differs from the U-Net's, as with --no_half_vae; text-to-image and img2img only: the inpainting and
+    depth2img pipelines encode their images themselves, so their VAE runs inside, under autocast when precisions
+    are mixed)."""
     from library.text_conditioning import CaptionEncoding, SizeConditioning, conditioner_for
 
     first = prompts[0]
@@ -307,6 +327,8 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     if init_images is not None and (first.strength is None or len(init_images) != len(prompts)):
         raise ValueError("generate_images: img2img needs one init image per prompt and a strength")
     family, n = models.family, len(prompts)
+    request = _pipeline_request(family, models, n, first, init_images=init_images, masks=masks,
+                                depth_maps=depth_maps, conditions=conditions)
     conditioner = conditioner_for(family, models.tokenizers, models.text_encoders, encoding or CaptionEncoding())
     size, negative_size = size_of(first), size_of(first, negative=True)
     cond = encode_prompts([p.prompt for p in prompts] + [p.negative_prompt for p in prompts],
@@ -318,7 +340,8 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
         if empty:
             negative.hidden_states[empty] = 0
             negative.pooled[empty] = 0
-    pipe = family_pipeline(models, scheduler, img2img=init_images is not None)
+    pipe = family_pipeline(models, scheduler, img2img=request.img2img, pipeline_class=request.pipeline_class,
+                           unet=request.unet)
     pipe.vae.config.scaling_factor = family.vae_scale_factor
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -326,19 +349,79 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     # A VAE in another precision than the U-Net (--no_half_vae: fp32 beside a half U-Net) runs on its own, in its
     # precision, outside the pipeline: the pipeline would run it under the U-Net's autocast (or fail on the dtypes).
     own_vae = models.vae.dtype != models.unet.dtype if vae_apart is None else vae_apart
-    if init_images is not None:
-        image = encode_init_images(pipe, init_images, generator) if own_vae else init_images
-        size_kwargs = {"image": image, "strength": first.strength}
-    else:
-        size_kwargs = {"width": first.width, "height": first.height}
+    if own_vae and request.encodes_inside:
+        if vae_apart:
+            raise ValueError(f"generate_images: {request.pipeline_class} encodes its images itself; the VAE cannot "
+                             "run apart from it")
+        own_vae = False  # mixed precisions run under autocast_if_mixed, the VAE with the rest
+    kwargs = dict(request.kwargs)
+    if init_images is not None and not request.encodes_inside:
+        kwargs["image"] = encode_init_images(pipe, init_images, generator) if own_vae else init_images
     embeds = {"prompt_embeds": positive.hidden_states, "negative_prompt_embeds": negative.hidden_states}
     if positive.pooled is not None:
         embeds.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
     embeds.update(SizeConditioning.pipeline_kwargs(family.text_conditioning, size, negative_size))
     with autocast_if_mixed(models.unet, *models.text_encoders, *([] if own_vae else [models.vae])):
         images = pipe(**embeds, num_inference_steps=first.steps, guidance_scale=first.scale, generator=generator,
-                      output_type="latent" if own_vae else output_type, **size_kwargs).images
+                      output_type="latent" if own_vae else output_type, **kwargs).images
     return decode_latents(pipe, images, output_type) if own_vae else images
+
+
+@dataclass(frozen=True)
+class _PipelineRequest:
+    """Which pipeline a batch runs through, and with what besides the prompts (`_pipeline_request`)."""
+
+    pipeline_class: str | None  # None: the family's text-to-image / img2img pipeline
+    img2img: bool
+    kwargs: dict  # the pipeline call's image arguments (img2img's `image` is added by generate_images)
+    encodes_inside: bool = False  # the pipeline VAE-encodes images itself (inpainting, depth2img)
+    unet: object = None  # the U-Net the pipeline sees (None: the model's own)
+
+
+def _pipeline_request(family, models, n: int, first: SamplePrompt, *, init_images, masks, depth_maps,
+                      conditions) -> _PipelineRequest:
+    """The pipeline and image arguments for the family's U-Net inputs and the inputs given (the rules: the
+    `generation_inputs` docstring). Inputs the model does not take, or missing ones it needs, are refused."""
+    from library import generation_inputs as gi
+    from library.families import DEPTH, EXTRA_CHANNELS, INPAINTING, TEXT_TO_IMAGE
+
+    inputs, width, height = family.unet_inputs, first.width, first.height
+    model = family.description.split(" (")[0]
+    given = {"masks": masks, "depth maps": depth_maps, "conditions": conditions}
+    takes = {"masks": inputs in (INPAINTING, TEXT_TO_IMAGE), "depth maps": inputs == DEPTH,
+             "conditions": inputs == EXTRA_CHANNELS}
+    for what, value in given.items():
+        if value is not None and len(value) != n:
+            raise ValueError(f"generate_images: {len(value)} {what} for {n} prompts")
+        if value is not None and not takes[what]:
+            raise ValueError(f"generate_images: {model} takes no {what}")
+    if inputs == INPAINTING or masks is not None:
+        strength = first.strength
+        if init_images is None:
+            if masks is not None:
+                raise ValueError("generate_images: masks need init images (the images they repaint)")
+            # From text alone: everything repainted from pure noise (strength 1); the image never reaches the U-Net.
+            init_images, strength = [gi.neutral_image(width, height)] * n, 1.0
+            masks = [torch.ones(1, height, width)] * n
+        elif masks is None:
+            raise ValueError(f"generate_images: {model} inpaints: init images need masks")
+        return _PipelineRequest(gi.inpainting_pipeline_class(family), img2img=True, encodes_inside=True, kwargs=dict(
+            image=init_images, mask_image=torch.stack(masks), strength=strength, width=width, height=height))
+    if inputs == DEPTH:
+        if depth_maps is None:
+            raise ValueError(f"generate_images: {model} needs a depth map per image")
+        image, strength = (init_images, first.strength) if init_images is not None else \
+            ([gi.neutral_image(width, height)] * n, 1.0)
+        return _PipelineRequest(family.pipeline_class, img2img=True, encodes_inside=True, kwargs=dict(
+            image=image, depth_map=torch.cat(depth_maps), strength=strength))
+    wrapped = None
+    if inputs == EXTRA_CHANNELS:
+        if conditions is None:
+            raise ValueError(f"generate_images: {model} needs condition channels per image")
+        scale = 2 ** (len(models.vae.config.block_out_channels) - 1)  # the VAE's downsampling, as pipelines compute it
+        wrapped = gi.ConditionChannelsUNet.from_pixels(models.unet, conditions, (height // scale, width // scale))
+    kwargs = {"strength": first.strength} if init_images is not None else {"width": width, "height": height}
+    return _PipelineRequest(None, img2img=init_images is not None, kwargs=kwargs, unet=wrapped)
 
 
 def encode_init_images(pipe, images: list, generator) -> torch.Tensor:
@@ -360,9 +443,11 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str) -> list:
     return pipe.image_processor.postprocess(pixels, output_type=output_type)
 
 
-def family_pipeline(models, scheduler, *, img2img: bool = False, controlnet=None):
+def family_pipeline(models, scheduler, *, img2img: bool = False, controlnet=None, pipeline_class: str | None = None,
+                    unet=None):
     """The family's diffusers pipeline (txt2img, img2img, or txt2img guided by `controlnet`) around our models,
-    built from the family record."""
+    built from the family record. `pipeline_class`: another pipeline of the family's components (an inpainting
+    pipeline for masked img2img); `unet`: what the pipeline sees as its U-Net (default: the model's own)."""
     import inspect
 
     import diffusers
@@ -373,9 +458,9 @@ def family_pipeline(models, scheduler, *, img2img: bool = False, controlnet=None
             raise ValueError(f"no ControlNet {'img2img ' if img2img else ''}pipeline for {family.description}")
         name = family.controlnet_pipeline_class
     else:
-        name = family.img2img_pipeline_class if img2img else family.pipeline_class
+        name = pipeline_class or (family.img2img_pipeline_class if img2img else family.pipeline_class)
     cls = getattr(diffusers, name)
-    parts = {"unet": models.unet, "vae": models.vae, "scheduler": scheduler, "controlnet": controlnet,
+    parts = {"unet": models.unet if unet is None else unet, "vae": models.vae, "scheduler": scheduler, "controlnet": controlnet,
              **{absent: None for absent in family.pipeline_absent}}
     for slot, encoder, tokenizer in zip(family.text_encoders, models.text_encoders, models.tokenizers):
         parts.update({slot.component: encoder, slot.tokenizer: tokenizer})

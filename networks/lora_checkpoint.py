@@ -19,7 +19,7 @@ import torch
 from library.sd_checkpoint import SDCheckpoint
 from library.tensor_files import LazyTensor
 from networks.lora import family_mismatch_hint, text_encoder_targets, unet_targets
-from networks.lora_files import LoRAFactors, LoRAFile, LoRAFileError, short_list
+from networks.lora_files import LoRAFactors, LoRAFile, LoRAFileError, other_unet_inputs_note, short_list
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,10 @@ def merge_into_checkpoint(checkpoint: SDCheckpoint, loras: list[tuple[LoRAFile, 
     layers = lora_layers(checkpoint, conv=True)
     per_tensor: dict[tuple[str, str], list[tuple[LoRAFactors, float]]] = {}
     for i, (lora, ratio) in enumerate(loras):
-        for name, layer in match_lora(lora, layers, checkpoint.family.description).items():
+        matched = match_lora(lora, layers, checkpoint.family.description)
+        if note := other_unet_inputs_note(lora.name, lora.metadata, checkpoint.family):
+            logger.info("%s", note)
+        for name, layer in matched.items():
             weight = module_weights[i][name] if module_weights is not None else 1.0
             if weight != 0:
                 per_tensor.setdefault((layer.component, layer.key), []).append((lora.modules[name], ratio * weight))

@@ -210,6 +210,25 @@ def read_lora_file(path: str | Path, *, require_finite: bool = True) -> LoRAFile
     return lora
 
 
+def other_unet_inputs_note(name: str, metadata: dict[str, str], family) -> str:
+    """The sentence a tool logs when it applies a LoRA to a model whose U-Net takes other inputs than the model the
+    LoRA was trained on (an SD 1.5 LoRA on SD 1.5 inpainting, depth or extra channels, or the other way round): it
+    fits, since such a model differs from its text-to-image model only in the U-Net's first convolution, which LoRA
+    modules leave alone. The LoRA's model is its `modelspec.architecture` ("<model id>/lora"); a file without one
+    (kohya's older LoRAs) counts as made for the text-to-image model. "" when both take the same inputs."""
+    from library.families import FAMILIES, TEXT_TO_IMAGE
+
+    recorded = metadata.get("modelspec.architecture", "").removesuffix("/lora")
+    trained = next((f for f in FAMILIES.values() if f.modelspec_architecture == recorded), None)
+    trained_inputs = trained.unet_inputs if trained is not None else TEXT_TO_IMAGE
+    if trained_inputs == family.unet_inputs:
+        return ""
+    made_for = (f"trained on {trained.description.split(' (')[0]}" if trained is not None else
+                f"made for {metadata.get('ss_base_model_version') or 'a text-to-image model'}")
+    return (f"{name}: a LoRA {made_for}, applied to {family.description.split(' (')[0]}: it fits (the same module "
+            "names and shapes; the U-Nets differ only in their first convolution, which LoRA leaves alone)")
+
+
 def non_finite_modules(modules: dict[str, LoRAFactors]) -> list[str]:
     return sorted(name for name, factors in modules.items() if not factors.is_finite())
 

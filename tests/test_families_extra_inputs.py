@@ -347,18 +347,6 @@ def test_tools_that_feed_only_the_latents_refuse_by_name(variant_files, tiny_fil
         require_arch(checkpoint, "a tool that feeds both", inputs=(TEXT_TO_IMAGE, INPAINTING))
 
 
-def test_gen_img_refuses_an_inpainting_model_before_loading_it(variant_files, tmp_path):
-    import gen_img
-
-    with pytest.raises(SystemExit) as exited:
-        gen_img.main(["--ckpt", str(variant_files["sdxl-inpainting"]["safetensors"]), "--outdir", str(tmp_path / "o"),
-                      "--prompt", "a cat", "--W", "64", "--H", "64", "--steps", "2"])
-    message = str(exited.value.code)  # what the interpreter prints before it exits 1
-    assert message.startswith("error:") and "Stable Diffusion XL inpainting" in message, message
-    assert "gen_img.py does not feed" in message
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
-
-
 def test_controlnet_families_are_the_text_to_image_ones():
     from library.controlnet_checkpoint import CONTROLNET_FAMILIES
 
