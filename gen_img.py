@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 from library import sampling  # noqa: E402
 from library import generation_inputs as gi  # noqa: E402
-from library.families import DEPTH, EXTRA_CHANNELS, INPAINTING, TEXT_TO_IMAGE  # noqa: E402
+from library.families import ALL_UNET_INPUTS, DEPTH, EXTRA_CHANNELS, INPAINTING  # noqa: E402
 from library import textual_inversion as ti  # noqa: E402
 from library.model_loading import SDModels, TextModelShim, instantiate_models, replace_vae  # noqa: E402
 from library.sampling import ImageJob, PromptFileError, SamplePrompt  # noqa: E402
@@ -280,7 +280,7 @@ def check_image_inputs(args: argparse.Namespace, family, prompts: list[SamplePro
         raise fail(f"--mask_path: {args.ckpt} is {model}, which does not inpaint; use an inpainting model, or a "
                    "text-to-image model for masked img2img")
     if args.no_half_vae and (args.mask_path or inputs in (INPAINTING, DEPTH)):
-        raise fail(f"--no_half_vae: the inpainting and depth2img pipelines VAE-encode their images themselves, in the "
+        raise fail("--no_half_vae: the inpainting and depth2img pipelines VAE-encode their images themselves, in the "
                    "U-Net's precision; run without it (or in fp32), or use a VAE that is stable in half precision")
     if inputs == INPAINTING:
         if args.image_path and not args.mask_path:
@@ -365,7 +365,7 @@ def read_model(args: argparse.Namespace) -> SDCheckpoint:
     try:
         checkpoint = read_checkpoint(args.ckpt, hints, allow_unsafe_pickle=args.allow_unsafe_pickle)
         require_arch(checkpoint, "gen_img.py", archs=("sd1", "sd2", "sdxl", "sdxl-refiner"),
-                     inputs=(TEXT_TO_IMAGE, INPAINTING, DEPTH, EXTRA_CHANNELS))
+                     inputs=ALL_UNET_INPUTS)
         if args.sdxl and checkpoint.family.arch not in ("sdxl", "sdxl-refiner"):
             checkpoint.close()
             raise CheckpointError(f"{args.ckpt}: --sdxl was given, but the model is {checkpoint.family.description}. "

@@ -25,8 +25,8 @@ text-to-image family (`_variant`): the same blocks, encoders, key names and conf
 with `tools/add_input_channels.py --extra_channels N`, one "extra channels" family per text-to-image family, whose
 width is the model's own. A model's family is told by its text encoders (the architecture) and its U-Net's input
 width (`sd_checkpoint`). The LoRA, DreamBooth and fine-tune trainers feed every layout (`ALL_UNET_INPUTS`,
-library/extra_inputs.py); code that handles only the noisy latents refuses the others by name
-(`sd_checkpoint.require_arch`).
+library/extra_inputs.py), and so does gen_img.py (library/generation_inputs.py); code that handles only the noisy
+latents refuses the others by name (`sd_checkpoint.require_arch`).
 """
 
 from __future__ import annotations

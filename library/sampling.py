@@ -460,8 +460,8 @@ def family_pipeline(models, scheduler, *, img2img: bool = False, controlnet=None
     else:
         name = pipeline_class or (family.img2img_pipeline_class if img2img else family.pipeline_class)
     cls = getattr(diffusers, name)
-    parts = {"unet": models.unet if unet is None else unet, "vae": models.vae, "scheduler": scheduler, "controlnet": controlnet,
-             **{absent: None for absent in family.pipeline_absent}}
+    parts = {"unet": models.unet if unet is None else unet, "vae": models.vae, "scheduler": scheduler,
+             "controlnet": controlnet, **{absent: None for absent in family.pipeline_absent}}
     for slot, encoder, tokenizer in zip(family.text_encoders, models.text_encoders, models.tokenizers):
         parts.update({slot.component: encoder, slot.tokenizer: tokenizer})
     accepted = inspect.signature(cls.__init__).parameters

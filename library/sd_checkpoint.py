@@ -524,8 +524,9 @@ def require_arch(checkpoint: SDCheckpoint, tool: str, archs: tuple[str, ...] = S
                  elsewhere: dict[str, str] | None = None, inputs: tuple[UNetInputs, ...] = (TEXT_TO_IMAGE,)) -> None:
     """Refuse, by name, a model a tool does not handle: e.g. SDXL in a tool made for SD 1.x / 2.x. `elsewhere`: the
     tool that does handle an architecture (kohya's split: train_network.py for SD 1.x / 2.x, sdxl_train_network.py
-    for SDXL), named in the message. `inputs`: the U-Net inputs the tool feeds (the trainers and gen_img.py feed the
-    noisy latents only, so far). Closes the checkpoint's files before raising."""
+    for SDXL), named in the message. `inputs`: the U-Net inputs the tool feeds (the LoRA, DreamBooth and fine-tune
+    trainers and gen_img.py feed every kind; the others the noisy latents only). Closes the checkpoint's files before
+    raising."""
     arch = checkpoint.family.arch
     if arch in archs and checkpoint.family.unet_inputs in inputs:
         return
@@ -536,7 +537,8 @@ def require_arch(checkpoint: SDCheckpoint, tool: str, archs: tuple[str, ...] = S
             f"{checkpoint.source or 'the model'}: this is {checkpoint.family.description.split(' (')[0]} (U-Net "
             f"{checkpoint.family.unet_inputs.describe(in_channels)}); {tool} does not feed such a U-Net yet. "
             "train_network.py, train_db.py, fine_tune.py, sdxl_train.py and sdxl_train_network.py train them, "
-            "tools/convert_diffusers20_original_sd.py converts them and tools/add_input_channels.py makes them.")
+            "gen_img.py generates with them, tools/convert_diffusers20_original_sd.py converts them and "
+            "tools/add_input_channels.py makes them.")
     handled = " / ".join(_ARCH_NAMES[a].split(" (")[0].removeprefix("an ").removesuffix(" model") for a in archs)
     where = (f"use {elsewhere[arch]} for it (same flags)" if arch in (elsewhere or {}) else
              "does not support it yet (tools/convert_diffusers20_original_sd.py and tools/merge_models.py do)")
