@@ -75,8 +75,11 @@ def class_image_step(args):
     def generate(models, start):
         width, height = train_args.parse_resolution(args.resolution, models.family.default_resolution)
         prompt = SamplePrompt(args.class_prompt, width=width, height=height, steps=args.class_image_steps)
-        generate_class_images(plan, prompt=prompt, models=models, sampler_name=args.class_image_sampler,
-                              seed=start.seed, batch_size=args.sample_batch_size, clip_skip=args.clip_skip)
+        try:
+            generate_class_images(plan, prompt=prompt, models=models, sampler_name=args.class_image_sampler,
+                                  seed=start.seed, batch_size=args.sample_batch_size, clip_skip=args.clip_skip)
+        except ValueError as e:  # a model that needs a condition image per image
+            raise SystemExit(f"error: {e}") from None
 
     return generate
 

@@ -256,8 +256,11 @@ def class_image_step(ex: argparse.Namespace):
 
     def generate(models, start):
         prompt = SamplePrompt(ex.class_prompt, width=ex.resolution, height=ex.resolution)
-        generate_class_images(plan, prompt=prompt, models=models, sampler_name="euler_a", seed=start.seed,
-                              batch_size=ex.sample_batch_size)
+        try:
+            generate_class_images(plan, prompt=prompt, models=models, sampler_name="euler_a", seed=start.seed,
+                                  batch_size=ex.sample_batch_size)
+        except ValueError as e:  # a model that needs a condition image per image
+            raise SystemExit(f"error: {e}") from None
 
     return generate
 

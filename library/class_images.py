@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.families import DEPTH, EXTRA_CHANNELS
 from library.images import is_image_file
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ def generate_class_images(plan: ClassImagePlan, *, prompt, models, sampler_name:
 
     if not plan.to_generate:
         return []
+    needs = {DEPTH: "depth map", EXTRA_CHANNELS: "condition image"}.get(models.family.unet_inputs)
+    if needs:  # (an inpainting model generates them from the prompt alone, the whole image masked)
+        raise ValueError(f"--class_prompt: each class image of {models.family.description.split(' (')[0]} needs its "
+                         f"{needs}, which cannot be made up here; put the class images (and their {needs}s) in "
+                         f"{plan.folder}")
     name = canonical(sampler_name)
     scheduler = make_scheduler(name, models.prediction_type.value)
     plan.folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,10 @@ Which diffusers pipeline gets what (`sampling.generate_images` builds the call):
 - extra-channel models (tools/add_input_channels.py --extra_channels N): diffusers has no pipeline that feeds them;
   the text-to-image or img2img pipeline runs around `ConditionChannelsUNet`, which appends the condition channels
   to the latents, box-averaged to the latents' size exactly as the training step does (`extra_inputs.ChannelsFeeder`).
+
+Sample images during training: an inpainting model samples from the prompt alone; a depth or extra-channel model's
+prompt lines each name their image with kohya's prompt option `--cn` (its ControlNet image), resized to the
+sample's size (`sample_inputs`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from PIL import Image
 
 from library.buckets import CropPlan
 from library.extra_inputs import ChannelsFeeder, ConditionImages, ConditionKind
-from library.families import INPAINTING, ModelFamily, family_for
+from library.families import DEPTH, EXTRA_CHANNELS, INPAINTING, ModelFamily, family_for
 from library.images import ImageError, image_size, is_image_file
 
 # What each input flag holds, in the words of its messages.
@@ -66,6 +70,38 @@ def load_condition(path: Path, kind: ConditionKind, size: tuple[int, int], *, fl
         return ConditionImages(kind, channels).load(path, plan, flip=False, rng=random.Random(0))
     except ImageError as e:
         raise ValueError(f"{flag} {e}") from None
+
+
+def require_condition_images(prompts: list, family: ModelFamily) -> None:
+    """A depth or extra-channel model's sample prompts each need their image (`--cn <file>`): refuse, naming the
+    line, a prompt without one or whose file is missing. Other models take none (so ControlNet prompt files, whose
+    --cn they ignore, still work)."""
+    kind = _CN_KINDS.get(family.unet_inputs)
+    if kind is None:
+        return
+    model = family.description.split(" (")[0]
+    for prompt in prompts:
+        where = prompt.where or "prompt"
+        if not prompt.condition_image:
+            raise ValueError(f"{where}: a sample of {model} needs its {kind.value}: add --cn <image file> to the "
+                             "prompt (kohya's ControlNet-image option)")
+        if not Path(prompt.condition_image).is_file():
+            raise ValueError(f"{where}: --cn {prompt.condition_image}: no such file")
+
+
+def sample_inputs(prompt, family: ModelFamily, in_channels: int) -> dict[str, torch.Tensor]:
+    """`sampling.generate`'s inputs for one training sample: the depth map or condition channels of the prompt's
+    --cn file at the prompt's size; nothing for other models (an inpainting model samples from the prompt alone)."""
+    kind = _CN_KINDS.get(family.unet_inputs)
+    if kind is None:
+        return {}
+    channels = in_channels - family.unet_inputs.fixed_channels if kind is ConditionKind.CHANNELS else 1
+    tensor = load_condition(Path(prompt.condition_image), kind, (prompt.width, prompt.height),
+                            flag=f"{prompt.where or 'prompt'}: --cn", channels=channels, goes_with=" (the sample)")
+    return {"depth_map" if kind is ConditionKind.DEPTH_MAP else "condition": tensor}
+
+
+_CN_KINDS = {DEPTH: ConditionKind.DEPTH_MAP, EXTRA_CHANNELS: ConditionKind.CHANNELS}  # what a prompt's --cn holds
 
 
 def neutral_image(width: int, height: int) -> Image.Image:

@@ -562,7 +562,9 @@ def save_png(image, path: Path, parameters: str) -> Path:
 class TrainingSampler:
     """Sample images during training: every prompt of the prompt file, saved as
     `<output_dir>/sample/<name>_<e000005|000500>_<idx>_<time>_<seed>.png` (kohya's names) and sent to
-    TensorBoard. Prompts without `--d` get the seed (run seed + index), so samples are comparable across saves."""
+    TensorBoard. Prompts without `--d` get the seed (run seed + index), so samples are comparable across saves.
+    Models with extra inputs: an inpainting model samples from the prompt alone (the whole image masked), a depth
+    or extra-channel model with the image its prompt's `--cn` names (`generation_inputs.sample_inputs`)."""
 
     def __init__(self, prompts: list[SamplePrompt], *, models, default_sampler: str, prediction_type: str,
                  output_dir: Path, output_name: str, seed: int, encoding, zero_terminal_snr: bool = False,
@@ -573,6 +575,10 @@ class TrainingSampler:
         self.output_dir, self.output_name, self.seed = Path(output_dir), output_name, seed
         self.encoding = encoding  # the run's caption encoding (clip skip, token length): prompts read as captions
         self.model_name = model_name
+        from library.generation_inputs import sample_inputs
+
+        # A depth / extra-channel model's map or condition per prompt (its --cn), loaded once, before training.
+        self.inputs = [sample_inputs(prompt, models.family, models.unet.config.in_channels) for prompt in prompts]
 
     def __call__(self, *, epoch: int | None, step: int, run_log=None, trainable=None) -> list[Path]:
         import time
@@ -589,7 +595,8 @@ class TrainingSampler:
                 name = prompt.sampler or self.default_sampler
                 image = generate(prompt, models=self.models, seed=seed, encoding=self.encoding,
                                  scheduler=make_scheduler(name, self.prediction_type,
-                                                          zero_terminal_snr=self.zero_terminal_snr))
+                                                          zero_terminal_snr=self.zero_terminal_snr),
+                                 **self.inputs[index])
                 path = self.output_dir / "sample" / f"{self.output_name}_{tag}_{index:02d}_{stamp}_{seed}.png"
                 paths.append(save_png(image, path, webui_parameters(prompt, sampler=name, seed=seed,
                                                                     model_name=self.model_name)))

@@ -23,7 +23,7 @@ from library import train_args
 from library.dataset_config import DatasetConfigError, build_training_dataset
 from library.dataset_sources import ConditioningUse, DatasetError
 from library.extra_inputs import MaskSettings, condition_images_for
-from library.families import TEXT_TO_IMAGE, UNetInputs
+from library.families import INPAINTING, TEXT_TO_IMAGE, UNetInputs
 from library.images import ImageError
 from library.latent_cache import CacheSettings, LatentCache
 from library.model_loading import SDModels, instantiate_models, replace_vae
@@ -375,20 +375,23 @@ def cache_text_encoder_outputs(args: argparse.Namespace, dataset: TrainingDatase
 
 def load_sample_prompts(args: argparse.Namespace, family) -> list:
     """--sample_prompts, with the training resolution as the default size (kohya uses a fixed 512). Called before
-    the models load, so a bad prompt file is reported at once."""
+    the models load, so a bad prompt file is reported at once. A depth or extra-channel model's prompts each name
+    their depth map / condition image with `--cn <file>`; an inpainting model samples from the prompt alone."""
     if not args.sample_prompts:
         return []
-    if family.unet_inputs != TEXT_TO_IMAGE:
-        raise SystemExit(f"error: --sample_prompts: sample images of {family.description.split(' (')[0]} need its "
-                         f"{family.unet_inputs.name} inputs, which the training sampler does not give yet; train "
-                         "without them and generate afterwards")
+    from library.generation_inputs import require_condition_images
     from library.sampling import PromptFileError, SamplePrompt, load_prompts
 
     width, height = train_args.parse_resolution(args.resolution, family.default_resolution)
     try:
-        return load_prompts(args.sample_prompts, SamplePrompt("", width=width, height=height))
+        prompts = load_prompts(args.sample_prompts, SamplePrompt("", width=width, height=height))
+        require_condition_images(prompts, family)  # a depth / extra-channel model's samples: each prompt's --cn
     except (PromptFileError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if family.unet_inputs == INPAINTING:
+        logger.info("sample images of %s: from the prompt alone (the whole image masked)",
+                    family.description.split(" (")[0])
+    return prompts
 
 
 def make_sampler(args: argparse.Namespace, prompts: list, models: SDModels, start: RunStart):
