@@ -147,11 +147,19 @@ def check_same_structure(original: SDCheckpoint, tuned: SDCheckpoint, names: tup
     if original.family.arch != tuned.family.arch:
         raise LoRAFileError(f"{names[0]} is a {original.family.description} but {names[1]} is a "
                             f"{tuned.family.description}: models of different families cannot be combined")
+    # A model and its inpainting / depth / extra-channel variant (tools/add_input_channels.py) differ only in the
+    # U-Net's first convolution, which no LoRA module changes: the LoRA of their difference is still well defined.
+    other_inputs = original.family.unet_inputs != tuned.family.unet_inputs
+    if other_inputs:
+        logger.info("%s is %s and %s is %s: their U-Nets differ only in the first convolution (conv_in), which no "
+                    "LoRA module changes; the LoRA holds the differences of every other layer", names[0],
+                    original.family.description.split(" (")[0], names[1], tuned.family.description.split(" (")[0])
     for component in original.family.components:
         if component == "vae":
             continue
         a, b = original.tensors[component], tuned.tensors[component]
-        wrong = sorted(k for k in a if k in b and not shapes_fit(a[k].shape, b[k].shape))
+        wrong = sorted(k for k in a if k in b and not shapes_fit(a[k].shape, b[k].shape)
+                       and not (other_inputs and component == "unet" and k == "conv_in.weight"))
         missing = sorted(set(a) ^ set(b))
         if wrong or missing:
             raise LoRAFileError(f"{names[0]} and {names[1]} have different {component} structures "

@@ -360,6 +360,22 @@ def test_sd1_lora_applies_to_sd1_inpainting_in_gen_img_and_merge_lora(files, sd1
     assert np.abs(pixels(from_merged) - pixels(applied)).max() <= 1  # W + dW rounded once more (fp32)
 
 
+def test_lora_of_the_difference_between_a_model_and_its_inpainting_variant(files, tmp_path, caplog):
+    """extract_lora_from_models.py takes a text-to-image model and an inpainting model of the same architecture
+    (their U-Nets differ in conv_in only, no LoRA layer), says so, and extracts every LoRA layer's difference."""
+    from networks.extract_lora_from_models import main as extract
+    from networks.lora_files import read_lora_file
+
+    out = tmp_path / "difference.safetensors"
+    with caplog.at_level(logging.INFO):
+        assert extract(["--model_org", str(files["sd1"]), "--model_tuned", str(files["sd1-inpainting"]),
+                        "--save_to", str(out), "--dim", "4", "--min_diff", "0"]) == 0
+    assert "their U-Nets differ only in the first convolution (conv_in)" in caplog.text
+    lora = read_lora_file(out)
+    assert any(name.startswith("lora_unet_") for name in lora.modules)
+    assert lora.metadata["modelspec.architecture"] == "stable-diffusion-v1/inpaint/lora"
+
+
 # ------------------------------------------------------------------ bad input
 
 
