@@ -327,7 +327,7 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     if init_images is not None and (first.strength is None or len(init_images) != len(prompts)):
         raise ValueError("generate_images: img2img needs one init image per prompt and a strength")
     family, n = models.family, len(prompts)
-    request = _pipeline_request(family, models, n, first, init_images=init_images, masks=masks,
+    request = _pipeline_request(models, n, first, init_images=init_images, masks=masks,
                                 depth_maps=depth_maps, conditions=conditions)
     conditioner = conditioner_for(family, models.tokenizers, models.text_encoders, encoding or CaptionEncoding())
     size, negative_size = size_of(first), size_of(first, negative=True)
@@ -378,13 +378,14 @@ class _PipelineRequest:
     unet: object = None  # the U-Net the pipeline sees (None: the model's own)
 
 
-def _pipeline_request(family, models, n: int, first: SamplePrompt, *, init_images, masks, depth_maps,
+def _pipeline_request(models, n: int, first: SamplePrompt, *, init_images, masks, depth_maps,
                       conditions) -> _PipelineRequest:
     """The pipeline and image arguments for the family's U-Net inputs and the inputs given (the rules: the
     `generation_inputs` docstring). Inputs the model does not take, or missing ones it needs, are refused."""
     from library import generation_inputs as gi
     from library.families import DEPTH, EXTRA_CHANNELS, INPAINTING, TEXT_TO_IMAGE
 
+    family = models.family
     inputs, width, height = family.unet_inputs, first.width, first.height
     model = family.description.split(" (")[0]
     given = {"masks": masks, "depth maps": depth_maps, "conditions": conditions}
