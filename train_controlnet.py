@@ -234,7 +234,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                       optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, accelerator=accelerator,
                       run_fingerprint=fingerprint, trainable_parameters=list(controlnet.parameters()),
                       weight_dtype=precision.weight_dtype, sampler=validator, sample_trainable=controlnet,
-                      lr_names=lr_names)
+                      lr_names=lr_names, validator=setup.make_validator(args, dataset, start, accelerator))
     setup.run_trainer(trainer, args)
     return start.output_dir / (start.output_name + task.model_file_suffix())
 

@@ -357,7 +357,8 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
                       run_fingerprint=run_fingerprint(args, family, dataset, start.seed),
                       trainable_parameters=[p for g in param_groups for p in g["params"]],
                       weight_dtype=precision.weight_dtype, sampler=setup.make_sampler(args, prompts, models, start),
-                      sample_trainable=task.network, lr_names=group_names)
+                      sample_trainable=task.network, lr_names=group_names,
+                      validator=setup.make_validator(args, dataset, start, accelerator))
     setup.run_trainer(trainer, args)
     return start.output_dir / (start.output_name + task.model_file_suffix())
 

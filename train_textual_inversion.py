@@ -157,7 +157,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                                                default_project="textual_inversion"),
                       run_fingerprint=fingerprint, trainable_parameters=word.parameters,
                       weight_dtype=precision.weight_dtype, sampler=setup.make_sampler(args, prompts, models, start),
-                      lr_names=["textencoder"])
+                      lr_names=["textencoder"], validator=setup.make_validator(args, dataset, start, accelerator))
     setup.run_trainer(trainer, args)
     return start.output_dir / (start.output_name + task.model_file_suffix())
 

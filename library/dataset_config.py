@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Options by the levels they may appear at (kohya's schema for the features implemented here).
 DATASET_LEVEL = {"batch_size": int, "resolution": (int, list), "enable_bucket": bool, "bucket_no_upscale": bool,
-                 "min_bucket_reso": int, "max_bucket_reso": int, "bucket_reso_steps": int}
+                 "min_bucket_reso": int, "max_bucket_reso": int, "bucket_reso_steps": int,
+                 "validation_split": (float, int), "validation_seed": int}
 CAPTION_OPTIONS = {f.name: f.type for f in fields(CaptionOptions)}
 SUBSET_ANY_LEVEL = {"num_repeats": int, "caption_extension": str, "class_tokens": str, "flip_aug": bool,
                     "color_aug": bool, "random_crop": bool, "resize_interpolation": str, "cache_info": bool,
@@ -36,7 +38,7 @@ SUBSET_ANY_LEVEL = {"num_repeats": int, "caption_extension": str, "class_tokens"
 SUBSET_ONLY = {"image_dir": str, "is_reg": bool, "alpha_mask": bool, "metadata_file": str, "caption_column": str,
                "conditioning_data_dir": str, "image_column": str, "conditioning_image_column": str}
 # kohya keys users may have that this suite does not implement yet: refused by name, never silently ignored.
-NOT_YET = {"network_multiplier", "validation_split", "validation_seed", "face_crop_aug_range", "custom_attributes"}
+NOT_YET = {"network_multiplier", "face_crop_aug_range", "custom_attributes"}
 
 
 class DatasetConfigError(ValueError):
@@ -48,6 +50,8 @@ class DatasetSpec:
     subsets: tuple[Subset, ...]
     batch_size: int
     buckets: BucketConfig
+    validation_split: float = 0.0  # share of each training subset's images held out for the validation loss
+    validation_seed: int | None = None  # the hold-out's shuffle (None: the training seed)
 
 
 def _check(where: str, key: str, value, expected) -> None:
@@ -115,7 +119,8 @@ def specs_from_config(data: dict, cli: dict, base: Path) -> list[DatasetSpec]:
             raise DatasetConfigError(f"{where}: mixes fine-tune subsets (metadata_file) and DreamBooth subsets "
                                      "(image_dir only); put them in separate [[datasets]]")
         merged = {**cli, **general, **level}
-        specs.append(DatasetSpec(tuple(subsets), merged["batch_size"], _buckets(merged, where)))
+        specs.append(DatasetSpec(tuple(subsets), merged["batch_size"], _buckets(merged, where),
+                                 *_validation_split(merged, where)))
     return specs
 
 
@@ -192,11 +197,23 @@ def specs_from_flags(cli: dict) -> list[DatasetSpec]:
         subsets = dreambooth_subsets(train_dir, is_reg=False, template=template)
         if cli.get("reg_data_dir"):
             subsets += dreambooth_subsets(Path(cli["reg_data_dir"]), is_reg=True, template=template)
-    return [DatasetSpec(tuple(subsets), cli["batch_size"], _buckets(cli, "command line"))]
+    return [DatasetSpec(tuple(subsets), cli["batch_size"], _buckets(cli, "command line"),
+                        *_validation_split(cli, "command line"))]
 
 
-def build_groups(specs: list[DatasetSpec], *, family_step: int) -> tuple[list[DatasetGroup], dict]:
+def _validation_split(options: dict, where: str) -> tuple[float, int | None]:
+    split = float(options.get("validation_split") or 0.0)
+    if not 0.0 <= split < 1.0:
+        name = "--validation_split" if where == "command line" else f"{where}.validation_split"
+        raise DatasetConfigError(f"{name} {split}: the share of images held out for validation, from 0 (none) to "
+                                 "below 1 (e.g. 0.1)")
+    return split, options.get("validation_seed")
+
+
+def build_groups(specs: list[DatasetSpec], *, family_step: int, seed: int = 0) -> tuple[list[DatasetGroup], dict]:
     """Scan every subset (image headers only) and make the dataset groups; also returns a summary for metadata.
+    With a validation split, each training subset's held-out images go to their group's `validation` records
+    (`seed`: the hold-out's shuffle when the dataset gives no validation_seed).
 
     Raises DatasetError listing every unreadable image at once."""
     groups, problems = [], []
@@ -204,12 +221,17 @@ def build_groups(specs: list[DatasetSpec], *, family_step: int) -> tuple[list[Da
     for d, spec in enumerate(specs):
         train: list[ImageRecord] = []
         reg: list[ImageRecord] = []
+        held_out: list[ImageRecord] = []
         for subset in spec.subsets:
             if subset.metadata_file is not None:
                 records, bad = scan_metadata_subset(subset, caption_joiner(subset.caption.caption_separator))
             else:
                 records, bad = scan_subset(subset)
             problems += bad
+            if spec.validation_split and not subset.is_reg:
+                records, validation = split_validation(records, spec.validation_split,
+                                                       seed if spec.validation_seed is None else spec.validation_seed)
+                held_out += validation
             (reg if subset.is_reg else train).extend(records)
         if not train and not problems:
             raise DatasetError(f"dataset {d}: no training images (only regularisation images)")
@@ -224,7 +246,12 @@ def build_groups(specs: list[DatasetSpec], *, family_step: int) -> tuple[list[Da
         assigner = BucketAssigner(spec.buckets)
         for record, _ in records:
             assign_bucket(assigner, record)  # fail here, naming the file, rather than inside the bucket report
-        groups.append(DatasetGroup(records, assigner, spec.batch_size))
+        for record in held_out:
+            assign_bucket(assigner, record)
+        groups.append(DatasetGroup(records, assigner, spec.batch_size, validation=held_out))
+        if held_out:
+            logger.info("dataset %d: %d image(s) held out for the validation loss (validation_split %g)", d,
+                        len(held_out), spec.validation_split)
         if records:
             report = bucket_report(assigner, [(r.size, n) for r, n in records])
             logger.info("dataset %d: %d train images (%d samples with repeats), %d reg images, batch size %d; "
@@ -236,6 +263,7 @@ def build_groups(specs: list[DatasetSpec], *, family_step: int) -> tuple[list[Da
                                         "bucket_info": {f"{w}x{h}": n for (w, h), n in report.rows}})
         summary["num_train_images"] += len(train)
         summary["num_reg_images"] += len(reg)
+        summary["num_validation_images"] = summary.get("num_validation_images", 0) + len(held_out)
     if problems:
         raise DatasetError("unreadable images (remove or fix them):\n  " + "\n  ".join(problems))
     return groups, summary
@@ -253,10 +281,21 @@ def build_training_dataset(cli: dict, dataset_config: Path | None, *, family_ste
         specs = specs_from_config(load_dataset_config(dataset_config), cli, dataset_config.parent)
     else:
         specs = specs_from_flags(cli)
-    groups, summary = build_groups(specs, family_step=family_step)
+    groups, summary = build_groups(specs, family_step=family_step, seed=seed)
     dataset = TrainingDataset(groups, seed=seed, prior_loss_weight=prior_loss_weight, max_train_steps=max_train_steps,
                               conditioning_use=conditioning_use, condition=condition)
     return dataset, summary
+
+
+def split_validation(records: list[ImageRecord], split: float, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """kohya's hold-out: the subset's images shuffled by `seed`, the last round(n * split) of them for validation
+    (kohya's training part takes ceil(n * (1 - split)), which can share an image with the validation part; these
+    two parts never do). A subset keeps at least one training image."""
+    order = sorted(records, key=lambda r: str(r.path))
+    random.Random(seed).shuffle(order)
+    n_validation = min(round(len(order) * split), len(order) - 1)
+    kept = set(map(id, order[:len(order) - n_validation]))
+    return [r for r in records if id(r) in kept], order[len(order) - n_validation:]
 
 
 def build_metadata_dataset(train_data_dir: Path, in_json: Path, buckets: BucketConfig, *, family_step: int,

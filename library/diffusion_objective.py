@@ -137,10 +137,11 @@ class DiffusionObjective:
                 break
         return noise / noise.std()
 
-    def _draw(self, latent: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """Timestep, noise and UNet-input noise of one sample [1, C, H, W]."""
+    def _draw(self, latent: torch.Tensor, generator: torch.Generator,
+              timestep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Timestep (unless given), noise and UNet-input noise of one sample [1, C, H, W]."""
         c = self.config
-        timestep = self.sample_timesteps(1, generator)
+        timestep = self.sample_timesteps(1, generator) if timestep is None else timestep
         noise = self.sample_noise(latent, generator)
         input_noise = noise
         if c.ip_noise_gamma:
@@ -151,17 +152,20 @@ class DiffusionObjective:
             input_noise = noise + gamma * torch.randn(latent.shape, generator=generator).to(latent)
         return timestep, noise, input_noise
 
-    def noised(self, latents: torch.Tensor, generators: torch.Generator | list[torch.Generator]) -> NoisedBatch:
+    def noised(self, latents: torch.Tensor, generators: torch.Generator | list[torch.Generator],
+               timesteps: torch.Tensor | None = None) -> NoisedBatch:
         """Timesteps, noise, the noisy UNet input and the training target for a batch of latents.
 
         Each sample draws from its own generator (one per sample, or one shared generator used in turn), so a
         sample's noise does not depend on which other samples share its batch or process: a run split over
-        several processes draws what the one-process run draws."""
+        several processes draws what the one-process run draws. `timesteps` [B] fixes the timesteps instead of
+        drawing them (the validation loss measures at fixed ones)."""
         if isinstance(generators, torch.Generator):
             generators = [generators] * latents.shape[0]
         if len(generators) != latents.shape[0]:
             raise ValueError(f"{len(generators)} generators for a batch of {latents.shape[0]}")
-        draws = [self._draw(latents[i:i + 1], g) for i, g in enumerate(generators)]
+        draws = [self._draw(latents[i:i + 1], g, None if timesteps is None else timesteps[i:i + 1].long())
+                 for i, g in enumerate(generators)]
         timesteps = torch.cat([d[0] for d in draws])
         noise = torch.cat([d[1] for d in draws])
         input_noise = torch.cat([d[2] for d in draws])

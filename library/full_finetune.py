@@ -390,6 +390,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
                       optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, accelerator=accelerator,
                       run_fingerprint=run_fingerprint(args, recipe, family, dataset, start.seed),
                       trainable_parameters=trainable, weight_dtype=precision.weight_dtype,
-                      sampler=setup.make_sampler(args, prompts, models, start), lr_names=lr_names)
+                      sampler=setup.make_sampler(args, prompts, models, start), lr_names=lr_names,
+                      validator=setup.make_validator(args, dataset, start, accelerator))
     setup.run_trainer(trainer, args)
     return start.output_dir / (start.output_name + task.model_file_suffix())

@@ -189,6 +189,20 @@ def add_extra_input_arguments(p: argparse.ArgumentParser) -> None:
                         "0.1 0.5)")
 
 
+def add_validation_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("validation loss (kohya's flags; library/validation.py)")
+    g.add_argument("--validation_split", type=float, default=None,
+                   help="hold out this share of each training folder's images (e.g. 0.1) and report the loss on them, "
+                        "never trained on; also the dataset config key validation_split")
+    g.add_argument("--validation_seed", type=int, default=None,
+                   help="the seed of the hold-out and of the validation noise (default: --seed)")
+    g.add_argument("--validate_every_n_steps", type=int, default=None,
+                   help="validate every N optimizer steps (default: once per epoch)")
+    g.add_argument("--validate_every_n_epochs", type=int, default=None, help="validate every N epochs (default: 1)")
+    g.add_argument("--max_validation_steps", type=int, default=None,
+                   help="at most this many validation batches per pass (default: all)")
+
+
 def add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer_type", default="")
@@ -229,7 +243,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 # never a silent no-op (kohya's own dead flags, e.g. train_db's --no_token_padding, are a known trap).
 NOT_YET_IMPLEMENTED = (
     "--face_crop_aug_range", "--torch_compile", "--fp8_base", "--deepspeed", "--huggingface_repo_id",
-    "--validation_split", "--cache_text_encoder_outputs", "--dataset_class", "--fused_optimizer_groups",
+    "--cache_text_encoder_outputs", "--dataset_class", "--fused_optimizer_groups",
 )
 
 
@@ -350,8 +364,8 @@ def add_common_training_arguments(p: argparse.ArgumentParser, *, implemented: tu
     """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, metadata,
     refusals). `implemented`: flags of NOT_YET_IMPLEMENTED that the trainer adds itself."""
     for add in (add_model_arguments, add_dataset_arguments, add_training_arguments, add_objective_arguments,
-                add_extra_input_arguments, add_optimizer_arguments, add_sample_arguments, add_modelspec_arguments,
-                add_console_log_arguments):
+                add_extra_input_arguments, add_validation_arguments, add_optimizer_arguments, add_sample_arguments,
+                add_modelspec_arguments, add_console_log_arguments):
         add(p)
     add_not_yet_implemented(p, implemented)
 
@@ -499,7 +513,7 @@ def dataset_cli_values(args: argparse.Namespace, default_resolution: int) -> dic
         "random_crop", "resize_interpolation", "alpha_mask", "caption_column", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
         "caption_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
         "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min",
-        "token_warmup_step", "conditioning_data_dir", "cache_info")}
+        "token_warmup_step", "conditioning_data_dir", "cache_info", "validation_split", "validation_seed")}
     options["batch_size"] = args.train_batch_size
     options["resolution"] = parse_resolution(args.resolution, default_resolution)
     return options

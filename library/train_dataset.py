@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,7 @@ class Item:
     bucket: tuple[int, int]
     loss_weight: float
     group: int = 0  # which dataset group ([[datasets]] entry) the item belongs to
+    validation: bool = False  # held out: never trained on, only the validation loss reads it
 
     @property
     def cache_id(self) -> tuple[str, int]:
@@ -62,6 +63,7 @@ class DatasetGroup:
     records_with_repeats: list[tuple[ImageRecord, int]]
     assigner: BucketAssigner
     batch_size: int = 1
+    validation: list[ImageRecord] = field(default_factory=list)  # held out for the validation loss (once each)
 
 
 def _rng(seed: int, *parts: object) -> random.Random:
@@ -105,6 +107,13 @@ class TrainingDataset(torch.utils.data.Dataset):
                 item = Item(record, choice.bucket, weight, g)
                 self._choices[item.cache_id] = choice
                 self.items += [item] * repeats
+            # Held-out images are items too (the latent and text-encoder caches then cover them), but no training
+            # batch takes them (EpochBatches); validation.py batches them.
+            for record in group.validation:
+                choice = assign_bucket(group.assigner, record)
+                item = Item(record, choice.bucket, 1.0, g, validation=True)
+                self._choices[item.cache_id] = choice
+                self.items.append(item)
         if condition is not None and condition.required:
             lacking = sorted({str(item.record.subset.image_dir) for item in self.items if item.record.conditioning is None})
             if lacking:
@@ -304,7 +313,7 @@ class EpochBatches:
         self.seed, self.num_processes, self.process_index = seed, num_processes, process_index
         self.samplers = []
         for g, group in enumerate(dataset.groups):
-            indices = [i for i, item in enumerate(dataset.items) if item.group == g]
+            indices = [i for i, item in enumerate(dataset.items) if item.group == g and not item.validation]
             sampler = BucketBatchSampler([dataset.items[i].bucket for i in indices],
                                          group.batch_size * num_processes, seed + g)
             self.samplers.append((indices, group.batch_size, sampler))

@@ -143,7 +143,7 @@ class Trainer:
                  accelerator, run_fingerprint: dict, trainable_parameters: list[torch.nn.Parameter],
                  weight_dtype: torch.dtype = torch.float32, on_log: Callable[[dict], None] | None = None,
                  sampler: Callable[..., object] | None = None, sample_trainable: torch.nn.Module | None = None,
-                 lr_names: list[str] | None = None):
+                 lr_names: list[str] | None = None, validator=None):
         self.task, self.unet, self.vae, self.text_conditioner = task, unet, vae, text_conditioner
         self.dataset, self.batches, self.objective = dataset, batches, objective
         self.optimizer, self.lr_scheduler, self.config = optimizer, lr_scheduler, config
@@ -153,6 +153,7 @@ class Trainer:
         self.weight_dtype = weight_dtype
         self.on_log = on_log
         self.sampler, self.sample_trainable = sampler, sample_trainable
+        self.validator = validator  # validation.Validator: the loss on held-out images (--validation_split)
         # A model with extra U-Net inputs (inpainting, depth, extra channels) gets them after the noisy latents.
         self.unet_inputs = feeder_for(dataset.condition, vae=vae, scaling_factor=config.vae_scale_factor)
         self._extra_logs: dict[str, float] = {}
@@ -160,6 +161,7 @@ class Trainer:
         self.state = TrainState(run_fingerprint=run_fingerprint)
         self.run_log = None
         self.loss_history: list[tuple[int, float]] = []
+        self.validation_history: list[tuple[int, str, float]] = []  # (step, "step" / "epoch", loss)
         self._persistent_batches: _CurrentBatches | None = None  # --persistent_data_loader_workers
         self._persistent_loader: torch.utils.data.DataLoader | None = None
 
@@ -232,11 +234,13 @@ class Trainer:
                 latents = (dist.mean + dist.std * noise.to(dist.mean)).float()
         return latents * self.config.vae_scale_factor
 
-    def _loss(self, batch: dict, generators: list[torch.Generator]) -> torch.Tensor:
+    def _loss(self, batch: dict, generators: list[torch.Generator],
+              timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's loss; `timesteps` fixed instead of drawn (the validation loss)."""
         device = self.accelerator.device
         latents = self._latents(batch, generators).to(device)
         cond = self._conditioning(batch)
-        noised = self.objective.noised(latents, generators)
+        noised = self.objective.noised(latents, generators, timesteps)
         denoise = getattr(self.task, "denoise", None)
         noisy = noised.noisy_latents
         if self.unet_inputs is not None:
@@ -301,6 +305,8 @@ class Trainer:
                 self.state.global_step += 1
                 steps_this_run += 1
                 self._log(loss, bar)
+                if self.validator is not None and self.validator.due_after_step(self.state.global_step):
+                    self._validate("step", bar)
                 if c.save_every_n_steps and self.state.global_step % c.save_every_n_steps == 0 \
                         and self.state.global_step < c.max_train_steps:
                     self._save(f"{c.output_name}-step{self.state.global_step:08d}", "step")
@@ -322,6 +328,8 @@ class Trainer:
                     self._save(f"{c.output_name}-{finished:06d}", "epoch")
                 if c.sample_every_n_epochs and finished % c.sample_every_n_epochs == 0:
                     self._sample(epoch=finished)
+                if self.validator is not None and self.validator.due_after_epoch(finished):
+                    self._validate("epoch", bar)
         bar.close()
         if self.accelerator.is_main_process:  # every process holds the same weights: one writes
             self.task.save_model(c.output_dir / c.output_name, epoch=self._saved_epoch(final=True),
@@ -441,6 +449,21 @@ class Trainer:
                 self.run_log.add_scalar(f"lr/{name}", lr, step)
         if self.on_log:
             self.on_log(record)
+
+    def _validate(self, kind: str, bar) -> None:
+        """One validation pass, logged as kohya names it (`kind`: "step" or "epoch")."""
+        loss = self.validator.loss(self._loss, self.accelerator, trainable=self.sample_trainable)
+        recent = [l for _, l in self.loss_history[-50:]]
+        divergence = loss - sum(recent) / len(recent) if recent else float("nan")
+        step = self.state.global_step
+        self.validation_history.append((step, kind, loss))
+        bar.set_postfix_str(f"{bar.postfix}, val={loss:.4f}" if bar.postfix else f"val={loss:.4f}")
+        logger.info("validation loss after %s %d: %.5f (%d batch(es) x %d timesteps; training average %+.5f)",
+                    kind, step if kind == "step" else self.state.epoch - 1, loss, self.validator.total_batches,
+                    len(self.validator.config.timesteps), divergence)
+        if self.run_log:
+            self.run_log.add_scalar(f"loss/validation/{kind}_average", loss, step)
+            self.run_log.add_scalar(f"loss/validation/{kind}_divergence", divergence, step)
 
     def _sample(self, *, epoch: int | None) -> None:
         if self.sampler is None or not self.accelerator.is_main_process:

@@ -101,5 +101,10 @@ def run_metadata(args, *, dataset: TrainingDataset, data_summary: dict, seed: in
         "ss_loss_type": args.loss_type, "ss_zero_terminal_snr": str(args.zero_terminal_snr),
         "ss_training_comment": str(getattr(args, "training_comment", None)),
         "ss_sd_model_name": Path(args.pretrained_model_name_or_path).name,
+        # kohya's validation keys
+        "ss_validation_seed": str(getattr(args, "validation_seed", None)),
+        "ss_validation_split": str(getattr(args, "validation_split", None)),
+        "ss_max_validation_steps": str(getattr(args, "max_validation_steps", None)),
+        "ss_num_validation_images": str(data_summary.get("num_validation_images", 0)),
     })
     return metadata

@@ -176,7 +176,7 @@ def build_dataset(args: argparse.Namespace, family, seed: int, *, extra_options:
     try:
         condition = condition_images_for(family.unet_inputs, unet_in_channels or family.unet_inputs.new_model_channels,
                                          mask_settings(args))
-        check_condition_flags(args, family, condition)
+        check_condition_flags(args, family, condition, conditioning_use)
         return build_training_dataset(cli, Path(args.dataset_config) if args.dataset_config else None,
                                       family_step=family.bucket_reso_step, seed=seed,
                                       prior_loss_weight=args.prior_loss_weight, max_train_steps=args.max_train_steps,
@@ -194,7 +194,8 @@ def mask_settings(args: argparse.Namespace) -> MaskSettings:
                         min_size=size[0], max_size=size[1])
 
 
-def check_condition_flags(args: argparse.Namespace, family, condition) -> None:
+def check_condition_flags(args: argparse.Namespace, family, condition,
+                          conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK) -> None:
     """The flags that only mean something for some U-Net inputs, checked once the model's are known: the
     --inpaint_* flags need an inpainting model; --conditioning_data_dir is --masked_loss's mask folder on a
     text-to-image model and the model's own input (masks, depth maps, conditions) on the others."""
@@ -208,7 +209,7 @@ def check_condition_flags(args: argparse.Namespace, family, condition) -> None:
         raise ValueError(f"{' / '.join(given)}: synthetic inpainting masks, but this is "
                          f"{family.description.split(' (')[0]}, not an inpainting model: drop the flag(s)")
     if condition is None:
-        if args.conditioning_data_dir and not args.masked_loss:
+        if args.conditioning_data_dir and not args.masked_loss and conditioning_use is ConditioningUse.LOSS_MASK:
             raise ValueError("--conditioning_data_dir without --masked_loss: on this text-to-image model the folder "
                              "holds --masked_loss masks (the R channel of same-stem images): add --masked_loss "
                              "(for PNG alpha use --alpha_mask)")
@@ -407,6 +408,30 @@ def make_sampler(args: argparse.Namespace, prompts: list, models: SDModels, star
             zero_terminal_snr=args.zero_terminal_snr, model_name=Path(args.pretrained_model_name_or_path).stem)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def make_validator(args: argparse.Namespace, dataset: TrainingDataset, start: RunStart, accelerator):
+    """The validation loss over the dataset's held-out images (--validation_split or the dataset config's
+    validation_split), or None without any; the --validate_* flags without held-out images are refused."""
+    from library.validation import ValidationConfig, Validator, validation_timesteps
+
+    held_out = any(item.validation for item in dataset.items)
+    given = [flag for flag in ("--validate_every_n_steps", "--validate_every_n_epochs", "--max_validation_steps")
+             if getattr(args, flag[2:], None) is not None]
+    if not held_out:
+        if given:
+            raise SystemExit(f"error: {', '.join(given)}: no images are held out for validation; give "
+                             "--validation_split (e.g. 0.1) or validation_split in the dataset config")
+        return None
+    for flag in given:
+        if getattr(args, flag[2:]) < 1:
+            raise SystemExit(f"error: {flag} {getattr(args, flag[2:])}: must be at least 1")
+    seed = start.seed if args.validation_seed is None else args.validation_seed
+    config = ValidationConfig(seed=seed, every_n_steps=args.validate_every_n_steps,
+                              every_n_epochs=args.validate_every_n_epochs, max_batches=args.max_validation_steps,
+                              timesteps=validation_timesteps(args.min_timestep, args.max_timestep))
+    return Validator(dataset, config, num_processes=accelerator.num_processes,
+                     process_index=accelerator.process_index)
 
 
 def run_trainer(trainer: Trainer, args: argparse.Namespace) -> None:
