@@ -47,9 +47,6 @@ import argparse
 import logging
 import os
 import sys
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +58,7 @@ from library.atomic_files import OutputPathError, atomic_file, check_writable_ou
 from library.captions import CaptionFileError, caption_path_for, read_caption_file  # noqa: E402
 from library.images import IMAGE_EXTENSIONS, list_images  # noqa: E402
 from library.metadata_files import MetadataError, write_metadata  # noqa: E402
+from library.ordered_prefetch import ordered_map  # noqa: E402
 
 logger = logging.getLogger("wd14_tagger")
 
@@ -167,29 +165,6 @@ def input_geometry(session, labels: wd.Labels, batch_size: int) -> tuple[str, in
     return model_input.name, size, batch_size
 
 
-def prepared_images(paths: list[Path], size: int, json_layout: bool, workers: int | None):
-    """(path, model input or None, size or error message) in order; with workers, a bounded number ahead."""
-    if not workers:
-        for path in paths:
-            yield (path, *wd.prepare_image(path, size, json_layout))
-        return
-    # spawn: forking a process that may already run threaded libraries is unsafe; prefetch is bounded so that
-    # tens of thousands of prepared images never pile up in memory ahead of the model.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        pending: deque = deque()
-        queue = iter(paths)
-        for path in queue:
-            pending.append((path, pool.submit(wd.prepare_image, path, size, json_layout)))
-            if len(pending) >= workers * 4:
-                break
-        while pending:
-            path, future = pending.popleft()
-            nxt = next(queue, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(wd.prepare_image, nxt, size, json_layout)))
-            yield (path, *future.result())
-
-
 def run(args: argparse.Namespace) -> list[str]:
     """Tag the folder; returns the problems with single images (the others are written)."""
     from tqdm import tqdm
@@ -267,9 +242,10 @@ def run(args: argparse.Namespace) -> list[str]:
                     tmp.write_bytes((text + "\n").encode("utf-8"))
 
     batch: list = []
-    for path, pixels, size_or_error in tqdm(prepared_images(images, size, labels.json_layout,
-                                                            args.max_data_loader_n_workers),
-                                            total=len(images), desc="tagging", unit="image", smoothing=0.0):
+    prepared = ordered_map(wd.prepare_image, images, size, labels.json_layout,
+                           workers=args.max_data_loader_n_workers)
+    for path, (pixels, size_or_error) in tqdm(zip(images, prepared), total=len(images), desc="tagging",
+                                              unit="image", smoothing=0.0):
         if pixels is None:
             problems.append(size_or_error)
             continue
