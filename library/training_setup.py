@@ -198,7 +198,8 @@ def check_condition_flags(args: argparse.Namespace, family, condition,
                           conditioning_use: ConditioningUse = ConditioningUse.LOSS_MASK) -> None:
     """The flags that only mean something for some U-Net inputs, checked once the model's are known: the
     --inpaint_* flags need an inpainting model; --conditioning_data_dir is --masked_loss's mask folder on a
-    text-to-image model and the model's own input (masks, depth maps, conditions) on the others."""
+    text-to-image model and the model's own input (masks, depth maps, conditions) on the others (the ControlNet
+    trainers read it as their control images: `conditioning_use` CONTROL)."""
     from library.extra_inputs import ConditionKind
 
     given = [flag for flag, default in (("--inpaint_full_mask_prob", MaskSettings().full_mask_prob),
