@@ -81,6 +81,8 @@ class LatentCache:
                         "recomputed", stale)
         if self.settings.skip_cache_check and reused:
             logger.warning("--skip_cache_check: reused %d cached latents without checking the image files", reused)
+        if self.settings.to_disk:
+            logger.info("latent cache: %d of %d entries read from disk, %d to encode", reused, len(unique), len(todo))
         self._compute(dataset, todo)
         dataset.latent_cache = self
 

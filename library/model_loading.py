@@ -47,9 +47,9 @@ class TextModelShim(torch.nn.Module):
 class SDModels:
     family: ModelFamily
     prediction_type: PredictionType
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoders: list[torch.nn.Module]  # in `family.text_encoders` order
+    unet: torch.nn.Module | None  # None: not loaded (instantiate_models' `components`)
+    vae: torch.nn.Module | None
+    text_encoders: list[torch.nn.Module | None]  # in `family.text_encoders` order
     tokenizers: list  # one per text encoder, same order
     scheduler_config: dict
 
@@ -99,10 +99,13 @@ def _empty_model(checkpoint: SDCheckpoint, component: str):
 
 
 def instantiate_models(checkpoint: SDCheckpoint, *, dtype: torch.dtype = torch.float32,
-                       component_dtypes: dict[str, torch.dtype] | None = None) -> SDModels:
-    """Build the UNet, VAE and text encoders with the checkpoint's weights (in `dtype`, or per component)."""
+                       component_dtypes: dict[str, torch.dtype] | None = None,
+                       components: tuple[str, ...] | None = None) -> SDModels:
+    """Build the UNet, VAE and text encoders with the checkpoint's weights (in `dtype`, or per component).
+    `components`: only these (e.g. the text encoders for a tool that encodes captions); the others are None."""
+    wanted = checkpoint.family.components if components is None else components
     models = {component: instantiate_component(checkpoint, component, (component_dtypes or {}).get(component, dtype))
-              for component in checkpoint.family.components}
+              if component in wanted else None for component in checkpoint.family.components}
     family = checkpoint.family
     return SDModels(family, checkpoint.prediction_type, models["unet"], models["vae"],
                     [models[slot.component] for slot in family.text_encoders], load_tokenizers(family),

@@ -56,9 +56,13 @@ def check_captions_are_fixed(dataset: TrainingDataset) -> None:
 
 class TextEncoderOutputCache:
     def __init__(self, conditioner: TextConditioner, *, to_disk: bool = False,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 batch_size: int = ENCODE_BATCH):
+        if batch_size < 1:
+            raise ValueError(f"--text_encoder_batch_size must be at least 1, got {batch_size}")
         self.conditioner = conditioner
         self.to_disk = to_disk
+        self.batch_size = batch_size  # captions per text-encoder call (the entries do not depend on it)
         self.autocast = autocast  # the training step's autocast, so cached outputs equal uncached ones
         self.entries: dict[str, dict[str, torch.Tensor]] = {}  # caption -> {"hidden_states", ["pooled"]}
         self._settings_key: dict | None = None
@@ -104,8 +108,8 @@ class TextEncoderOutputCache:
     def _compute(self, captions: list[str]) -> None:
         with torch.no_grad(), self.autocast(), tqdm(total=len(captions), desc="caching text encoder outputs",
                                                    unit="caption", disable=not captions) as bar:
-            for start in range(0, len(captions), ENCODE_BATCH):
-                chunk = captions[start:start + ENCODE_BATCH]
+            for start in range(0, len(captions), self.batch_size):
+                chunk = captions[start:start + self.batch_size]
                 text = self.conditioner.encode_text(chunk)
                 for i, caption in enumerate(chunk):
                     entry = {"hidden_states": text.hidden_states[i].cpu()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import tomllib
@@ -370,15 +371,18 @@ def add_common_training_arguments(p: argparse.ArgumentParser, *, implemented: tu
     add_not_yet_implemented(p, implemented)
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, *,
+               config_keys_elsewhere: Mapping[str, str] | None = None) -> argparse.Namespace:
     """Parse the command line, merging `--config_file` (kohya: every table's keys flattened, command line wins),
-    and handle `--output_config` (write the non-default arguments to --config_file, then exit)."""
+    and handle `--output_config` (write the non-default arguments to --config_file, then exit).
+    `config_keys_elsewhere`: config keys that are another script's flags (key -> script), skipped with a log line
+    instead of refused (the cache tools read a trainer's config file)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config_file", default=None)
     pre.add_argument("--output_config", action="store_true")
     early, _ = pre.parse_known_args(argv)
     if early.config_file and not early.output_config:
-        flat = _read_config_file(Path(early.config_file), parser)
+        flat = _read_config_file(Path(early.config_file), parser, config_keys_elsewhere or {})
         # The file's values become defaults, so anything given on the command line wins.
         parser.set_defaults(**flat)
         for action in parser._actions:
@@ -407,7 +411,7 @@ def note_memory_hints(args: argparse.Namespace) -> None:
                     "no cache clearing to skip")
 
 
-def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
+def _read_config_file(path: Path, parser: argparse.ArgumentParser, elsewhere: Mapping[str, str]) -> dict:
     if not path.exists() and path.suffix != ".toml":
         path = path.with_suffix(".toml")  # kohya allows leaving out the suffix
     try:
@@ -423,6 +427,11 @@ def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
     for key, value in data.items():
         flat.update(value if isinstance(value, dict) else {key: value})
     actions = {a.dest: a for a in parser._actions}
+    skipped = sorted(key for key in flat if key not in actions and key in elsewhere)
+    if skipped:
+        logger.info("--config_file %s: %s (flags of %s) do not apply here", path, ", ".join(skipped),
+                    ", ".join(sorted({elsewhere[key] for key in skipped})))
+        flat = {key: value for key, value in flat.items() if key not in skipped}
     unknown = sorted(set(flat) - set(actions))
     if unknown:
         raise SystemExit(f"error: --config_file {path}: unknown argument(s) {', '.join(unknown)}; keys are the "

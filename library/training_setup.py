@@ -113,17 +113,20 @@ def make_accelerator(args: argparse.Namespace):
     return accelerator
 
 
-def load_models(args: argparse.Namespace, checkpoint: SDCheckpoint, accelerator) -> tuple[SDModels, Precision]:
+def load_models(args: argparse.Namespace, checkpoint: SDCheckpoint, accelerator, *,
+                components: tuple[str, ...] | None = None) -> tuple[SDModels, Precision]:
     """The models on the accelerator's device in the precision policy's dtypes, frozen (a recipe unfreezes what
-    it trains), with gradient checkpointing on the U-Net if asked."""
+    it trains), with gradient checkpointing on the U-Net if asked. `components`: only these are loaded (the
+    cache tools need the VAE or the text encoders, not an SDXL U-Net's 10 GB); the others are None."""
     precision = precision_policy(args.mixed_precision, full_fp16=args.full_fp16, full_bf16=args.full_bf16,
                                  no_half_vae=args.no_half_vae)
     with checkpoint:
         models = instantiate_models(checkpoint, dtype=precision.weight_dtype,
-                                    component_dtypes={"vae": precision.vae_dtype})
+                                    component_dtypes={"vae": precision.vae_dtype}, components=components)
     for model in (models.unet, models.vae, *models.text_encoders):
-        model.to(accelerator.device).requires_grad_(False)
-    if args.gradient_checkpointing:
+        if model is not None:
+            model.to(accelerator.device).requires_grad_(False)
+    if args.gradient_checkpointing and models.unet is not None:
         models.unet.enable_gradient_checkpointing()
         models.unet.train()  # diffusers only checkpoints in training mode; dropout is 0 in SD's UNet
     return models, precision
@@ -353,17 +356,18 @@ def wants_text_encoder_cache(args: argparse.Namespace) -> bool:
 
 
 def cache_text_encoder_outputs(args: argparse.Namespace, dataset: TrainingDataset, conditioner: TextConditioner,
-                               models: SDModels, accelerator, *, keep_encoders: bool):
+                               models: SDModels, accelerator, *, keep_encoders: bool, batch_size: int | None = None):
     """--cache_text_encoder_outputs / --cache_text_encoder_outputs_to_disk: every caption encoded now; the
     conditioner the training step then uses answers from the cache. The text encoders are released afterwards
-    unless `keep_encoders` (sample prompts still need them). Without the flags: `conditioner` itself."""
+    unless `keep_encoders` (sample prompts still need them). Without the flags: `conditioner` itself.
+    `batch_size`: captions per encoder call (tools/cache_text_encoder_outputs.py's --text_encoder_batch_size)."""
     if not wants_text_encoder_cache(args):
         return conditioner
-    from library.text_encoder_cache import TextEncoderOutputCache, release_text_encoders
+    from library.text_encoder_cache import ENCODE_BATCH, TextEncoderOutputCache, release_text_encoders
 
-    cache = TextEncoderOutputCache(conditioner, to_disk=args.cache_text_encoder_outputs_to_disk,
-                                   autocast=accelerator.autocast)
     try:
+        cache = TextEncoderOutputCache(conditioner, to_disk=args.cache_text_encoder_outputs_to_disk,
+                                       autocast=accelerator.autocast, batch_size=batch_size or ENCODE_BATCH)
         cache.build(dataset)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
