@@ -155,7 +155,9 @@ def input_geometry(session, labels: wd.Labels, batch_size: int) -> tuple[str, in
     sizes = [d for d in size_dims if isinstance(d, int) and d > 0]
     size = sizes[0] if sizes else wd.DEFAULT_IMAGE_SIZE
     outputs = session.get_outputs()[0].shape
-    if outputs and isinstance(outputs[-1], int) and outputs[-1] != len(labels):
+    # SmilingWolf's CSV names every output; kohya's tag_mapping.json may leave outputs out (they are skipped)
+    if outputs and isinstance(outputs[-1], int) and (outputs[-1] < len(labels) if labels.json_layout
+                                                     else outputs[-1] != len(labels)):
         raise wd.TaggerError(f"the model has {outputs[-1]} outputs but its label file has {len(labels)} labels; "
                              "the two files come from different models")
     fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None

@@ -226,6 +226,13 @@ def test_tag_mapping_layout(tmp_path):
     assert main([str(folder), *flags, "--character_tags_first", "--copyright_threshold", "0.6", "--use_quality_tags",
                  "--use_rating_tags_as_last_tag", "--undesired_tags", "solo"]) == 0
     assert (folder / "red.txt").read_bytes() == b"masterpiece, miku_(vocaloid), 1girl, highres, someone, sensitive\n"
+    # outputs the mapping leaves out (solo; the last one, animagine) are skipped, as kohya skips them
+    mapping_file = root / "someone_tagger" / "v1" / "tag_mapping.json"
+    mapping = json.loads(mapping_file.read_text())
+    del mapping["3"], mapping[str(len(JSON_LABELS) - 1)]
+    mapping_file.write_text(json.dumps(mapping))
+    assert main([str(folder), *flags]) == 0
+    assert (folder / "red.txt").read_bytes() == b"1girl, miku_(vocaloid), vocaloid, highres, someone\n"
 
 
 def test_errors_name_the_problem(tmp_path, images, capsys, monkeypatch):
