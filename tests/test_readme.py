@@ -71,6 +71,11 @@ EXPECTED = {
     "python tools/add_input_channels.py --extra_channels 3 out/tiny.safetensors out/tiny_3ch.safetensors": [
         "out/tiny_inpainting.safetensors", "out/tiny_inpainting_diffusers/unet/config.json",
         "out/tiny_3ch.safetensors"],
+    "python tools/make_synthetic_dataset.py out/inpaint_data --images 4 --size 64 --masks out/inpaint_masks": [
+        "out/inpaint_masks/000.png", "out/inpaint/tiny_inpaint.safetensors", "out/inpainted/*.png"],
+    "python tools/make_synthetic_dataset.py out/edge_data --images 4 --size 64 --edge_maps out/edge_maps": [
+        "out/edge_maps/000.png", "out/tiny_edges.safetensors", "out/edges/tiny_edges_lora.safetensors",
+        "out/edge_images/*.png"],
     "python train_network.py --config_file out/lora.toml": [
         "out/lora.toml", "out/lora/tiny_lora.safetensors", "out/lora/tiny_lora-step00000004.safetensors",
         "out/lora/tiny_lora-step00000004-state/*", "out/lora/tiny_lora-state/*", "out/lora/sample/*.png",
