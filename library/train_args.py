@@ -190,6 +190,18 @@ def add_extra_input_arguments(p: argparse.ArgumentParser) -> None:
                         "0.1 0.5)")
 
 
+def add_initial_step_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("starting at a later step (kohya's flags; --resume restores a run exactly)")
+    g.add_argument("--initial_epoch", type=int, default=None,
+                   help="start counting at this epoch (1: the first, as without the flag); the learning-rate schedule "
+                        "still starts from its beginning")
+    g.add_argument("--initial_step", type=int, default=None,
+                   help="start counting at this optimizer step (overrides --initial_epoch); the run trains until "
+                        "--max_train_steps")
+    g.add_argument("--skip_until_initial_step", action="store_true",
+                   help="also start the data where those steps would have left it (else at the start of that epoch)")
+
+
 def add_validation_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validation loss (kohya's flags; library/validation.py)")
     g.add_argument("--validation_split", type=float, default=None,
@@ -365,7 +377,8 @@ def add_common_training_arguments(p: argparse.ArgumentParser, *, implemented: tu
     """The groups every trainer shares (model, dataset, training, noise/loss, optimizer, samples, metadata,
     refusals). `implemented`: flags of NOT_YET_IMPLEMENTED that the trainer adds itself."""
     for add in (add_model_arguments, add_dataset_arguments, add_training_arguments, add_objective_arguments,
-                add_extra_input_arguments, add_validation_arguments, add_optimizer_arguments, add_sample_arguments,
+                add_extra_input_arguments, add_validation_arguments, add_initial_step_arguments,
+                add_optimizer_arguments, add_sample_arguments,
                 add_modelspec_arguments, add_console_log_arguments):
         add(p)
     add_not_yet_implemented(p, implemented)

@@ -83,6 +83,11 @@ class LoopConfig:
     sample_every_n_epochs: int | None = None  # overrides sample_every_n_steps (kohya)
     sample_at_first: bool = False
     stop_after_steps: int | None = None  # testing aid: stop early as if killed (no final save)
+    # kohya's --initial_step (or --initial_epoch): the run's step counter (and epoch) start there, without a state to
+    # resume; with skip_until_initial_step the data also starts where the run left it (see `_start_at`).
+    initial_step: int | None = None
+    initial_epoch: int | None = None  # --initial_epoch E: step (E - 1) x steps per epoch
+    skip_until_initial_step: bool = False
 
 
 @dataclass
@@ -272,6 +277,14 @@ class Trainer:
     def run(self, resume: Path | None = None) -> TrainState:
         if resume:
             self.load_state(resume)
+        elif self.config.initial_step or (self.config.initial_epoch or 1) > 1:
+            step = self.config.initial_step
+            if step is None:
+                step = (self.config.initial_epoch - 1) * self.steps_per_epoch()
+                if step >= self.config.max_train_steps:
+                    raise ValueError(f"--initial_epoch {self.config.initial_epoch}: the run has only "
+                                     f"{self.config.max_train_steps} steps ({self.steps_per_epoch()} per epoch)")
+            self._start_at(step, skip_data=self.config.skip_until_initial_step)
         if self.config.log and self.accelerator.is_main_process:
             self.run_log = RunLog(self.config.log)
         try:
@@ -280,6 +293,18 @@ class Trainer:
             if self.run_log:
                 self.run_log.close()
             self._persistent_loader = self._persistent_batches = None  # its workers exit with it
+
+    def _start_at(self, step: int, *, skip_data: bool) -> None:
+        """Begin at optimizer step `step` (kohya's --initial_step): the counters (saves, samples, the epoch number
+        and the epoch's caption schedules) carry on from there; with `skip_data` the epoch's batches also start
+        after the ones `step` steps would have used, so the data (and each step's noise) is the run's own from
+        there. The weights are whatever was loaded and the learning-rate schedule starts from its beginning (kohya
+        says the same); --resume, not this, restores an interrupted run exactly."""
+        per_epoch = self.steps_per_epoch()
+        self.state.global_step, self.state.epoch = step, step // per_epoch + 1
+        self.state.batch_in_epoch = (step % per_epoch) * self.config.gradient_accumulation_steps if skip_data else 0
+        logger.info("starting at step %d (epoch %d%s)", step, self.state.epoch,
+                    f", batch {self.state.batch_in_epoch + 1} of it" if skip_data else ", from its first batch")
 
     def _run(self) -> TrainState:
         c = self.config

@@ -334,7 +334,28 @@ def loop_config(args: argparse.Namespace, start: RunStart, family, max_train_ste
         log=train_args.log_settings(args, default_project=default_project, output_dir=start.output_dir),
         data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_data_loader_workers=args.persistent_data_loader_workers,
-        stop_after_steps=stop_after_steps())
+        stop_after_steps=stop_after_steps(),
+        **initial_step(args, max_train_steps))
+
+
+def initial_step(args: argparse.Namespace, max_train_steps: int) -> dict:
+    """--initial_step / --initial_epoch / --skip_until_initial_step as LoopConfig fields (checked here: the loop
+    turns an epoch into its first step once it knows the steps per epoch, see Trainer._start_at)."""
+    step, epoch = getattr(args, "initial_step", None), getattr(args, "initial_epoch", None)
+    if step is None and epoch is None:
+        if getattr(args, "skip_until_initial_step", False):
+            raise SystemExit("error: --skip_until_initial_step needs --initial_step or --initial_epoch")
+        return {}
+    if args.resume:
+        raise SystemExit("error: --initial_step / --initial_epoch with --resume: the state already holds the step and "
+                         "the data position; drop one of them")
+    if step is not None and (step < 0 or step >= max_train_steps):
+        raise SystemExit(f"error: --initial_step {step}: must be at least 0 and below --max_train_steps "
+                         f"{max_train_steps}")
+    if step is None and epoch < 1:
+        raise SystemExit(f"error: --initial_epoch {epoch}: epochs count from 1")
+    return {"initial_step": step, "initial_epoch": None if step is not None else epoch,
+            "skip_until_initial_step": args.skip_until_initial_step}
 
 
 def text_conditioner(args: argparse.Namespace, models: SDModels, *, pad_to_longest: bool = False) -> TextConditioner:
