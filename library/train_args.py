@@ -21,6 +21,7 @@ import tomllib
 import toml  # writes --output_config; reading uses the strict tomllib (toml.loads reads "x = [4" as x = [])
 
 from library import run_logging
+from library.hub_upload import add_hub_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 # kohya flags users may bring that this suite does not implement yet. Setting one is an error that says so,
 # never a silent no-op (kohya's own dead flags, e.g. train_db's --no_token_padding, are a known trap).
 NOT_YET_IMPLEMENTED = (
-    "--face_crop_aug_range", "--torch_compile", "--fp8_base", "--deepspeed", "--huggingface_repo_id",
+    "--face_crop_aug_range", "--torch_compile", "--fp8_base", "--deepspeed",
     "--cache_text_encoder_outputs", "--dataset_class", "--fused_optimizer_groups",
 )
 
@@ -378,7 +379,7 @@ def add_common_training_arguments(p: argparse.ArgumentParser, *, implemented: tu
     refusals). `implemented`: flags of NOT_YET_IMPLEMENTED that the trainer adds itself."""
     for add in (add_model_arguments, add_dataset_arguments, add_training_arguments, add_objective_arguments,
                 add_extra_input_arguments, add_validation_arguments, add_initial_step_arguments,
-                add_optimizer_arguments, add_sample_arguments,
+                add_optimizer_arguments, add_sample_arguments, add_hub_arguments,
                 add_modelspec_arguments, add_console_log_arguments):
         add(p)
     add_not_yet_implemented(p, implemented)

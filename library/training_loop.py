@@ -27,6 +27,7 @@ from tqdm import tqdm
 from library.atomic_files import atomic_directory
 from library.diffusion_objective import DiffusionObjective
 from library.extra_inputs import feeder_for
+from library.hub_upload import HubSettings, HubUploader
 from library.run_logging import LogSettings, RunLog
 from library.text_conditioning import TextConditioner, TextConditioning
 from library.train_dataset import EpochBatches, SampleKey, TrainingDataset, collate
@@ -88,6 +89,7 @@ class LoopConfig:
     initial_step: int | None = None
     initial_epoch: int | None = None  # --initial_epoch E: step (E - 1) x steps per epoch
     skip_until_initial_step: bool = False
+    hub: HubSettings | None = None  # upload saves to the Hugging Face Hub (kohya's --huggingface_* flags)
 
 
 @dataclass
@@ -159,6 +161,7 @@ class Trainer:
         self.on_log = on_log
         self.sampler, self.sample_trainable = sampler, sample_trainable
         self.validator = validator  # validation.Validator: the loss on held-out images (--validation_split)
+        self.hub: HubUploader | None = None  # uploads saves (--huggingface_repo_id), made by run()
         # A model with extra U-Net inputs (inpainting, depth, extra channels) gets them after the noisy latents.
         self.unet_inputs = feeder_for(dataset.condition, vae=vae, scaling_factor=config.vae_scale_factor)
         self._extra_logs: dict[str, float] = {}
@@ -287,9 +290,13 @@ class Trainer:
             self._start_at(step, skip_data=self.config.skip_until_initial_step)
         if self.config.log and self.accelerator.is_main_process:
             self.run_log = RunLog(self.config.log)
+        if self.config.hub is not None and self.accelerator.is_main_process:
+            self.hub = HubUploader(self.config.hub)
         try:
             return self._run()
         finally:
+            if self.hub is not None:
+                self.hub.close()  # the run ends when its uploads have
             if self.run_log:
                 self.run_log.close()
             self._persistent_loader = self._persistent_batches = None  # its workers exit with it
@@ -357,10 +364,8 @@ class Trainer:
                     self._validate("epoch", bar)
         bar.close()
         if self.accelerator.is_main_process:  # every process holds the same weights: one writes
-            self.task.save_model(c.output_dir / c.output_name, epoch=self._saved_epoch(final=True),
-                                 global_step=self.state.global_step)
-            if c.save_state or c.save_state_on_train_end:
-                self.save_state(c.output_dir / f"{c.output_name}-state")
+            self._write(c.output_name, epoch=self._saved_epoch(final=True),
+                        state=c.save_state or c.save_state_on_train_end)
         self.accelerator.wait_for_everyone()
         logger.info("trained %d steps in %.1f s", steps_this_run, time.perf_counter() - started)
         return self.state
@@ -504,13 +509,23 @@ class Trainer:
         return self.state.epoch - 1 + (1 if final and self.state.batch_in_epoch > 0 else 0)
 
     def _save(self, stem: str, kind: str) -> None:
-        c = self.config
         if self.accelerator.is_main_process:
-            self.task.save_model(c.output_dir / stem, epoch=self._saved_epoch(), global_step=self.state.global_step)
-            if c.save_state:
-                self.save_state(c.output_dir / f"{stem}-state")
+            self._write(stem, epoch=self._saved_epoch(), state=self.config.save_state)
+            if self.hub is not None:
+                self.hub.wait()  # a background upload must not lose its file to the pruning below
             self._prune(kind)
         self.accelerator.wait_for_everyone()
+
+    def _write(self, stem: str, *, epoch: int, state: bool) -> None:
+        """The model file (and the training state), each uploaded after it is written (--huggingface_repo_id)."""
+        c = self.config
+        path = self.task.save_model(c.output_dir / stem, epoch=epoch, global_step=self.state.global_step)
+        if self.hub is not None:
+            self.hub.model_saved(path)
+        if state:
+            self.save_state(c.output_dir / f"{stem}-state")
+            if self.hub is not None:
+                self.hub.state_saved(c.output_dir / f"{stem}-state")
 
     def _prune(self, kind: str) -> None:
         """kohya's retention: --save_last_n_epochs keeps the newest N epoch saves; --save_last_n_steps keeps the

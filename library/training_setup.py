@@ -335,7 +335,7 @@ def loop_config(args: argparse.Namespace, start: RunStart, family, max_train_ste
         data_loader_workers=min(args.max_data_loader_n_workers, os.cpu_count() or 1),
         persistent_data_loader_workers=args.persistent_data_loader_workers,
         stop_after_steps=stop_after_steps(),
-        **initial_step(args, max_train_steps))
+        hub=hub_settings(args), **initial_step(args, max_train_steps))
 
 
 def initial_step(args: argparse.Namespace, max_train_steps: int) -> dict:
@@ -460,9 +460,34 @@ def make_validator(args: argparse.Namespace, dataset: TrainingDataset, start: Ru
                      process_index=accelerator.process_index)
 
 
+def hub_settings(args: argparse.Namespace):
+    from library.hub_upload import hub_settings as settings
+
+    try:
+        return settings(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def resume_folder(args: argparse.Namespace) -> Path | None:
+    """--resume, downloaded first with --resume_from_huggingface (into <output_dir>/hub_state/)."""
+    if not args.resume:
+        if getattr(args, "resume_from_huggingface", False):
+            raise SystemExit("error: --resume_from_huggingface needs --resume {owner}/{repo}/{state folder}")
+        return None
+    if not getattr(args, "resume_from_huggingface", False):
+        return Path(args.resume)
+    from library.hub_upload import download_state, parse_hub_state
+
+    try:
+        return download_state(parse_hub_state(args.resume), args.huggingface_token, Path(args.output_dir) / "hub_state")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def run_trainer(trainer: Trainer, args: argparse.Namespace) -> None:
     try:
-        trainer.run(resume=Path(args.resume) if args.resume else None)
+        trainer.run(resume=resume_folder(args))
     except (ValueError, FloatingPointError) as e:  # FloatingPointError: NonFiniteLossError (names the step)
         raise SystemExit(f"error: {e}") from None
 
