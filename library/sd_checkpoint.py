@@ -68,7 +68,9 @@ class FamilyHints:
 
 
 def read_checkpoint(path: str | Path, hints: FamilyHints = FamilyHints(), *, extract_ema: bool = False,
-                    allow_unsafe_pickle: bool = False) -> SDCheckpoint:
+                    allow_unsafe_pickle: bool = False, variant: str | None = None) -> SDCheckpoint:
+    """`variant`: a diffusers folder's weight-file variant (`diffusion_pytorch_model.<variant>.safetensors`, e.g.
+    "fp16"), as diffusers' `variant=` reads it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder. Check the path.")
@@ -76,7 +78,10 @@ def read_checkpoint(path: str | Path, hints: FamilyHints = FamilyHints(), *, ext
         if extract_ema:
             raise CheckpointError(f"{path}: --extract_ema applies to original checkpoints; a diffusers folder has "
                                   "no EMA weights")
-        return _read_diffusers(path, hints)
+        return _read_diffusers(path, hints, variant=variant)
+    if variant:
+        raise CheckpointError(f"{path}: a variant ({variant}) names weight files inside a diffusers folder; this is a "
+                              "single file: drop --variant")
     return _read_original(path, hints, extract_ema=extract_ema, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
@@ -345,12 +350,14 @@ def _raise_key_problems(path: Path, missing: list[str], wrong_shape: list[str],
 # ----------------------------------------------------------------------------------------------------------
 # Diffusers folders
 
-def weight_files(component: str) -> tuple[str, str]:
+def weight_files(component: str, variant: str | None = None) -> tuple[str, str]:
     """A component's weight file names in a diffusers folder, in the order diffusers / transformers look for them
-    (.safetensors, then .bin): diffusers models for "unet" / "vae", transformers models for the text encoders."""
-    if component in ("unet", "vae"):
-        return ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-    return ("model.safetensors", "pytorch_model.bin")
+    (.safetensors, then .bin): diffusers models for "unet" / "vae", transformers models for the text encoders;
+    a variant goes before the suffix (`model.fp16.safetensors`)."""
+    stems = ("diffusion_pytorch_model", "diffusion_pytorch_model") if component in ("unet", "vae") else \
+        ("model", "pytorch_model")
+    infix = f".{variant}" if variant else ""
+    return (f"{stems[0]}{infix}.safetensors", f"{stems[1]}{infix}.bin")
 
 
 EXTRAS_FILE = "original_extras.safetensors"
@@ -370,7 +377,7 @@ def _load_json(path: Path) -> dict:
     return data
 
 
-def _read_diffusers(path: Path, hints: FamilyHints) -> SDCheckpoint:
+def _read_diffusers(path: Path, hints: FamilyHints, variant: str | None = None) -> SDCheckpoint:
     if not (path / "model_index.json").is_file():
         names = set(weight_files("unet") + weight_files("text_encoder"))
         if (path / "config.json").is_file() and any((path / name).is_file() for name in names):
@@ -413,7 +420,7 @@ def _read_diffusers(path: Path, hints: FamilyHints) -> SDCheckpoint:
     checkpoint = SDCheckpoint(family, prediction, model_configs, {}, source=path)
     try:
         for component, table in checkpoint.tables().items():
-            source = _open_component(path / component, component)
+            source = _open_component(path / component, component, variant)
             checkpoint._open.append(source)
             checkpoint.tensors[component] = _validated_component(source, table)
         if (path / EXTRAS_FILE).is_file():
@@ -461,15 +468,19 @@ def _strip_private(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
 
 
-def _open_component(folder: Path, component: str) -> TensorSource:
-    for name in weight_files(component):
+def _open_component(folder: Path, component: str, variant: str | None = None) -> TensorSource:
+    for name in weight_files(component, variant):
         if (folder / name).is_file():
             return open_tensor_file(folder / name)
     index_files = sorted(folder.glob("*.index.json"))
     if index_files:
         raise CheckpointError(f"{folder}: sharded weights ({index_files[0].name}) are not supported for SD 1.x/2.x "
                               "components; save the component unsharded")
-    raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(weight_files(component))})")
+    hint = "; without --variant" if variant else ""
+    if variant and any((folder / name).is_file() for name in weight_files(component)):
+        hint = f"; the folder has the plain files: drop --variant {variant}"
+    raise CheckpointError(f"{folder}: no weight file (looked for {', '.join(weight_files(component, variant))})"
+                          + (hint if variant else ""))
 
 
 # diffusers before 0.14 named the VAE attention projections differently; its own loader still renames them.

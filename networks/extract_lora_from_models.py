@@ -65,6 +65,8 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="precision of the saved file (default float)")
     p.add_argument("--device", default=None, help="device for the SVD, e.g. cuda (default cpu)")
     p.add_argument("--no_metadata", action="store_true", help="write only the essential ss_* metadata")
+    for flag in ("--load_original_model_to", "--load_tuned_model_to"):  # kohya's SDXL flags: refused, see main
+        p.add_argument(flag, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -153,6 +155,13 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = setup_parser().parse_args(argv)
+    placed = [flag for flag in ("--load_original_model_to", "--load_tuned_model_to") if getattr(args, flag[2:])]
+    if placed:
+        # kohya loads both whole models, on these devices, to fit SDXL in memory; here both are read tensor by
+        # tensor (a few tensors in memory at once), so there is no model to place.
+        print(f"error: {', '.join(placed)}: this tool reads both models tensor by tensor, never a whole model, so "
+              "there is nothing to place; drop the flag(s) (--device chooses where the SVD runs)", file=sys.stderr)
+        return 2
     try:
         run(args)
     except ValueError as e:  # LoRAFileError, CheckpointError, OutputPathError

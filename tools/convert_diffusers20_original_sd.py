@@ -16,6 +16,7 @@ the family's pipeline: StableDiffusionXLPipeline, StableDiffusionInpaintPipeline
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -59,6 +60,12 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_unsafe_pickle", action="store_true",
                    help="load a .ckpt that needs arbitrary Python objects; runs code from the file: only for "
                         "files you trust")
+    p.add_argument("--variant", default=None,
+                   help="read a diffusers folder's variant weight files, e.g. fp16 (diffusion_pytorch_model.fp16."
+                        "safetensors, as diffusers' variant=)")
+    p.add_argument("--metadata", default=None,
+                   help="metadata to write into an output .safetensors: a dict as JSON or a Python literal, e.g. "
+                        "'{\"modelspec.title\": \"my model\"}' (kohya's flag; read with ast.literal_eval, never run)")
     p.add_argument("model_to_load", help="original .safetensors/.ckpt file, or diffusers folder")
     p.add_argument("model_to_save", help="output: .safetensors, .ckpt, or a folder (diffusers)")
     return p
@@ -83,8 +90,9 @@ def convert(args: argparse.Namespace) -> Path:
     check_no_overlap(dest, inputs)
     hints = FamilyHints(v2=True if args.v2 else (False if args.v1 else None),
                         v_parameterization=args.v_parameterization)
+    metadata = parse_metadata(args.metadata, fmt)
     with read_checkpoint(source, hints, extract_ema=args.extract_ema,
-                         allow_unsafe_pickle=args.allow_unsafe_pickle) as checkpoint:
+                         allow_unsafe_pickle=args.allow_unsafe_pickle, variant=args.variant) as checkpoint:
         logger.info("%s: %s", source, checkpoint.family.description)
         if args.vae:
             from library.model_loading import replace_vae
@@ -94,8 +102,31 @@ def convert(args: argparse.Namespace) -> Path:
             checkpoint = with_linear_projection(checkpoint)
         if args.reference_model:
             checkpoint = _with_reference_scheduler(checkpoint, Path(args.reference_model))
+        if metadata:
+            from dataclasses import replace
+
+            checkpoint = replace(checkpoint, metadata={**checkpoint.metadata, **metadata})
         return save_checkpoint(checkpoint, dest, fmt, dtype=dtype, epoch=args.epoch, global_step=args.global_step,
                                progress=True)
+
+
+def parse_metadata(text: str | None, fmt: SaveFormat) -> dict[str, str]:
+    """--metadata: a dict (JSON, or a Python literal as kohya's examples write it) of names to values, written as
+    strings into the .safetensors header. kohya eval()s the text; a literal is all a dict needs, and nothing runs."""
+    if text is None:
+        return {}
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"--metadata {text!r}: not a dict literal ({e}); e.g. "
+                         "'{\"modelspec.title\": \"my model\"}'") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"--metadata {text!r}: give a dict of names (strings) to values")
+    if fmt is not SaveFormat.SAFETENSORS:
+        raise ValueError("--metadata: only a single .safetensors file holds metadata; save to a .safetensors path")
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
 
 
 def check_no_overlap(dest: Path, sources: list[Path]) -> None:
