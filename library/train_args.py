@@ -127,6 +127,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "cache here")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--cpu_offload_checkpointing", action="store_true",
+                   help="kohya's flag for its FLUX / SD3 transformers (refused: SD and SDXL U-Nets do not offload "
+                        "checkpointed activations, in kohya's scripts either)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--full_fp16", action="store_true")
@@ -648,6 +651,10 @@ def check_training_flags(args: argparse.Namespace, *, control_images: bool = Fal
                         "same-stem images in that folder; for PNG alpha use --alpha_mask)")
     if args.log_with in ("tensorboard", "all") and not args.logging_dir:
         problems.append(f"--log_with {args.log_with} needs --logging_dir (where to write the TensorBoard logs)")
+    if getattr(args, "cpu_offload_checkpointing", False):
+        problems.append("--cpu_offload_checkpointing: offloads the checkpointed activations of kohya's FLUX / SD3 "
+                        "transformers; SD 1.x / 2.x / SDXL U-Nets cannot (kohya's SD scripts fail with it too): drop "
+                        "it (--gradient_checkpointing alone saves the memory)")
     if args.xformers:
         logger.warning("--xformers: not used; attention runs through PyTorch SDPA (same memory savings, and "
                        "xformers cannot run on CPU)")

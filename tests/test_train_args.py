@@ -84,6 +84,13 @@ def test_unimplemented_kohya_flags_are_refused_by_name():
     assert args.fused_optimizer_groups == 4
 
 
+def test_cpu_offload_checkpointing_is_refused_with_the_reason():
+    args = train_args.parse_args(parser(), REQUIRED + ["--cpu_offload_checkpointing", "--gradient_checkpointing"])
+    with pytest.raises(SystemExit, match="--cpu_offload_checkpointing: offloads the checkpointed activations of "
+                                         "kohya's FLUX / SD3"):
+        train_args.check_training_flags(args)
+
+
 def test_misspelled_caption_extension_alias():
     args = train_args.parse_args(parser(), REQUIRED + ["--caption_extention", ".txt"])
     assert args.caption_extension == ".txt"
