@@ -23,6 +23,9 @@ An SD 2.x depth model takes its depth map (`--depth_path`), an extra-channel mod
 without `--image_path` (without: depth2img starts from a mid-gray image at strength 1). Each of these flags takes a
 file, or a folder whose images are used in turn, image by image (kohya's rule for --image_path and --mask_path);
 masks, maps and condition images are resized to their image's size and must have its aspect ratio.
+
+kohya's highres fix (`--highres_fix_*`, `library/highres_fix.py`): each image first at a fraction of its size, then
+again at full size by img2img from the enlarged first image (`BatchMaker` runs the two stages).
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library import sampling  # noqa: E402
 from library import generation_inputs as gi  # noqa: E402
 from library.families import ALL_UNET_INPUTS, DEPTH, EXTRA_CHANNELS, INPAINTING  # noqa: E402
 from library import textual_inversion as ti  # noqa: E402
+from library.highres_fix import FIRST_STAGE_MULTIPLE, HighresFix, load_upscaler  # noqa: E402
 from library.model_loading import SDModels, TextModelShim, instantiate_models, replace_vae  # noqa: E402
 from library.sampling import ImageJob, PromptFileError, SamplePrompt  # noqa: E402
 from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint, require_arch  # noqa: E402
@@ -74,6 +79,9 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="run in bf16 (CUDA or CPU)")
     g.add_argument("--no_half_vae", action="store_true",
                    help="keep the VAE in fp32 under --fp16 / --bf16 (the SDXL VAE overflows in fp16)")
+    g.add_argument("--vae_batch_size", type=float, default=None,
+                   help="the VAE decodes (and encodes) at most this many images at a time (memory); below 1: that "
+                        "fraction of the batch (kohya's rule)")
     g.add_argument("--xformers", action="store_true", help="accepted for kohya compatibility; PyTorch SDPA is used")
     g.add_argument("--sdpa", action="store_true", help="accepted for kohya compatibility (the default)")
 
@@ -125,6 +133,22 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="extra-channel models (tools/add_input_channels.py --extra_channels N): the condition image "
                         "with N bands, as in training; a file or a folder used in turn; a prompt's --cn gives its own")
 
+    g = p.add_argument_group("highres fix (kohya's; library/highres_fix.py)")
+    g.add_argument("--highres_fix_scale", type=float, default=None,
+                   help="make each image first at this fraction of its size (e.g. 0.5), then again at full size by "
+                        "img2img from the enlarged first image")
+    g.add_argument("--highres_fix_steps", type=int, default=None, help="the first stage's steps (default 28)")
+    g.add_argument("--highres_fix_strength", type=float, default=None,
+                   help="with --image_path: the first stage's img2img strength (default: --strength); the second "
+                        "stage's is --strength / --t (default 0.8)")
+    g.add_argument("--highres_fix_save_1st", action="store_true",
+                   help="also save the first-stage images (<name>_1st.png)")
+    g.add_argument("--highres_fix_latents_upscaling", action="store_true",
+                   help="enlarge the first stage's latents (bicubic) instead of its image (LANCZOS)")
+    g.add_argument("--highres_fix_upscaler", default=None,
+                   help="an upscaler module with kohya's interface (create_upscaler(**kwargs)); none ships here")
+    g.add_argument("--highres_fix_upscaler_args", default=None, help="its arguments: 'key=value;key=value'")
+
     g = p.add_argument_group("networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=None,
                    help="module per network (default networks.lora; one value applies to all)")
@@ -162,14 +186,19 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     for flag in ("images_per_prompt", "n_iter", "batch_size", "steps"):
         if getattr(args, flag) < 1:
             raise fail(f"--{flag} must be at least 1")
+    if args.vae_batch_size is not None and args.vae_batch_size <= 0:
+        raise fail(f"--vae_batch_size {args.vae_batch_size}: give a count (1, 2, ...) or a fraction of the batch in "
+                   "(0, 1)")
     for flag in ("W", "H"):
         value = getattr(args, flag)
         if value is not None and (value < 64 or value % 8):
             raise fail(f"--{flag} {value}: use a multiple of 8, at least 64")
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise fail(f"--strength {args.strength}: must be in (0, 1]")
-    if args.strength is not None and not args.image_path:
-        raise fail("--strength needs --image_path (the image that img2img / inpainting starts from)")
+    if args.strength is not None and not args.image_path and args.highres_fix_scale is None:
+        raise fail("--strength needs --image_path (the image that img2img / inpainting starts from) or "
+                   "--highres_fix_scale (the second stage's strength)")
+    check_highres_args(args)
     if args.mask_path and not args.image_path:
         raise fail("--mask_path needs --image_path (the image whose masked area is repainted)")
     if args.max_embeddings_multiples and args.max_token_length and \
@@ -187,6 +216,48 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     if args.xformers:
         logger.info("--xformers: using PyTorch's scaled-dot-product attention instead (same results)")
     return device, (torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32)
+
+
+HIGHRES_FLAGS = ("highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st", "highres_fix_latents_upscaling",
+                 "highres_fix_upscaler", "highres_fix_upscaler_args")
+
+
+def check_highres_args(args: argparse.Namespace) -> None:
+    if args.highres_fix_scale is None:
+        given = [f"--{flag}" for flag in HIGHRES_FLAGS if getattr(args, flag) not in (None, False)]
+        if given:
+            raise fail(f"{', '.join(given)}: set the highres fix up, which --highres_fix_scale turns on; give it")
+        return
+    if not 0.0 < args.highres_fix_scale <= 1.0:
+        raise fail(f"--highres_fix_scale {args.highres_fix_scale}: the first stage's size as a fraction of the "
+                   "image's, in (0, 1]")
+    if args.highres_fix_steps is not None and args.highres_fix_steps < 1:
+        raise fail("--highres_fix_steps must be at least 1")
+    if args.highres_fix_strength is not None:
+        if not args.image_path:
+            raise fail("--highres_fix_strength is the first stage's img2img strength: it needs --image_path (without "
+                       "it the first stage is txt2img; the second stage's strength is --strength)")
+        if not 0.0 < args.highres_fix_strength <= 1.0:
+            raise fail(f"--highres_fix_strength {args.highres_fix_strength}: must be in (0, 1]")
+    if args.highres_fix_upscaler and args.highres_fix_latents_upscaling:
+        raise fail("--highres_fix_upscaler and --highres_fix_latents_upscaling: the upscaler module decides whether it "
+                   "takes latents (kohya's rule); give one")
+    if args.highres_fix_upscaler_args and not args.highres_fix_upscaler:
+        raise fail("--highres_fix_upscaler_args needs --highres_fix_upscaler (the module they are for)")
+
+
+def highres_fix(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> HighresFix | None:
+    if args.highres_fix_scale is None:
+        return None
+    upscaler = None
+    if args.highres_fix_upscaler:
+        try:
+            upscaler = load_upscaler(args.highres_fix_upscaler, args.highres_fix_upscaler_args, device=device,
+                                     dtype=dtype)
+        except ValueError as e:
+            raise fail(str(e)) from None
+    return HighresFix(args.highres_fix_scale, steps=args.highres_fix_steps or 28, strength=args.highres_fix_strength,
+                      latents_upscaling=args.highres_fix_latents_upscaling, upscaler=upscaler)
 
 
 def network_specs(args: argparse.Namespace) -> list[NetworkSpec]:
@@ -256,8 +327,9 @@ def read_prompts(args: argparse.Namespace, family, applied_networks: int) -> lis
             raise fail(f"{where}: --am needs networks that are applied, not merged (--network_merge) or absent")
         if muls is not None and len(muls) > applied_networks:
             raise fail(f"{where}: --am gives {len(muls)} multipliers for {applied_networks} applied network(s)")
-        if prompt.strength is not None and not args.image_path:
-            raise fail(f"{where}: --t (img2img strength) needs --image_path")
+        if prompt.strength is not None and not args.image_path and args.highres_fix_scale is None:
+            raise fail(f"{where}: --t (img2img strength) needs --image_path or --highres_fix_scale")
+
     return prompts
 
 
@@ -272,6 +344,10 @@ def check_image_inputs(args: argparse.Namespace, family, prompts: list[SamplePro
     model's own input is there, no flag gives a model what it does not take, and what will happen is logged."""
     inputs, model = family.unet_inputs, family.description.split(" (")[0]
     own = INPUT_FLAGS.get(inputs)
+    if args.highres_fix_scale is not None and (own or args.mask_path):
+        raise fail(f"--highres_fix_scale: not supported for {'masked img2img' if args.mask_path else model} here "
+                   "(its second stage would need the mask / map / condition again at the full size; kohya's highres "
+                   "fix has no such models either): run without it")
     for flag in ("--depth_path", "--condition_path"):
         if getattr(args, flag[2:]) and flag != own:
             raise fail(f"{flag}: {args.ckpt} is {model}, which takes no {gi.FLAG_KINDS[flag].value}; the flag is for "
@@ -464,8 +540,6 @@ def load_init_images(path: str | None) -> tuple[list[Path], list]:
     resizing)."""
     if path is None:
         return [], []
-    from PIL import Image
-
     try:
         files = gi.image_files(path, "--image_path")
     except ValueError as e:
@@ -539,15 +613,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     def expanded(p: SamplePrompt) -> SamplePrompt:  # a word with several vectors stands for all of them
         return replace(p, prompt=ti.expand_tokens(p.prompt, words),
                        negative_prompt=ti.expand_tokens(p.negative_prompt, words)) if words else p
+    fix = highres_fix(args, device, dtype)
     jobs = [replace(job, prompt=settle(job.prompt, init_images[job.index % len(init_images)] if init_images else None,
                                        strength=args.strength, multipliers=[mul for _, mul in applied],
-                                       default_strength=1.0 if models.family.unet_inputs == INPAINTING else 0.8))
+                                       default_strength=1.0 if models.family.unet_inputs == INPAINTING else 0.8,
+                                       img2img=fix is not None))
             for job in sampling.plan_images(prompts, images_per_prompt=args.images_per_prompt, n_iter=args.n_iter,
                                             seed=args.seed, iter_same_seed=args.iter_same_seed)]
     for p in {job.prompt for job in jobs}:
-        if p.strength is not None and int(p.steps * p.strength) < 1:  # diffusers' img2img runs int(steps * strength)
-            raise fail(f"{p.where or 'prompt'}: img2img with strength {p.strength} and {p.steps} steps runs no "
-                       "denoising step (steps x strength < 1); raise --steps or --strength")
+        check_steps(p, fix, from_image=bool(init_images))
     inputs = job_inputs(jobs, init_files, files, models.family, models.unet.config.in_channels)
     # (every encoder of a family shares CLIP's vocabulary: one tokenizer counts for all)
     lengths = token_lengths([expanded(p) for p in prompts], models.tokenizers[0], args.max_token_length or
@@ -558,39 +632,113 @@ def run(args: argparse.Namespace) -> list[Path]:
         return (p.width, p.height, p.steps, p.scale, p.strength, p.sampler, p.network_multipliers,
                 lengths[p.prompt, p.negative_prompt], sampling.size_of(p), sampling.size_of(p, negative=True))
 
+    make = BatchMaker(models, zero_terminal_snr=args.zero_terminal_snr, clip_skip=args.clip_skip, lengths=lengths,
+                      init_images=init_images, inputs=inputs, fix=fix, keep_first=args.highres_fix_save_1st,
+                      vae_batch_size=args.vae_batch_size)
     outdir = Path(args.outdir)
     paths = output_paths(outdir, jobs, sequential=args.sequential_file_name)
     written = []
     with tqdm(total=len(jobs), desc="images", unit="image") as bar:
         for batch in sampling.batches(jobs, args.batch_size, batch_key):
-            first = expanded(batch[0].prompt)
-            for (network, _), multiplier in zip(applied, first.network_multipliers or ()):
+            for (network, _), multiplier in zip(applied, batch[0].prompt.network_multipliers or ()):
                 network.set_multiplier(multiplier)
-            images = sampling.generate_images(
-                [expanded(job.prompt) for job in batch], [job.seed for job in batch], models=models,
-                scheduler=sampling.make_scheduler(first.sampler, models.prediction_type.value,
-                                                  zero_terminal_snr=args.zero_terminal_snr),
-                encoding=CaptionEncoding(clip_skip=args.clip_skip, weighted=True,
-                                         max_token_length=lengths[first.prompt, first.negative_prompt]),
-                progress=True,
-                init_images=[init_images[job.index % len(init_images)] for job in batch] if init_images else None,
-                **{name: [inputs[job.index][name] for job in batch] for name in inputs[batch[0].index]})
-            for job, image in zip(batch, images):
-                written.append(sampling.save_png(image, paths[job.index], png_text(job.prompt, job.seed, args)))
+            images, first_images = make([replace(job, prompt=expanded(job.prompt)) for job in batch])
+            for i, job in enumerate(batch):
+                if first_images is not None:
+                    path = paths[job.index]
+                    written.append(sampling.save_png(first_images[i], path.with_name(f"{path.stem}_1st{path.suffix}"),
+                                                     png_text(fix.first_stage(job.prompt, from_image=bool(init_images)),
+                                                              job.seed, args)))
+                written.append(sampling.save_png(images[i], paths[job.index],
+                                                 png_text(job.prompt, job.seed, args, fix=fix,
+                                                          from_image=bool(init_images))))
             bar.update(len(batch))
     logger.info("wrote %d image(s) to %s", len(written), outdir)
     return written
 
 
+def check_steps(prompt: SamplePrompt, fix: HighresFix | None, *, from_image: bool) -> None:
+    """Every img2img stage runs at least one denoising step (diffusers' img2img runs int(steps * strength)), and the
+    highres fix's first stage has a size."""
+    where = prompt.where or "prompt"
+    stages = [("", prompt)]
+    if fix is not None:
+        first = fix.first_stage(prompt, from_image=from_image)
+        if min(first.width, first.height) < FIRST_STAGE_MULTIPLE:
+            raise fail(f"{where}: the highres fix's first stage of a {prompt.width}x{prompt.height} image at scale "
+                       f"{fix.scale} is {first.width}x{first.height} (each side rounded down to a multiple of "
+                       f"{FIRST_STAGE_MULTIPLE}, kohya's rule): raise --highres_fix_scale or the size")
+        stages = [("the highres fix's second stage: ", prompt), ("the highres fix's first stage: ", first)]
+    for what, p in stages:
+        if p.strength is not None and int(p.steps * p.strength) < 1:
+            raise fail(f"{where}: {what}img2img with strength {p.strength} and {p.steps} steps runs no denoising "
+                       "step (steps x strength < 1); raise the steps or the strength")
+
+
+@dataclass
+class BatchMaker:
+    """The images of one batch (jobs that share size, steps, scale, strength, sampler, multipliers), with the run's
+    fixed settings: img2img inputs, the inputs of models with extra U-Net inputs, and the highres fix (two stages,
+    library/highres_fix.py). Returns the images and, with `keep_first`, the highres fix's first-stage images."""
+
+    models: SDModels
+    zero_terminal_snr: bool
+    clip_skip: int | None
+    lengths: dict
+    init_images: list
+    inputs: dict
+    fix: HighresFix | None = None
+    keep_first: bool = False
+    vae_batch_size: float | None = None  # --vae_batch_size as given
+
+    def vae_chunk(self, n: int) -> int:
+        """Images the VAE takes at a time in a batch of n (kohya: the batch; a fraction of it below 1)."""
+        given = self.vae_batch_size
+        return n if given is None else max(1, int(n * given)) if given < 1 else int(given)
+
+    def __call__(self, batch: list[ImageJob]) -> tuple[list, list | None]:
+        prompts, seeds = [job.prompt for job in batch], [job.seed for job in batch]
+        init = [self.init_images[job.index % len(self.init_images)] for job in batch] if self.init_images else None
+        extra = {name: [self.inputs[job.index][name] for job in batch] for name in self.inputs[batch[0].index]}
+        if self.fix is None:
+            return self.generate(prompts, seeds, init_images=init, **extra), None
+        fix, first_latents = self.fix, self.fix.first_stage_latents
+        firsts = [fix.first_stage(p, from_image=init is not None) for p in prompts]
+        if init is not None:  # the input reduced to the first stage's size (kohya resizes its inputs with LANCZOS)
+            init = [image.resize((firsts[0].width, firsts[0].height), Image.Resampling.LANCZOS) for image in init]
+        first = self.generate(firsts, seeds, init_images=init, output_type="latent" if first_latents else "pil")
+        kept = None
+        if self.keep_first:
+            kept = sampling.latents_to_images(self.models, first, chunk=self.vae_chunk(len(batch))) if first_latents \
+                else first
+        width, height = prompts[0].width, prompts[0].height
+        enlarged = fix.enlarge(first, width=width, height=height, vae=self.models.vae, dtype=self.models.unet.dtype,
+                               vae_batch_size=self.vae_chunk(len(batch)))
+        start = {"init_latents": enlarged} if isinstance(enlarged, torch.Tensor) else {"init_images": enlarged}
+        return self.generate(prompts, [seed + 1 for seed in seeds], **start), kept  # kohya: the seed + 1
+
+    def generate(self, prompts: list[SamplePrompt], seeds: list[int], **kwargs) -> list:
+        first = prompts[0]
+        return sampling.generate_images(
+            prompts, seeds, models=self.models,
+            scheduler=sampling.make_scheduler(first.sampler, self.models.prediction_type.value,
+                                              zero_terminal_snr=self.zero_terminal_snr),
+            encoding=CaptionEncoding(clip_skip=self.clip_skip, weighted=True,
+                                     max_token_length=self.lengths[first.prompt, first.negative_prompt]),
+            progress=True, vae_batch_size=self.vae_chunk(len(prompts)), **kwargs)
+
+
 def settle(prompt: SamplePrompt, init_image, *, strength: float | None, multipliers: list[float],
-           default_strength: float = 0.8) -> SamplePrompt:
+           default_strength: float = 0.8, img2img: bool = False) -> SamplePrompt:
     """The prompt with what the run decides filled in: img2img size (the input's) and strength (`--t`, else
     `--strength`, else `default_strength`: kohya's 0.8 for img2img; 1.0, diffusers' default, for an inpainting
     model, which sees the unmasked image in its own inputs), and one multiplier per applied network (`--am` values,
-    the last repeated as in kohya; else `--network_mul`)."""
+    the last repeated as in kohya; else `--network_mul`). `img2img`: the image is img2img without an input image
+    too (the highres fix's second stage)."""
     if init_image is not None:
-        prompt = replace(prompt, width=init_image.width, height=init_image.height,
-                         strength=prompt.strength or strength or default_strength)
+        prompt = replace(prompt, width=init_image.width, height=init_image.height)
+    if init_image is not None or img2img:
+        prompt = replace(prompt, strength=prompt.strength or strength or default_strength)
     if multipliers:
         muls = list(prompt.network_multipliers or multipliers)
         prompt = replace(prompt, network_multipliers=tuple(muls + muls[-1:] * (len(multipliers) - len(muls))))
@@ -610,13 +758,27 @@ def token_lengths(prompts: list[SamplePrompt], tokenizer, fixed: int | None) -> 
     return lengths
 
 
-def png_text(prompt: SamplePrompt, seed: int, args: argparse.Namespace) -> str:
+def png_text(prompt: SamplePrompt, seed: int, args: argparse.Namespace, *, fix: HighresFix | None = None,
+             from_image: bool = False) -> str:
+    """WebUI's "parameters" text. A highres-fixed image is written as WebUI writes its hires fix (the first pass's
+    steps and size, then "Hires resize" to the full size, "Hires steps", "Hires upscaler", and the second pass's
+    "Denoising strength"), so PNG Info shows both stages."""
     extra = {}
+    shown = prompt
+    if fix is not None:
+        shown = fix.first_stage(prompt, from_image=from_image)
+        if shown.strength is not None:
+            extra["First pass denoising strength"] = shown.strength
     if prompt.strength is not None:
         extra["Denoising strength"] = prompt.strength
     if args.clip_skip and args.clip_skip > 1:
         extra["Clip skip"] = args.clip_skip
-    return sampling.webui_parameters(prompt, sampler=sampling.WEBUI_SAMPLER_NAMES.get(prompt.sampler, prompt.sampler),
+    if fix is not None:
+        extra["Hires resize"] = f"{prompt.width}x{prompt.height}"
+        extra["Hires steps"] = prompt.steps
+        extra["Hires upscaler"] = (args.highres_fix_upscaler if fix.upscaler is not None else
+                                   "Latent (bicubic)" if fix.latents_upscaling else "Lanczos")
+    return sampling.webui_parameters(shown, sampler=sampling.WEBUI_SAMPLER_NAMES.get(prompt.sampler, prompt.sampler),
                                      seed=seed, model_name=Path(args.ckpt).stem, extra=extra)
 
 

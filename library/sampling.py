@@ -294,13 +294,18 @@ def encode_prompts(texts: list[str], sizes: list, conditioner):
 
 @torch.no_grad()
 def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, scheduler, encoding=None,
-                    init_images: list | None = None, masks: list | None = None, depth_maps: list | None = None,
-                    conditions: list | None = None, output_type: str = "pil", progress: bool = False,
-                    vae_apart: bool | None = None) -> list:
+                    init_images: list | None = None, init_latents: torch.Tensor | None = None,
+                    masks: list | None = None, depth_maps: list | None = None, conditions: list | None = None,
+                    output_type: str = "pil", progress: bool = False, vae_apart: bool | None = None,
+                    vae_batch_size: int | None = None):
     """One image per (prompt, seed), in one batch, through the family's diffusers pipeline (StableDiffusionPipeline,
     StableDiffusionXLPipeline, or their img2img pipelines when `init_images`, PIL images of the output size, are
     given) with our conditioning: the family's conditioner over `models`' encoders (`encoding`: clip skip, token
     length, weighted prompts; `text_conditioning.CaptionEncoding`), so prompts read exactly as captions do in training.
+
+    `init_latents` ([n, C, h, w], already scaled by the VAE factor, as the pipelines' `output_type="latent"` gives
+    them) start img2img from latents instead of images: the pipelines take such a tensor as their `image` without
+    encoding it (gen_img's highres fix with latent upscaling). Text-to-image and extra-channel models only.
 
     Models that see more than the noisy latents, and masked img2img, take one input per prompt at the output size
     (made by `generation_inputs.load_condition`; which pipeline gets what: the `generation_inputs` docstring):
@@ -311,11 +316,13 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
 
     The prompts may differ in text and negative prompt but must share size, steps, CFG scale and strength. Each
     image's noise (initial latents, ancestral samplers' step noise, img2img's VAE sample) comes from its own seed's
-    generator, so an image depends on its seed, not on the batch it was made in. `output_type`: "pil" or "np"
-    (floats in [0, 1], for exact comparisons). `vae_apart`: run the VAE outside the pipeline (default: when its
-    precision differs from the U-Net's, as with --no_half_vae; text-to-image and img2img only: the inpainting and
-    depth2img pipelines encode their images themselves, so their VAE runs inside, under autocast when precisions
-    are mixed)."""
+    generator, so an image depends on its seed, not on the batch it was made in. `output_type`: "pil", "np"
+    (floats in [0, 1], for exact comparisons) or "latent" (the final latents, scaled, as one tensor). `vae_apart`:
+    run the VAE outside the pipeline (default: when its precision differs from the U-Net's, as with --no_half_vae;
+    text-to-image and img2img only: the inpainting and depth2img pipelines encode their images themselves, so their
+    VAE runs inside, under autocast when precisions are mixed). `vae_batch_size` (kohya's --vae_batch_size, for
+    memory): the VAE encodes and decodes at most that many images at a time: apart from the pipeline in chunks of
+    that size (same results), or, for the pipelines that encode inside, one at a time (diffusers' VAE slicing)."""
     from library.text_conditioning import CaptionEncoding, SizeConditioning, conditioner_for
 
     first = prompts[0]
@@ -324,10 +331,15 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     if len(settings) != 1 or len(seeds) != len(prompts):
         raise ValueError("generate_images: one seed per prompt, and all prompts with the same size (and size "
                          "conditioning), steps, scale and strength")
-    if init_images is not None and (first.strength is None or len(init_images) != len(prompts)):
+    if init_images is not None and init_latents is not None:
+        raise ValueError("generate_images: img2img starts from init images or init latents, not both")
+    start = init_images if init_images is not None else init_latents
+    if start is not None and (first.strength is None or len(start) != len(prompts)):
         raise ValueError("generate_images: img2img needs one init image per prompt and a strength")
+    if output_type not in ("pil", "np", "latent"):
+        raise ValueError(f"generate_images: output_type {output_type!r}: use pil, np or latent")
     family, n = models.family, len(prompts)
-    request = _pipeline_request(models, n, first, init_images=init_images, masks=masks,
+    request = _pipeline_request(models, n, first, init_images=init_images, init_latents=init_latents, masks=masks,
                                 depth_maps=depth_maps, conditions=conditions)
     conditioner = conditioner_for(family, models.tokenizers, models.text_encoders, encoding or CaptionEncoding())
     size, negative_size = size_of(first), size_of(first, negative=True)
@@ -348,7 +360,9 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     generator = generators if n > 1 else generators[0]
     # A VAE in another precision than the U-Net (--no_half_vae: fp32 beside a half U-Net) runs on its own, in its
     # precision, outside the pipeline: the pipeline would run it under the U-Net's autocast (or fail on the dtypes).
-    own_vae = models.vae.dtype != models.unet.dtype if vae_apart is None else vae_apart
+    # So does one that may take fewer images at a time than the batch has (--vae_batch_size).
+    chunk = vae_batch_size if vae_batch_size is not None and vae_batch_size < n else None
+    own_vae = (models.vae.dtype != models.unet.dtype or chunk is not None) if vae_apart is None else vae_apart
     if own_vae and request.encodes_inside:
         if vae_apart:
             raise ValueError(f"generate_images: {request.pipeline_class} encodes its images itself; the VAE cannot "
@@ -356,15 +370,36 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
         own_vae = False  # mixed precisions run under autocast_if_mixed, the VAE with the rest
     kwargs = dict(request.kwargs)
     if init_images is not None and not request.encodes_inside:
-        kwargs["image"] = encode_init_images(pipe, init_images, generator) if own_vae else init_images
+        kwargs["image"] = encode_init_images(pipe, init_images, generator, chunk=chunk) if own_vae else init_images
+    if init_latents is not None:
+        kwargs["image"] = init_latents.to(models.unet.device, models.unet.dtype)
     embeds = {"prompt_embeds": positive.hidden_states, "negative_prompt_embeds": negative.hidden_states}
     if positive.pooled is not None:
         embeds.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
     embeds.update(SizeConditioning.pipeline_kwargs(family.text_conditioning, size, negative_size))
-    with autocast_if_mixed(models.unet, *models.text_encoders, *([] if own_vae else [models.vae])):
+    latents_out = own_vae or output_type == "latent"
+    with autocast_if_mixed(models.unet, *models.text_encoders, *([] if own_vae else [models.vae])), \
+            vae_slicing(models.vae, chunk is not None and not own_vae):
         images = pipe(**embeds, num_inference_steps=first.steps, guidance_scale=first.scale, generator=generator,
-                      output_type="latent" if own_vae else output_type, **kwargs).images
-    return decode_latents(pipe, images, output_type) if own_vae else images
+                      output_type="latent" if latents_out else output_type, **kwargs).images
+    if output_type == "latent":
+        return images
+    return decode_latents(pipe, images, output_type, chunk=chunk) if own_vae else images
+
+
+@contextlib.contextmanager
+def vae_slicing(vae, enabled: bool):
+    """diffusers' VAE slicing (encode and decode one image at a time) for the duration, then as it was: what
+    --vae_batch_size gives the pipelines that VAE-encode their images themselves."""
+    if not enabled:
+        yield
+        return
+    was = getattr(vae, "use_slicing", False)
+    vae.use_slicing = True
+    try:
+        yield
+    finally:
+        vae.use_slicing = was
 
 
 @dataclass(frozen=True)
@@ -379,7 +414,7 @@ class _PipelineRequest:
 
 
 def _pipeline_request(models, n: int, first: SamplePrompt, *, init_images, masks, depth_maps,
-                      conditions) -> _PipelineRequest:
+                      conditions, init_latents=None) -> _PipelineRequest:
     """The pipeline and image arguments for the family's U-Net inputs and the inputs given (the rules: the
     `generation_inputs` docstring). Inputs the model does not take, or missing ones it needs, are refused."""
     from library import generation_inputs as gi
@@ -396,6 +431,9 @@ def _pipeline_request(models, n: int, first: SamplePrompt, *, init_images, masks
             raise ValueError(f"generate_images: {len(value)} {what} for {n} prompts")
         if value is not None and not takes[what]:
             raise ValueError(f"generate_images: {model} takes no {what}")
+    if init_latents is not None and (inputs in (INPAINTING, DEPTH) or masks is not None):
+        raise ValueError(f"generate_images: init latents start img2img of a text-to-image model; {model} "
+                         f"{'with masks ' if masks is not None else ''}encodes its images itself")
     if inputs == INPAINTING or masks is not None:
         strength = first.strength
         if init_images is None:
@@ -421,13 +459,16 @@ def _pipeline_request(models, n: int, first: SamplePrompt, *, init_images, masks
             raise ValueError(f"generate_images: {model} needs condition channels per image")
         scale = 2 ** (len(models.vae.config.block_out_channels) - 1)  # the VAE's downsampling, as pipelines compute it
         wrapped = gi.ConditionChannelsUNet.from_pixels(models.unet, conditions, (height // scale, width // scale))
-    kwargs = {"strength": first.strength} if init_images is not None else {"width": width, "height": height}
-    return _PipelineRequest(None, img2img=init_images is not None, kwargs=kwargs, unet=wrapped)
+    img2img = init_images is not None or init_latents is not None
+    kwargs = {"strength": first.strength} if img2img else {"width": width, "height": height}
+    return _PipelineRequest(None, img2img=img2img, kwargs=kwargs, unet=wrapped)
 
 
-def encode_init_images(pipe, images: list, generator) -> torch.Tensor:
+def encode_init_images(pipe, images: list, generator, *, chunk: int | None = None) -> torch.Tensor:
     """img2img's starting latents, made as the img2img pipelines make them (a posterior sample drawn from each
-    image's generator, then scaled) but with the VAE in its own precision; the pipelines take them as `image`."""
+    image's generator, then scaled) but with the VAE in its own precision; the pipelines take them as `image`.
+    Several images (one generator each) are encoded one at a time, as the pipelines do, so `chunk`
+    (--vae_batch_size) holds already."""
     vae = pipe.vae
     pixels = pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)
     if isinstance(generator, list):
@@ -437,11 +478,22 @@ def encode_init_images(pipe, images: list, generator) -> torch.Tensor:
     return (latents * vae.config.scaling_factor).to(pipe.unet.dtype)
 
 
-def decode_latents(pipe, latents: torch.Tensor, output_type: str) -> list:
-    """The pipelines' last step (unscale, VAE decode, postprocess) with the VAE in its own precision."""
+def decode_latents(pipe, latents: torch.Tensor, output_type: str, *, chunk: int | None = None) -> list:
+    """The pipelines' last step (unscale, VAE decode, postprocess) with the VAE in its own precision, `chunk`
+    latents at a time (--vae_batch_size; default: all at once)."""
     vae = pipe.vae
-    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    step = chunk or len(scaled)
+    pixels = torch.cat([vae.decode(scaled[i:i + step], return_dict=False)[0] for i in range(0, len(scaled), step)])
     return pipe.image_processor.postprocess(pixels, output_type=output_type)
+
+
+@torch.no_grad()
+def latents_to_images(models, latents: torch.Tensor, output_type: str = "pil", *, chunk: int | None = None) -> list:
+    """Images of latents a pipeline gave with output_type="latent" (the pipelines' own last step)."""
+    pipe = family_pipeline(models, make_scheduler("ddim", models.prediction_type.value))
+    pipe.vae.config.scaling_factor = models.family.vae_scale_factor
+    return decode_latents(pipe, latents, output_type, chunk=chunk)
 
 
 def family_pipeline(models, scheduler, *, img2img: bool = False, controlnet=None, pipeline_class: str | None = None,
