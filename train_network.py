@@ -33,7 +33,8 @@ from library.checkpoint_writer import modelspec_date, modelspec_keys  # noqa: E4
 from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.families import ALL_UNET_INPUTS  # noqa: E402
 from library.model_loading import SDModels, TextModelShim  # noqa: E402
-from networks.lora import original_layout_lora_names, renamed_modules  # noqa: E402
+from library.data_parallel import UnusedParameters  # noqa: E402
+from networks.lora import LoRANetwork, original_layout_lora_names, renamed_modules  # noqa: E402
 from library.textual_inversion import (CaptionRewrite, bundle_tensors, embeddings_dir, expand_tokens,  # noqa: E402
                                        save_beside)
 from library.training_metadata import additional_networks_hashes, run_metadata  # noqa: E402
@@ -109,6 +110,22 @@ class LoRATask:
     def before_step(self, global_step: int) -> None:
         if self.pivot is not None:
             self.pivot.before_step(global_step)
+
+    def unused_parameters(self, text_conditioner) -> list[UnusedParameters]:
+        """Why some trained parameters can get no gradient in a step (what DDP must know, data_parallel.py)."""
+        unused = []
+        if self.trains_text_encoder_lora and text_conditioner.skips_last_layer:
+            unused.append(UnusedParameters("the LoRA of a text encoder's last layer, which the conditioning skips "
+                                           "(--clip_skip; SDXL: the penultimate layer)", same_every_step=True))
+        if not isinstance(self.network, LoRANetwork):
+            unused.append(UnusedParameters("an external --network_module's modules may skip themselves (module "
+                                           "dropout)", same_every_step=False))
+        elif any(lora.module_dropout for lora in self.network.text_encoder_loras + self.network.unet_loras):
+            unused.append(UnusedParameters("--network_args module_dropout: a dropped module gets no gradient",
+                                           same_every_step=False))
+        if self.pivot is not None and self.pivot.train_steps is not None:
+            unused.append(UnusedParameters("--pivotal_steps: the word stops training mid-run", same_every_step=False))
+        return unused
 
     def after_optimizer_step(self) -> dict[str, float]:
         """--scale_weight_norms: max-norm regularisation after each step (logged as kohya does)."""
@@ -337,8 +354,8 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
             text_encoder.gradient_checkpointing_enable()
             text_encoder.train()
 
-    # Optimizer. The network is not wrapped for DDP (it is applied by patching the base models, never called
-    # itself); the training loop averages its gradients across processes explicitly.
+    # Optimizer. With several processes the loop has DDP average the network's gradients (the network is applied by
+    # patching the base models and never called itself: library/data_parallel.py says how DDP still sees them).
     optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
                                                        accelerator)
 

@@ -22,6 +22,7 @@ import torch
 from library import train_args
 from library import training_setup as setup
 from library.checkpoint_writer import SaveFormat, save_checkpoint
+from library.data_parallel import UnusedParameters
 from library.diffusion_objective import DiffusionObjective
 from library.families import ALL_UNET_INPUTS
 from library.model_loading import SDModels, checkpoint_from_models
@@ -180,6 +181,19 @@ class FullModelTask:
                     if id(parameter) not in pivot_vectors:  # the word keeps its own schedule (--pivotal_steps)
                         parameter.requires_grad_(False)
             self.trains_text_encoder = False
+
+    def unused_parameters(self, text_conditioner) -> list[UnusedParameters]:
+        """Why some trained parameters can get no gradient in a step (what DDP must know, data_parallel.py)."""
+        unused = []
+        if self.trained_text_encoders and text_conditioner.skips_last_layer:
+            unused.append(UnusedParameters("a text encoder's last layer, which the conditioning skips (--clip_skip; "
+                                           "SDXL: the penultimate layer)", same_every_step=True))
+        if self.trained_text_encoders and self.stop_text_encoder_at is not None:
+            unused.append(UnusedParameters("--stop_text_encoder_training: the text encoder stops training mid-run",
+                                           same_every_step=False))
+        if self.pivot is not None and self.pivot.train_steps is not None:
+            unused.append(UnusedParameters("--pivotal_steps: the word stops training mid-run", same_every_step=False))
+        return unused
 
     def after_optimizer_step(self) -> dict[str, float]:
         if self.ema is None:

@@ -101,8 +101,11 @@ def check_fused_backward_pass(optimizer_type: str, *, gradient_accumulation_step
                          f"{gradient_accumulation_steps}: each backward pass steps the optimizer. Use 1 (raise "
                          f"--train_batch_size instead) or train without {flag}.")
     if num_processes > 1:
+        # DDP averages gradients bucket by bucket during backward and writes the averages back only at its end,
+        # after the per-parameter hooks of a fused step have run on the process's own gradient.
         raise ValueError(f"{flag} does not work with {num_processes} processes: each parameter would be stepped "
-                         f"before its gradient is averaged across processes. Train on one process or without {flag}.")
+                         "with its own process's gradient, before DDP has averaged it across processes. Train on "
+                         f"one process or without {flag}.")
     if mixed_precision == "fp16":
         raise ValueError(f"{flag} does not work with --mixed_precision fp16: loss scaling must see all gradients "
                          "before any step. Use --mixed_precision bf16 or no.")

@@ -113,6 +113,12 @@ class TextConditioner:
                              f"encoder(s), got {len(tokenizers)} and {len(text_encoders)}")
         self.tokenizers, self.text_encoders, self.encoding = list(tokenizers), list(text_encoders), encoding
 
+    @property
+    def skips_last_layer(self) -> bool:
+        """Whether the conditioning leaves a text encoder's last layer out (--clip_skip 2 or more), so that a
+        trained last layer gets no gradient (data_parallel.py must know)."""
+        return (self.encoding.clip_skip or 1) > 1
+
     def __call__(self, captions: list[str], sizes: list[SizeConditioning] | None = None) -> TextConditioning:
         """`sizes`: one per caption; families without size conditioning ignore them."""
         return self.with_sizes(self.encode_text(captions), sizes)
@@ -146,6 +152,10 @@ class SDXLTextConditioner(TextConditioner):
             raise ValueError(f"--clip_skip {encoding.clip_skip}: SDXL conditions on fixed layers (each encoder's "
                              "penultimate hidden state); remove --clip_skip")
 
+    @property
+    def skips_last_layer(self) -> bool:
+        return True  # CLIP ViT-L's penultimate hidden state (bigG's last layer still makes the pooled output)
+
     def with_sizes(self, text: TextConditioning, sizes: list[SizeConditioning] | None) -> TextConditioning:
         rows = text.hidden_states.shape[0]
         if sizes is None or len(sizes) != rows:
@@ -173,6 +183,10 @@ class SDXLRefinerTextConditioner(SDXLTextConditioner):
 
     expected_encoders = 1
     kind = TextConditioningKind.SDXL_REFINER
+
+    @property
+    def skips_last_layer(self) -> bool:
+        return False  # bigG's penultimate hidden state, and its last layer for the pooled output
 
 
 _CONDITIONERS = {TextConditioningKind.HIDDEN_STATES: TextConditioner, TextConditioningKind.SDXL: SDXLTextConditioner,

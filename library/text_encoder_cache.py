@@ -152,6 +152,8 @@ class TextEncoderOutputCache:
 class CachedTextConditioner:
     """A family's conditioner answering from cached text-encoder outputs: the same call, the same result."""
 
+    skips_last_layer = False  # no text encoder runs (or trains) in a step
+
     def __init__(self, conditioner: TextConditioner, entries: dict[str, dict[str, torch.Tensor]],
                  device: torch.device | str):
         self.conditioner, self.entries, self.device = conditioner, entries, device

@@ -21,6 +21,7 @@ import tomllib
 import toml  # writes --output_config; reading uses the strict tomllib (toml.loads reads "x = [4" as x = [])
 
 from library import run_logging
+from library.data_parallel import DDPSettings, check_ddp_flags
 from library.hub_upload import add_hub_arguments
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,16 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prior_loss_weight", type=float, default=1.0)
     g.add_argument("--config_file", default=None, help="TOML of training arguments (command-line values win)")
     g.add_argument("--output_config", action="store_true", help="write the arguments to --config_file and exit")
+    g = p.add_argument_group("several processes (accelerate launch --num_processes N): DDP")
+    g.add_argument("--ddp_timeout", type=int, default=None,
+                   help="minutes a process waits for the others in a collective operation before it gives up "
+                        "(default: torch's, 10 minutes with NCCL, 30 with gloo)")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
+                   help="the gradients are views into DDP's communication buckets: one copy of the trained "
+                        "gradients less in memory")
+    g.add_argument("--ddp_static_graph", action="store_true",
+                   help="the same parameters get gradients in every step: DDP finds them once instead of searching "
+                        "after each forward; refused with gradient accumulation and where that changes mid-run")
 
 
 def add_objective_arguments(p: argparse.ArgumentParser) -> None:
@@ -608,6 +619,12 @@ def log_settings(args: argparse.Namespace, *, default_project: str, output_dir: 
         api_key=args.wandb_api_key, config=config)
 
 
+def ddp_settings(args: argparse.Namespace) -> DDPSettings:
+    """--ddp_timeout, --ddp_gradient_as_bucket_view, --ddp_static_graph (kohya's)."""
+    return DDPSettings(timeout_minutes=args.ddp_timeout, gradient_as_bucket_view=args.ddp_gradient_as_bucket_view,
+                       static_graph=args.ddp_static_graph)
+
+
 def check_training_flags(args: argparse.Namespace, *, control_images: bool = False) -> None:
     """kohya's cross-flag rules (verify_training_args), with the flags named. `control_images`: the trainer reads
     --conditioning_data_dir as ControlNet conditions, not as --masked_loss masks."""
@@ -624,6 +641,7 @@ def check_training_flags(args: argparse.Namespace, *, control_images: bool = Fal
                         "chunks); leave it out for 75")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be >= 1")
+    problems += check_ddp_flags(ddp_settings(args), gradient_accumulation_steps=args.gradient_accumulation_steps)
     thumbnail = getattr(args, "metadata_thumbnail", None)
     if thumbnail and not Path(thumbnail).is_file():
         problems.append(f"--metadata_thumbnail {thumbnail}: no such image file")

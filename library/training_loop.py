@@ -11,6 +11,7 @@ continues counting instead of over-training (kohya #2171).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from library.atomic_files import atomic_directory
+from library.data_parallel import TrainedForward, prepare_trained_forward
 from library.diffusion_objective import DiffusionObjective
 from library.extra_inputs import feeder_for
 from library.hub_upload import HubSettings, HubUploader
@@ -36,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 STATE_TENSOR_FILES = ("trainable.pt", "optimizer.pt", "scheduler.pt")
-ALL_REDUCE_BUCKET = 2 ** 25  # gradient values averaged across processes per all_reduce call (128 MB in fp32)
 
 
 class TrainingTask(Protocol):
@@ -55,7 +56,10 @@ class TrainingTask(Protocol):
     # - `before_step(global_step)`: e.g. stop training the text encoder after step N (a function of the step, so
     #   resumed runs agree);
     # - `after_optimizer_step() -> dict[str, float]`: e.g. max-norm regularisation, an EMA update; its values are
-    #   logged with the step.
+    #   logged with the step;
+    # - `unused_parameters(text_conditioner) -> list[data_parallel.UnusedParameters]`: why some trained parameters
+    #   can get no gradient in a step (LoRA module dropout, a text encoder layer the conditioning skips, training
+    #   that stops at a step); DDP must know (default: none).
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,7 @@ class Trainer:
         self.validation_history: list[tuple[int, str, float]] = []  # (step, "step" / "epoch", loss)
         self._persistent_batches: _CurrentBatches | None = None  # --persistent_data_loader_workers
         self._persistent_loader: torch.utils.data.DataLoader | None = None
+        self.model = None  # the step's model computation as accelerate prepared it (run: `_prepare_model`)
 
     # ------------------------------------------------------------------------------------------------------
     # Resume
@@ -247,20 +252,31 @@ class Trainer:
         """The batch's loss; `timesteps` fixed instead of drawn (the validation loss)."""
         device = self.accelerator.device
         latents = self._latents(batch, generators).to(device)
-        cond = self._conditioning(batch)
         noised = self.objective.noised(latents, generators, timesteps)
-        denoise = getattr(self.task, "denoise", None)
         noisy = noised.noisy_latents
         if self.unet_inputs is not None:
             noisy = torch.cat([noisy, self.unet_inputs(batch, generators, tuple(latents.shape[-2:])).to(device)], dim=1)
-        with self.accelerator.autocast():
-            noisy, timesteps = noisy.to(self.weight_dtype), noised.timesteps.to(device)
-            if denoise is not None:
-                prediction = denoise(noisy, timesteps, cond.to(self.weight_dtype), batch)
-            else:
-                prediction = self.unet(noisy, timesteps, **cond.to(self.weight_dtype).unet_kwargs()).sample
+        prediction = self.model(noisy, noised.timesteps.to(device), batch)
         return self.objective.loss(prediction, noised.target, noised.timesteps.to(device),
                                    loss_weights=batch["loss_weight"].to(device), mask=batch.get("mask"))
+
+    def _predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The step's model computation, from the captions on: everything the trained parameters take part in, so
+        that DDP, which runs it (`self.model`), sees their whole backward pass."""
+        cond = self._conditioning(batch)
+        denoise = getattr(self.task, "denoise", None)
+        with self.accelerator.autocast():
+            noisy = noisy_latents.to(self.weight_dtype)
+            if denoise is not None:
+                return denoise(noisy, timesteps, cond.to(self.weight_dtype), batch)
+            return self.unet(noisy, timesteps, **cond.to(self.weight_dtype).unet_kwargs()).sample
+
+    def _prepare_model(self):
+        """`_predict` as a module over the trained parameters, prepared by accelerate: with several processes DDP
+        averages their gradients during the backward pass (library/data_parallel.py)."""
+        unused_of = getattr(self.task, "unused_parameters", None)
+        return prepare_trained_forward(self.accelerator, TrainedForward(self.trainable_parameters, self._predict),
+                                       unused=unused_of(self.text_conditioner) if unused_of else [])
 
     # ------------------------------------------------------------------------------------------------------
     # The loop
@@ -288,6 +304,7 @@ class Trainer:
                     raise ValueError(f"--initial_epoch {self.config.initial_epoch}: the run has only "
                                      f"{self.config.max_train_steps} steps ({self.steps_per_epoch()} per epoch)")
             self._start_at(step, skip_data=self.config.skip_until_initial_step)
+        self.model = self._prepare_model()
         if self.config.log and self.accelerator.is_main_process:
             self.run_log = RunLog(self.config.log)
         if self.config.hub is not None and self.accelerator.is_main_process:
@@ -395,22 +412,11 @@ class Trainer:
             before(step)
         total = 0.0
         for micro, batch in enumerate(micro_batches):
-            torch.manual_seed(micro_step_seed(self.config.seed, step, micro, f"process{self.accelerator.process_index}"))
-            # ^ LoRA / network dropout draws from torch's global generator. Noise and timesteps come from one
-            # generator per sample, seeded by its slot in the global batch (the same on any process count).
-            generators = [torch.Generator().manual_seed(micro_step_seed(self.config.seed, step, micro, f"slot{slot}"))
-                          for slot in batch["slot"]]
-            loss = self._loss(batch, generators)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {loss.item()} at step {step + 1} (epoch {self.state.epoch}, images "
-                    f"{', '.join(batch['path'][:3])}); stopping. The last saved model/state is intact. Lower the "
-                    "learning rate, use --no_half_vae, or train in fp32/bf16.")
-            # Scaled so that accumulated gradients are a mean over the micro-batches (as accelerate does).
-            self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
-            total += loss.item()
-        if self.accelerator.num_processes > 1:
-            self._average_gradients()
+            # DDP averages the gradients once per optimizer step, in the last micro-batch's backward pass; the
+            # others only accumulate (no_sync: no communication).
+            last = micro == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                total += self._micro_step(batch, step, micro)
         norm = None
         if self.config.max_grad_norm:
             norm = self.accelerator.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
@@ -426,6 +432,23 @@ class Trainer:
             mean_loss = self.accelerator.reduce(mean_loss, reduction="mean")
         return mean_loss.item()
 
+    def _micro_step(self, batch: dict, step: int, micro: int) -> float:
+        """Forward and backward of one micro-batch; its loss."""
+        torch.manual_seed(micro_step_seed(self.config.seed, step, micro, f"process{self.accelerator.process_index}"))
+        # ^ LoRA / network dropout draws from torch's global generator. Noise and timesteps come from one
+        # generator per sample, seeded by its slot in the global batch (the same on any process count).
+        generators = [torch.Generator().manual_seed(micro_step_seed(self.config.seed, step, micro, f"slot{slot}"))
+                      for slot in batch["slot"]]
+        loss = self._loss(batch, generators)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {step + 1} (epoch {self.state.epoch}, images "
+                f"{', '.join(batch['path'][:3])}); stopping. The last saved model/state is intact. Lower the "
+                "learning rate, use --no_half_vae, or train in fp32/bf16.")
+        # Scaled so that accumulated gradients are a mean over the micro-batches (as accelerate does).
+        self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
+        return loss.item()
+
     def _check_gradients_are_finite(self, norm: torch.Tensor | None, step: int) -> None:
         """A finite loss can still give an inf/NaN gradient (a half-precision overflow in the backward pass); one
         optimizer step with it turns the weights into NaN, which the next loss shows only after the model was
@@ -438,27 +461,6 @@ class Trainer:
                 f"gradients became {norm.item()} at step {step + 1} (epoch {self.state.epoch}) although the loss "
                 "was finite; stopping before the weights take them. The last saved model/state is intact. Lower "
                 "the learning rate, or train without --full_bf16 / --full_fp16.")
-
-    def _average_gradients(self) -> None:
-        """All-reduce the trainable gradients (mean over processes). The network is applied by patching the base
-        models' forward, not called through a DDP wrapper, so the averaging is done here explicitly."""
-        import torch.distributed as dist
-
-        grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
-        # Reduced in buckets: one flat copy of a whole U-Net's gradients would cost 3.4 GB.
-        bucket, size = [], 0
-        for i, g in enumerate(grads):
-            bucket.append(g)
-            size += g.numel()
-            if size >= ALL_REDUCE_BUCKET or i == len(grads) - 1:
-                flat = torch.cat([t.reshape(-1) for t in bucket])
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                flat /= self.accelerator.num_processes
-                offset = 0
-                for t in bucket:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
-                bucket, size = [], 0
 
     def _log(self, loss: float, bar) -> None:
         step = self.state.global_step

@@ -105,8 +105,11 @@ def open_base_model(args: argparse.Namespace, trains: TrainedArchs | None = None
 def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
 
+    from library.data_parallel import kwargs_handlers
+
     try:
-        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                                  kwargs_handlers=kwargs_handlers(train_args.ddp_settings(args)))
         check_device_supports(args.mixed_precision, accelerator.device)
     except ValueError as e:
         raise SystemExit(f"error: --mixed_precision {args.mixed_precision}: {e}") from None
