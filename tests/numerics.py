@@ -58,6 +58,19 @@ FP32_OUTPUT_REL = 5e-4
 # (a merged W + dW is rounded once more than W and dW kept apart). Measured 1.6e-6; 2e-5 is 12x that.
 FP64_OUTPUT_REL = 2e-5
 
+# One run as 1 process x batch 2 and as 2 processes (DDP, gloo) x batch 1 (tests/recipe_helpers.py
+# one_and_two_processes): the trained weights' difference relative to the last step's update (training_deviation
+# below). Measured on an AMD EPYC with AVX-512, natively / under ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2:
+# LoRA after 2 steps with gradient accumulation 2.3e-4 / 1.4e-3, DreamBooth (U-Net + text encoder, 1 step) 3.0e-5 /
+# 6.4e-5, ControlNet (2 steps) 5.8e-6 / 8.0e-6, SDXL LoRA (1 step) 3.6e-6 / 4.9e-6. Float rounding, not the split: the
+# hand-written averaging DDP replaced gave the LoRA files bit for bit, and a second step grows the first step's
+# last-bit differences (the same 1-process LoRA run with 2 threads instead of 1 moves its whole update by 3.4e-4,
+# the split by 2.8e-4; a full model after 2 steps 2.6e-3 / 1.1e-2, so its test takes 1 step, which moves every
+# weight). 2e-2 is 14x the largest. A fault in the
+# averaging moves the LoRA by 0.87 and more (divided twice 0.87-1.0, summed 1.5-1.9, not averaged 1.2-1.3:
+# tests/test_train_network.py, planted through tests/ddp_probe.py), 40x the tolerance.
+PROCESS_SPLIT_REL = 2e-2
+
 # 8-bit images from our generation and diffusers' pipeline with the same models, prompts and seeds (and one image
 # alone vs in a batch): the largest difference of any pixel channel, in levels (0..255), and the mean over all
 # channels. Measured: 2 levels at most, mean 0.17 (img2img under ATEN_CPU_CAPABILITY=default; 0.057 natively).
@@ -96,6 +109,22 @@ def assert_outputs_close(got, want, *, what: str, rel: float = FP32_OUTPUT_REL) 
     for fp64 forwards)."""
     kind = "fp64 output" if rel == FP64_OUTPUT_REL else "fp32 output" if rel == FP32_OUTPUT_REL else "output"
     _check(kind, what, relative_deviation(got, want), rel)
+
+
+def training_deviation(got: dict, want: dict, want_before_last_step: dict) -> float:
+    """How far trained weights (name -> tensor) of one run done two ways differ: |got - want| relative to the last
+    step's update |want - want_before_last_step| (norms over all the tensors), which must be a real one."""
+    keys = sorted(want)
+    assert keys and sorted(got) == keys, "other tensors"
+    final, other = (torch.cat([d[k].double().flatten() for k in keys]) for d in (want, got))
+    step = (final - torch.cat([want_before_last_step[k].double().flatten() for k in keys])).norm()
+    assert step > 1e-6 * final.norm(), "the last step changed nothing"
+    return ((other - final).norm() / step).item()
+
+
+def assert_process_split_close(deviation: float, *, what: str) -> None:
+    """A `training_deviation` of 1 vs 2 processes within PROCESS_SPLIT_REL."""
+    _check("process split", what, deviation, PROCESS_SPLIT_REL)
 
 
 def assert_images_close(got, want, *, what: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 
@@ -46,24 +47,51 @@ def logged_losses(log_root: Path) -> list[float]:
     return [values[s] for s in sorted(values)]
 
 
-def one_and_two_processes(script: str, one_process_argv: list[str], two_process_argv: list[str]) -> None:
-    """The same run as 1 process x batch 2 (in this process) and as `accelerate launch` with 2 CPU processes (gloo) x
-    batch 1 (a subprocess): each argv's --train_batch_size is set here, and aspect bucketing is turned off, so one
-    bucket gives full global batches (a bucket's short last batch is where the two layouts legitimately differ: see
-    EpochBatches)."""
+def with_batch(argv: list[str], batch: int) -> list[str]:
+    """`argv` with --train_batch_size `batch` and without aspect bucketing (see one_and_two_processes)."""
+    argv = [a for a in argv if a != "--enable_bucket"]
+    argv[argv.index("--train_batch_size") + 1] = str(batch)
+    return argv
+
+
+def two_processes(runs: list[dict]) -> list[dict]:
+    """Each run ({"script", "argv"}, optionally "stop_after": end after N steps as if killed, "fault": a defect
+    planted in DDP's averaging) in turn in one `accelerate launch` with 2 CPU processes (gloo), through
+    tests/ddp_probe.py; returns the counts of each run's gradient communication (its docstring), the same on both
+    processes."""
     import subprocess
     import sys
+    import tempfile
 
-    def with_batch(argv: list[str], batch: int) -> list[str]:
-        argv = [a for a in argv if a != "--enable_bucket"]
-        argv[argv.index("--train_batch_size") + 1] = str(batch)
-        return argv
+    root = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="ddp_probe_") as tmp:
+        (Path(tmp) / "runs.json").write_text(json.dumps(runs))
+        env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  str(root / "ddp_probe.py"), str(Path(tmp) / "runs.json"), str(Path(tmp) / "report")]
+        result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300 * len(runs),
+                                cwd=root.parent)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports = [json.loads((Path(tmp) / f"report.{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0] == reports[1], reports
+    return reports[0]
 
+
+def one_and_two_processes(script: str, one_process_argv: list[str], two_process_argv: list[str]) -> dict:
+    """The same run as 1 process x batch 2 (in this process) and as `accelerate launch` with 2 CPU processes (gloo) x
+    batch 1 (`two_processes`; its communication counts are returned): each argv's --train_batch_size is set here,
+    and aspect bucketing is turned off, so one bucket gives full global batches (a bucket's short last batch is where
+    the two layouts legitimately differ: see EpochBatches)."""
     run_script(script, with_batch(one_process_argv, 2))
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              str(Path(__file__).resolve().parent.parent / f"{script}.py")]
-    result = subprocess.run(launch + with_batch(two_process_argv, 1), env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    return two_processes([{"script": script, "argv": with_batch(two_process_argv, 1)}])[0]
+
+
+def assert_averaged_once(communication: dict, optimizer_steps: int) -> None:
+    """DDP averaged every trained gradient value exactly once per optimizer step (not once per micro-batch of a
+    gradient accumulation, not twice), each time from inside the backward pass (overlapping it), and nothing else
+    was all-reduced but the one loss value the log takes per step (no hand-written gradient averaging)."""
+    assert communication["ddp_held"] > 0, communication
+    assert communication["ddp_reduced"] == optimizer_steps * communication["ddp_held"], communication
+    assert communication["ddp_reduced_after_backward"] == 0, communication
+    assert communication["other_all_reduce"] == optimizer_steps, communication

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from tests.numerics import CAPTIONS_LOST, FAMILY_CASE, assert_outputs_close, check_golden_losses, golden_case_args
-from tests.recipe_helpers import logged_losses, run_script
+from tests.numerics import (CAPTIONS_LOST, FAMILY_CASE, assert_outputs_close, assert_process_split_close,
+                            check_golden_losses, golden_case_args, training_deviation)
+from tests.recipe_helpers import assert_averaged_once, logged_losses, one_and_two_processes, run_script
 
 
 def run(argv: list[str], stop_after: int | None = None) -> None:
@@ -141,6 +142,25 @@ def test_resume_reproduces_the_uninterrupted_run(workspace):
     a, b = read_file(root / "full" / "cn.safetensors"), read_file(root / "part" / "cn.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert logged_losses(root / "full" / "logs") == logged_losses(root / "part" / "logs")
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
+    """accelerate launch with 2 CPU processes x batch 1 == 1 process x batch 2 for a ControlNet, with gradient
+    accumulation; 2 SGD steps, since the first moves only the zero convolutions (nothing upstream of a zero weight
+    gets a gradient) and the second every weight. Tolerance: PROCESS_SPLIT_REL."""
+    root = workspace
+    common = ["--max_train_steps", "2", "--save_every_n_steps", "1", "--gradient_accumulation_steps", "2",
+              "--optimizer_type", "SGD", "--learning_rate", "0.01", "--max_grad_norm", "0", "--save_model_as",
+              "safetensors"]
+    communication = one_and_two_processes("train_controlnet", folder_args(root, "split_one") + common,
+                                          folder_args(root, "split_two") + common)
+    assert_averaged_once(communication, optimizer_steps=2)
+    assert communication["ddp_options"]["find_unused_parameters"] is False
+    one, one_step1, two = (read_file(root / out / name) for out, name in (
+        ("split_one", "cn.safetensors"), ("split_one", "cn-step00000001.safetensors"), ("split_two", "cn.safetensors")))
+    assert_process_split_close(training_deviation(two, one, one_step1), what="train_controlnet")
+    assert logged_losses(root / "split_two" / "logs") == pytest.approx(logged_losses(root / "split_one" / "logs"),
+                                                                      rel=1e-5)
 
 
 def test_validation_grid(workspace):

@@ -12,8 +12,9 @@ import torch
 
 from library.safetensors_io import SafetensorsReader
 
-from tests.numerics import CAPTIONS_LOST, FAMILY_CASE, check_golden_losses, golden_case_args
-from tests.recipe_helpers import logged_losses, run_script as run
+from tests.numerics import (CAPTIONS_LOST, FAMILY_CASE, assert_process_split_close, check_golden_losses,
+                            golden_case_args, training_deviation)
+from tests.recipe_helpers import assert_averaged_once, logged_losses, run_script as run, two_processes, with_batch
 
 
 
@@ -141,6 +142,44 @@ def test_resume_reproduces_the_uninterrupted_run(workspace):
     sa, sb = (torch.load(root / run / "model-state" / "trainable.pt", weights_only=True) for run in ("full", "part"))
     assert sa["ema"]["num_updates"] == sb["ema"]["num_updates"] == 5
     assert all(torch.equal(x, y) for x, y in zip(sa["ema"]["shadow"], sb["ema"]["shadow"]))
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
+    """accelerate launch with 2 CPU processes x batch 1 == 1 process x batch 2 for DreamBooth, with gradient
+    accumulation: the whole U-Net and the text encoder train in one DDP wrapper; one SGD step moves every weight
+    (a second one would measure float noise grown by the step more than the split: tests/numerics.py).
+    --clip_skip 2 leaves the text encoder's last layer without gradients, so DDP looks for unused parameters after
+    each forward; that layer stays exactly as loaded in both runs (SGD's weight decay would move a parameter handed
+    a zero gradient instead of none). A third run stops the text encoder after step 1 of 2
+    (--stop_text_encoder_training): its parameters drop out of DDP's reduction mid-run, and it ends as it was after
+    step 1. Tolerance: PROCESS_SPLIT_REL."""
+    root = workspace
+    common = ["--save_every_n_steps", "1", "--gradient_accumulation_steps", "2", "--clip_skip", "2",
+              "--optimizer_type", "SGD", "--optimizer_args", "weight_decay=0.01", "--learning_rate", "0.01",
+              "--max_grad_norm", "0", "--save_model_as", "safetensors"]
+    one_step = common + ["--max_train_steps", "1"]
+    run("train_db", with_batch(db_args(root, "split_one") + one_step, 2))
+    runs = two_processes([{"script": "train_db", "argv": with_batch(db_args(root, "split_two") + one_step, 1)},
+                          {"script": "train_db", "argv": with_batch(db_args(root, "split_stop") + common + [
+                              "--max_train_steps", "2", "--stop_text_encoder_training", "1"], 1)}])
+    for communication, steps in zip(runs, (1, 2)):
+        assert_averaged_once(communication, optimizer_steps=steps)
+        assert communication["ddp_options"]["find_unused_parameters"] is True
+    base = file_tensors(root / "sd1.safetensors")
+    one, two, stop, stop_step1 = (file_tensors(root / out / name) for out, name in (
+        ("split_one", "model.safetensors"), ("split_two", "model.safetensors"), ("split_stop", "model.safetensors"),
+        ("split_stop", "model-step00000001.safetensors")))
+    for part in ("model.diffusion_model.", "cond_stage_model."):
+        keys = [k for k in one if k.startswith(part) and one[k].is_floating_point()]
+        assert_process_split_close(training_deviation(*({k: d[k] for k in keys} for d in (two, one, base))),
+                                   what=f"train_db {part}")
+    layers = "cond_stage_model.transformer.text_model.encoder.layers."
+    last = max(int(k[len(layers):].split(".")[0]) for k in base if k.startswith(layers))
+    last_layer = [k for k in base if k.startswith(f"{layers}{last}.")]
+    assert last_layer and all(torch.equal(w[k], base[k]) for w in (one, two) for k in last_layer)
+    text_encoder = [k for k in stop if k.startswith("cond_stage_model.")]
+    assert all(torch.equal(stop[k], stop_step1[k]) for k in text_encoder)
+    assert not all(torch.equal(stop_step1[k], base[k]) for k in text_encoder)
 
 
 def test_ema_weights_are_saved(workspace):

@@ -15,9 +15,11 @@ import torch
 
 from library.safetensors_io import SafetensorsReader
 
-from tests.numerics import (CACHE_MIXES_IMAGES, FAMILY_CASE, FP32_OUTPUT_REL, assert_outputs_close, check_golden_losses, golden_case_args,
-                            relative_deviation)
-from tests.recipe_helpers import logged_losses, one_and_two_processes, run_script
+from tests.numerics import (CACHE_MIXES_IMAGES, FAMILY_CASE, FP32_OUTPUT_REL, PROCESS_SPLIT_REL, assert_outputs_close,
+                            assert_process_split_close, check_golden_losses, golden_case_args, relative_deviation,
+                            training_deviation)
+from tests.recipe_helpers import (assert_averaged_once, logged_losses, one_and_two_processes, run_script, two_processes,
+                                  with_batch)
 
 
 def run(argv: list[str], stop_after: int | None = None) -> None:
@@ -266,33 +268,81 @@ def test_wandb_and_tensorboard_log_the_same_losses(workspace, monkeypatch):
     assert any(name.startswith("lr/") for name in rows[0])
 
 
+# One run as 1 process x batch 2 and as 2 processes x batch 1 (one_and_two_processes sets the batch), with gradient
+# accumulation, 2 SGD steps (the first moves only lora_up, which starts at zero; the second every LoRA weight), a save
+# after each.
+SPLIT_ARGS = ["--cache_latents", "--max_train_steps", "2", "--save_every_n_steps", "1", "--gradient_accumulation_steps",
+              "2", "--flip_aug", "--shuffle_caption", "--optimizer_type", "SGD", "--learning_rate", "0.01",
+              "--max_grad_norm", "0"]
+
+
+def split_deviations(root: Path, got: str, want: str) -> dict[str, float]:
+    """`training_deviation` of run `got`'s LoRA from run `want`'s, for the U-Net and the text-encoder part."""
+    one, one_step1 = (read_lora(root / want / name) for name in ("lora.safetensors", "lora-step00000001.safetensors"))
+    two = read_lora(root / got / "lora.safetensors")
+    deviations = {}
+    for part in ("lora_unet_", "lora_te_"):
+        keys = [k for k in one if k.startswith(part) and k.endswith(("lora_up.weight", "lora_down.weight"))]
+        deviations[part] = training_deviation(*({k: d[k] for k in keys} for d in (two, one, one_step1)))
+    return deviations
+
+
 def test_two_processes_match_one_process_at_the_same_global_batch(workspace):
-    """accelerate launch with 2 CPU processes (gloo) x batch 1 == 1 process x batch 2, within float tolerance.
-
-    The same samples, noise and timesteps must be drawn (losses equal to float precision) and the averaged
-    gradient must equal the batch-2 gradient. One SGD step without clipping makes the weights *be* that gradient.
-    The tolerance is float32's on this tiny random model, whose gradients cancel a lot: batching alone changes
-    them by ~0.1-1% in float32 (measured: 1.6e-14 in float64, i.e. pure rounding). A real fault is far larger:
-    not averaging leaves each process its own gradient (~50-100% off), summing doubles it (100%)."""
+    """accelerate launch with 2 CPU processes (gloo) x batch 1 == 1 process x batch 2, with gradient accumulation
+    and the text encoder's LoRA training: the same samples, noise and timesteps (losses equal to float precision),
+    and DDP's average of the gradients is the batch-2 gradient (the trained weights agree: PROCESS_SPLIT_REL; what a
+    fault does: the next test). DDP averaged every trained value once per optimizer step, inside the backward pass."""
     root = workspace
-    common = ["--cache_latents", "--max_train_steps", "1", "--flip_aug", "--shuffle_caption", "--optimizer_type",
-              "SGD", "--learning_rate", "0.01", "--max_grad_norm", "0"]
-
-    one_and_two_processes("train_network", base_args(root, "one_process") + common,
-                          base_args(root, "two_processes") + common)
-    one = read_lora(root / "one_process" / "lora.safetensors")
-    two = read_lora(root / "two_processes" / "lora.safetensors")
-    assert one.keys() == two.keys()
-    # lora_up starts at zero, so after one SGD step it is -lr * gradient: compare the update as a whole.
-    ups = sorted(k for k in one if k.endswith("lora_up.weight"))
-    a, b = torch.cat([one[k].flatten() for k in ups]), torch.cat([two[k].flatten() for k in ups])
-    assert ((a - b).norm() / a.norm()).item() < 0.02
+    communication = one_and_two_processes("train_network", base_args(root, "one_process") + SPLIT_ARGS,
+                                          base_args(root, "two_processes") + SPLIT_ARGS)
+    assert_averaged_once(communication, optimizer_steps=2)
+    assert communication["ddp_options"]["find_unused_parameters"] is False  # SD 1.x conditions on the last layer
+    for part, deviation in split_deviations(root, "two_processes", "one_process").items():
+        assert_process_split_close(deviation, what=f"train_network {part}")
     assert logged_losses(root / "two_processes" / "logs") == pytest.approx(
         logged_losses(root / "one_process" / "logs"), rel=1e-5)
+    one, two = (read_lora(root / run / "lora-step00000001.safetensors") for run in ("one_process", "two_processes"))
     downs = [k for k in one if k.endswith("lora_down.weight")]
-    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in downs)  # same initialisation on every process
-    # ...and training actually moved the weights, so the comparison is not vacuous.
-    assert max(t.abs().max().item() for k, t in one.items() if "lora_up" in k) > 1e-4
+    assert all(torch.equal(one[k], two[k]) for k in downs)  # the same initialisation, unmoved by the first step
+
+
+def test_a_fault_in_the_gradient_averaging_is_far_outside_the_tolerance(workspace):
+    """The comparison above fails, by far, when DDP's averaging is planted with a fault (tests/ddp_probe.py): the
+    gradients summed instead of averaged, divided by the process count twice, or not communicated at all (each
+    process stepping with its own). Each moves the weights by more than 10x PROCESS_SPLIT_REL (measured: 25x and
+    more), in the U-Net's LoRA and in the text encoder's."""
+    root = workspace
+    one = base_args(root, "one_process") + SPLIT_ARGS
+    if not (root / "one_process" / "lora.safetensors").exists():  # (written by the test above when it ran)
+        run(with_batch(one, 2))
+    faults = ("sum", "twice", "local")
+    two_processes([{"script": "train_network", "argv": with_batch(base_args(root, f"fault_{fault}") + SPLIT_ARGS, 1),
+                    "fault": fault} for fault in faults])
+    for fault in faults:
+        deviations = split_deviations(root, f"fault_{fault}", "one_process")
+        assert all(d > 10 * PROCESS_SPLIT_REL for d in deviations.values()), (fault, deviations)
+
+
+def test_two_processes_resume_exactly(workspace):
+    """2 processes, killed after step 2 and resumed from its state, end with the weights and losses of the
+    uninterrupted 2-process run, bit for bit. Run with kohya's --ddp_static_graph and --ddp_gradient_as_bucket_view
+    (DDP built with both), and --ddp_timeout."""
+    root = workspace
+    common = ["--cache_latents", "--max_train_steps", "4", "--save_every_n_steps", "2", "--save_state", "--flip_aug",
+              "--shuffle_caption", "--lr_scheduler", "cosine", "--ddp_static_graph", "--ddp_gradient_as_bucket_view",
+              "--ddp_timeout", "10"]
+    straight, resumed = (with_batch(base_args(root, out) + common, 1) for out in ("ddp_straight", "ddp_resumed"))
+    state = root / "ddp_resumed" / "lora-step00000002-state"
+    runs = two_processes([{"script": "train_network", "argv": straight},
+                          {"script": "train_network", "argv": resumed, "stop_after": 2},
+                          {"script": "train_network", "argv": resumed + ["--resume", str(state)]}])
+    for communication, steps in zip(runs, (4, 2, 2)):
+        assert_averaged_once(communication, optimizer_steps=steps)
+        assert communication["ddp_options"] == {"find_unused_parameters": False, "static_graph": True,
+                                                "gradient_as_bucket_view": True}
+    want, got = (read_lora(root / out / "lora.safetensors") for out in ("ddp_straight", "ddp_resumed"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert logged_losses(root / "ddp_resumed" / "logs") == logged_losses(root / "ddp_straight" / "logs")
 
 
 def test_dataset_config_and_metadata_sources(workspace):
