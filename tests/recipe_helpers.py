@@ -35,15 +35,15 @@ def tiny_workspace(root: Path, *, images: int, folder: str, prefix: str = "sks s
     return root
 
 
-def logged_losses(log_root: Path) -> list[float]:
-    """loss/current per step from the TensorBoard runs under `log_root` (a resumed run adds a second one)."""
+def logged_losses(log_root: Path, tag: str = "loss/current") -> list[float]:
+    """`tag` (loss/current) per step from the TensorBoard runs under `log_root` (a resumed run adds a second one)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values = {}
     for run_dir in sorted(p for p in log_root.iterdir() if p.is_dir()):
         events = EventAccumulator(str(run_dir))
         events.Reload()
-        values.update({e.step: e.value for e in events.Scalars("loss/current")})
+        values.update({e.step: e.value for e in events.Scalars(tag)})
     return [values[s] for s in sorted(values)]
 
 
@@ -87,11 +87,12 @@ def one_and_two_processes(script: str, one_process_argv: list[str], two_process_
     return two_processes([{"script": script, "argv": with_batch(two_process_argv, 1)}])[0]
 
 
-def assert_averaged_once(communication: dict, optimizer_steps: int) -> None:
+def assert_averaged_once(communication: dict, optimizer_steps: int, *, validations: int = 0) -> None:
     """DDP averaged every trained gradient value exactly once per optimizer step (not once per micro-batch of a
     gradient accumulation, not twice), each time from inside the backward pass (overlapping it), and nothing else
-    was all-reduced but the one loss value the log takes per step (no hand-written gradient averaging)."""
+    was all-reduced but the one loss value the log takes per step and the two sums of each validation pass (no
+    hand-written gradient averaging)."""
     assert communication["ddp_held"] > 0, communication
     assert communication["ddp_reduced"] == optimizer_steps * communication["ddp_held"], communication
     assert communication["ddp_reduced_after_backward"] == 0, communication
-    assert communication["other_all_reduce"] == optimizer_steps, communication
+    assert communication["other_all_reduce"] == optimizer_steps + 2 * validations, communication

@@ -324,12 +324,14 @@ def test_a_fault_in_the_gradient_averaging_is_far_outside_the_tolerance(workspac
 
 
 def test_two_processes_resume_exactly(workspace):
-    """2 processes, killed after step 2 and resumed from its state, end with the weights and losses of the
-    uninterrupted 2-process run, bit for bit. Run with kohya's --ddp_static_graph and --ddp_gradient_as_bucket_view
-    (DDP built with both), and --ddp_timeout."""
+    """2 processes, killed after step 2 and resumed from its state, end with the weights and losses (training and
+    validation: each process evaluates its share of the held-out batches through the DDP-prepared model, without
+    gradients) of the uninterrupted 2-process run, bit for bit. Run with kohya's --ddp_static_graph and
+    --ddp_gradient_as_bucket_view (DDP built with both), and --ddp_timeout."""
     root = workspace
     common = ["--cache_latents", "--max_train_steps", "4", "--save_every_n_steps", "2", "--save_state", "--flip_aug",
-              "--shuffle_caption", "--lr_scheduler", "cosine", "--ddp_static_graph", "--ddp_gradient_as_bucket_view",
+              "--shuffle_caption", "--lr_scheduler", "cosine", "--validation_split", "0.34",
+              "--validate_every_n_steps", "1", "--ddp_static_graph", "--ddp_gradient_as_bucket_view",
               "--ddp_timeout", "10"]
     straight, resumed = (with_batch(base_args(root, out) + common, 1) for out in ("ddp_straight", "ddp_resumed"))
     state = root / "ddp_resumed" / "lora-step00000002-state"
@@ -337,12 +339,15 @@ def test_two_processes_resume_exactly(workspace):
                           {"script": "train_network", "argv": resumed, "stop_after": 2},
                           {"script": "train_network", "argv": resumed + ["--resume", str(state)]}])
     for communication, steps in zip(runs, (4, 2, 2)):
-        assert_averaged_once(communication, optimizer_steps=steps)
+        assert_averaged_once(communication, optimizer_steps=steps, validations=steps)
         assert communication["ddp_options"] == {"find_unused_parameters": False, "static_graph": True,
                                                 "gradient_as_bucket_view": True}
     want, got = (read_lora(root / out / "lora.safetensors") for out in ("ddp_straight", "ddp_resumed"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert logged_losses(root / "ddp_resumed" / "logs") == logged_losses(root / "ddp_straight" / "logs")
+    validation = [logged_losses(root / out / "logs", "loss/validation/step_average")
+                  for out in ("ddp_straight", "ddp_resumed")]
+    assert len(validation[0]) == 4 and validation[1] == validation[0]
 
 
 def test_dataset_config_and_metadata_sources(workspace):
