@@ -25,7 +25,9 @@ file, or a folder whose images are used in turn, image by image (kohya's rule fo
 masks, maps and condition images are resized to their image's size and must have its aspect ratio.
 
 kohya's highres fix (`--highres_fix_*`, `library/highres_fix.py`): each image first at a fraction of its size, then
-again at full size by img2img from the enlarged first image (`BatchMaker` runs the two stages).
+again at full size by img2img from the enlarged first image (`BatchMaker` runs the two stages). ControlNet guidance
+(`--control_net_*`, `--guide_image_path`, a prompt's `--cn`; `library/guidance.py`) through diffusers' ControlNet
+pipelines.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from library import sampling  # noqa: E402
+from library import guidance, sampling  # noqa: E402
 from library import generation_inputs as gi  # noqa: E402
-from library.families import ALL_UNET_INPUTS, DEPTH, EXTRA_CHANNELS, INPAINTING  # noqa: E402
+from library.families import ALL_UNET_INPUTS, DEPTH, EXTRA_CHANNELS, INPAINTING, TEXT_TO_IMAGE  # noqa: E402
 from library import textual_inversion as ti  # noqa: E402
 from library.highres_fix import FIRST_STAGE_MULTIPLE, HighresFix, load_upscaler  # noqa: E402
 from library.model_loading import SDModels, TextModelShim, instantiate_models, replace_vae  # noqa: E402
@@ -149,6 +151,24 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="an upscaler module with kohya's interface (create_upscaler(**kwargs)); none ships here")
     g.add_argument("--highres_fix_upscaler_args", default=None, help="its arguments: 'key=value;key=value'")
 
+    g.add_argument("--highres_fix_disable_control_net", action="store_true",
+                   help="ControlNet guides the first stage only")
+
+    g = p.add_argument_group("ControlNet guidance (kohya's flags; library/guidance.py)")
+    g.add_argument("--control_net_models", nargs="*", default=None,
+                   help="ControlNets: original-layout files (lllyasviel's, train_controlnet.py's), diffusers folders "
+                        "or single files (SDXL), kohya's SDXL layout")
+    g.add_argument("--control_net_preps", nargs="*", default=None,
+                   help="per ControlNet: the guide image's preprocessor: canny, canny_<low>_<high> (default 63, 191) "
+                        "or none (default)")
+    g.add_argument("--control_net_multipliers", type=float, nargs="*", default=None,
+                   help="per ControlNet: its strength (default 1)")
+    g.add_argument("--control_net_ratios", type=float, nargs="*", default=None,
+                   help="per ControlNet: the share of the steps it guides, from the first (default 1: all)")
+    g.add_argument("--guide_image_path", nargs="*", default=None,
+                   help="guide images (files or folders), used in turn; with several ControlNets one per ControlNet "
+                        "for each generated image, in order. A prompt's --cn gives its own (one ControlNet)")
+
     g = p.add_argument_group("networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=None,
                    help="module per network (default networks.lora; one value applies to all)")
@@ -199,6 +219,7 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         raise fail("--strength needs --image_path (the image that img2img / inpainting starts from) or "
                    "--highres_fix_scale (the second stage's strength)")
     check_highres_args(args)
+    check_controlnet_args(args)
     if args.mask_path and not args.image_path:
         raise fail("--mask_path needs --image_path (the image whose masked area is repainted)")
     if args.max_embeddings_multiples and args.max_token_length and \
@@ -244,6 +265,35 @@ def check_highres_args(args: argparse.Namespace) -> None:
                    "takes latents (kohya's rule); give one")
     if args.highres_fix_upscaler_args and not args.highres_fix_upscaler:
         raise fail("--highres_fix_upscaler_args needs --highres_fix_upscaler (the module they are for)")
+
+
+CONTROLNET_LISTS = ("control_net_preps", "control_net_multipliers", "control_net_ratios")
+
+
+def check_controlnet_args(args: argparse.Namespace) -> None:
+    models = args.control_net_models
+    if not models:
+        given = [f"--{flag}" for flag in (*CONTROLNET_LISTS, "guide_image_path") if getattr(args, flag)]
+        if given:
+            raise fail(f"{', '.join(given)}: for ControlNet guidance; give --control_net_models")
+        if args.highres_fix_disable_control_net:
+            raise fail("--highres_fix_disable_control_net: there is no ControlNet to disable (--control_net_models)")
+        return
+    for flag in CONTROLNET_LISTS:
+        values = getattr(args, flag) or []
+        if len(values) > len(models):
+            raise fail(f"--{flag}: {len(values)} values for {len(models)} --control_net_models (one per ControlNet; "
+                       "the ones left out take the default)")
+    if any(ratio < 0 for ratio in args.control_net_ratios or []):
+        raise fail("--control_net_ratios: each is the share of the steps a ControlNet guides, at least 0")
+    for name in args.control_net_preps or []:
+        try:
+            guidance.preprocessor(name)
+        except ValueError as e:
+            raise fail(f"--control_net_preps: {e}") from None
+    if args.highres_fix_disable_control_net and args.highres_fix_scale is None:
+        raise fail("--highres_fix_disable_control_net is about the highres fix's second stage; give "
+                   "--highres_fix_scale, or leave it out")
 
 
 def highres_fix(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> HighresFix | None:
@@ -348,6 +398,7 @@ def check_image_inputs(args: argparse.Namespace, family, prompts: list[SamplePro
         raise fail(f"--highres_fix_scale: not supported for {'masked img2img' if args.mask_path else model} here "
                    "(its second stage would need the mask / map / condition again at the full size; kohya's highres "
                    "fix has no such models either): run without it")
+    check_controlnet_inputs(args, family, prompts)
     for flag in ("--depth_path", "--condition_path"):
         if getattr(args, flag[2:]) and flag != own:
             raise fail(f"{flag}: {args.ckpt} is {model}, which takes no {gi.FLAG_KINDS[flag].value}; the flag is for "
@@ -385,6 +436,75 @@ def check_image_inputs(args: argparse.Namespace, family, prompts: list[SamplePro
         logger.info("%s is a text-to-image model, not an inpainting one: --mask_path repaints the white area by "
                     "masked img2img (%s with a 4-channel U-Net: outside the mask the image's own latents, noised "
                     "to each step, are kept); an inpainting model blends the new part in better", model, pipeline)
+
+
+def check_controlnet_inputs(args: argparse.Namespace, family, prompts: list[SamplePrompt]) -> None:
+    """ControlNet guidance against the model, and the prompts' own guide images (--cn on a text-to-image model)."""
+    model = family.description.split(" (")[0]
+    if args.control_net_models and (family.controlnet_pipeline_class is None or args.mask_path or
+                                    family.unet_inputs != TEXT_TO_IMAGE):
+        raise fail(f"--control_net_models: ControlNet guidance runs through the text-to-image and img2img ControlNet "
+                   f"pipelines of SD 1.x, 2.x and SDXL base; not {'masked img2img' if args.mask_path else model}")
+    if family.unet_inputs != TEXT_TO_IMAGE:
+        return  # a depth / extra-channel model's --cn is its own input (check_image_inputs)
+    with_cn = [p for p in prompts if p.condition_image]
+    if with_cn and not args.control_net_models:
+        raise fail(f"{with_cn[0].where or '--prompt'}: --cn names a ControlNet guide image (or a depth / extra-channel "
+                   f"model's input); {model} has neither: give --control_net_models, or remove --cn")
+    if with_cn and len(args.control_net_models) > 1:
+        raise fail(f"{with_cn[0].where or '--prompt'}: --cn gives one guide image, for one ControlNet; with "
+                   f"{len(args.control_net_models)} use --guide_image_path (one image per ControlNet, in order)")
+    for p in with_cn:
+        if not Path(p.condition_image).is_file():
+            raise fail(f"{p.where or '--prompt'}: --cn {p.condition_image}: no such file")
+    without = [p for p in prompts if not p.condition_image]
+    if args.control_net_models and without and not args.guide_image_path:
+        raise fail(f"--control_net_models: every image needs a guide image: give --guide_image_path, or --cn on each "
+                   f"prompt line ({without[0].where or '--prompt'} has none)")
+
+
+def load_controlnets(args: argparse.Namespace, models: SDModels, prompts: list[SamplePrompt], device: torch.device,
+                     dtype: torch.dtype) -> tuple[guidance.ControlNetRun | None, dict[str, Image.Image]]:
+    """The ControlNets (any layout controlnet_checkpoint reads, checked to fit the model) with their settings, the
+    --guide_image_path images and the prompts' --cn images, all read before the first image is made."""
+    if not args.control_net_models:
+        return None, {}
+    from library.controlnet_checkpoint import load_controlnet
+
+    count = len(args.control_net_models)
+
+    def nth(values, i, default):
+        return values[i] if values and i < len(values) else default
+    guides = []
+    for i, path in enumerate(args.control_net_models):
+        try:
+            model = load_controlnet(path, family=models.family, base_unet_config=dict(models.unet.config), dtype=dtype,
+                                    allow_unsafe_pickle=args.allow_unsafe_pickle)
+        except CheckpointError as e:
+            raise fail(f"--control_net_models {path}: {e}") from None
+        guides.append(guidance.ControlNetGuide(model.to(device), multiplier=nth(args.control_net_multipliers, i, 1.0),
+                                               ratio=nth(args.control_net_ratios, i, 1.0)))
+        logger.info("ControlNet %d: %s (multiplier %s, ratio %s, preprocessor %s)", i + 1, path, guides[-1].multiplier,
+                    guides[-1].ratio, nth(args.control_net_preps, i, "none"))
+    preps = tuple(guidance.preprocessor(nth(args.control_net_preps, i, None)) for i in range(count))
+    files = []
+    for path in args.guide_image_path or []:
+        try:
+            files += gi.image_files(path, "--guide_image_path")
+        except ValueError as e:
+            raise fail(str(e)) from None
+    if len(files) % count:
+        raise fail(f"--guide_image_path: {len(files)} images for {count} ControlNets: give a multiple of {count} (one "
+                   "image per ControlNet for each generated image, in order)")
+    own = {p.condition_image: None for p in prompts if p.condition_image}
+    loaded = {}
+    for file in [*files, *own]:
+        try:
+            loaded[str(file)] = Image.open(file).convert("RGB")
+        except OSError as e:
+            raise fail(f"guide image {file}: cannot read it ({e})") from None
+    return (guidance.ControlNetRun(tuple(guides), preps, tuple(loaded[str(f)] for f in files)),
+            {path: loaded[path] for path in own})
 
 
 def input_files(args: argparse.Namespace) -> dict[str, list[Path]]:
@@ -614,6 +734,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         return replace(p, prompt=ti.expand_tokens(p.prompt, words),
                        negative_prompt=ti.expand_tokens(p.negative_prompt, words)) if words else p
     fix = highres_fix(args, device, dtype)
+    control, own_guides = load_controlnets(args, models, prompts, device, dtype)
     jobs = [replace(job, prompt=settle(job.prompt, init_images[job.index % len(init_images)] if init_images else None,
                                        strength=args.strength, multipliers=[mul for _, mul in applied],
                                        default_strength=1.0 if models.family.unet_inputs == INPAINTING else 0.8,
@@ -634,7 +755,8 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     make = BatchMaker(models, zero_terminal_snr=args.zero_terminal_snr, clip_skip=args.clip_skip, lengths=lengths,
                       init_images=init_images, inputs=inputs, fix=fix, keep_first=args.highres_fix_save_1st,
-                      vae_batch_size=args.vae_batch_size)
+                      vae_batch_size=args.vae_batch_size, control=control, own_guides=own_guides,
+                      control_second_stage=not args.highres_fix_disable_control_net)
     outdir = Path(args.outdir)
     paths = output_paths(outdir, jobs, sequential=args.sequential_file_name)
     written = []
@@ -690,6 +812,16 @@ class BatchMaker:
     fix: HighresFix | None = None
     keep_first: bool = False
     vae_batch_size: float | None = None  # --vae_batch_size as given
+    control: guidance.ControlNetRun | None = None
+    own_guides: dict | None = None  # a prompt's --cn path -> its guide image
+    control_second_stage: bool = True  # not --highres_fix_disable_control_net
+
+    def control_for(self, batch: list[ImageJob], size: tuple[int, int]) -> guidance.ControlGuidance | None:
+        if self.control is None:
+            return None
+        sources = [self.control.sources(job.index, (self.own_guides or {}).get(job.prompt.condition_image))
+                   for job in batch]
+        return self.control.guidance(sources, size)
 
     def vae_chunk(self, n: int) -> int:
         """Images the VAE takes at a time in a batch of n (kohya: the batch; a fraction of it below 1)."""
@@ -700,13 +832,15 @@ class BatchMaker:
         prompts, seeds = [job.prompt for job in batch], [job.seed for job in batch]
         init = [self.init_images[job.index % len(self.init_images)] for job in batch] if self.init_images else None
         extra = {name: [self.inputs[job.index][name] for job in batch] for name in self.inputs[batch[0].index]}
+        size = (prompts[0].width, prompts[0].height)
         if self.fix is None:
-            return self.generate(prompts, seeds, init_images=init, **extra), None
+            return self.generate(prompts, seeds, init_images=init, control=self.control_for(batch, size), **extra), None
         fix, first_latents = self.fix, self.fix.first_stage_latents
         firsts = [fix.first_stage(p, from_image=init is not None) for p in prompts]
         if init is not None:  # the input reduced to the first stage's size (kohya resizes its inputs with LANCZOS)
             init = [image.resize((firsts[0].width, firsts[0].height), Image.Resampling.LANCZOS) for image in init]
-        first = self.generate(firsts, seeds, init_images=init, output_type="latent" if first_latents else "pil")
+        first = self.generate(firsts, seeds, init_images=init, output_type="latent" if first_latents else "pil",
+                              control=self.control_for(batch, (firsts[0].width, firsts[0].height)))
         kept = None
         if self.keep_first:
             kept = sampling.latents_to_images(self.models, first, chunk=self.vae_chunk(len(batch))) if first_latents \
@@ -715,7 +849,8 @@ class BatchMaker:
         enlarged = fix.enlarge(first, width=width, height=height, vae=self.models.vae, dtype=self.models.unet.dtype,
                                vae_batch_size=self.vae_chunk(len(batch)))
         start = {"init_latents": enlarged} if isinstance(enlarged, torch.Tensor) else {"init_images": enlarged}
-        return self.generate(prompts, [seed + 1 for seed in seeds], **start), kept  # kohya: the seed + 1
+        control = self.control_for(batch, size) if self.control_second_stage else None
+        return self.generate(prompts, [seed + 1 for seed in seeds], control=control, **start), kept  # kohya: seed + 1
 
     def generate(self, prompts: list[SamplePrompt], seeds: list[int], **kwargs) -> list:
         first = prompts[0]

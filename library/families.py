@@ -219,6 +219,7 @@ class ModelFamily:
     # `control_model.*`, every SD 1.x / 2.x release) or "diffusers" (ControlNetModel's own names, in which every
     # public SDXL ControlNet ships; both UIs detect them by `controlnet_cond_embedding.conv_in.weight`).
     controlnet_pipeline_class: str | None = "StableDiffusionControlNetPipeline"
+    controlnet_img2img_pipeline_class: str | None = "StableDiffusionControlNetImg2ImgPipeline"
     controlnet_file_keys: str = "original"
     # What the U-Net's first convolution takes (its `in_channels` is their sum, or the model's own width for the
     # "extra channels" families). Together with `arch` it tells the families apart (`family_for`).
@@ -342,7 +343,8 @@ SDXL = ModelFamily(
     pipeline_class="StableDiffusionXLPipeline", img2img_pipeline_class="StableDiffusionXLImg2ImgPipeline",
     pipeline_absent=("feature_extractor", "image_encoder"),
     pipeline_flags=(("force_zeros_for_empty_prompt", True),), text_conditioning=TextConditioningKind.SDXL,
-    controlnet_pipeline_class="StableDiffusionXLControlNetPipeline", controlnet_file_keys="diffusers",
+    controlnet_pipeline_class="StableDiffusionXLControlNetPipeline",
+    controlnet_img2img_pipeline_class="StableDiffusionXLControlNetImg2ImgPipeline", controlnet_file_keys="diffusers",
 )
 SDXL_REFINER = ModelFamily(
     name="sdxl-refiner", arch="sdxl-refiner", text_encoders=(_SDXL_REFINER_TEXT_ENCODER,),
@@ -353,6 +355,7 @@ SDXL_REFINER = ModelFamily(
     pipeline_absent=("feature_extractor", "image_encoder", "text_encoder", "tokenizer"),
     pipeline_flags=(("force_zeros_for_empty_prompt", False), ("requires_aesthetics_score", True)),
     text_conditioning=TextConditioningKind.SDXL_REFINER, controlnet_pipeline_class=None,
+    controlnet_img2img_pipeline_class=None,
 )
 
 
@@ -360,7 +363,7 @@ def _variant(base: ModelFamily, inputs: UNetInputs, **record) -> ModelFamily:
     """`base` with other U-Net inputs: same architecture, encoders, configs (but the U-Net's in_channels) and key
     names; its own name, modelspec id, description and pipeline (`record`). No ControlNet support (yet)."""
     return replace(base, unet_inputs=inputs, config_folder=base.config_folder or base.name,
-                   controlnet_pipeline_class=None, **record)
+                   controlnet_pipeline_class=None, controlnet_img2img_pipeline_class=None, **record)
 
 
 # The released inpainting models. modelspec ids: SAI's spec lists none for them; these are the ids SwarmUI (the

@@ -5,7 +5,8 @@ Prompt files (kohya's formats): `.txt` — one prompt per line, `#` comments, pe
 `--n` negative prompt, `--w` / `--h` size, `--d` seed (gen_img: a comma list, one per image), `--l` CFG scale,
 `--s` steps, `--ss` sampler, and gen_img's `--t` img2img strength, `--am` network multipliers, `--f` file name,
 SDXL's `--ow` / `--oh` original size, `--nw` / `--nh` the negative prompt's original size, `--ct` / `--cl` crop,
-and `--cn` (kohya's ControlNet image) the depth map / condition image of a depth or extra-channel model's image;
+and `--cn` (kohya's ControlNet image): gen_img's ControlNet guide image, or the depth map / condition image of a
+depth or extra-channel model's image;
 `.toml` — `[prompt]` defaults plus `[[prompt.subset]]` entries; `.json` — a list of strings or of dicts with the
 same keys (`prompt`, `negative_prompt`, `width`, `height`, `seed`, `scale`, `sample_steps`, `sample_sampler`).
 
@@ -67,8 +68,9 @@ class SamplePrompt:
     strength: float | None = None  # `--t`: img2img denoising strength (None: the run's --strength)
     network_multipliers: tuple[float, ...] | None = None  # `--am`: one per network (None: the run's --network_mul)
     filename: str | None = None  # `--f`: output file name
-    # `--cn`: kohya's ControlNet image option, here the image of a model with condition inputs: a depth model's
-    # depth map, an extra-channel model's condition image (gen_img and training samples; other models ignore it)
+    # `--cn`: kohya's ControlNet image option: gen_img's ControlNet guide image, or the image of a model with
+    # condition inputs: a depth model's depth map, an extra-channel model's condition image (gen_img and training
+    # samples; gen_img refuses it where nothing takes it)
     condition_image: str | None = None
     # SDXL's size conditioning (None: the image size; crop 0): `--ow --oh`, `--nw --nh` (negative), `--ct --cl`
     original_width: int | None = None
@@ -296,7 +298,7 @@ def encode_prompts(texts: list[str], sizes: list, conditioner):
 def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, scheduler, encoding=None,
                     init_images: list | None = None, init_latents: torch.Tensor | None = None,
                     masks: list | None = None, depth_maps: list | None = None, conditions: list | None = None,
-                    output_type: str = "pil", progress: bool = False, vae_apart: bool | None = None,
+                    control=None, output_type: str = "pil", progress: bool = False, vae_apart: bool | None = None,
                     vae_batch_size: int | None = None):
     """One image per (prompt, seed), in one batch, through the family's diffusers pipeline (StableDiffusionPipeline,
     StableDiffusionXLPipeline, or their img2img pipelines when `init_images`, PIL images of the output size, are
@@ -313,6 +315,9 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     img2img with a text-to-image one; an inpainting model given neither generates from text alone (the whole image
     masked). `depth_maps` ([1, H, W]) are an SD 2.x depth model's, `conditions` ([N, H, W] in [-1, 1]) an
     extra-channel model's; both models work with or without `init_images`.
+
+    `control` (`guidance.ControlGuidance`): ControlNet guidance through the family's ControlNet pipeline (txt2img or
+    img2img), text-to-image models only.
 
     The prompts may differ in text and negative prompt but must share size, steps, CFG scale and strength. Each
     image's noise (initial latents, ancestral samplers' step noise, img2img's VAE sample) comes from its own seed's
@@ -340,7 +345,7 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
         raise ValueError(f"generate_images: output_type {output_type!r}: use pil, np or latent")
     family, n = models.family, len(prompts)
     request = _pipeline_request(models, n, first, init_images=init_images, init_latents=init_latents, masks=masks,
-                                depth_maps=depth_maps, conditions=conditions)
+                                depth_maps=depth_maps, conditions=conditions, control=control, scheduler=scheduler)
     conditioner = conditioner_for(family, models.tokenizers, models.text_encoders, encoding or CaptionEncoding())
     size, negative_size = size_of(first), size_of(first, negative=True)
     cond = encode_prompts([p.prompt for p in prompts] + [p.negative_prompt for p in prompts],
@@ -353,7 +358,7 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
             negative.hidden_states[empty] = 0
             negative.pooled[empty] = 0
     pipe = family_pipeline(models, scheduler, img2img=request.img2img, pipeline_class=request.pipeline_class,
-                           unet=request.unet)
+                           unet=request.unet, controlnet=None if control is None else control.pipeline_model())
     pipe.vae.config.scaling_factor = family.vae_scale_factor
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -414,15 +419,24 @@ class _PipelineRequest:
 
 
 def _pipeline_request(models, n: int, first: SamplePrompt, *, init_images, masks, depth_maps,
-                      conditions, init_latents=None) -> _PipelineRequest:
+                      conditions, init_latents=None, control=None, scheduler=None) -> _PipelineRequest:
     """The pipeline and image arguments for the family's U-Net inputs and the inputs given (the rules: the
     `generation_inputs` docstring). Inputs the model does not take, or missing ones it needs, are refused."""
     from library import generation_inputs as gi
     from library.families import DEPTH, EXTRA_CHANNELS, INPAINTING, TEXT_TO_IMAGE
+    from library.guidance import steps_run
 
     family = models.family
     inputs, width, height = family.unet_inputs, first.width, first.height
     model = family.description.split(" (")[0]
+    if control is not None:
+        if inputs != TEXT_TO_IMAGE or masks is not None or family.controlnet_pipeline_class is None:
+            raise ValueError(f"generate_images: ControlNet guidance runs through the text-to-image and img2img "
+                             f"ControlNet pipelines of SD 1.x, 2.x and SDXL base; not "
+                             f"{'masked img2img' if masks is not None else model}")
+        if any(len(images) != n for images in control.images) or len(control.images) != len(control.guides):
+            raise ValueError(f"generate_images: one guide image per ControlNet ({len(control.guides)}) and prompt "
+                             f"({n})")
     given = {"masks": masks, "depth maps": depth_maps, "conditions": conditions}
     takes = {"masks": inputs in (INPAINTING, TEXT_TO_IMAGE), "depth maps": inputs == DEPTH,
              "conditions": inputs == EXTRA_CHANNELS}
@@ -461,6 +475,9 @@ def _pipeline_request(models, n: int, first: SamplePrompt, *, init_images, masks
         wrapped = gi.ConditionChannelsUNet.from_pixels(models.unet, conditions, (height // scale, width // scale))
     img2img = init_images is not None or init_latents is not None
     kwargs = {"strength": first.strength} if img2img else {"width": width, "height": height}
+    if control is not None:
+        kwargs.update(control.pipeline_kwargs(img2img=img2img, steps_run=steps_run(
+            scheduler, first.steps, first.strength if img2img else None)))
     return _PipelineRequest(None, img2img=img2img, kwargs=kwargs, unet=wrapped)
 
 
@@ -498,7 +515,7 @@ def latents_to_images(models, latents: torch.Tensor, output_type: str = "pil", *
 
 def family_pipeline(models, scheduler, *, img2img: bool = False, controlnet=None, pipeline_class: str | None = None,
                     unet=None):
-    """The family's diffusers pipeline (txt2img, img2img, or txt2img guided by `controlnet`) around our models,
+    """The family's diffusers pipeline (txt2img, img2img, or either guided by `controlnet`) around our models,
     built from the family record. `pipeline_class`: another pipeline of the family's components (an inpainting
     pipeline for masked img2img); `unet`: what the pipeline sees as its U-Net (default: the model's own)."""
     import inspect
@@ -507,9 +524,10 @@ def family_pipeline(models, scheduler, *, img2img: bool = False, controlnet=None
 
     family = models.family
     if controlnet is not None:
-        if img2img or family.controlnet_pipeline_class is None:
-            raise ValueError(f"no ControlNet {'img2img ' if img2img else ''}pipeline for {family.description}")
-        name = family.controlnet_pipeline_class
+        name = family.controlnet_img2img_pipeline_class if img2img else family.controlnet_pipeline_class
+        if name is None or pipeline_class is not None:
+            raise ValueError(f"no ControlNet {'img2img ' if img2img else ''}pipeline for "
+                             f"{pipeline_class or family.description}")
     else:
         name = pipeline_class or (family.img2img_pipeline_class if img2img else family.pipeline_class)
     cls = getattr(diffusers, name)
