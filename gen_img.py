@@ -36,6 +36,7 @@ import argparse
 import importlib
 import logging
 import os
+import random
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -58,6 +59,7 @@ from library.sampling import ImageJob, PromptFileError, SamplePrompt  # noqa: E4
 from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint, require_arch  # noqa: E402
 from library.tensor_files import CheckpointError, open_tensor_file  # noqa: E402
 from library.text_encoding import CHUNK, fitting_token_length, token_count  # noqa: E402
+from library.train_args import add_console_log_arguments, configure_console_log  # noqa: E402
 from library.text_conditioning import CaptionEncoding, conditioner_for  # noqa: E402
 from networks.lora_files import other_unet_inputs_note  # noqa: E402
 
@@ -85,7 +87,12 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="the VAE decodes (and encodes) at most this many images at a time (memory); below 1: that "
                         "fraction of the batch (kohya's rule)")
     g.add_argument("--xformers", action="store_true", help="accepted for kohya compatibility; PyTorch SDPA is used")
+    g.add_argument("--diffusers_xformers", dest="xformers", action="store_true", help="kohya's alias of --xformers")
     g.add_argument("--sdpa", action="store_true", help="accepted for kohya compatibility (the default)")
+    g.add_argument("--opt_channels_last", action="store_true",
+                   help="U-Net, VAE, ControlNets and networks in channels-last memory format (speed on some GPUs; "
+                        "same numbers)")
+    g.add_argument("--tokenizer_cache_dir", default=None, help="accepted for compatibility; tokenizers are shipped")
 
     g = p.add_argument_group("prompts and output")
     g.add_argument("--prompt", default=None, help="the prompt, with kohya's per-prompt options (--n, --d, ...)")
@@ -98,13 +105,29 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None,
                    help="the seed of a single image, or of the seeds of several (kohya's rule)")
     g.add_argument("--iter_same_seed", action="store_true", help="one seed for every prompt of an iteration")
+    g.add_argument("--shuffle_prompts", action="store_true",
+                   help="shuffle the prompt list at the start of every iteration (seeded by --seed when given)")
+    g.add_argument("--use_original_file_name", action="store_true",
+                   help="with --image_path: name each image after its input image (<input name>.png; _<number> "
+                        "added when several share it)")
+    g.add_argument("--interactive", action="store_true",
+                   help="read prompts (with their options) from the terminal, one per line, until end of input")
+    g.add_argument("--no_preview", action="store_true", help="--interactive: do not show each image")
+    g.add_argument("--from_module", default=None,
+                   help="a Python file whose get_prompter(args, pipe, networks) returns kohya's prompter: called as "
+                        "prompter(args, pipe, seed_random, iter_seed, prompt_index, global_step) until it returns "
+                        "None, every iteration")
+    g.add_argument("--prompter_module_args", default=None,
+                   help="for the --from_module prompter, which reads it from args (kohya passes it that way)")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", default="ddim",
                    help=f"one of {', '.join(list(sampling.SAMPLERS) + list(sampling.SAMPLER_ALIASES))}")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--scale", type=float, default=7.5, help="CFG scale")
-    g.add_argument("--negative_scale", type=float, default=None, help="not supported (kohya's extra negative CFG)")
+    g.add_argument("--negative_scale", type=float, default=None,
+                   help="kohya's negative scale: guide with U + scale (T - U) - negative_scale (N - U), U the empty "
+                        "prompt's prediction, N the negative prompt's (prompt option --nl; needs --scale > 1)")
     g.add_argument("--W", type=int, default=None, help="width (default: the model family's resolution)")
     g.add_argument("--H", type=int, default=None, help="height (default: the model family's resolution)")
     g.add_argument("--clip_skip", type=int, default=None, help="condition on the n-th last text-encoder layer")
@@ -134,6 +157,21 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--condition_path", default=None,
                    help="extra-channel models (tools/add_input_channels.py --extra_channels N): the condition image "
                         "with N bands, as in training; a file or a folder used in turn; a prompt's --cn gives its own")
+
+    g.add_argument("--noise_offset_prob", type=float, default=None,
+                   help="txt2img: the probability that an image's starting noise gets an offset (--noise_offset_range)")
+    g.add_argument("--noise_offset_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="the offset: randn() * (HIGH - LOW) + LOW (kohya's formula)")
+    g.add_argument("--pyramid_noise_prob", type=float, default=None,
+                   help="txt2img: the probability that an image's starting noise gets pyramid noise")
+    g.add_argument("--pyramid_noise_discount_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="its discount, drawn uniformly from LOW..HIGH")
+    g.add_argument("--force_scheduler_zero_steps_offset", action="store_true",
+                   help="accepted: img2img here always counts its steps without the scheduler's steps_offset, as "
+                        "diffusers' pipelines do (kohya's behaviour with this flag)")
+    g.add_argument("--emb_normalize_mode", choices=["original", "none", "abs"], default="original",
+                   help="weighted prompts: after weighting, restore the embedding's mean (original, WebUI's), its "
+                        "mean absolute value (abs), or neither (none)")
 
     g = p.add_argument_group("highres fix (kohya's; library/highres_fix.py)")
     g.add_argument("--highres_fix_scale", type=float, default=None,
@@ -169,6 +207,9 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="guide images (files or folders), used in turn; with several ControlNets one per ControlNet "
                         "for each generated image, in order. A prompt's --cn gives its own (one ControlNet)")
 
+    add_console_log_arguments(p)
+    add_refused_arguments(p)
+
     g = p.add_argument_group("networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=None,
                    help="module per network (default networks.lora; one value applies to all)")
@@ -177,7 +218,46 @@ def setup_parser() -> argparse.ArgumentParser:
     g.add_argument("--network_args", nargs="*", default=None, help="per network: 'key=value;key=value'")
     g.add_argument("--network_merge", action="store_true", help="merge all networks into the weights (faster)")
     g.add_argument("--network_merge_n_models", type=int, default=None, help="merge only the first N networks")
+    g.add_argument("--network_pre_calc", action="store_true",
+                   help="merge the applied networks into the weights for each batch, at its multipliers (--am), and "
+                        "take them out again after it (kohya's; faster, like --network_merge, but --am still works)")
+    g.add_argument("--network_show_meta", action="store_true", help="log each network file's metadata")
     return p
+
+
+# kohya gen_img flags of features this suite does not have, each refused with the reason when given (none is parsed
+# and ignored): flag -> (argparse settings, why).
+REFUSED = {
+    "--vae_slices": ({"type": int}, "kohya's row-sliced VAE (library/slicing_vae.py, SD 1.x-sized configs hard-coded "
+                                    "in it) is not implemented here; for VAE memory use --vae_batch_size 1"),
+    "--control_net_lllite_models": ({"nargs": "*"}, "ControlNet-LLLite is kohya's own network type "
+                                                    "(networks/control_net_lllite.py), not implemented here; "
+                                                    "--control_net_models takes ControlNets"),
+    "--clip_vision_strength": ({"type": float}, "it needs OpenAI's CLIP ViT-bigG vision model from the Hugging Face "
+                                                "Hub, and nothing is downloaded here"),
+    "--network_regional_mask_max_color_codes": ({"type": int}, "regional LoRA (kohya's networks limited to mask "
+                                                               "regions with AND-separated sub-prompts) is not "
+                                                               "implemented here"),
+    "--ds_depth_1": ({"type": int}, "Deep Shrink runs inside kohya's own U-Net implementation; not implemented for "
+                                    "diffusers' U-Net here"),
+    "--ds_timesteps_1": ({"type": int}, "Deep Shrink (see --ds_depth_1)"),
+    "--ds_depth_2": ({"type": int}, "Deep Shrink (see --ds_depth_1)"),
+    "--ds_timesteps_2": ({"type": int}, "Deep Shrink (see --ds_depth_1)"),
+    "--ds_ratio": ({"type": float}, "Deep Shrink (see --ds_depth_1)"),
+    "--gradual_latent_timesteps": ({"type": int}, "Gradual Latent needs kohya's own Euler-ancestral scheduler "
+                                                  "variant (EulerAncestralDiscreteSchedulerGL); not implemented here"),
+    "--gradual_latent_ratio": ({"type": float}, "Gradual Latent (see --gradual_latent_timesteps)"),
+    "--gradual_latent_ratio_step": ({"type": float}, "Gradual Latent (see --gradual_latent_timesteps)"),
+    "--gradual_latent_every_n_steps": ({"type": int}, "Gradual Latent (see --gradual_latent_timesteps)"),
+    "--gradual_latent_s_noise": ({"type": float}, "Gradual Latent (see --gradual_latent_timesteps)"),
+    "--gradual_latent_unsharp_params": ({}, "Gradual Latent (see --gradual_latent_timesteps)"),
+}
+
+
+def add_refused_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kohya features not implemented here (refused with the reason when given)")
+    for flag, (settings, why) in REFUSED.items():
+        g.add_argument(flag, default=None, help=f"refused: {why}", **settings)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,10 +279,24 @@ def fail(message: str) -> SystemExit:
 
 
 def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    if args.prompt is None and args.from_file is None:
-        raise fail("give --prompt or --from_file (interactive mode is not supported)")
-    if args.negative_scale is not None:
-        raise fail("--negative_scale is not supported here; leave it out (the negative prompt uses --scale)")
+    for flag, (_, why) in REFUSED.items():
+        if getattr(args, flag[2:]) is not None:
+            raise fail(f"{flag}: not supported here: {why}; remove it")
+    sources = [flag for flag in ("--prompt", "--from_file", "--from_module", "--interactive")
+               if getattr(args, flag[2:]) not in (None, False)]
+    if len(sources) != 1:
+        raise fail(f"give one prompt source: --prompt, --from_file, --from_module or --interactive "
+                   f"({', '.join(sources) + ' given' if sources else 'none given'})")
+    if args.interactive and not sys.stdin.isatty():
+        raise fail("--interactive reads prompts from a terminal, and standard input is not one (a pipe or file?); "
+                   "for prompts from a file use --from_file")
+    if args.no_preview and not args.interactive:
+        raise fail("--no_preview is about --interactive's preview; without --interactive nothing is shown anyway")
+    if args.prompter_module_args is not None and not args.from_module:
+        raise fail("--prompter_module_args is for the --from_module prompter; give --from_module")
+    if args.use_original_file_name and not args.image_path:
+        raise fail("--use_original_file_name names images after their --image_path inputs; give --image_path")
+    check_noise_args(args)
     for flag in ("images_per_prompt", "n_iter", "batch_size", "steps"):
         if getattr(args, flag) < 1:
             raise fail(f"--{flag} must be at least 1")
@@ -237,6 +331,26 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     if args.xformers:
         logger.info("--xformers: using PyTorch's scaled-dot-product attention instead (same results)")
     return device, (torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32)
+
+
+def check_noise_args(args: argparse.Namespace) -> None:
+    for prob, span in (("noise_offset_prob", "noise_offset_range"), ("pyramid_noise_prob",
+                                                                      "pyramid_noise_discount_range")):
+        p, r = getattr(args, prob), getattr(args, span)
+        if (p is None) != (r is None):
+            raise fail(f"--{prob} and --{span} go together (how often, and how much); give both")
+        if p is not None and not 0.0 <= p <= 1.0:
+            raise fail(f"--{prob} {p}: a probability, in [0, 1]")
+        if p is not None and args.image_path:
+            raise fail(f"--{prob}: the noise options change the starting noise of txt2img; with --image_path every "
+                       "image starts from an image (kohya's gen_img ignores them there)")
+
+
+def start_noise(args: argparse.Namespace) -> guidance.StartNoise | None:
+    if args.noise_offset_prob is None and args.pyramid_noise_prob is None:
+        return None
+    return guidance.StartNoise(args.noise_offset_prob, tuple(args.noise_offset_range or ()) or None,
+                               args.pyramid_noise_prob, tuple(args.pyramid_noise_discount_range or ()) or None)
 
 
 HIGHRES_FLAGS = ("highres_fix_steps", "highres_fix_strength", "highres_fix_save_1st", "highres_fix_latents_upscaling",
@@ -347,14 +461,21 @@ def network_kwargs(text: str) -> dict[str, str]:
     return kwargs
 
 
+def prompt_defaults(args: argparse.Namespace, family) -> SamplePrompt:
+    """A prompt line's settings before its own options: the flags, and the family's resolution."""
+    size = family.default_resolution
+    return SamplePrompt("", width=args.W or size, height=args.H or size, scale=args.scale, steps=args.steps,
+                        sampler=sampling.sampler_name(args.sampler), original_width=args.original_width,
+                        original_height=args.original_height, negative_original_width=args.original_width_negative,
+                        negative_original_height=args.original_height_negative, crop_top=args.crop_top,
+                        crop_left=args.crop_left, negative_scale=args.negative_scale)
+
+
 def read_prompts(args: argparse.Namespace, family, applied_networks: int) -> list[SamplePrompt]:
-    default_size = family.default_resolution
-    defaults = SamplePrompt("", width=args.W or default_size, height=args.H or default_size, scale=args.scale,
-                            steps=args.steps, sampler=sampling.sampler_name(args.sampler),
-                            original_width=args.original_width, original_height=args.original_height,
-                            negative_original_width=args.original_width_negative,
-                            negative_original_height=args.original_height_negative, crop_top=args.crop_top,
-                            crop_left=args.crop_left)
+    """The prompts of --prompt / --from_file, checked (--interactive and --from_module give theirs later)."""
+    if args.prompt is None and args.from_file is None:
+        return []
+    defaults = prompt_defaults(args, family)
     try:
         if args.prompt is not None:
             prompts = [sampling.parse_prompt_line(args.prompt, defaults, where="--prompt")]
@@ -364,6 +485,12 @@ def read_prompts(args: argparse.Namespace, family, applied_networks: int) -> lis
         raise fail(str(e)) from None
     if not prompts:  # else the run would end "successfully" having written nothing
         raise fail(f"--from_file {args.from_file}: no prompts in the file; add at least one")
+    check_prompts(args, family, prompts, applied_networks)
+    return prompts
+
+
+def check_prompts(args: argparse.Namespace, family, prompts: list[SamplePrompt], applied_networks: int) -> None:
+    """Each prompt's options against the model and the run (one "error: ..." naming the prompt's line)."""
     for prompt in prompts:
         where = prompt.where or "prompt"
         if not prompt.prompt:
@@ -377,10 +504,16 @@ def read_prompts(args: argparse.Namespace, family, applied_networks: int) -> lis
             raise fail(f"{where}: --am needs networks that are applied, not merged (--network_merge) or absent")
         if muls is not None and len(muls) > applied_networks:
             raise fail(f"{where}: --am gives {len(muls)} multipliers for {applied_networks} applied network(s)")
+        if prompt.negative_scale is not None:
+            if prompt.scale <= 1:
+                raise fail(f"{where}: a negative scale (--negative_scale / --nl) works through classifier-free "
+                           f"guidance, which a CFG scale of {prompt.scale} turns off; raise --scale / --l above 1")
+            if args.control_net_models:
+                raise fail(f"{where}: a negative scale (--negative_scale / --nl) with ControlNet guidance is not "
+                           "supported (diffusers' ControlNet pipelines run the ControlNet for the two CFG branches; "
+                           "the negative scale needs a third)")
         if prompt.strength is not None and not args.image_path and args.highres_fix_scale is None:
             raise fail(f"{where}: --t (img2img strength) needs --image_path or --highres_fix_scale")
-
-    return prompts
 
 
 # The flag that gives each kind of model its own input, and the model a flag is for (in messages).
@@ -399,6 +532,10 @@ def check_image_inputs(args: argparse.Namespace, family, prompts: list[SamplePro
                    "(its second stage would need the mask / map / condition again at the full size; kohya's highres "
                    "fix has no such models either): run without it")
     check_controlnet_inputs(args, family, prompts)
+    if (args.noise_offset_prob is not None or args.pyramid_noise_prob is not None) and \
+            (inputs in (INPAINTING, DEPTH) or args.mask_path):
+        raise fail(f"--noise_offset_prob / --pyramid_noise_prob: the noise options change the starting noise of "
+                   f"text-to-image generation; {'masked img2img' if args.mask_path else model} starts elsewhere")
     for flag in ("--depth_path", "--condition_path"):
         if getattr(args, flag[2:]) and flag != own:
             raise fail(f"{flag}: {args.ckpt} is {model}, which takes no {gi.FLAG_KINDS[flag].value}; the flag is for "
@@ -463,12 +600,12 @@ def check_controlnet_inputs(args: argparse.Namespace, family, prompts: list[Samp
                    f"prompt line ({without[0].where or '--prompt'} has none)")
 
 
-def load_controlnets(args: argparse.Namespace, models: SDModels, prompts: list[SamplePrompt], device: torch.device,
-                     dtype: torch.dtype) -> tuple[guidance.ControlNetRun | None, dict[str, Image.Image]]:
-    """The ControlNets (any layout controlnet_checkpoint reads, checked to fit the model) with their settings, the
-    --guide_image_path images and the prompts' --cn images, all read before the first image is made."""
+def load_controlnets(args: argparse.Namespace, models: SDModels, device: torch.device,
+                     dtype: torch.dtype) -> guidance.ControlNetRun | None:
+    """The ControlNets (any layout controlnet_checkpoint reads, checked to fit the model) with their settings and
+    the --guide_image_path images, read before the first image is made."""
     if not args.control_net_models:
-        return None, {}
+        return None
     from library.controlnet_checkpoint import load_controlnet
 
     count = len(args.control_net_models)
@@ -482,6 +619,8 @@ def load_controlnets(args: argparse.Namespace, models: SDModels, prompts: list[S
                                     allow_unsafe_pickle=args.allow_unsafe_pickle)
         except CheckpointError as e:
             raise fail(f"--control_net_models {path}: {e}") from None
+        if args.opt_channels_last:
+            model.to(memory_format=torch.channels_last)
         guides.append(guidance.ControlNetGuide(model.to(device), multiplier=nth(args.control_net_multipliers, i, 1.0),
                                                ratio=nth(args.control_net_ratios, i, 1.0)))
         logger.info("ControlNet %d: %s (multiplier %s, ratio %s, preprocessor %s)", i + 1, path, guides[-1].multiplier,
@@ -496,15 +635,21 @@ def load_controlnets(args: argparse.Namespace, models: SDModels, prompts: list[S
     if len(files) % count:
         raise fail(f"--guide_image_path: {len(files)} images for {count} ControlNets: give a multiple of {count} (one "
                    "image per ControlNet for each generated image, in order)")
-    own = {p.condition_image: None for p in prompts if p.condition_image}
-    loaded = {}
-    for file in [*files, *own]:
-        try:
-            loaded[str(file)] = Image.open(file).convert("RGB")
-        except OSError as e:
-            raise fail(f"guide image {file}: cannot read it ({e})") from None
-    return (guidance.ControlNetRun(tuple(guides), preps, tuple(loaded[str(f)] for f in files)),
-            {path: loaded[path] for path in own})
+    return guidance.ControlNetRun(tuple(guides), preps, tuple(read_guide_image(file, "--guide_image_path")
+                                                             for file in files))
+
+
+def read_guide_image(path, flag: str) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as e:
+        raise fail(f"{flag} {path}: cannot read the image ({e})") from None
+
+
+def own_guide_images(prompts: list[SamplePrompt]) -> dict[str, Image.Image]:
+    """The guide images the prompts' --cn name (text-to-image models with ControlNet), each read once."""
+    return {path: read_guide_image(path, f"{where}: --cn") for path, where in
+            {p.condition_image: p.where or "--prompt" for p in prompts if p.condition_image}.items()}
 
 
 def input_files(args: argparse.Namespace) -> dict[str, list[Path]]:
@@ -579,7 +724,9 @@ def read_model(args: argparse.Namespace) -> SDCheckpoint:
 
 
 def load_models(checkpoint: SDCheckpoint, device: torch.device, dtype: torch.dtype, *,
-                no_half_vae: bool = False) -> SDModels:
+                no_half_vae: bool = False, channels_last: bool = False) -> SDModels:
+    """The models on the device. `channels_last` (kohya's --opt_channels_last): the U-Net and VAE in PyTorch's
+    channels-last memory format, which some GPU convolution kernels run faster; the same numbers either way."""
     with checkpoint:  # --no_half_vae: the VAE stays fp32 (the SDXL VAE overflows in fp16)
         models = instantiate_models(checkpoint, dtype=dtype,
                                     component_dtypes={"vae": torch.float32} if no_half_vae else None)
@@ -587,14 +734,25 @@ def load_models(checkpoint: SDCheckpoint, device: torch.device, dtype: torch.dty
         # Not requires_grad_(False): sampling runs under no_grad anyway, and frozen weights can make CPU kernels
         # round differently from diffusers' own pipelines (seen on the SD 2.x U-Net: 6e-5).
         model.to(device)
+    if channels_last:
+        for model in (models.unet, models.vae):
+            model.to(memory_format=torch.channels_last)
     return models
 
 
-def add_networks(specs: list[NetworkSpec], models: SDModels, device: torch.device, dtype: torch.dtype) -> list:
+def add_networks(specs: list[NetworkSpec], models: SDModels, device: torch.device, dtype: torch.dtype, *,
+                 show_meta: bool = False, pre_calc: bool = False, channels_last: bool = False) -> list:
     """Merge or apply each network (kohya's create_network_from_weights interface); returns the applied ones with
-    their `--network_mul` (`--am` changes their multipliers per prompt)."""
+    their `--network_mul` (`--am` changes their multipliers per prompt). `show_meta`: log each file's metadata;
+    `pre_calc`: back the applied networks' layers up for kohya's per-batch pre-calculation (its networks'
+    backup_weights / pre_calculation / restore_weights)."""
     applied = []
+    if pre_calc and all(spec.merge for spec in specs):
+        raise fail("--network_pre_calc pre-calculates applied networks per batch; "
+                   + ("all networks are merged (--network_merge)" if specs else "there are none (--network_weights)"))
     for spec in specs:
+        if show_meta:  # kohya logs a .safetensors file's metadata (other files have none)
+            logger.info("metadata of %s: %s", spec.weights, lora_file_metadata(spec.weights) or "(none)")
         module = importlib.import_module(spec.module)
         # External kohya-interface modules name text-encoder layers by module path; see TextModelShim.
         # kohya's interface: one text encoder, or SDXL's two as a list.
@@ -625,6 +783,14 @@ def add_networks(specs: list[NetworkSpec], models: SDModels, device: torch.devic
             logger.warning("%s lacks %d key(s) of its network (those modules do nothing): %s", spec.weights,
                            len(info.missing_keys), ", ".join(info.missing_keys[:10]))
         network.to(device, dtype).eval()
+        if channels_last:  # kohya's --opt_channels_last, for the networks' convolutions too
+            network.to(memory_format=torch.channels_last)
+        if pre_calc:
+            missing = [m for m in ("backup_weights", "pre_calculation", "restore_weights") if not hasattr(network, m)]
+            if missing:
+                raise fail(f"--network_pre_calc: {spec.module}'s network has no {', '.join(missing)} (kohya's "
+                           "pre-calculation interface); run without --network_pre_calc")
+            network.backup_weights()
         applied.append((network, spec.multiplier))
         logger.info("applied %s (multiplier %s)", spec.weights, spec.multiplier)
     return applied
@@ -680,27 +846,115 @@ def load_init_images(path: str | None) -> tuple[list[Path], list]:
     return files, images
 
 
-def output_paths(outdir: Path, jobs: list[ImageJob], *, sequential: bool) -> list[Path]:
-    """Deterministic names: `im_<number>_<seed>.png` (or `im_<number>.png`), numbered on from the highest
-    `im_<number>` already in `outdir` (as WebUI numbers its outputs), so a second run never overwrites the first.
-    A prompt's `--f` name is used as given, with `_<number>` added when several images share it."""
+def output_paths(outdir: Path, jobs: list[ImageJob], *, sequential: bool,
+                 original_names: list[Path] | None = None) -> dict[int, Path]:
+    """Each job's file (by job index). Deterministic names: `im_<number>_<seed>.png` (or `im_<number>.png`),
+    numbered on from the highest `im_<number>` already in `outdir` (as WebUI numbers its outputs), so a second run
+    never overwrites the first. A prompt's `--f` name is used as given, or with `original_names`
+    (--use_original_file_name) the name of the job's --image_path input (its stem + .png, as kohya names it), with
+    `_<number>` added when several images share a name."""
     taken = [int(m.group(1)) for f in (outdir.iterdir() if outdir.is_dir() else [])
              if (m := re.fullmatch(r"im_(\d{6})(?:_\d+)?\.png", f.name))]
     start = max(taken, default=-1) + 1
+
+    def given_name(job: ImageJob) -> str | None:
+        if job.prompt.filename:
+            return job.prompt.filename
+        return original_names[job.index % len(original_names)].stem + ".png" if original_names else None
     uses: dict[str, int] = {}
     for job in jobs:
-        if job.prompt.filename:
-            uses[job.prompt.filename] = uses.get(job.prompt.filename, 0) + 1
-    paths = []
-    for job in jobs:
-        number = f"{start + job.index:06d}"
-        name = job.prompt.filename
-        if name:
+        if name := given_name(job):
+            uses[name] = uses.get(name, 0) + 1
+    paths = {}
+    for position, job in enumerate(jobs):
+        number = f"{start + position:06d}"
+        if name := given_name(job):
             stem, suffix = (name[:-4], ".png") if name.lower().endswith(".png") else (name, ".png")
-            paths.append(outdir / (f"{stem}_{number}{suffix}" if uses[name] > 1 else stem + suffix))
+            paths[job.index] = outdir / (f"{stem}_{number}{suffix}" if uses[name] > 1 else stem + suffix)
         else:
-            paths.append(outdir / (f"im_{number}.png" if sequential else f"im_{number}_{job.seed}.png"))
+            paths[job.index] = outdir / (f"im_{number}.png" if sequential else f"im_{number}_{job.seed}.png")
     return paths
+
+
+def preview(image, title: str) -> None:
+    """--interactive: show the image in the system's image viewer (PIL's Image.show; kohya uses an OpenCV window)."""
+    try:
+        image.show(title=title[:128])
+    except Exception as e:  # no viewer / no display: the image is saved either way
+        logger.warning("cannot show the image (%s); --no_preview turns previews off", e)
+
+
+def interactive(generation: "Generation", stream) -> list[Path]:
+    """kohya's --interactive: a prompt per line (with its options) from the terminal until end of input, each made
+    into --images_per_prompt images at once; seeds drawn from one generator seeded by --seed (kohya's
+    seed_random) over the session. A line with an error is reported and the next one read."""
+    args, family = generation.args, generation.models.family
+    rng = random.Random(args.seed)
+    written, start, number = [], 0, 0
+    while True:
+        print("Type prompt:", file=sys.stderr, flush=True)
+        line = stream.readline()
+        if not line:
+            return written
+        text = line.strip()
+        if not text.split(" --")[0].strip():
+            continue
+        number += 1
+        try:
+            prompt = sampling.parse_prompt_line(text, prompt_defaults(args, family), where=f"prompt {number}")
+            check_prompts(args, family, [prompt], len(generation.applied))
+            check_image_inputs(args, family, [prompt])
+            jobs = sampling.plan_images([prompt], images_per_prompt=args.images_per_prompt, rng=rng, start=start)
+            written += generation.images(jobs)
+        except (PromptFileError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        except SystemExit as e:  # a problem with this prompt (fail(...)): say it, and read the next one
+            print(e, file=sys.stderr)
+            continue
+        start += len(jobs)
+
+
+def module_prompts(args: argparse.Namespace, generation: "Generation", applied_count: int) -> list[list[SamplePrompt]]:
+    """kohya's --from_module: the file's get_prompter(args, pipe, networks) gives a prompter, asked for prompt lines
+    (`prompter(args, pipe, seed_random, iter_seed, prompt_index, global_step)`) until it returns None, once per
+    iteration (--n_iter). `pipe` here is this run's models (kohya's is its pipeline object: a prompter that reaches
+    into that fails, and says so), `networks` the applied networks; `seed_random` is a generator of the prompter's
+    own (seeded by --seed), so drawing from it does not move the images' seeds, and `iter_seed` is None."""
+    import importlib.util
+
+    path = Path(args.from_module)
+    spec = importlib.util.spec_from_file_location("prompt_module", path) if path.is_file() else None
+    if spec is None:
+        raise fail(f"--from_module {path}: no such Python file")
+    module = importlib.util.module_from_spec(spec)
+    where = f"--from_module {path}"
+    try:
+        spec.loader.exec_module(module)
+        prompter = module.get_prompter(args, generation.models, [network for network, _ in generation.applied])
+        seed_random = random.Random(args.seed)
+        defaults = prompt_defaults(args, generation.models.family)
+        iterations, global_step = [], 0
+        for _ in range(args.n_iter):
+            lines = []
+            while (line := prompter(args, generation.models, seed_random, None, len(lines), global_step)) is not None:
+                lines.append(sampling.parse_prompt_line(str(line), defaults,
+                                                        where=f"{where} prompt {len(lines) + 1}"))
+                global_step += args.images_per_prompt
+            if not lines:
+                raise fail(f"{where}: the prompter gave no prompts")
+            iterations.append(lines)
+    except SystemExit:
+        raise
+    except PromptFileError as e:
+        raise fail(str(e)) from None
+    except Exception as e:  # the module's own code failed: say where
+        raise fail(f"{where}: the prompter module failed: {type(e).__name__}: {e} (its pipe is this suite's models, "
+                   "not kohya's pipeline object)") from None
+    for prompts in iterations:
+        check_prompts(args, generation.models.family, prompts, applied_count)
+        check_image_inputs(args, generation.models.family, prompts)
+    return iterations
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -708,75 +962,132 @@ def output_paths(outdir: Path, jobs: list[ImageJob], *, sequential: bool) -> lis
 
 
 def run(args: argparse.Namespace) -> list[Path]:
+    configure_console_log(args)
     device, dtype = check_args(args)
     specs = network_specs(args)
+    applied_count = sum(not spec.merge for spec in specs)
     init_files, init_images = load_init_images(args.image_path)
     files = input_files(args)
     checkpoint = read_model(args)
     try:
-        prompts = read_prompts(args, checkpoint.family, sum(not spec.merge for spec in specs))
+        prompts = read_prompts(args, checkpoint.family, applied_count)
         check_image_inputs(args, checkpoint.family, prompts)
     except SystemExit:
         checkpoint.close()
         raise
-    models = load_models(checkpoint, device, dtype, no_half_vae=args.no_half_vae)
+    models = load_models(checkpoint, device, dtype, no_half_vae=args.no_half_vae,
+                         channels_last=args.opt_channels_last)
     try:  # the caption encoding must suit the family (SDXL conditions on fixed layers: no --clip_skip)
         conditioner_for(models.family, models.tokenizers, models.text_encoders, CaptionEncoding(clip_skip=args.clip_skip))
     except ValueError as e:
         raise fail(str(e)) from None
-    applied = add_networks(specs, models, device, dtype)
+    applied = add_networks(specs, models, device, dtype, show_meta=args.network_show_meta,
+                           pre_calc=args.network_pre_calc, channels_last=args.opt_channels_last)
     try:  # textual-inversion words: the prompt word is the file name (WebUI's rule)
         words = ti.load_embeddings(models, args.textual_inversion_embeddings or [])
     except ValueError as e:
         raise fail(f"--textual_inversion_embeddings: {e}") from None
-
-    def expanded(p: SamplePrompt) -> SamplePrompt:  # a word with several vectors stands for all of them
-        return replace(p, prompt=ti.expand_tokens(p.prompt, words),
-                       negative_prompt=ti.expand_tokens(p.negative_prompt, words)) if words else p
-    fix = highres_fix(args, device, dtype)
-    control, own_guides = load_controlnets(args, models, prompts, device, dtype)
-    jobs = [replace(job, prompt=settle(job.prompt, init_images[job.index % len(init_images)] if init_images else None,
-                                       strength=args.strength, multipliers=[mul for _, mul in applied],
-                                       default_strength=1.0 if models.family.unet_inputs == INPAINTING else 0.8,
-                                       img2img=fix is not None))
-            for job in sampling.plan_images(prompts, images_per_prompt=args.images_per_prompt, n_iter=args.n_iter,
-                                            seed=args.seed, iter_same_seed=args.iter_same_seed)]
-    for p in {job.prompt for job in jobs}:
-        check_steps(p, fix, from_image=bool(init_images))
-    inputs = job_inputs(jobs, init_files, files, models.family, models.unet.config.in_channels)
-    # (every encoder of a family shares CLIP's vocabulary: one tokenizer counts for all)
-    lengths = token_lengths([expanded(p) for p in prompts], models.tokenizers[0], args.max_token_length or
-                            (args.max_embeddings_multiples or 0) * CHUNK or None)
-
-    def batch_key(job: ImageJob):  # what the images of one batch share
-        p = expanded(job.prompt)
-        return (p.width, p.height, p.steps, p.scale, p.strength, p.sampler, p.network_multipliers,
-                lengths[p.prompt, p.negative_prompt], sampling.size_of(p), sampling.size_of(p, negative=True))
-
-    make = BatchMaker(models, zero_terminal_snr=args.zero_terminal_snr, clip_skip=args.clip_skip, lengths=lengths,
-                      init_images=init_images, inputs=inputs, fix=fix, keep_first=args.highres_fix_save_1st,
-                      vae_batch_size=args.vae_batch_size, control=control, own_guides=own_guides,
-                      control_second_stage=not args.highres_fix_disable_control_net)
-    outdir = Path(args.outdir)
-    paths = output_paths(outdir, jobs, sequential=args.sequential_file_name)
-    written = []
-    with tqdm(total=len(jobs), desc="images", unit="image") as bar:
-        for batch in sampling.batches(jobs, args.batch_size, batch_key):
-            for (network, _), multiplier in zip(applied, batch[0].prompt.network_multipliers or ()):
-                network.set_multiplier(multiplier)
-            images, first_images = make([replace(job, prompt=expanded(job.prompt)) for job in batch])
-            for i, job in enumerate(batch):
-                if first_images is not None:
-                    path = paths[job.index]
-                    written.append(sampling.save_png(first_images[i], path.with_name(f"{path.stem}_1st{path.suffix}"),
-                                                     png_text(fix.first_stage(job.prompt, from_image=bool(init_images)),
-                                                              job.seed, args)))
-                written.append(sampling.save_png(images[i], paths[job.index],
-                                                 png_text(job.prompt, job.seed, args, fix=fix,
-                                                          from_image=bool(init_images))))
-            bar.update(len(batch))
-    logger.info("wrote %d image(s) to %s", len(written), outdir)
+    generation = Generation(args, models, applied, words, fix=highres_fix(args, device, dtype),
+                            control=load_controlnets(args, models, device, dtype), init_files=init_files,
+                            init_images=init_images, files=files)
+    try:
+        if args.interactive:
+            return interactive(generation, sys.stdin)
+        iterations = module_prompts(args, generation, applied_count) if args.from_module else None
+        shuffle = random.Random(f"shuffle_prompts {args.seed}") if args.shuffle_prompts and args.seed is not None \
+            else random.Random() if args.shuffle_prompts else None
+        jobs = sampling.plan_images(prompts, images_per_prompt=args.images_per_prompt, n_iter=args.n_iter,
+                                    seed=args.seed, iter_same_seed=args.iter_same_seed, shuffle=shuffle,
+                                    iterations=iterations)
+        written = generation.images(jobs)
+    finally:
+        generation.close()
+    logger.info("wrote %d image(s) to %s", len(written), args.outdir)
     return written
+
+
+class Generation:
+    """What a run has decided before its first image (models, networks, embeddings, highres fix, ControlNets,
+    input images), and `images`: a planned list of images made and saved, batch by batch."""
+
+    def __init__(self, args: argparse.Namespace, models: SDModels, applied: list, words: dict, *,
+                 fix: HighresFix | None, control: guidance.ControlNetRun | None, init_files: list[Path],
+                 init_images: list, files: dict[str, list[Path]]):
+        self.args, self.models, self.applied, self.words = args, models, applied, words
+        self.fix, self.control = fix, control
+        self.init_files, self.init_images, self.files = init_files, init_images, files
+
+    def expanded(self, p: SamplePrompt) -> SamplePrompt:  # a word with several vectors stands for all of them
+        return replace(p, prompt=ti.expand_tokens(p.prompt, self.words),
+                       negative_prompt=ti.expand_tokens(p.negative_prompt, self.words)) if self.words else p
+
+    def images(self, jobs: list[ImageJob]) -> list[Path]:
+        """Make and save the planned images (everything is loaded and checked before the first is made)."""
+        args, models, init_images = self.args, self.models, self.init_images
+        jobs = [replace(job, prompt=settle(job.prompt, init_images[job.index % len(init_images)] if init_images else
+                                           None, strength=args.strength, multipliers=[m for _, m in self.applied],
+                                           default_strength=1.0 if models.family.unet_inputs == INPAINTING else 0.8,
+                                           img2img=self.fix is not None))
+                for job in jobs]
+        for p in {job.prompt for job in jobs}:
+            check_steps(p, self.fix, from_image=bool(init_images))
+        inputs = job_inputs(jobs, self.init_files, self.files, models.family, models.unet.config.in_channels)
+        prompts = list({job.prompt: None for job in jobs})
+        # (every encoder of a family shares CLIP's vocabulary: one tokenizer counts for all)
+        lengths = token_lengths([self.expanded(p) for p in prompts], models.tokenizers[0], args.max_token_length or
+                                (args.max_embeddings_multiples or 0) * CHUNK or None)
+
+        def batch_key(job: ImageJob):  # what the images of one batch share
+            p = self.expanded(job.prompt)
+            return (p.width, p.height, p.steps, p.scale, p.negative_scale, p.strength, p.sampler,
+                    p.network_multipliers, lengths[p.prompt, p.negative_prompt], sampling.size_of(p),
+                    sampling.size_of(p, negative=True))
+
+        make = BatchMaker(models, zero_terminal_snr=args.zero_terminal_snr, clip_skip=args.clip_skip, lengths=lengths,
+                          init_images=init_images, inputs=inputs, fix=self.fix, keep_first=args.highres_fix_save_1st,
+                          vae_batch_size=args.vae_batch_size, control=self.control,
+                          own_guides=own_guide_images(prompts) if self.control else {},
+                          control_second_stage=not args.highres_fix_disable_control_net,
+                          start_noise=start_noise(args), weight_normalization=args.emb_normalize_mode)
+        paths = output_paths(Path(args.outdir), jobs, sequential=args.sequential_file_name,
+                             original_names=self.init_files if args.use_original_file_name else None)
+        written = []
+        with tqdm(total=len(jobs), desc="images", unit="image") as bar:
+            for batch in sampling.batches(jobs, args.batch_size, batch_key):
+                self.set_multipliers(batch[0].prompt.network_multipliers or ())
+                images, first_images = make([replace(job, prompt=self.expanded(job.prompt)) for job in batch])
+                for i, job in enumerate(batch):
+                    path = paths[job.index]
+                    if first_images is not None:
+                        written.append(self.save(first_images[i], path.with_name(f"{path.stem}_1st{path.suffix}"),
+                                                 job, first_stage=True))
+                    written.append(self.save(images[i], path, job))
+                    if args.interactive and not args.no_preview:
+                        preview(images[i], job.prompt.prompt)
+                bar.update(len(batch))
+        return written
+
+    def set_multipliers(self, multipliers) -> None:
+        for (network, _), multiplier in zip(self.applied, multipliers):
+            network.set_multiplier(multiplier)
+        if self.args.network_pre_calc:  # kohya: out with the last batch's multipliers, in with this one's
+            for network, _ in self.applied:
+                network.restore_weights()
+            for network, _ in self.applied:
+                network.pre_calculation()
+
+    def save(self, image, path: Path, job: ImageJob, *, first_stage: bool = False) -> Path:
+        from_image = bool(self.init_images)
+        if first_stage:
+            text = png_text(self.fix.first_stage(job.prompt, from_image=from_image), job.seed, self.args)
+        else:
+            text = png_text(job.prompt, job.seed, self.args, fix=self.fix, from_image=from_image)
+        return sampling.save_png(image, path, text, clip_prompt=job.prompt.clip_prompt)
+
+    def close(self) -> None:
+        """The models as loaded (for callers in Python): pre-calculated networks taken out of the weights."""
+        for network, _ in self.applied if self.args.network_pre_calc else []:
+            network.restore_weights()
 
 
 def check_steps(prompt: SamplePrompt, fix: HighresFix | None, *, from_image: bool) -> None:
@@ -815,6 +1126,8 @@ class BatchMaker:
     control: guidance.ControlNetRun | None = None
     own_guides: dict | None = None  # a prompt's --cn path -> its guide image
     control_second_stage: bool = True  # not --highres_fix_disable_control_net
+    start_noise: guidance.StartNoise | None = None  # kohya's noise options, for the stages that start from noise
+    weight_normalization: str = "original"  # --emb_normalize_mode
 
     def control_for(self, batch: list[ImageJob], size: tuple[int, int]) -> guidance.ControlGuidance | None:
         if self.control is None:
@@ -833,14 +1146,16 @@ class BatchMaker:
         init = [self.init_images[job.index % len(self.init_images)] for job in batch] if self.init_images else None
         extra = {name: [self.inputs[job.index][name] for job in batch] for name in self.inputs[batch[0].index]}
         size = (prompts[0].width, prompts[0].height)
+        noise = self.start_noise if init is None else None  # (img2img starts from an image)
         if self.fix is None:
-            return self.generate(prompts, seeds, init_images=init, control=self.control_for(batch, size), **extra), None
+            return self.generate(prompts, seeds, init_images=init, control=self.control_for(batch, size),
+                                 start_noise=noise, **extra), None
         fix, first_latents = self.fix, self.fix.first_stage_latents
         firsts = [fix.first_stage(p, from_image=init is not None) for p in prompts]
         if init is not None:  # the input reduced to the first stage's size (kohya resizes its inputs with LANCZOS)
             init = [image.resize((firsts[0].width, firsts[0].height), Image.Resampling.LANCZOS) for image in init]
         first = self.generate(firsts, seeds, init_images=init, output_type="latent" if first_latents else "pil",
-                              control=self.control_for(batch, (firsts[0].width, firsts[0].height)))
+                              control=self.control_for(batch, (firsts[0].width, firsts[0].height)), start_noise=noise)
         kept = None
         if self.keep_first:
             kept = sampling.latents_to_images(self.models, first, chunk=self.vae_chunk(len(batch))) if first_latents \
@@ -859,7 +1174,8 @@ class BatchMaker:
             scheduler=sampling.make_scheduler(first.sampler, self.models.prediction_type.value,
                                               zero_terminal_snr=self.zero_terminal_snr),
             encoding=CaptionEncoding(clip_skip=self.clip_skip, weighted=True,
-                                     max_token_length=self.lengths[first.prompt, first.negative_prompt]),
+                                     max_token_length=self.lengths[first.prompt, first.negative_prompt],
+                                     weight_normalization=self.weight_normalization),
             progress=True, vae_batch_size=self.vae_chunk(len(prompts)), **kwargs)
 
 
@@ -906,6 +1222,8 @@ def png_text(prompt: SamplePrompt, seed: int, args: argparse.Namespace, *, fix: 
             extra["First pass denoising strength"] = shown.strength
     if prompt.strength is not None:
         extra["Denoising strength"] = prompt.strength
+    if prompt.negative_scale is not None:
+        extra["Negative scale"] = prompt.negative_scale  # not a WebUI field (kohya's PNGs say negative-scale)
     if args.clip_skip and args.clip_skip > 1:
         extra["Clip skip"] = args.clip_skip
     if fix is not None:

@@ -148,3 +148,125 @@ class ControlNetRun:
         """The ControlGuidance of a batch whose images take `sources` (one tuple per image), at `size`."""
         return ControlGuidance(self.guides, tuple(
             tuple(guide_image(images[k], size, self.preps[k]) for images in sources) for k in range(len(self.guides))))
+
+
+class NegativeScaleUNet(torch.nn.Module):
+    """kohya's negative scale (gen_img --negative_scale, prompt option --nl) through diffusers' pipelines. kohya
+    guides with three predictions, the prompt's T, the negative prompt's N and the unconditional (empty prompt) U:
+
+        U + scale * (T - U) - negative_scale * (N - U)
+
+    where plain CFG is N + scale * (T - N). The pipelines run the U-Net on [negative rows; prompt rows] and combine
+    the halves with the plain formula; this wrapper runs it once on [negative; prompt; unconditional] (kohya's one
+    batch of 3) and returns kohya's combination c in both halves, which the pipeline's formula passes through
+    unchanged: c + scale * (c - c) = c exactly. `uncond`: the empty prompt's conditioning (a TextConditioning of
+    the batch's size; SDXL: its pooled embedding too, and the negative rows' size ids are reused for it)."""
+
+    def __init__(self, unet: torch.nn.Module, uncond, *, scale: float, negative_scale: float):
+        super().__init__()
+        self.unet = unet
+        self.uncond = uncond
+        self.scale, self.negative_scale = scale, negative_scale
+        self.config = unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def __getattr__(self, name: str):
+        # What pipelines read of the U-Net besides its config is the wrapped model's (as ConditionChannelsUNet).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("unet"), name)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args,
+                added_cond_kwargs: dict | None = None, return_dict: bool = True, **kwargs):
+        n = sample.shape[0] // 2
+        if sample.shape[0] != 2 * n or self.uncond.hidden_states.shape[0] != n:
+            raise ValueError("negative scale: the pipeline must run classifier-free guidance (scale > 1) on the "
+                             "batch it was set up for")
+        for name in ("down_block_additional_residuals", "mid_block_additional_residual"):
+            if kwargs.get(name) is not None:
+                raise ValueError("negative scale: not with ControlNet residuals (they cover two branches, not three)")
+        states = self.uncond.hidden_states.to(encoder_hidden_states)
+        if isinstance(timestep, torch.Tensor) and timestep.ndim > 0 and timestep.shape[0] == 2 * n:
+            timestep = torch.cat([timestep, timestep[:n]])
+        if added_cond_kwargs:
+            added_cond_kwargs = {"text_embeds": torch.cat([added_cond_kwargs["text_embeds"],
+                                                           self.uncond.pooled.to(added_cond_kwargs["text_embeds"])]),
+                                 "time_ids": torch.cat([added_cond_kwargs["time_ids"],
+                                                        added_cond_kwargs["time_ids"][:n]])}
+        out = self.unet(torch.cat([sample, sample[:n]]), timestep, torch.cat([encoder_hidden_states, states]), *args,
+                        added_cond_kwargs=added_cond_kwargs, return_dict=False, **kwargs)[0]
+        negative, text, uncond = out.chunk(3)
+        combined = uncond + self.scale * (text - uncond) - self.negative_scale * (negative - uncond)
+        result = torch.cat([combined, combined])
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=result)
+        return (result,)
+
+
+@dataclass(frozen=True)
+class StartNoise:
+    """kohya's gen_img noise options: each image's starting noise (txt2img) gets, with probability
+    `pyramid_prob`, pyramid noise (upsampled lower-resolution noise added at a discount drawn from
+    `pyramid_discount_range`, then rescaled to unit std; kohya's pyramid_noise_like) and then, with probability
+    `offset_prob`, a constant offset `randn() * (hi - lo) + lo` over `offset_range` (kohya's formula, a normal draw,
+    as its code has it).
+
+    The starting noise itself is what the pipeline would draw from the image's generator (diffusers'
+    randn_tensor), so an image whose options do not fire is the image made without them, and the generator goes on
+    to the sampler's step noise as it would. kohya draws the decisions and amounts from the process-global RNGs
+    (unseeded: another image every run); here they come from a generator of their own, seeded by the image's seed,
+    so a run repeats."""
+
+    offset_prob: float | None = None
+    offset_range: tuple[float, float] | None = None
+    pyramid_prob: float | None = None
+    pyramid_discount_range: tuple[float, float] | None = None
+
+    def latents(self, shape: tuple[int, ...], seeds: list[int], generators: list[torch.Generator],
+                dtype: torch.dtype) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        out = []
+        for seed, generator in zip(seeds, generators):
+            noise = randn_tensor((1, *shape[1:]), generator=generator, device=torch.device("cpu"), dtype=dtype)
+            options = torch.Generator().manual_seed(_options_seed(seed))
+            if self.pyramid_prob is not None and torch.rand(1, generator=options).item() < self.pyramid_prob:
+                lo, hi = self.pyramid_discount_range
+                discount = torch.rand(1, generator=options).item() * (hi - lo) + lo
+                noise = pyramid_noise(noise.float(), options, discount).to(dtype)
+            if self.offset_prob is not None and torch.rand(1, generator=options).item() < self.offset_prob:
+                lo, hi = self.offset_range
+                noise = noise + (torch.randn(1, generator=options).item() * (hi - lo) + lo)
+            out.append(noise)
+        return torch.cat(out)
+
+
+def _options_seed(seed: int) -> int:
+    # another stream than the image's own generator (seeded with `seed` itself), the same for the same seed
+    return (seed * 0x9E3779B97F4A7C15 + 0x5EED) % 2 ** 63
+
+
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, discount: float,
+                  iterations: int = 6) -> torch.Tensor:
+    """kohya's pyramid_noise_like (gen_img's start code): for level i, noise at 1 / r**i of the size (r drawn in
+    [2, 4) per level), upsampled bilinearly and added at discount**i, until a side reaches 1; then rescaled to
+    unit std. Draws from `generator` (kohya: the global RNGs)."""
+    b, c, h, w = noise.shape
+    for i in range(iterations):
+        r = torch.rand(1, generator=generator).item() * 2 + 2
+        hn, wn = max(1, int(h / (r ** i))), max(1, int(w / (r ** i)))
+        low = torch.randn((b, c, hn, wn), generator=generator, dtype=noise.dtype)
+        noise = noise + torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear") * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    return noise / noise.std()

@@ -3,7 +3,8 @@ sampler names, one generation function (`generate_images`), kohya's seed rules a
 
 Prompt files (kohya's formats): `.txt` — one prompt per line, `#` comments, per-line options after ` --`:
 `--n` negative prompt, `--w` / `--h` size, `--d` seed (gen_img: a comma list, one per image), `--l` CFG scale,
-`--s` steps, `--ss` sampler, and gen_img's `--t` img2img strength, `--am` network multipliers, `--f` file name,
+`--nl` kohya's negative scale, `--s` steps, `--ss` sampler, and gen_img's `--t` img2img strength, `--am` network
+multipliers, `--f` file name, `--c` kohya's CLIP prompt (recorded in the PNG, as kohya's gen_img does),
 SDXL's `--ow` / `--oh` original size, `--nw` / `--nh` the negative prompt's original size, `--ct` / `--cl` crop,
 and `--cn` (kohya's ControlNet image): gen_img's ControlNet guide image, or the depth map / condition image of a
 depth or extra-channel model's image;
@@ -68,6 +69,10 @@ class SamplePrompt:
     strength: float | None = None  # `--t`: img2img denoising strength (None: the run's --strength)
     network_multipliers: tuple[float, ...] | None = None  # `--am`: one per network (None: the run's --network_mul)
     filename: str | None = None  # `--f`: output file name
+    # `--nl`: kohya's negative scale (None: plain CFG with the negative prompt); `--nl none` turns the run's off
+    negative_scale: float | None = None
+    # `--c`: kohya's CLIP-guidance prompt; its gen_img only records it in the PNG ("clip-prompt"), and so do we
+    clip_prompt: str | None = None
     # `--cn`: kohya's ControlNet image option: gen_img's ControlNet guide image, or the image of a model with
     # condition inputs: a depth model's depth map, an extra-channel model's condition image (gen_img and training
     # samples; gen_img refuses it where nothing takes it)
@@ -124,13 +129,12 @@ def _round_size(value: int) -> int:
 _OPTION = re.compile(r"^(\w+)(?:\s+(.*))?$", re.S)
 # Options of kohya's gen_img.py / other model families that this suite does not implement: refused, naming the
 # feature, rather than silently giving another image than the file asks for.
-_UNSUPPORTED = {"nl": "negative scale", "c": "CLIP guidance prompt", "dsd1": "Deep Shrink",
-                "dst1": "Deep Shrink", "dsd2": "Deep Shrink", "dst2": "Deep Shrink", "dsr": "Deep Shrink",
-                "glt": "Gradual Latent", "glr": "Gradual Latent", "gle": "Gradual Latent", "gls": "Gradual Latent",
-                "glsn": "Gradual Latent", "glus": "Gradual Latent"}
+_UNSUPPORTED = {"dsd1": "Deep Shrink", "dst1": "Deep Shrink", "dsd2": "Deep Shrink", "dst2": "Deep Shrink",
+                "dsr": "Deep Shrink", "glt": "Gradual Latent", "glr": "Gradual Latent", "gle": "Gradual Latent",
+                "gls": "Gradual Latent", "glsn": "Gradual Latent", "glus": "Gradual Latent"}
 # Options of other model families' sample prompts (guidance, ...): accepted, ignored here.
 _IGNORED = ("g", "ctr", "rcfg", "fs")
-KNOWN_OPTIONS = "--n --w --h --d --l --s --ss --t --am --f --cn --ow --oh --nw --nh --ct --cl"
+KNOWN_OPTIONS = "--n --w --h --d --l --nl --s --ss --t --am --f --c --cn --ow --oh --nw --nh --ct --cl"
 _SIZE_OPTIONS = {"ow": "original_width", "oh": "original_height", "nw": "negative_original_width",
                  "nh": "negative_original_height", "ct": "crop_top", "cl": "crop_left"}
 
@@ -142,14 +146,13 @@ def parse_prompt_line(line: str, defaults: SamplePrompt, *, where: str) -> Sampl
         match = _OPTION.match(part.strip())
         key = match.group(1).lower() if match else part.strip().split(" ")[0]
         value = (match.group(2) or "").strip() if match else ""
-        if key == "nl" and value.lower() == "none":
-            continue  # kohya's "no negative scale for this prompt": what we do anyway
         if key in _UNSUPPORTED:
             raise PromptFileError(f"{where}: --{key} ({_UNSUPPORTED[key]}, a kohya gen_img option) is not "
                                   f"supported here; remove it (supported: {KNOWN_OPTIONS})")
         if key in _IGNORED:
             continue
-        if not match or key not in ("n", "w", "h", "d", "l", "s", "ss", "t", "am", "f", "cn", *_SIZE_OPTIONS):
+        if not match or key not in ("n", "w", "h", "d", "l", "nl", "s", "ss", "t", "am", "f", "c", "cn",
+                                    *_SIZE_OPTIONS):
             raise PromptFileError(f"{where}: unknown option '--{key}' (known: {KNOWN_OPTIONS})")
         if not value:
             raise PromptFileError(f"{where}: --{key} needs a value")
@@ -171,6 +174,10 @@ def _option_fields(key: str, value: str) -> dict:
         return {"seed": seeds[0], "extra_seeds": tuple(seeds[1:])}
     if key == "l":
         return {"scale": float(value)}
+    if key == "nl":  # kohya: a number, or none (no negative scale for this prompt)
+        return {"negative_scale": None if value.lower() == "none" else float(value)}
+    if key == "c":
+        return {"clip_prompt": value}
     if key == "s":
         return {"steps": min(max(int(value), 1), 1000)}
     if key == "ss":
@@ -298,8 +305,8 @@ def encode_prompts(texts: list[str], sizes: list, conditioner):
 def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, scheduler, encoding=None,
                     init_images: list | None = None, init_latents: torch.Tensor | None = None,
                     masks: list | None = None, depth_maps: list | None = None, conditions: list | None = None,
-                    control=None, output_type: str = "pil", progress: bool = False, vae_apart: bool | None = None,
-                    vae_batch_size: int | None = None):
+                    control=None, start_noise=None, output_type: str = "pil", progress: bool = False,
+                    vae_apart: bool | None = None, vae_batch_size: int | None = None):
     """One image per (prompt, seed), in one batch, through the family's diffusers pipeline (StableDiffusionPipeline,
     StableDiffusionXLPipeline, or their img2img pipelines when `init_images`, PIL images of the output size, are
     given) with our conditioning: the family's conditioner over `models`' encoders (`encoding`: clip skip, token
@@ -317,7 +324,11 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     extra-channel model's; both models work with or without `init_images`.
 
     `control` (`guidance.ControlGuidance`): ControlNet guidance through the family's ControlNet pipeline (txt2img or
-    img2img), text-to-image models only.
+    img2img), text-to-image models only. `start_noise` (`guidance.StartNoise`, kohya's noise offset / pyramid noise
+    options): the starting latents of a txt2img generation with them.
+
+    A prompt's `negative_scale` (kohya's --negative_scale / --nl) guides with the unconditional prediction too
+    (`guidance.NegativeScaleUNet`); it needs CFG (scale > 1) and no ControlNet.
 
     The prompts may differ in text and negative prompt but must share size, steps, CFG scale and strength. Each
     image's noise (initial latents, ancestral samplers' step noise, img2img's VAE sample) comes from its own seed's
@@ -331,11 +342,14 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
     from library.text_conditioning import CaptionEncoding, SizeConditioning, conditioner_for
 
     first = prompts[0]
-    settings = {(p.width, p.height, p.steps, p.scale, p.strength, size_of(p), size_of(p, negative=True))
-                for p in prompts}
+    settings = {(p.width, p.height, p.steps, p.scale, p.negative_scale, p.strength, size_of(p),
+                 size_of(p, negative=True)) for p in prompts}
     if len(settings) != 1 or len(seeds) != len(prompts):
         raise ValueError("generate_images: one seed per prompt, and all prompts with the same size (and size "
-                         "conditioning), steps, scale and strength")
+                         "conditioning), steps, scale, negative scale and strength")
+    if first.negative_scale is not None and (first.scale <= 1 or control is not None):
+        raise ValueError("generate_images: a negative scale needs classifier-free guidance (scale > 1) and no "
+                         "ControlNet")
     if init_images is not None and init_latents is not None:
         raise ValueError("generate_images: img2img starts from init images or init latents, not both")
     start = init_images if init_images is not None else init_latents
@@ -348,17 +362,29 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
                                 depth_maps=depth_maps, conditions=conditions, control=control, scheduler=scheduler)
     conditioner = conditioner_for(family, models.tokenizers, models.text_encoders, encoding or CaptionEncoding())
     size, negative_size = size_of(first), size_of(first, negative=True)
-    cond = encode_prompts([p.prompt for p in prompts] + [p.negative_prompt for p in prompts],
-                          [size] * n + [negative_size] * n, conditioner).to(models.unet.dtype)
+    # kohya's negative scale also needs the unconditional (empty prompt) conditioning: rows 2n..3n
+    unconditional = [""] * n if first.negative_scale is not None else []
+    cond = encode_prompts([p.prompt for p in prompts] + [p.negative_prompt for p in prompts] + unconditional,
+                          [size] * n + [negative_size] * (n + len(unconditional)), conditioner).to(models.unet.dtype)
     positive, negative = cond.rows(slice(0, n)), cond.rows(slice(n, 2 * n))
+    uncond = cond.rows(slice(2 * n, 3 * n)) if unconditional else None
     if dict(family.pipeline_flags).get("force_zeros_for_empty_prompt"):
         # SDXL's pipeline conditions an empty negative prompt on zeros, not on the encoded empty text.
         empty = [i for i, p in enumerate(prompts) if not p.negative_prompt]
         if empty:
             negative.hidden_states[empty] = 0
             negative.pooled[empty] = 0
+        if uncond is not None:
+            uncond.hidden_states.zero_()
+            uncond.pooled.zero_()
+    unet = request.unet
+    if uncond is not None:
+        from library.guidance import NegativeScaleUNet
+
+        unet = NegativeScaleUNet(unet if unet is not None else models.unet, uncond, scale=first.scale,
+                                 negative_scale=first.negative_scale)
     pipe = family_pipeline(models, scheduler, img2img=request.img2img, pipeline_class=request.pipeline_class,
-                           unet=request.unet, controlnet=None if control is None else control.pipeline_model())
+                           unet=unet, controlnet=None if control is None else control.pipeline_model())
     pipe.vae.config.scaling_factor = family.vae_scale_factor
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -378,6 +404,14 @@ def generate_images(prompts: list[SamplePrompt], seeds: list[int], *, models, sc
         kwargs["image"] = encode_init_images(pipe, init_images, generator, chunk=chunk) if own_vae else init_images
     if init_latents is not None:
         kwargs["image"] = init_latents.to(models.unet.device, models.unet.dtype)
+    if start_noise is not None:
+        if request.img2img or request.pipeline_class is not None:
+            raise ValueError("generate_images: start-noise options are for txt2img generations of text-to-image and "
+                             "extra-channel models (img2img, inpainting and depth2img start from an image)")
+        factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+        channels = (request.unet or models.unet).config.in_channels
+        kwargs["latents"] = start_noise.latents((n, channels, first.height // factor, first.width // factor), seeds,
+                                                generators, models.unet.dtype).to(models.unet.device)
     embeds = {"prompt_embeds": positive.hidden_states, "negative_prompt_embeds": negative.hidden_states}
     if positive.pooled is not None:
         embeds.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
@@ -565,20 +599,34 @@ class ImageJob:
 
 
 def plan_images(prompts: list[SamplePrompt], *, images_per_prompt: int = 1, n_iter: int = 1, seed: int | None = None,
-                iter_same_seed: bool = False) -> list[ImageJob]:
+                iter_same_seed: bool = False, shuffle: random.Random | None = None,
+                iterations: list[list[SamplePrompt]] | None = None, rng: random.Random | None = None,
+                start: int = 0) -> list[ImageJob]:
     """kohya gen_img.py's seeds: a prompt's `--d` list gives its images' seeds in order (the last one repeats when
     the list is shorter); other images draw theirs from `random.Random(--seed)` in image order (with
-    `--iter_same_seed`, one draw per iteration for all of them). A single image with `--seed` uses it directly."""
-    rng = random.Random(seed)
-    single_image = seed is not None and len(prompts) == 1 and images_per_prompt == 1
+    `--iter_same_seed`, one draw per iteration for all of them). A single image with `--seed` uses it directly.
+
+    `shuffle` (kohya's --shuffle_prompts): this generator reorders the prompt list in place at the start of every
+    iteration (so each iteration shuffles the last one's order), and the seeds are drawn in the new order.
+    `iterations`: each iteration's own prompts (kohya's --from_module prompter is asked again every iteration),
+    instead of `prompts` n_iter times. `rng` / `start`: the seed generator to draw from and the first image's index,
+    for a run that plans prompt by prompt (--interactive): it continues both."""
+    single_image = (seed is not None and rng is None and iterations is None and len(prompts) == 1
+                    and images_per_prompt == 1)
+    rng = rng if rng is not None else random.Random(seed)
 
     def draw() -> int:
         return seed if single_image else rng.randint(0, 2 ** 32 - 1)
 
+    order = list(prompts)
     jobs = []
-    for _ in range(n_iter):
+    for iteration in iterations if iterations is not None else [None] * n_iter:
+        if iteration is not None:
+            order = list(iteration)
+        if shuffle is not None:
+            shuffle.shuffle(order)
         iteration_seed = draw() if iter_same_seed else None
-        for prompt in prompts:
+        for prompt in order:
             given = list(prompt.seeds)
             image_seed = None
             for _ in range(images_per_prompt):
@@ -586,7 +634,7 @@ def plan_images(prompts: list[SamplePrompt], *, images_per_prompt: int = 1, n_it
                     image_seed = given.pop(0)
                 elif not prompt.seeds:
                     image_seed = iteration_seed if iter_same_seed else draw()
-                jobs.append(ImageJob(len(jobs), prompt, image_seed))
+                jobs.append(ImageJob(start + len(jobs), prompt, image_seed))
     return jobs
 
 
@@ -617,13 +665,17 @@ def webui_parameters(prompt: SamplePrompt, *, sampler: str, seed: int, model_nam
     return "\n".join(lines)
 
 
-def save_png(image, path: Path, parameters: str) -> Path:
+def save_png(image, path: Path, parameters: str, *, clip_prompt: str | None = None) -> Path:
+    """The image as PNG (atomically) with WebUI's "parameters" text, and kohya's "clip-prompt" text when the prompt
+    has a --c."""
     from PIL.PngImagePlugin import PngInfo
 
     from library.atomic_files import atomic_file
 
     info = PngInfo()
     info.add_text("parameters", parameters)
+    if clip_prompt is not None:
+        info.add_text("clip-prompt", clip_prompt)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
@@ -670,7 +722,8 @@ class TrainingSampler:
                                  **self.inputs[index])
                 path = self.output_dir / "sample" / f"{self.output_name}_{tag}_{index:02d}_{stamp}_{seed}.png"
                 paths.append(save_png(image, path, webui_parameters(prompt, sampler=name, seed=seed,
-                                                                    model_name=self.model_name)))
+                                                                    model_name=self.model_name),
+                                      clip_prompt=prompt.clip_prompt))
                 if run_log is not None:
                     import numpy as np
 

@@ -32,6 +32,7 @@ class CaptionEncoding:
     clip_skip: int | None = None  # --clip_skip
     weighted: bool = False  # --weighted_captions: (word:1.2) emphasis
     pad_to_longest: bool = False  # train_db --no_token_padding
+    weight_normalization: str = "original"  # gen_img --emb_normalize_mode (text_encoding.apply_weights)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,8 @@ class TextConditioner:
         (tokenizer,), (text_encoder,), e = self.tokenizers, self.text_encoders, self.encoding
         if e.weighted:
             ids, weights = tokenize_weighted(tokenizer, captions, e.max_token_length)
-            return TextConditioning(encode_weighted(text_encoder, ids, weights, clip_skip=e.clip_skip))
+            return TextConditioning(encode_weighted(text_encoder, ids, weights, clip_skip=e.clip_skip,
+                                                    normalize=e.weight_normalization))
         ids = tokenize(tokenizer, captions, e.max_token_length, pad_to_longest=e.pad_to_longest)
         return TextConditioning(encode(text_encoder, ids, clip_skip=e.clip_skip))
 
@@ -173,7 +175,7 @@ class SDXLTextConditioner(TextConditioner):
             else:
                 ids = tokenize(tokenizer, captions, e.max_token_length, pad_to_longest=e.pad_to_longest)
             hidden, pooled_here = encode_with_pooled(text_encoder, ids, clip_skip=2, final_norm=False)
-            states.append(apply_weights(hidden, weights) if e.weighted else hidden)
+            states.append(apply_weights(hidden, weights, normalize=e.weight_normalization) if e.weighted else hidden)
             pooled = pooled_here if pooled_here is not None else pooled  # bigG's (the encoder with a projection)
         return TextConditioning(torch.cat(states, dim=-1), pooled)
 

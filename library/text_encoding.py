@@ -149,22 +149,34 @@ def fitting_token_length(tokenizer, captions: list[str], *, weighted: bool) -> i
     return min(max(1, -(-longest // CHUNK)), 3) * CHUNK
 
 
+WEIGHT_NORMALIZATIONS = ("original", "abs", "none")  # kohya gen_img's --emb_normalize_mode
+
+
 def encode_weighted(text_encoder, input_ids: torch.Tensor, weights: torch.Tensor, *,
-                    clip_skip: int | None = None) -> torch.Tensor:
+                    clip_skip: int | None = None, normalize: str = "original") -> torch.Tensor:
     """Conditioning with per-token emphasis, as WebUI computes it: the hidden states are scaled by their token's
-    weight, then the whole is rescaled so its mean equals the unweighted mean."""
-    return apply_weights(encode(text_encoder, input_ids, clip_skip=clip_skip), weights)
+    weight, then the whole is rescaled so its mean equals the unweighted mean (`normalize`: see apply_weights)."""
+    return apply_weights(encode(text_encoder, input_ids, clip_skip=clip_skip), weights, normalize=normalize)
 
 
-def apply_weights(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`encode_weighted`'s emphasis on already encoded states [B, 75*n + 2, D], weights [B, n, 77]."""
+def apply_weights(states: torch.Tensor, weights: torch.Tensor, *, normalize: str = "original") -> torch.Tensor:
+    """`encode_weighted`'s emphasis on already encoded states [B, 75*n + 2, D], weights [B, n, 77]. `normalize`
+    (kohya gen_img's --emb_normalize_mode): after weighting, rescale each caption's states so their mean
+    ("original", WebUI's and kohya's default) or their mean absolute value ("abs") is the unweighted one's, or
+    leave them ("none")."""
+    if normalize not in WEIGHT_NORMALIZATIONS:
+        raise ValueError(f"weight normalization {normalize!r}: one of {', '.join(WEIGHT_NORMALIZATIONS)}")
     b, n, length = weights.shape
     if n == 1:
         flat = weights[:, 0]
     else:
         flat = torch.cat([weights[:, 0, :1], *[weights[:, i, 1:-1] for i in range(n)], weights[:, -1, -1:]], dim=1)
     flat = flat.to(states)
-    original_mean = states.float().mean(dim=(-2, -1), keepdim=True)
     weighted = states * flat.unsqueeze(-1)
-    new_mean = weighted.float().mean(dim=(-2, -1), keepdim=True)
-    return (weighted.float() * (original_mean / new_mean)).to(states.dtype)
+    if normalize == "none":
+        return weighted
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return (x.abs() if normalize == "abs" else x).mean(dim=(-2, -1), keepdim=True)
+    return (weighted.float() * (mean(states) / mean(weighted))).to(states.dtype)

@@ -86,6 +86,9 @@ class LoRAModule(nn.Module):
         # A list keeps the wrapped module out of this module's children (and out of the LoRA state_dict).
         self._org = [org_module]
         self._org_forward, self._saved_forward = None, _NO_FORWARD
+        # False while the update is merged into the wrapped layer (kohya's pre_calculation): the forward passes
+        # through, and stays hooked, so networks hooked after this one on the same layer keep their place.
+        self.enabled = True
 
     org_module = property(lambda self: self._org[0])
 
@@ -120,6 +123,8 @@ class LoRAModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forward(x)
+        if not self.enabled:
+            return out
         if self.training and self.module_dropout is not None and torch.rand(1) < self.module_dropout:
             return out  # module dropout: skip the whole LoRA branch for this step
         # The wrapped layer may be frozen in bf16/fp16 while the LoRA trains in fp32 (--mixed_precision): the
@@ -490,6 +495,38 @@ class LoRANetwork(nn.Module):
         for lora in self.loras:
             lora.merge_to_base(dtype=dtype, device=device)
         logger.info("merged %d LoRA modules into the base weights", len(self.loras))
+
+    # kohya's pre-calculation interface (gen_img --network_pre_calc): the applied network's update merged into the
+    # base weights for a batch (one matmul per layer instead of two extra), and taken out again before the next.
+
+    def backup_weights(self) -> None:
+        """Keep a copy of every wrapped layer's weight (once), for restore_weights."""
+        if getattr(self, "_weight_backup", None) is None:
+            self._weight_backup = {lora.lora_name: lora.org_module.weight.detach().clone() for lora in self.loras}
+
+    @torch.no_grad()
+    def pre_calculation(self) -> None:
+        """W += multiplier * ΔW in every wrapped layer (the current multiplier), and the LoRA branch switched off
+        (kohya's `enabled`): the network acts as merged until restore_weights. Networks applied to the same layers
+        are each merged in turn, in any order (the deltas add)."""
+        if getattr(self, "_weight_backup", None) is None:
+            raise RuntimeError("pre_calculation needs backup_weights() first (to undo it)")
+        for lora in self.loras:
+            lora.merge_to_base()
+            lora.enabled = False
+        self._pre_calculated = True
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """Undo pre_calculation: the backed-up weights exactly, and the LoRA branch on again. With several
+        networks on the same layers, restore all of them before pre-calculating any again (kohya's order): each
+        backup holds the weights from before any merge only if taken before."""
+        if not getattr(self, "_pre_calculated", False):
+            return
+        for lora in self.loras:
+            lora.org_module.weight.copy_(self._weight_backup[lora.lora_name])
+            lora.enabled = True
+        self._pre_calculated = False
 
     def prepare_optimizer_params(self, text_encoder_lr: float | list[float | None] | None, unet_lr: float | None,
                                  default_lr: float | None) -> tuple[list[dict], list[str]]:

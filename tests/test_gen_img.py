@@ -369,7 +369,7 @@ def test_command_line_exit_status(files, tmp_path, monkeypatch):
     (["--sampler", "dpm_fast"], "unknown sampler 'dpm_fast'"),
     (["--network_weights", "missing.safetensors"], "no such file"),
     (["--network_weights", "A", "B", "--network_mul", "0.5"], "1 --network_mul values for 2"),
-    (["--negative_scale", "4"], "--negative_scale is not supported"),
+    (["--negative_scale", "4", "--scale", "1"], "a negative scale .* raise --scale / --l above 1"),
     (["--W", "100"], "--W 100: use a multiple of 8"),
 ])
 def test_bad_options_are_one_line_errors(files, tmp_path, args, message):
