@@ -160,6 +160,11 @@ def parse_prompt_line(line: str, defaults: SamplePrompt, *, where: str) -> Sampl
             prompt = replace(prompt, **_option_fields(key, value))
         except ValueError as e:
             raise PromptFileError(f"{where}: bad value for --{key}: {value!r} ({e})") from None
+    if prompt.negative_scale is not None and prompt.scale <= 1 and any(
+            p.strip().lower().startswith("nl ") for p in parts[1:]):
+        # checked here, where the line is read (a training run's samples would otherwise fail mid-run)
+        raise PromptFileError(f"{where}: --nl (negative scale) works through classifier-free guidance, which a CFG "
+                              f"scale of {prompt.scale} turns off; give --l above 1")
     return prompt
 
 

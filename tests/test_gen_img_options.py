@@ -471,3 +471,15 @@ def test_prompt_line_options_still_refused(files, tmp_path):
     for option, feature in (("--dsd1 3", "Deep Shrink"), ("--glt 650", "Gradual Latent")):
         with pytest.raises(SystemExit, match=f"--prompt: {option.split()[0]} \\({feature}"):
             run(files, tmp_path, "--prompt", f"x {option}")
+
+
+def test_nl_with_cfg_off_is_refused_where_the_line_is_read(tmp_path):
+    """Also in a trainer's --sample_prompts file, which is read before training (not at the first sample)."""
+    from library.sampling import PromptFileError, SamplePrompt, load_prompts
+
+    path = tmp_path / "samples.txt"
+    path.write_text("a cat --l 1 --nl 3\n")
+    with pytest.raises(PromptFileError, match="line 1: --nl .* a CFG scale of 1.0 turns off"):
+        load_prompts(path, SamplePrompt(""))
+    path.write_text("a cat --nl 3 --l 2\n")
+    assert load_prompts(path, SamplePrompt(""))[0].negative_scale == 3.0
