@@ -16,6 +16,12 @@ kohya's contract exactly:
 
 The LoRA is injected by swapping the wrapped module's `forward` (as kohya does), not by replacing the module, so
 the base model's state_dict keys never change; `restore()` undoes the swap exactly.
+
+What kohya's other network types share with LoRA lives here too, so they do not copy it (kohya's lora_fa.py is 75 %
+lora.py): `NetworkModule` (a module of one layer: name, injection, restore, merge), `AdapterNetwork` (a network's
+modules under their kohya names, apply / restore / merge, checked loading, atomic saving), the layer discovery and
+naming (`unet_targets`, `text_encoder_targets`), and `build_lora_network` / `lora_network_from_weights` for any
+network of LoRA-layout modules. networks/lora_fa.py, dylora.py and oft.py build on them.
 """
 
 from __future__ import annotations
@@ -49,41 +55,24 @@ UNET_CONV_CONTAINERS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 # transformers 4 had per-backend attention classes; transformers 5 has only CLIPAttention.
 TEXT_ENCODER_CONTAINERS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 KEY_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+# Our network modules name their modules as kohya's files do (so train_network.py and gen_img.py pass them the
+# models as they are), in one of two file layouts: "lora" (lora_down / lora_up / alpha; networks.lora, lora_fa,
+# dylora) or "oft" (oft_blocks / alpha; networks.oft). External modules (lycoris.kohya) have no FILE_LAYOUT.
+FILE_LAYOUT = "lora"
 
 _NO_FORWARD = object()  # marks "the wrapped module had no instance-level forward before apply_to"
 
 
-class LoRAModule(nn.Module):
-    """A low-rank update of one nn.Linear or nn.Conv2d: ΔW = up @ down * alpha / rank."""
+class NetworkModule(nn.Module):
+    """What every adapter module of one base layer shares (LoRA, LoRA-FA, DyLoRA, OFT): its kohya name, the wrapped
+    nn.Linear / nn.Conv2d kept out of the module tree, the multiplier, and injection by swapping the layer's
+    `forward` (apply_to / restore, exact). Subclasses define `forward` and `merged_weight`."""
 
-    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
-                 alpha: float | torch.Tensor | None = 1.0, dropout: float | None = None,
-                 rank_dropout: float | None = None, module_dropout: float | None = None):
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0):
         super().__init__()
         self.lora_name = lora_name
-        self.lora_dim = int(lora_dim)
-        if isinstance(org_module, nn.Conv2d):
-            if org_module.groups != 1 or org_module.dilation != (1, 1):
-                raise ValueError(f"{lora_name}: grouped or dilated convolutions are not supported")
-            # The down conv carries the kernel, stride and padding; the up conv is 1x1, so the pair is one conv.
-            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
-                                       org_module.stride, org_module.padding, bias=False)
-            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
-        elif isinstance(org_module, nn.Linear):
-            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False)
-            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False)
-        else:
-            raise TypeError(f"{lora_name}: LoRA wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
-        # kohya: alpha 0 / None means "no scaling" (alpha = rank). Saved in files, so a buffer.
-        self.register_buffer("alpha", torch.tensor(float(alpha or 0) or float(self.lora_dim), dtype=torch.float32))
-        self.scale = float(self.alpha) / self.lora_dim
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as microsoft/LoRA and kohya
-        nn.init.zeros_(self.lora_up.weight)  # so a fresh network changes nothing
-
         self.multiplier = multiplier
-        self.dropout = dropout or None  # 0 means off (and then draws no random numbers)
-        self.rank_dropout, self.module_dropout = rank_dropout or None, module_dropout or None
-        # A list keeps the wrapped module out of this module's children (and out of the LoRA state_dict).
+        # A list keeps the wrapped module out of this module's children (and out of the network's state_dict).
         self._org = [org_module]
         self._org_forward, self._saved_forward = None, _NO_FORWARD
         # False while the update is merged into the wrapped layer (kohya's pre_calculation): the forward passes
@@ -95,12 +84,6 @@ class LoRAModule(nn.Module):
     @property
     def is_applied(self) -> bool:
         return self._org_forward is not None
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # kohya fixes `scale` at construction, so loading a file with another alpha left the forward using the
-        # old one; we recompute it from whatever alpha was loaded (load_weights, resume, load_state_dict).
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.scale = float(self.alpha) / self.lora_dim
 
     def apply_to(self) -> None:
         if self.is_applied:
@@ -120,6 +103,60 @@ class LoRAModule(nn.Module):
         else:
             module.forward = self._saved_forward
         self._org_forward, self._saved_forward = None, _NO_FORWARD
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer's weight with this module (at its multiplier) folded in; `weight` is fp32."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge_to_base(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """Fold the module into the wrapped layer's weight, computed in fp32 on `device`, rounded through `dtype`
+        (kohya's merge_to)."""
+        weight = self.org_module.weight
+        device = device if device is not None else weight.device
+        merged = self.merged_weight(weight.to(device=device, dtype=torch.float32))
+        weight.copy_(merged.to(dtype or weight.dtype))
+
+
+def _check_wrappable(lora_name: str, org_module: nn.Module, what: str) -> None:
+    if isinstance(org_module, nn.Conv2d):
+        if org_module.groups != 1 or org_module.dilation != (1, 1):
+            raise ValueError(f"{lora_name}: grouped or dilated convolutions are not supported")
+    elif not isinstance(org_module, nn.Linear):
+        raise TypeError(f"{lora_name}: {what} wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
+
+
+class LoRAModule(NetworkModule):
+    """A low-rank update of one nn.Linear or nn.Conv2d: ΔW = up @ down * alpha / rank."""
+
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
+                 alpha: float | torch.Tensor | None = 1.0, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None):
+        super().__init__(lora_name, org_module, multiplier)
+        self.lora_dim = int(lora_dim)
+        _check_wrappable(lora_name, org_module, "LoRA")
+        if isinstance(org_module, nn.Conv2d):
+            # The down conv carries the kernel, stride and padding; the up conv is 1x1, so the pair is one conv.
+            self.lora_down = nn.Conv2d(org_module.in_channels, self.lora_dim, org_module.kernel_size,
+                                       org_module.stride, org_module.padding, bias=False)
+            self.lora_up = nn.Conv2d(self.lora_dim, org_module.out_channels, (1, 1), (1, 1), bias=False)
+        else:
+            self.lora_down = nn.Linear(org_module.in_features, self.lora_dim, bias=False)
+            self.lora_up = nn.Linear(self.lora_dim, org_module.out_features, bias=False)
+        # kohya: alpha 0 / None means "no scaling" (alpha = rank). Saved in files, so a buffer.
+        self.register_buffer("alpha", torch.tensor(float(alpha or 0) or float(self.lora_dim), dtype=torch.float32))
+        self.scale = float(self.alpha) / self.lora_dim
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as microsoft/LoRA and kohya
+        nn.init.zeros_(self.lora_up.weight)  # so a fresh network changes nothing
+
+        self.dropout = dropout or None  # 0 means off (and then draws no random numbers)
+        self.rank_dropout, self.module_dropout = rank_dropout or None, module_dropout or None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # kohya fixes `scale` at construction, so loading a file with another alpha left the forward using the
+        # old one; we recompute it from whatever alpha was loaded (load_weights, resume, load_state_dict).
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.scale = float(self.alpha) / self.lora_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forward(x)
@@ -145,18 +182,31 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)  # keep the expected update unchanged
         return out + (self.lora_up(lx) * self.multiplier * scale).to(out.dtype)
 
-    def merged_weight_delta(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """ΔW (fp32, without the multiplier) in the wrapped module's weight shape (see `weight_delta`)."""
-        return weight_delta(self.lora_up.weight, self.lora_down.weight, self.scale, device=device).reshape(
-            self.org_module.weight.shape)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) as the file stores them: [r, in(, kh, kw)] and [out, r(, 1, 1)]."""
+        return self.lora_down.weight, self.lora_up.weight
+
+    def down_parameters(self) -> list[torch.Tensor]:
+        """The trainable tensors of the down projection (LoRA+ gives them the base learning rate)."""
+        return [self.lora_down.weight]
+
+    def up_parameters(self) -> list[torch.Tensor]:
+        return [self.lora_up.weight]
 
     @torch.no_grad()
-    def merge_to_base(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        """W += multiplier * ΔW, computed in fp32 on `device`, rounded through `dtype` (kohya's merge_to)."""
-        weight = self.org_module.weight
-        device = device if device is not None else weight.device
-        merged = weight.to(device=device, dtype=torch.float32) + self.multiplier * self.merged_weight_delta(device)
-        weight.copy_(merged.to(dtype or weight.dtype))
+    def scale_delta(self, ratio: float) -> None:
+        """Multiply ΔW by `ratio` (--scale_weight_norms): sqrt(ratio) on each factor, as kohya does."""
+        self.lora_up.weight.mul_(ratio ** 0.5)
+        self.lora_down.weight.mul_(ratio ** 0.5)
+
+    def merged_weight_delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """ΔW (fp32, without the multiplier) in the wrapped module's weight shape (see `weight_delta`)."""
+        down, up = self.factors()
+        return weight_delta(up, down, self.scale, device=device).reshape(self.org_module.weight.shape)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + multiplier * ΔW."""
+        return weight + self.multiplier * self.merged_weight_delta(weight.device)
 
 
 def weight_delta(up: torch.Tensor, down: torch.Tensor, scale: float, *,
@@ -244,14 +294,19 @@ def text_encoder_targets(text_encoder, *, every_layer: bool = False) -> list[dic
     return targets
 
 
-def unet_targets(unet: nn.Module, *, conv: bool, every_layer: bool = False) -> dict[str, nn.Module]:
+def unet_targets(unet: nn.Module, *, conv: bool, every_layer: bool = False, prefix: str = PREFIX_UNET,
+                 containers: tuple[str, ...] | None = None) -> dict[str, nn.Module]:
     """The U-Net layers a kohya LoRA can target; `conv` adds ResNet blocks and down/upsamplers (LoCon);
-    `every_layer`: every Linear / Conv2d (time and size embeddings, conv_in / conv_out: LyCORIS' full presets)."""
-    containers = None if every_layer else UNET_ATTENTION_CONTAINERS + (UNET_CONV_CONTAINERS if conv else ())
+    `every_layer`: every Linear / Conv2d (time and size embeddings, conv_in / conv_out: LyCORIS' full presets).
+    Other network types name their own `prefix` (kohya's OFT: `oft_unet`) and `containers`."""
+    if containers is None:
+        containers = UNET_ATTENTION_CONTAINERS + (UNET_CONV_CONTAINERS if conv else ())
+    if every_layer:
+        containers = None
     if not unet_names_in_original_layout(unet):
-        return find_targets(unet, containers, PREFIX_UNET)
+        return find_targets(unet, containers, prefix)
     config = dict(unet.config)
-    return find_targets(unet, containers, PREFIX_UNET, lambda path: original_unet_module(config, path))
+    return find_targets(unet, containers, prefix, lambda path: original_unet_module(config, path))
 
 
 def original_layout_lora_names(unet: nn.Module) -> dict[str, str]:
@@ -337,7 +392,8 @@ def name_style(names: Iterable[str]) -> NameStyle:
     names = list(names)
     prefixes = tuple(p for p in (PREFIX_TEXT_ENCODER, *_SDXL_TEXT_ENCODER_PREFIXES)
                      if any(n.startswith(p + "_") for n in names))
-    unet = [n[len(PREFIX_UNET) + 1:] for n in names if n.startswith(PREFIX_UNET + "_")]
+    # kohya's OFT names U-Net modules `oft_unet_...`, by the same layouts.
+    unet = [n.split("_unet_", 1)[1] for n in names if n.startswith((PREFIX_UNET + "_", "oft_unet_"))]
     layouts = tuple(layout for layout, starts in _UNET_LAYOUTS.items() if any(n.startswith(starts) for n in unet))
     return NameStyle(prefixes, layouts)
 
@@ -355,91 +411,40 @@ def family_mismatch_hint(lora_names: Iterable[str], model_names: Iterable[str]) 
     return ""
 
 
-class LoRANetwork(nn.Module):
-    """All LoRA modules of one U-Net and its text encoder(s). The modules are registered under their kohya names, so
-    `state_dict()` keys are exactly the file's keys."""
+class AdapterNetwork(nn.Module):
+    """What every network of this suite shares (networks.lora, lora_fa, dylora, oft): its modules registered under
+    their kohya names (so `state_dict()` keys are exactly the file's keys), split into text-encoder and U-Net parts;
+    injection into the models it was built for and exact removal; merging; checked file loading and atomic saving;
+    and kohya's small trainer hooks. A subclass builds the modules and says how they train
+    (`prepare_optimizer_params`)."""
 
-    def __init__(self, text_encoder, unet: nn.Module | None, *, multiplier: float = 1.0,
-                 lora_dim: int = 4, alpha: float | None = 1.0, dropout: float | None = None,
-                 rank_dropout: float | None = None, module_dropout: float | None = None,
-                 conv_lora_dim: int | None = None, conv_alpha: float | None = None,
-                 modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None,
-                 block_dims: list[int] | None = None, block_alphas: list[float] | None = None,
-                 conv_block_dims: list[int] | None = None, conv_block_alphas: list[float] | None = None):
+    UNET_PREFIX = PREFIX_UNET  # the start of the U-Net module names; kohya's OFT uses `oft_unet`
+    TEXT_ENCODER_PREFIX = PREFIX_TEXT_ENCODER  # `lora_te`, `lora_te1`, `lora_te2`
+
+    def __init__(self, text_encoder, unet: nn.Module | None, *, multiplier: float = 1.0):
         super().__init__()
         self.multiplier = multiplier
-        self.block_lr_weights: list[float] | None = None  # set_block_lr_weight
-        self.loraplus_ratios = (None, None)  # (unet, text encoder): set_loraplus_lr_ratio
-        text_encoders = text_encoder_list(text_encoder)
-        # Kept out of the module tree; used to check apply_to's arguments and to number the U-Net's blocks.
-        self._models = (text_encoders, unet)
-        # kohya's block numbering for this U-Net's family, and each U-Net LoRA's block in it: found when a
-        # block-wise option needs it (here for block_dims, or later in set_block_lr_weight).
-        self.block_table = unet_block_table(unet)
-        self._unet_blocks: dict[str, int] | None = None
-        for option, values in (("block_dims", block_dims), ("block_alphas", block_alphas),
-                               ("conv_block_dims", conv_block_dims), ("conv_block_alphas", conv_block_alphas)):
-            if values is not None:
-                self.block_table.check_block_count(option, len(values))
-        if block_dims is not None and block_alphas is None:
-            block_alphas = [alpha] * len(block_dims)
-        if conv_block_dims is not None and conv_block_alphas is None:
-            conv_block_alphas = [conv_alpha or 1.0] * len(conv_block_dims)
-
-        def dim_alpha(name: str, module: nn.Module):
-            if modules_dim is not None:  # from a file: exactly the modules (and ranks) it has
-                return modules_dim.get(name), modules_alpha.get(name)
-            # kohya: 3x3 convs get conv_dim/conv_alpha; Linear and 1x1 convs (even time_emb_proj and
-            # conv_shortcut inside ResNet blocks) get network_dim/network_alpha.
-            is_kxk = isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
-            block = (self._unet_blocks or {}).get(name, -1)
-            if block >= 0 and is_kxk and conv_block_dims is not None:
-                return conv_block_dims[block], conv_block_alphas[block]
-            if block >= 0 and not is_kxk and block_dims is not None:
-                return block_dims[block], block_alphas[block]
-            return (conv_lora_dim, conv_alpha) if is_kxk else (lora_dim, alpha)
-
-        def build(targets: dict[str, nn.Module]) -> list[LoRAModule]:
-            loras = []
-            for name, module in targets.items():
-                dim, a = dim_alpha(name, module)
-                if not dim:
-                    continue
-                lora = LoRAModule(name, module, multiplier, dim, a, dropout, rank_dropout, module_dropout)
-                self.add_module(name, lora)
-                loras.append(lora)
-            return loras
-
-        conv = bool(conv_lora_dim or conv_block_dims or modules_dim is not None)
-        # A file's modules may be anywhere it put them (other trainers target more layers than kohya's defaults).
-        te_targets, unet_targets = lora_targets(text_encoders, unet, conv=conv, every_layer=modules_dim is not None)
-        if unet is not None and (block_dims is not None or conv_block_dims is not None):
-            self._unet_blocks = self.block_table.module_blocks(unet, unet_targets, "block_dims / conv_block_dims")
-        if modules_dim is not None:
-            unknown = sorted(set(modules_dim) - set(te_targets) - set(unet_targets))
-            if unknown:
-                hint = (family_mismatch_hint(modules_dim, [*te_targets, *unet_targets])
-                        or "Is it a LoRA for another base model family?")
-                more = f" (+{len(unknown) - 12} more)" if len(unknown) > 12 else ""
-                raise ValueError(f"{len(unknown)} of {len(modules_dim)} LoRA module(s) in the weights match no layer "
-                                 f"of these models. {hint} Unmatched: {', '.join(unknown[:12])}{more}")
-        self.text_encoder_loras = build(te_targets)
-        self.unet_loras = build(unet_targets)
-        counts = [f"{len(loras)} {prefix}" for prefix, loras in self._text_encoder_loras_by_prefix()]
-        logger.info("LoRA: %s text-encoder modules, %d U-Net modules", " + ".join(counts) or "0",
-                    len(self.unet_loras))
+        # Kept out of the module tree; used to check apply_to's arguments (and, in LoRANetwork, to number blocks).
+        self._models = (text_encoder_list(text_encoder), unet)
+        self.text_encoder_loras: list[NetworkModule] = []
+        self.unet_loras: list[NetworkModule] = []
 
     @property
-    def loras(self) -> list[LoRAModule]:
+    def loras(self) -> list[NetworkModule]:
         return self.text_encoder_loras + self.unet_loras
 
-    def _text_encoder_loras_by_prefix(self) -> list[tuple[str, list[LoRAModule]]]:
+    def _register(self, modules: list[NetworkModule]) -> list[NetworkModule]:
+        for module in modules:
+            self.add_module(module.lora_name, module)
+        return modules
+
+    def _text_encoder_loras_by_prefix(self) -> list[tuple[str, list[NetworkModule]]]:
         """(prefix, modules) per text encoder the network was built for, in their order."""
         prefixes = text_encoder_prefixes(len(self._models[0])) if self._models[0] else []
         return [(prefix, [lora for lora in self.text_encoder_loras if lora.lora_name.startswith(prefix + "_")])
                 for prefix in prefixes]
 
-    def _drop(self, loras: list[LoRAModule]) -> None:
+    def _drop(self, loras: list[NetworkModule]) -> None:
         for lora in loras:
             lora.restore()
             delattr(self, lora.lora_name)
@@ -479,14 +484,14 @@ class LoRANetwork(nn.Module):
 
     def merge_to(self, text_encoder=None, unet=None, weights_sd: dict[str, torch.Tensor] | None = None,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        """Add multiplier * ΔW into the base weights. With `weights_sd`, merge those weights (only the parts,
-        text encoder / U-Net, that it has keys for); otherwise merge the network's current weights."""
+        """Fold the modules (at the multiplier) into the base weights. With `weights_sd`, merge those weights (only
+        the parts, text encoder / U-Net, that it has keys for); otherwise merge the network's current weights."""
         if any(lora.is_applied for lora in self.loras):
-            raise RuntimeError("merge_to on an applied network would count the LoRA twice; call restore() first")
+            raise RuntimeError("merge_to on an applied network would count it twice; call restore() first")
         if weights_sd is not None:
-            if not any(k.startswith(PREFIX_TEXT_ENCODER) for k in weights_sd):
+            if not any(k.startswith(self.TEXT_ENCODER_PREFIX) for k in weights_sd):
                 self._drop(self.text_encoder_loras)
-            if not any(k.startswith(PREFIX_UNET) for k in weights_sd):
+            if not any(k.startswith(self.UNET_PREFIX) for k in weights_sd):
                 self._drop(self.unet_loras)
             info = self._load_checked(weights_sd, "weights_sd")
             if info.missing_keys:
@@ -494,7 +499,135 @@ class LoRANetwork(nn.Module):
                                  f"{', '.join(info.missing_keys[:20])}")
         for lora in self.loras:
             lora.merge_to_base(dtype=dtype, device=device)
-        logger.info("merged %d LoRA modules into the base weights", len(self.loras))
+        logger.info("merged %d %s modules into the base weights", len(self.loras), type(self).__name__)
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        pass  # nothing to checkpoint in an adapter branch; kohya's trainer calls it
+
+    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
+        self.train()
+
+    # ------------------------------------------------------------------ files
+
+    def _load_checked(self, weights_sd: dict[str, torch.Tensor], source: str):
+        own = self.state_dict()
+        unexpected = sorted(set(weights_sd) - set(own))
+        wrong_shapes = [f"{k}: {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the network"
+                        for k, v in weights_sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if unexpected or wrong_shapes:
+            hint = family_mismatch_hint({k.split(".")[0] for k in weights_sd}, {k.split(".")[0] for k in own})
+            lines = [f"{source} does not fit this network:" + (f" {hint}" if hint else "")]
+            if unexpected:
+                lines.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:20])}")
+            lines += wrong_shapes[:20]
+            raise ValueError("\n  ".join(lines))
+        info = self.load_state_dict(weights_sd, strict=False)
+        if info.missing_keys:
+            logger.warning("%s lacks %d key(s) (kept at their initial values): %s", source,
+                           len(info.missing_keys), ", ".join(info.missing_keys[:20]))
+        return info
+
+    def load_weights(self, file: str | Path):
+        """Load a network file: shapes must match and no key may be unknown. Returns torch's
+        (missing_keys, unexpected_keys) info; missing keys keep their current values, as in kohya. Bundled
+        embeddings (`bundle_emb.*`) are not network weights and are left out."""
+        weights, _ = split_bundled(read_weights(file))
+        return self._load_checked(weights, str(file))
+
+    def save_weights(self, file: str | Path, dtype: torch.dtype | None, metadata: dict[str, str] | None, *,
+                     extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the network atomically: .safetensors with string metadata, anything else with torch.save.
+        `extra_tensors` are written beside the weights as they are (e.g. bundled embeddings)."""
+        state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
+                 for k, v in self.state_dict().items()}
+        state.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
+        if Path(file).suffix.lower() == ".safetensors":
+            save_tensors(file, state, metadata or None)
+        else:
+            with atomic_file(file) as tmp:
+                torch.save(state, tmp)
+
+
+class LoRANetwork(AdapterNetwork):
+    """All LoRA modules of one U-Net and its text encoder(s): kohya's networks.lora. Subclasses (LoRA-FA, DyLoRA)
+    make other modules of the same file layout (`_new_module`)."""
+
+    def __init__(self, text_encoder, unet: nn.Module | None, *, multiplier: float = 1.0,
+                 lora_dim: int = 4, alpha: float | None = 1.0, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None,
+                 conv_lora_dim: int | None = None, conv_alpha: float | None = None,
+                 modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None,
+                 block_dims: list[int] | None = None, block_alphas: list[float] | None = None,
+                 conv_block_dims: list[int] | None = None, conv_block_alphas: list[float] | None = None):
+        super().__init__(text_encoder, unet, multiplier=multiplier)
+        self.block_lr_weights: list[float] | None = None  # set_block_lr_weight
+        self.loraplus_ratios = (None, None)  # (unet, text encoder): set_loraplus_lr_ratio
+        self.dropouts = dict(dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
+        text_encoders = self._models[0]
+        # kohya's block numbering for this U-Net's family, and each U-Net LoRA's block in it: found when a
+        # block-wise option needs it (here for block_dims, or later in set_block_lr_weight).
+        self.block_table = unet_block_table(unet)
+        self._unet_blocks: dict[str, int] | None = None
+        for option, values in (("block_dims", block_dims), ("block_alphas", block_alphas),
+                               ("conv_block_dims", conv_block_dims), ("conv_block_alphas", conv_block_alphas)):
+            if values is not None:
+                self.block_table.check_block_count(option, len(values))
+        if block_dims is not None and block_alphas is None:
+            block_alphas = [alpha] * len(block_dims)
+        if conv_block_dims is not None and conv_block_alphas is None:
+            conv_block_alphas = [conv_alpha or 1.0] * len(conv_block_dims)
+
+        def dim_alpha(name: str, module: nn.Module):
+            if modules_dim is not None:  # from a file: exactly the modules (and ranks) it has
+                return modules_dim.get(name), modules_alpha.get(name)
+            # kohya: 3x3 convs get conv_dim/conv_alpha; Linear and 1x1 convs (even time_emb_proj and
+            # conv_shortcut inside ResNet blocks) get network_dim/network_alpha.
+            is_kxk = isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+            block = (self._unet_blocks or {}).get(name, -1)
+            if block >= 0 and is_kxk and conv_block_dims is not None:
+                return conv_block_dims[block], conv_block_alphas[block]
+            if block >= 0 and not is_kxk and block_dims is not None:
+                return block_dims[block], block_alphas[block]
+            return (conv_lora_dim, conv_alpha) if is_kxk else (lora_dim, alpha)
+
+        def build(targets: dict[str, nn.Module]) -> list[LoRAModule]:
+            loras = []
+            for name, module in targets.items():
+                dim, a = dim_alpha(name, module)
+                if dim:
+                    loras.append(self._new_module(name, module, dim, a))
+            return self._register(loras)
+
+        conv = bool(conv_lora_dim or conv_block_dims or modules_dim is not None)
+        # A file's modules may be anywhere it put them (other trainers target more layers than kohya's defaults).
+        te_targets, unet_targets = lora_targets(text_encoders, unet, conv=conv, every_layer=modules_dim is not None)
+        if unet is not None and (block_dims is not None or conv_block_dims is not None):
+            self._unet_blocks = self.block_table.module_blocks(unet, unet_targets, "block_dims / conv_block_dims")
+        if modules_dim is not None:
+            unknown = sorted(set(modules_dim) - set(te_targets) - set(unet_targets))
+            if unknown:
+                hint = (family_mismatch_hint(modules_dim, [*te_targets, *unet_targets])
+                        or "Is it a LoRA for another base model family?")
+                more = f" (+{len(unknown) - 12} more)" if len(unknown) > 12 else ""
+                raise ValueError(f"{len(unknown)} of {len(modules_dim)} LoRA module(s) in the weights match no layer "
+                                 f"of these models. {hint} Unmatched: {', '.join(unknown[:12])}{more}")
+        self.text_encoder_loras = build(te_targets)
+        self.unet_loras = build(unet_targets)
+        counts = [f"{len(loras)} {prefix}" for prefix, loras in self._text_encoder_loras_by_prefix()]
+        logger.info("%s: %s text-encoder modules, %d U-Net modules", self.KIND, " + ".join(counts) or "0",
+                    len(self.unet_loras))
+
+    KIND = "LoRA"  # in messages
+
+    def _new_module(self, name: str, org_module: nn.Module, dim: int, alpha: float | None) -> LoRAModule:
+        """The module for one layer: networks.lora's LoRAModule; other LoRA-layout networks make their own."""
+        return LoRAModule(name, org_module, self.multiplier, dim, alpha, **self.dropouts)
 
     # kohya's pre-calculation interface (gen_img --network_pre_calc): the applied network's update merged into the
     # base weights for a batch (one matmul per layer instead of two extra), and taken out again before the next.
@@ -571,8 +704,8 @@ class LoRANetwork(nn.Module):
                 continue
             if ratio:
                 # LoRA+: the up projections learn `ratio` times faster (the paper suggests 16).
-                groups.append({"params": [lora.lora_down.weight for lora in loras], "lr": lr})
-                groups.append({"params": [lora.lora_up.weight for lora in loras], "lr": lr * ratio})
+                groups.append({"params": [p for lora in loras for p in lora.down_parameters()], "lr": lr})
+                groups.append({"params": [p for lora in loras for p in lora.up_parameters()], "lr": lr * ratio})
                 descriptions += [description, f"{description} plus"]
             else:
                 groups.append({"params": [p for lora in loras for p in lora.parameters()], "lr": lr})
@@ -597,8 +730,8 @@ class LoRANetwork(nn.Module):
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm: float, device=None) -> tuple[int, float, float]:
-        """kohya's --scale_weight_norms: scale each module's up and down weights by sqrt(r) so that the norm of
-        its delta W (with alpha/rank) is at most `max_norm`. Returns (modules scaled, mean norm, max norm) after."""
+        """kohya's --scale_weight_norms: scale each module's delta W (with alpha/rank) by r so that its norm is at
+        most `max_norm` (networks.lora: sqrt(r) on each of up and down). Returns (modules scaled, mean norm, max norm) after."""
         scaled, norms = 0, []
         for lora in self.loras:
             norm = lora.merged_weight_delta(device).float().norm()
@@ -607,62 +740,9 @@ class LoRANetwork(nn.Module):
             ratio = (torch.clamp(norm_for_ratio, max=max_norm) / norm_for_ratio).item()
             if ratio != 1.0:
                 scaled += 1
-                lora.lora_up.weight.mul_(ratio ** 0.5)
-                lora.lora_down.weight.mul_(ratio ** 0.5)
+                lora.scale_delta(ratio)
             norms.append(norm.item() * ratio)
         return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
-
-    def get_trainable_params(self):
-        return self.parameters()
-
-    def enable_gradient_checkpointing(self) -> None:
-        pass  # nothing to checkpoint in a LoRA branch; kohya's trainer calls it
-
-    def prepare_grad_etc(self, text_encoder=None, unet=None) -> None:
-        self.requires_grad_(True)
-
-    def on_epoch_start(self, text_encoder=None, unet=None) -> None:
-        self.train()
-
-    # ------------------------------------------------------------------ files
-
-    def _load_checked(self, weights_sd: dict[str, torch.Tensor], source: str):
-        own = self.state_dict()
-        unexpected = sorted(set(weights_sd) - set(own))
-        wrong_shapes = [f"{k}: {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the network"
-                        for k, v in weights_sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        if unexpected or wrong_shapes:
-            hint = family_mismatch_hint({k.split(".")[0] for k in weights_sd}, {k.split(".")[0] for k in own})
-            lines = [f"{source} does not fit this network:" + (f" {hint}" if hint else "")]
-            if unexpected:
-                lines.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:20])}")
-            lines += wrong_shapes[:20]
-            raise ValueError("\n  ".join(lines))
-        info = self.load_state_dict(weights_sd, strict=False)
-        if info.missing_keys:
-            logger.warning("%s lacks %d key(s) (kept at their initial values): %s", source,
-                           len(info.missing_keys), ", ".join(info.missing_keys[:20]))
-        return info
-
-    def load_weights(self, file: str | Path):
-        """Load a LoRA file into this network: shapes must match and no key may be unknown. Returns torch's
-        (missing_keys, unexpected_keys) info; missing keys keep their current values, as in kohya. Bundled
-        embeddings (`bundle_emb.*`) are not network weights and are left out."""
-        weights, _ = split_bundled(read_weights(file))
-        return self._load_checked(weights, str(file))
-
-    def save_weights(self, file: str | Path, dtype: torch.dtype | None, metadata: dict[str, str] | None, *,
-                     extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the network atomically: .safetensors with string metadata, anything else with torch.save.
-        `extra_tensors` are written beside the weights as they are (e.g. bundled embeddings)."""
-        state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
-                 for k, v in self.state_dict().items()}
-        state.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
-        if Path(file).suffix.lower() == ".safetensors":
-            save_tensors(file, state, metadata or None)
-        else:
-            with atomic_file(file) as tmp:
-                torch.save(state, tmp)
 
 
 def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
@@ -851,13 +931,17 @@ class NetworkArgs(NamedTuple):
     loraplus_text_encoder_lr_ratio: float | None = None
 
 
-def parse_network_args(kwargs: dict[str, object], neuron_dropout: float | None = None) -> NetworkArgs:
-    """Typed values from `--network_args` (strings, key=value)."""
+def parse_network_args(kwargs: dict[str, object], neuron_dropout: float | None = None, *,
+                       allowed: Iterable[str] | None = None, module: str = "networks.lora",
+                       own_keys: Iterable[str] = ()) -> NetworkArgs:
+    """Typed values from `--network_args` (strings, key=value). `allowed`: the subset of networks.lora's keys that
+    `module` accepts (all by default); `own_keys`: keys the module reads itself (named in the message only)."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    unknown = sorted(set(kwargs) - set(_ARG_TYPES))
+    allowed = set(_ARG_TYPES if allowed is None else allowed)
+    unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise ValueError(f"--network_args: unknown key(s) for networks.lora: {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(_ARG_TYPES))})")
+        raise ValueError(f"--network_args: unknown key(s) for {module}: {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(allowed | set(own_keys)))})")
     values = {}
     for key, value in kwargs.items():
         try:
@@ -886,7 +970,14 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
                    unet, neuron_dropout: float | None = None, **kwargs) -> LoRANetwork:
     """kohya's factory: `text_encoder` is one text encoder or a list of them (SDXL: [CLIP ViT-L, OpenCLIP bigG]).
     The block-wise options count the U-Net's blocks by its family's table (`unet_block_table`)."""
-    args = parse_network_args(kwargs, neuron_dropout)
+    return build_lora_network(LoRANetwork, multiplier, network_dim, network_alpha, text_encoder, unet,
+                              parse_network_args(kwargs, neuron_dropout))
+
+
+def build_lora_network(network_class: type[LoRANetwork], multiplier: float, network_dim: int | None,
+                       network_alpha: float | None, text_encoder, unet, args: NetworkArgs,
+                       **network_kwargs) -> LoRANetwork:
+    """create_network's work for any LoRA-layout network class; `network_kwargs` go to its constructor."""
     table = unet_block_table(unet)
     block_options = [name for name in _BLOCK_OPTIONS if getattr(args, name) is not None]
     if block_options and unet is not None:
@@ -912,11 +1003,11 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         block_dims = [0 if w == 0 else d for w, d in zip(lr_weights, block_dims)]
         if conv_block_dims is not None:
             conv_block_dims = [0 if w == 0 else d for w, d in zip(lr_weights, conv_block_dims)]
-    network = LoRANetwork(
+    network = network_class(
         text_encoder, unet, multiplier=multiplier, lora_dim=lora_dim, alpha=alpha,
         dropout=args.dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
         conv_lora_dim=args.conv_dim, conv_alpha=args.conv_alpha, block_dims=block_dims, block_alphas=block_alphas,
-        conv_block_dims=conv_block_dims, conv_block_alphas=conv_block_alphas)
+        conv_block_dims=conv_block_dims, conv_block_alphas=conv_block_alphas, **network_kwargs)
     network.set_block_lr_weight(lr_weights)
     network.set_loraplus_lr_ratio(args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio,
                                   args.loraplus_text_encoder_lr_ratio)
@@ -926,6 +1017,9 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
 def dims_from_weights(weights_sd: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
     """Per-module rank (from lora_down's first dimension) and alpha (alpha = rank when a file has none)."""
     odd = sorted(k for k in weights_sd if "." not in k or not k.endswith(KEY_SUFFIXES))
+    if odd and all(k.startswith("oft_unet_") for k in odd):
+        raise ValueError("a kohya OFT file (oft_unet_*.oft_blocks), not a LoRA: load it with --network_module "
+                         "networks.oft")
     if odd:
         raise ValueError(f"not a plain kohya LoRA (LyCORIS / DoRA / other keys?): {', '.join(odd[:20])}")
     dims = {k[:-len(".lora_down.weight")]: v.shape[0] for k, v in weights_sd.items()
@@ -941,7 +1035,14 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
     """A network shaped like a file (modules, ranks, alphas), weights not loaded (kohya: the caller loads or
     merges them). `--network_args` dims are ignored, since the file decides them; dropouts apply to training, and
     per-block learning rates (down/mid/up_lr_weight) to its optimizer groups, as in kohya."""
-    args = parse_network_args(kwargs)
+    return lora_network_from_weights(LoRANetwork, multiplier, file, text_encoder, unet, weights_sd, for_inference,
+                                     parse_network_args(kwargs))
+
+
+def lora_network_from_weights(network_class: type[LoRANetwork], multiplier: float, file, text_encoder, unet,
+                              weights_sd: dict[str, torch.Tensor] | None, for_inference: bool, args: NetworkArgs,
+                              **network_kwargs) -> tuple[LoRANetwork, dict[str, torch.Tensor]]:
+    """create_network_from_weights' work for any LoRA-layout network class."""
     if weights_sd is None:
         weights_sd = read_weights(file)
     # A LoRA with bundled embeddings (--bundle_embeddings, WebUI's bundle_emb.*): the network is the rest. The
@@ -953,8 +1054,8 @@ def create_network_from_weights(multiplier: float, file, vae, text_encoder, unet
     dims, alphas = dims_from_weights(weights_sd)
     dropouts = {} if for_inference else dict(dropout=args.dropout, rank_dropout=args.rank_dropout,
                                               module_dropout=args.module_dropout)
-    network = LoRANetwork(text_encoder, unet, multiplier=multiplier,
-                          modules_dim=dims, modules_alpha=alphas, **dropouts)
+    network = network_class(text_encoder, unet, multiplier=multiplier,
+                            modules_dim=dims, modules_alpha=alphas, **dropouts, **network_kwargs)
     network.set_block_lr_weight(network.block_table.lr_weights(args.down_lr_weight, args.mid_lr_weight,
                                                                args.up_lr_weight, args.block_lr_zero_threshold))
     return network, weights_sd

@@ -1,5 +1,5 @@
-"""A trained networks.lora network in diffusers' own LoRA layout (`pytorch_lora_weights.safetensors`), for users of
-diffusers' training examples (`--save_lora_format diffusers`).
+"""A trained LoRA-layout network (networks.lora, lora_fa, dylora) in diffusers' own LoRA layout
+(`pytorch_lora_weights.safetensors`), for users of diffusers' training examples (`--save_lora_format diffusers`).
 
 diffusers writes PEFT's layout: `<component>.<module path>.lora_A.weight` (the down projection) and `.lora_B.weight`
 (the up projection), components named as the pipeline names them (`unet`, `text_encoder`, `text_encoder_2`), module
@@ -27,7 +27,7 @@ def diffusers_lora_state_dict(network, text_encoders: list[torch.nn.Module], une
         if path is None:
             raise ValueError(f"{lora.lora_name}: its layer is not in the models given; build the diffusers file "
                              "from the models the network was applied to")
-        down, up = lora.lora_down.weight.detach(), lora.lora_up.weight.detach()
+        down, up = (t.detach() for t in lora.factors())  # LoRA, LoRA-FA and DyLoRA (full rank) alike
         folded_up = up.float() * (float(lora.alpha) / lora.lora_dim)  # diffusers reads a file without alpha at 1
         for key, tensor in ((f"{path}.lora_A.weight", down), (f"{path}.lora_B.weight", folded_up)):
             out[key] = tensor.to("cpu", dtype or down.dtype).contiguous()
