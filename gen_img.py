@@ -132,7 +132,8 @@ def add_networks(specs: list[NetworkSpec], models: SDModels, device: torch.devic
         module = importlib.import_module(spec.module)
         # External kohya-interface modules name text-encoder layers by module path; see TextModelShim.
         # kohya's interface: one text encoder, or SDXL's two as a list.
-        encoders = models.text_encoders if spec.module == "networks.lora" else \
+        # Our modules (networks.lora, lora_fa, dylora, oft: FILE_LAYOUT) name text-encoder layers as the files do.
+        encoders = models.text_encoders if getattr(module, "FILE_LAYOUT", None) else \
             [TextModelShim(encoder) for encoder in models.text_encoders]
         text_encoder = encoders[0] if len(encoders) == 1 else encoders
         try:

@@ -1,5 +1,6 @@
 """Train a LoRA / LoCon network for Stable Diffusion 1.x / 2.x (kohya-ss/sd-scripts' interface; SDXL:
-sdxl_train_network.py, the same recipe).
+sdxl_train_network.py, the same recipe). Other network types by kohya's module names: --network_module
+networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA), networks.oft (OFT), or an external one (lycoris.kohya).
 
     accelerate launch train_network.py --pretrained_model_name_or_path model.safetensors \\
         --train_data_dir data --output_dir out --output_name my_lora \\
@@ -39,7 +40,7 @@ from library.textual_inversion import (CaptionRewrite, bundle_tensors, embedding
                                        save_beside)
 from library.training_metadata import additional_networks_hashes, run_metadata  # noqa: E402
 from library.train_dataset import TrainingDataset, describe_samples  # noqa: E402
-from library.training_loop import Trainer  # noqa: E402
+from library.training_loop import Trainer, micro_step_seed  # noqa: E402
 
 logger = logging.getLogger("train_network")
 
@@ -49,9 +50,13 @@ def setup_parser() -> argparse.ArgumentParser:
     train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,))
     train_args.add_embedding_arguments(p)
     g = p.add_argument_group("network")
-    g.add_argument("--network_module", default="networks.lora")
-    g.add_argument("--network_dim", type=int, default=None, help="rank (networks.lora default: 4)")
-    g.add_argument("--network_alpha", type=float, default=1.0, help="scale = alpha / dim (kohya default 1)")
+    g.add_argument("--network_module", default="networks.lora",
+                   help="networks.lora (LoRA / LoCon), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA), "
+                        "networks.oft (OFT), or an external kohya-interface module (lycoris.kohya)")
+    g.add_argument("--network_dim", type=int, default=None,
+                   help="rank (networks.lora default: 4); networks.oft: the number of blocks")
+    g.add_argument("--network_alpha", type=float, default=1.0,
+                   help="scale = alpha / dim (kohya default 1); networks.oft: the constraint (e.g. 1e-3)")
     g.add_argument("--network_dropout", type=float, default=None)
     g.add_argument("--network_args", nargs="*", default=None, help="key=value options, e.g. conv_dim=4")
     g.add_argument("--network_weights", default=None, help="start from these LoRA weights")
@@ -89,8 +94,11 @@ PIVOT_STATE_KEY = "pivotal_embedding"  # the first text encoder's vectors; "pivo
 class LoRATask:
     def __init__(self, network, *, train_text_encoder: bool, save_dtype, save_model_as: str, metadata: dict,
                  scale_weight_norms: float | None = None, pivot=None, bundle_embeddings: bool = False,
-                 save_formats: tuple[str, ...] = ("kohya",), models=None, unet_renames: dict[str, str] | None = None):
+                 save_formats: tuple[str, ...] = ("kohya",), models=None, unet_renames: dict[str, str] | None = None,
+                 seed: int = 0):
         self.network = network
+        self.seed = seed  # for the networks that draw something per step (DyLoRA's rank)
+        self.drawn_rank: int | None = None
         # An external module's diffusers-path U-Net names -> kohya's names for this family (SDXL), applied on saving.
         self.unet_renames = unet_renames or {}
         self.save_formats = save_formats  # --save_lora_format: the first names <name>.<ext>, others <name>_<format>
@@ -110,6 +118,9 @@ class LoRATask:
     def before_step(self, global_step: int) -> None:
         if self.pivot is not None:
             self.pivot.before_step(global_step)
+        begin_step = getattr(self.network, "begin_step", None)
+        if begin_step is not None:  # DyLoRA: this step's rank, from the run seed and the step (so resumes agree)
+            self.drawn_rank = begin_step(micro_step_seed(self.seed, global_step, 0, "network"))
 
     def unused_parameters(self, text_conditioner) -> list[UnusedParameters]:
         """Why some trained parameters can get no gradient in a step (what DDP must know, data_parallel.py)."""
@@ -128,11 +139,13 @@ class LoRATask:
         return unused
 
     def after_optimizer_step(self) -> dict[str, float]:
-        """--scale_weight_norms: max-norm regularisation after each step (logged as kohya does)."""
+        """--scale_weight_norms: max-norm regularisation after each step (logged as kohya does); DyLoRA's rank."""
+        logs = {} if self.drawn_rank is None else {"dylora/rank": self.drawn_rank}
         if not self.scale_weight_norms:
-            return {}
+            return logs
         scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(self.scale_weight_norms)
-        return {"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm, "max_norm/max_key_norm": max_norm}
+        return {**logs, "max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm,
+                "max_norm/max_key_norm": max_norm}
 
     def trainable_state(self):
         state = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
@@ -257,18 +270,23 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
     if args.network_weights and not Path(args.network_weights).is_file():
         raise SystemExit(f"error: --network_weights {args.network_weights}: no such file; check the path")
     network_kwargs = network_kwargs_from(args.network_args)
+    module = import_network_module(args.network_module)
+    # Our modules (networks.lora, lora_fa, dylora, oft) name their modules as kohya's files do and say which file
+    # layout they write; an external kohya-interface module (lycoris.kohya) has no FILE_LAYOUT.
+    layout = getattr(module, "FILE_LAYOUT", None)
     if setup.wants_text_encoder_cache(args) and (not args.network_train_unet_only or args.pivotal_token):
         raise SystemExit("error: --cache_text_encoder_outputs encodes the captions once, before training, so the "
                          "text encoders must stay frozen: add --network_train_unet_only"
                          + (" and drop --pivotal_token" if args.pivotal_token else ""))
-    if "diffusers" in args.save_lora_format and (args.network_module != "networks.lora" or
-                                                 args.save_model_as != "safetensors" or args.bundle_embeddings):
-        raise SystemExit("error: --save_lora_format diffusers writes networks.lora's modules as a .safetensors file "
-                         "without bundled embeddings: use the default --network_module and --save_model_as, and "
-                         "leave out --bundle_embeddings")
-    if args.bundle_embeddings and (not args.pivotal_token or args.network_module != "networks.lora"):
-        raise SystemExit("error: --bundle_embeddings puts the --pivotal_token word inside a networks.lora file: "
-                         "give --pivotal_token, with the default --network_module networks.lora")
+    if "diffusers" in args.save_lora_format and (layout != "lora" or args.save_model_as != "safetensors" or
+                                                 args.bundle_embeddings):
+        raise SystemExit("error: --save_lora_format diffusers writes a LoRA's modules (networks.lora, lora_fa or "
+                         "dylora) as a .safetensors file without bundled embeddings: use one of those "
+                         "--network_module values and the default --save_model_as, and leave out --bundle_embeddings")
+    if args.bundle_embeddings and (not args.pivotal_token or layout is None):
+        raise SystemExit("error: --bundle_embeddings puts the --pivotal_token word inside the network file: give "
+                         "--pivotal_token, with one of this suite's --network_module values (networks.lora, lora_fa, "
+                         "dylora, oft)")
 
     # Models
     checkpoint = setup.read_base_model(args, trains)
@@ -302,13 +320,12 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
 
     # Network (its initial weights come from torch's global generator: seed it so runs repeat exactly)
     torch.manual_seed(start.seed)
-    module = importlib.import_module(args.network_module)
     # External kohya-interface modules (e.g. lycoris.kohya) name text-encoder modules from the model's own module
     # paths; transformers 5 dropped the `text_model.` level that every LoRA loader expects in those names. kohya's
     # modules take one text encoder, or SDXL's two as a list.
     # They also name U-Net modules by diffusers' paths, where kohya's SDXL files use the original layout: the file's
     # U-Net names are translated on saving and on reading --network_weights (`unet_renames`; empty for SD 1.x / 2.x).
-    external = args.network_module != "networks.lora"
+    external = layout is None
     shown = [TextModelShim(te) for te in text_encoders] if external else text_encoders
     network_te = shown[0] if len(shown) == 1 else shown
     unet_renames = original_layout_lora_names(unet) if external else {}
@@ -336,11 +353,15 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
             logger.info("loaded network weights %s: %s", args.network_weights, info)
     except (ValueError, NotImplementedError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
+        raise SystemExit(f"error: --scale_weight_norms rescales a network's low-rank updates; --network_module "
+                         f"{args.network_module} has none to rescale (networks.oft's rotations are bounded by "
+                         "--network_alpha, its constraint, instead): leave the flag out")
     network.to(accelerator.device)
     network.to(precision.trained_dtype)  # fp32 unless --full_fp16 / --full_bf16 (the optimizer then steps halves)
     try:
         param_groups, group_names = network.prepare_optimizer_params(
-            text_encoder_lr(args, len(text_encoders), per_encoder=args.network_module == "networks.lora"),
+            text_encoder_lr(args, len(text_encoders), per_encoder=not external),
             args.unet_lr, args.learning_rate)
     except ValueError as e:
         raise SystemExit(f"error: --text_encoder_lr: {e}") from None
@@ -365,7 +386,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
                     save_model_as=args.save_model_as, metadata=metadata,
                     scale_weight_norms=args.scale_weight_norms, pivot=pivot,
                     bundle_embeddings=args.bundle_embeddings, save_formats=tuple(dict.fromkeys(args.save_lora_format)),
-                    models=models, unet_renames=unet_renames)
+                    models=models, unet_renames=unet_renames, seed=start.seed)
     trainer = Trainer(task=task, unet=unet, vae=vae, text_conditioner=text_conditioner,
                       dataset=dataset, batches=batches, objective=DiffusionObjective(
                           train_args.objective_config(args, prediction)),
@@ -393,6 +414,18 @@ def text_encoder_lr(args, n_encoders: int, *, per_encoder: bool = True) -> float
                          f"{args.network_module} takes one learning rate for all text encoders; give one value (or "
                          "use networks.lora, which takes one per encoder)")
     return lrs[0] if len(set(lrs)) == 1 else (lrs or None)
+
+
+def import_network_module(name: str):
+    """--network_module, imported before any model is loaded, so a misspelt name fails at once."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):
+            raise SystemExit(f"error: --network_module {name}: no such module (this suite's: networks.lora, "
+                             "networks.lora_fa, networks.dylora, networks.oft; or an installed kohya-interface "
+                             "module such as lycoris.kohya)") from None
+        raise
 
 
 def network_kwargs_from(pairs: list[str] | None) -> dict[str, str]:

@@ -169,7 +169,8 @@ def setup_parser(description: str | None = None) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("networks (LoRA)")
     g.add_argument("--network_module", nargs="*", default=None,
-                   help="module per network (default networks.lora; one value applies to all)")
+                   help="module per network (default networks.lora; also networks.lora_fa, networks.dylora, "
+                        "networks.oft, lycoris.kohya; one value applies to all)")
     g.add_argument("--network_weights", nargs="*", default=None, help="network files")
     g.add_argument("--network_mul", type=float, nargs="*", default=None, help="multiplier per network (default 1)")
     g.add_argument("--network_args", nargs="*", default=None, help="per network: 'key=value;key=value'")

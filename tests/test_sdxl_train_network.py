@@ -220,6 +220,38 @@ def test_lycoris_network_module_on_sdxl(workspace):
     assert_diffusers_applies_it_as_we_do(root / "sdxl.safetensors", lora_file, ", LyCORIS LoCon file")
 
 
+@pytest.mark.numbers
+@pytest.mark.parametrize("module", ["networks.dylora", "networks.oft"])
+def test_other_network_types_write_kohyas_sdxl_names(workspace, module):
+    """sdxl_train_network.py --network_module networks.dylora / networks.oft. DyLoRA: networks.lora's SDXL keys
+    (lora_te1_ / lora_te2_, where kohya's own DyLoRA names both encoders lora_te_, and original-layout U-Net names),
+    and diffusers' SDXL pipeline applies the file as our loader does (FP32_OUTPUT_REL). OFT: U-Net modules only,
+    `oft_unet_` + the original layout (what WebUI maps to its own module names)."""
+    from library.tiny_models import fresh_tiny_models
+    from networks import lora, oft
+
+    root = workspace
+    dylora = module == "networks.dylora"
+    out = "sdxl_" + module.split(".")[1]
+    run(base_args(root, out) + ["--cache_latents", "--max_train_steps", "2", "--learning_rate", "1e-2",
+                                "--network_module", module]
+        + (["--network_args", "unit=2"] if dylora else ["--network_alpha", "1e-3"]))
+    weights, metadata = read_lora(root / out / "lora.safetensors")
+    assert metadata["ss_network_module"] == module
+    models = fresh_tiny_models("sdxl")
+    if dylora:
+        expected = lora.create_network(1.0, 4, 2, None, models.text_encoders, models.unet).state_dict()
+        assert {k.split("_")[1] for k in weights} == {"te1", "te2", "unet"}
+    else:
+        expected = oft.create_network(1.0, 4, 1e-3, None, models.text_encoders, models.unet).state_dict()
+        assert any(k.startswith("oft_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.") for k in weights)
+    assert weights.keys() == expected.keys()
+    assert all(weights[k].shape == expected[k].shape for k in weights)
+    if dylora:
+        assert_diffusers_applies_it_as_we_do(root / "sdxl.safetensors", root / out / "lora.safetensors",
+                                             ", DyLoRA file")
+
+
 def test_loraplus_with_two_text_encoder_rates(workspace):
     """LoRA+ (`loraplus_lr_ratio`, `loraplus_text_encoder_lr_ratio`) on SDXL: each text encoder's up projections
     train at its own --text_encoder_lr times the ratio, the U-Net's at --unet_lr times its ratio (logged per group)."""

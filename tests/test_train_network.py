@@ -75,6 +75,12 @@ CASES = {
                                "--max_train_steps", "3"],
     "sd1_weighted_color_long": ["--weighted_captions", "--caption_prefix", "(sks:1.3)", "--color_aug",
                                 "--max_token_length", "150", "--clip_skip", "2", "--max_train_steps", "3"],
+    # The network types act on the losses only through their updates: at 1e-3 a LoRA-FA, DyLoRA or OFT run's losses
+    # stay within 0.3 % of a LoRA's, so these two train at 1e-1 (see tests/golden/README.md; LoRA-FA has no case).
+    "sd1_dylora_high_lr": ["--cache_latents", "--max_train_steps", "5", "--learning_rate", "1e-1",
+                           "--network_module", "networks.dylora", "--network_args", "unit=2"],
+    "sd1_oft_high_lr": ["--cache_latents", "--max_train_steps", "5", "--learning_rate", "1e-1",
+                        "--network_train_unet_only", "--network_module", "networks.oft", "--network_alpha", "1e-2"],
 }
 # The option each case is there for (tests/golden/README.md: what removing it does to the losses).
 COVERS = {
@@ -84,6 +90,8 @@ COVERS = {
     "sd2v_unet_only": FAMILY_CASE,
     "sd1_masked_loss_cached": ["--masked_loss", "--conditioning_data_dir", "{root}/masks"],
     "sd1_weighted_color_long": ["--weighted_captions"],
+    "sd1_dylora_high_lr": ["--network_module", "networks.dylora", "--network_args", "unit=2"],
+    "sd1_oft_high_lr": ["--network_module", "networks.oft", "--network_alpha", "1e-2"],
 }
 
 
@@ -452,6 +460,100 @@ def test_external_network_module_lycoris(workspace):
         pipe.load_lora_weights(str(root / "lycoris"), weight_name="lora.safetensors")
         after = pipe.text_encoder(ids).last_hidden_state
     assert (after - before).abs().max() > 1e-6  # the text-encoder part was found and applied
+
+
+def initial_network(module_name: str, *args, **kwargs) -> dict[str, torch.Tensor]:
+    """The network train_network.py starts from with base_args' --seed 7: it seeds torch's generator just before
+    create_network, and the initial weights depend on the model's structure only."""
+    import importlib
+
+    from library.families import FAMILIES
+    from library.tiny_models import build_tiny_models
+
+    models = build_tiny_models(FAMILIES["sd1"])
+    torch.manual_seed(7)
+    network = importlib.import_module(module_name).create_network(1.0, *args, None, models.text_encoder, models.unet,
+                                                                  **kwargs)
+    return {k: v.clone() for k, v in network.state_dict().items()}
+
+
+def logged_scalars(log_root: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = next(p for p in log_root.iterdir() if p.is_dir())
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_lora_fa_trains_the_up_matrices_and_keeps_the_down_ones_bit_identical(workspace):
+    """--network_module networks.lora_fa: a plain LoRA file (networks.lora's keys) whose down matrices are exactly
+    their initial values after training, and whose up matrices all trained."""
+    root = workspace
+    run(base_args(root, "lora_fa") + ["--cache_latents", "--max_train_steps", "3", "--network_module",
+                                      "networks.lora_fa"])
+    trained = read_lora(root / "lora_fa" / "lora.safetensors")
+    initial = initial_network("networks.lora_fa", 4, 2)
+    assert trained.keys() == initial.keys()
+    downs = [k for k in initial if k.endswith("lora_down.weight")]
+    assert downs and all(torch.equal(trained[k], initial[k]) for k in downs)
+    ups = [k for k in initial if k.endswith("lora_up.weight")]
+    assert all(trained[k].abs().max() > 0 and not initial[k].any() for k in ups)
+    with SafetensorsReader(root / "lora_fa" / "lora.safetensors") as reader:
+        assert reader.metadata["ss_network_module"] == "networks.lora_fa"
+
+
+def test_dylora_trains_only_the_units_of_the_ranks_drawn(workspace):
+    """--network_module networks.dylora: each step's rank is logged (dylora/rank); after the run, the units of
+    ranks that were drawn have trained and every other unit (rows of down, columns of up) is bit-identical to its
+    initial value: a unit above the drawn rank takes no part in the step, one below it is frozen."""
+    root = workspace
+    run(base_args(root, "dylora") + ["--cache_latents", "--max_train_steps", "2", "--network_module", "networks.dylora",
+                                     "--network_dim", "8", "--network_args", "unit=2"])
+    ranks = logged_scalars(root / "dylora" / "logs", "dylora/rank")
+    assert len(ranks) == 2 and all(r in (2, 4, 6, 8) for r in ranks)
+    drawn = {int(r) // 2 - 1 for r in ranks}
+    trained = read_lora(root / "dylora" / "lora.safetensors")
+    initial = initial_network("networks.dylora", 8, 2, unit="2")
+    assert trained.keys() == initial.keys()
+    for key in (k for k in initial if k.endswith("lora_down.weight")):
+        up_key = key.replace("lora_down", "lora_up")
+        for unit in range(4):
+            rows = slice(2 * unit, 2 * unit + 2)
+            untouched = torch.equal(trained[key][rows], initial[key][rows]) and \
+                torch.equal(trained[up_key][:, rows], initial[up_key][:, rows])
+            assert untouched == (unit not in drawn), (key, unit, drawn)
+    with SafetensorsReader(root / "dylora" / "lora.safetensors") as reader:
+        assert json.loads(reader.metadata["ss_network_args"]) == {"unit": "2"}
+
+
+@pytest.mark.numbers
+def test_oft_learns_orthogonal_rotations_within_the_constraint(workspace):
+    """--network_module networks.oft (kohya's command line, text encoder not excluded: OFT has no modules there):
+    kohya's keys, and every learned rotation orthogonal with |Q| at the constraint alpha * out, which the updates
+    overshot (the stored blocks' own |B - Bᵀ| is larger: the clamp acted in training)."""
+    from library.families import FAMILIES
+    from library.tiny_models import build_tiny_models
+    from networks import oft
+
+    root = workspace
+    run(base_args(root, "oft") + ["--cache_latents", "--max_train_steps", "2", "--network_module", "networks.oft",
+                                  "--network_alpha", "1e-3", "--learning_rate", "1e-2"])
+    path = root / "oft" / "lora.safetensors"
+    trained = read_lora(path)
+    assert trained and all(k.startswith("oft_unet_") and k.endswith((".oft_blocks", ".alpha")) for k in trained)
+    with SafetensorsReader(path) as reader:
+        assert (reader.metadata["ss_network_module"], reader.metadata["ss_network_dim"]) == ("networks.oft", "4")
+    models = build_tiny_models(FAMILIES["sd1"])
+    network, weights = oft.create_network_from_weights(1.0, str(path), None, models.text_encoder, models.unet)
+    network.load_state_dict(weights)
+    for module in network.loras:
+        r = module.rotation()
+        # fp32 solves of 8 x 8 / 16 x 16 blocks: 9e-7 measured (tests/test_network_types.py)
+        assert (r.transpose(1, 2) @ r - torch.eye(module.block_size)).abs().max() <= 1e-5
+        raw = (module.oft_blocks - module.oft_blocks.transpose(1, 2)).norm().item()
+        assert raw > module.constraint
+        assert abs(module.skew().norm().item() / module.constraint - 1) <= 1e-5
 
 
 def test_debug_dataset_shows_samples_and_trains_nothing(workspace, capsys):
