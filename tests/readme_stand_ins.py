@@ -85,6 +85,22 @@ def loras(root: Path) -> None:
                 module.lora_up.weight.normal_(0, 0.1)  # a trained LoRA's up weights are not zero
         network.save_weights(root / f"{name}.safetensors", None, {
             "ss_network_module": "networks.lora", "ss_base_model_version": SD1.ss_base_model_version})
+    # A DyLoRA of rank 8 in units of 4, and a kohya OFT (networks.dylora / networks.oft, trained-looking weights).
+    from networks import dylora, oft
+
+    torch.manual_seed(6)
+    network = dylora.create_network(1.0, 8, 4, None, tiny.text_encoder, tiny.unet, unit="4")
+    with torch.no_grad():
+        for module in network.loras:
+            for up in module.up_parameters():
+                up.normal_(0, 0.1)
+    network.save_weights(root / "dylora.safetensors", None, {"ss_network_module": "networks.dylora",
+                                                             "ss_network_args": '{"unit": "4"}'})
+    network = oft.create_network(1.0, 4, 1e-3, None, tiny.text_encoder, tiny.unet)
+    with torch.no_grad():
+        for module in network.loras:
+            module.oft_blocks.normal_(0, 0.01)
+    network.save_weights(root / "oft.safetensors", None, {"ss_network_module": "networks.oft"})
 
 
 def main(argv: list[str]) -> int:

@@ -76,6 +76,10 @@ EXPECTED = {
     "python tools/make_synthetic_dataset.py out/edge_data --images 4 --size 64 --edge_maps out/edge_maps": [
         "out/edge_maps/000.png", "out/tiny_edges.safetensors", "out/edges/tiny_edges_lora.safetensors",
         "out/edge_images/*.png"],
+    "python networks/convert_oft.py --model out/net/tiny_oft.safetensors --save_to out/net/tiny_oft_comfy.safetensors": [
+        "out/net/tiny_dylora.safetensors", "out/net/tiny_cut-0002.safetensors", "out/net/tiny_oft.safetensors",
+        "out/net/tiny_oft_comfy.safetensors"],
+    "  --outdir out/net_images": ["out/net_images/*.png"],
     "python train_network.py --config_file out/lora.toml": [
         "out/lora.toml", "out/lora/tiny_lora.safetensors", "out/lora/tiny_lora-step00000004.safetensors",
         "out/lora/tiny_lora-step00000004-state/*", "out/lora/tiny_lora-state/*", "out/lora/sample/*.png",
