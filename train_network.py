@@ -35,7 +35,7 @@ from library.diffusion_objective import DiffusionObjective  # noqa: E402
 from library.families import ALL_UNET_INPUTS  # noqa: E402
 from library.model_loading import SDModels, TextModelShim  # noqa: E402
 from library.data_parallel import UnusedParameters  # noqa: E402
-from networks.lora import LoRANetwork, original_layout_lora_names, renamed_modules  # noqa: E402
+from networks.lora import AdapterNetwork, original_layout_lora_names, renamed_modules  # noqa: E402
 from library.textual_inversion import (CaptionRewrite, bundle_tensors, embeddings_dir, expand_tokens,  # noqa: E402
                                        save_beside)
 from library.training_metadata import additional_networks_hashes, run_metadata  # noqa: E402
@@ -128,10 +128,13 @@ class LoRATask:
         if self.trains_text_encoder_lora and text_conditioner.skips_last_layer:
             unused.append(UnusedParameters("the LoRA of a text encoder's last layer, which the conditioning skips "
                                            "(--clip_skip; SDXL: the penultimate layer)", same_every_step=True))
-        if not isinstance(self.network, LoRANetwork):
+        if not isinstance(self.network, AdapterNetwork):
             unused.append(UnusedParameters("an external --network_module's modules may skip themselves (module "
                                            "dropout)", same_every_step=False))
-        elif any(lora.module_dropout for lora in self.network.text_encoder_loras + self.network.unet_loras):
+        elif getattr(self.network, "begin_step", None) is not None:
+            unused.append(UnusedParameters("networks.dylora: a step trains only the unit of ranks it draws (the "
+                                           "others have no gradient that step)", same_every_step=False))
+        elif any(getattr(lora, "module_dropout", None) for lora in self.network.loras):  # OFT: none
             unused.append(UnusedParameters("--network_args module_dropout: a dropped module gets no gradient",
                                            same_every_step=False))
         if self.pivot is not None and self.pivot.train_steps is not None:

@@ -126,6 +126,28 @@ def test_what_a_lora_run_can_leave_without_gradients(network_args, clip_skip, tr
     assert [u.same_every_step for u in external.unused_parameters(conditioner)] == [False]
 
 
+@pytest.mark.parametrize("module,reasons", [("lora_fa", []), ("oft", []), ("dylora", [("networks.dylora", False)])])
+def test_what_the_other_network_types_can_leave_without_gradients(module, reasons):
+    """LoRA-FA's frozen down matrices are buffers, not trained parameters, and OFT's modules always act: DDP need
+    not look. A DyLoRA step trains one unit of ranks, and which changes from step to step."""
+    import importlib
+
+    from library.text_conditioning import CaptionEncoding, conditioner_for
+    from library.tiny_models import fresh_tiny_models
+    from train_network import LoRATask
+
+    models = fresh_tiny_models("sd1")
+    network = importlib.import_module(f"networks.{module}").create_network(1.0, 4, 1e-3, None, models.text_encoder,
+                                                                            models.unet)
+    task = LoRATask(network, train_text_encoder=module != "oft", save_dtype=None, save_model_as="safetensors",
+                    metadata={})
+    unused = task.unused_parameters(conditioner_for(models.family, models.tokenizers, models.text_encoders,
+                                                    CaptionEncoding()))
+    assert [(reason in u.reason, u.same_every_step) for u, (reason, _) in zip(unused, reasons)] == \
+        [(True, same) for _, same in reasons]
+    assert len(unused) == len(reasons)
+
+
 @pytest.mark.parametrize("family,clip_skip,skips", [
     ("sd1", None, False), ("sd1", 2, True),
     ("sdxl", None, True),  # CLIP ViT-L's penultimate hidden state

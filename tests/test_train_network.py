@@ -527,6 +527,32 @@ def test_dylora_trains_only_the_units_of_the_ranks_drawn(workspace):
         assert json.loads(reader.metadata["ss_network_args"]) == {"unit": "2"}
 
 
+def test_dylora_with_two_processes_trains_what_one_process_trains(workspace):
+    """DyLoRA through DDP: both processes draw each step's rank from the run seed, DDP is told that the other units
+    get no gradient (find_unused_parameters) and leaves their gradients unset, so SGD with weight decay (which moves
+    any parameter given a gradient, even a zero one) leaves them bit-identical to their initial values, as in one
+    process; the trained units agree with the one-process run (PROCESS_SPLIT_REL)."""
+    root = workspace
+    dylora = SPLIT_ARGS + ["--optimizer_args", "weight_decay=0.1", "--network_module", "networks.dylora",
+                           "--network_dim", "8", "--network_args", "unit=2"]
+    communication = one_and_two_processes("train_network", base_args(root, "dylora_one") + dylora,
+                                          base_args(root, "dylora_two") + dylora)
+    assert communication["ddp_options"]["find_unused_parameters"] is True
+    for part, deviation in split_deviations(root, "dylora_two", "dylora_one").items():
+        assert_process_split_close(deviation, what=f"train_network DyLoRA {part}")
+    drawn = {int(r) // 2 - 1 for r in logged_scalars(root / "dylora_one" / "logs", "dylora/rank")}
+    assert drawn != {0, 1, 2, 3}  # 2 steps: some unit was never drawn
+    initial = initial_network("networks.dylora", 8, 2, unit="2")
+    for run_name in ("dylora_one", "dylora_two"):
+        trained = read_lora(root / run_name / "lora.safetensors")
+        for key in (k for k in initial if k.endswith("lora_down.weight")):
+            up_key = key.replace("lora_down", "lora_up")
+            for unit in set(range(4)) - drawn:
+                rows = slice(2 * unit, 2 * unit + 2)
+                assert torch.equal(trained[key][rows], initial[key][rows]), (run_name, key, unit)
+                assert torch.equal(trained[up_key][:, rows], initial[up_key][:, rows]), (run_name, up_key, unit)
+
+
 @pytest.mark.numbers
 def test_oft_learns_orthogonal_rotations_within_the_constraint(workspace):
     """--network_module networks.oft (kohya's command line, text encoder not excluded: OFT has no modules there):
