@@ -99,6 +99,8 @@ class DyLoRAModule(NetworkModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._org_forward(x)
+        if not self.enabled:  # merged into the layer for now (gen_img --network_pre_calc)
+            return out
         if self.training:
             if self.step_units is None:
                 raise RuntimeError(f"{self.lora_name}: a DyLoRA network trains at the rank drawn for each step; call "

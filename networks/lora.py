@@ -501,6 +501,39 @@ class AdapterNetwork(nn.Module):
             lora.merge_to_base(dtype=dtype, device=device)
         logger.info("merged %d %s modules into the base weights", len(self.loras), type(self).__name__)
 
+    # kohya's pre-calculation interface (gen_img --network_pre_calc): the applied network's update merged into the
+    # base weights for a batch (one matmul per layer instead of two extra), and taken out again before the next.
+
+    def backup_weights(self) -> None:
+        """Keep a copy of every wrapped layer's weight (once), for restore_weights."""
+        if getattr(self, "_weight_backup", None) is None:
+            self._weight_backup = {lora.lora_name: lora.org_module.weight.detach().clone() for lora in self.loras}
+
+    @torch.no_grad()
+    def pre_calculation(self) -> None:
+        """Every module folded into its wrapped layer (LoRA: W += multiplier * ΔW; OFT: W = Rᵀ W) at the
+        current multiplier, and its branch switched off
+        (kohya's `enabled`): the network acts as merged until restore_weights. Networks applied to the same layers
+        are each merged in turn, in any order (the deltas add)."""
+        if getattr(self, "_weight_backup", None) is None:
+            raise RuntimeError("pre_calculation needs backup_weights() first (to undo it)")
+        for lora in self.loras:
+            lora.merge_to_base()
+            lora.enabled = False
+        self._pre_calculated = True
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """Undo pre_calculation: the backed-up weights exactly, and the LoRA branch on again. With several
+        networks on the same layers, restore all of them before pre-calculating any again (kohya's order): each
+        backup holds the weights from before any merge only if taken before."""
+        if not getattr(self, "_pre_calculated", False):
+            return
+        for lora in self.loras:
+            lora.org_module.weight.copy_(self._weight_backup[lora.lora_name])
+            lora.enabled = True
+        self._pre_calculated = False
+
     def get_trainable_params(self):
         return self.parameters()
 
@@ -628,38 +661,6 @@ class LoRANetwork(AdapterNetwork):
     def _new_module(self, name: str, org_module: nn.Module, dim: int, alpha: float | None) -> LoRAModule:
         """The module for one layer: networks.lora's LoRAModule; other LoRA-layout networks make their own."""
         return LoRAModule(name, org_module, self.multiplier, dim, alpha, **self.dropouts)
-
-    # kohya's pre-calculation interface (gen_img --network_pre_calc): the applied network's update merged into the
-    # base weights for a batch (one matmul per layer instead of two extra), and taken out again before the next.
-
-    def backup_weights(self) -> None:
-        """Keep a copy of every wrapped layer's weight (once), for restore_weights."""
-        if getattr(self, "_weight_backup", None) is None:
-            self._weight_backup = {lora.lora_name: lora.org_module.weight.detach().clone() for lora in self.loras}
-
-    @torch.no_grad()
-    def pre_calculation(self) -> None:
-        """W += multiplier * ΔW in every wrapped layer (the current multiplier), and the LoRA branch switched off
-        (kohya's `enabled`): the network acts as merged until restore_weights. Networks applied to the same layers
-        are each merged in turn, in any order (the deltas add)."""
-        if getattr(self, "_weight_backup", None) is None:
-            raise RuntimeError("pre_calculation needs backup_weights() first (to undo it)")
-        for lora in self.loras:
-            lora.merge_to_base()
-            lora.enabled = False
-        self._pre_calculated = True
-
-    @torch.no_grad()
-    def restore_weights(self) -> None:
-        """Undo pre_calculation: the backed-up weights exactly, and the LoRA branch on again. With several
-        networks on the same layers, restore all of them before pre-calculating any again (kohya's order): each
-        backup holds the weights from before any merge only if taken before."""
-        if not getattr(self, "_pre_calculated", False):
-            return
-        for lora in self.loras:
-            lora.org_module.weight.copy_(self._weight_backup[lora.lora_name])
-            lora.enabled = True
-        self._pre_calculated = False
 
     def prepare_optimizer_params(self, text_encoder_lr: float | list[float | None] | None, unet_lr: float | None,
                                  default_lr: float | None) -> tuple[list[dict], list[str]]:

@@ -120,7 +120,7 @@ class OFTModule(NetworkModule):
         return F.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.multiplier == 0.0:
+        if self.multiplier == 0.0 or not self.enabled:  # not enabled: merged into the layer (--network_pre_calc)
             return self._org_forward(x)
         org = self.org_module
         rotated = self.rotated_weight(org.weight)

@@ -584,15 +584,16 @@ def generate(files, tmp_path, outdir: str, *args) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_gen_img_applies_and_merges_each_type(gen_files, tmp_path, kind):
-    """--network_module networks.<kind> --network_weights: the network changes the image; merged (--network_merge)
-    it gives the same image (fp32 rounding: at most 1 level). LoRA-FA and DyLoRA files are plain LoRAs: networks.lora
+    """--network_module networks.<kind> --network_weights: the network changes the image; merged (--network_merge),
+    or merged per batch (--network_pre_calc), it gives the same image (fp32 rounding: at most 1 level). LoRA-FA and DyLoRA files are plain LoRAs: networks.lora
     reading them draws the very same image."""
     network = ["--network_module", f"networks.{kind}", "--network_weights", gen_files[kind]]
     base = generate(gen_files, tmp_path, "base")
     applied = generate(gen_files, tmp_path, "applied", *network)
     merged = generate(gen_files, tmp_path, "merged", *network, "--network_merge")
+    pre_calculated = generate(gen_files, tmp_path, "pre_calc", *network, "--network_pre_calc")
     assert np.abs(applied - base).max() > 10
-    assert np.abs(applied - merged).max() <= 1
+    assert np.abs(applied - merged).max() <= 1 and np.abs(applied - pre_calculated).max() <= 1
     if kind != "oft":
         as_lora = generate(gen_files, tmp_path, "as_lora", "--network_weights", gen_files[kind])
         assert np.array_equal(as_lora, applied)
