@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import library.training_loop as training_loop
-
 
 def test_non_finite_gradients_stop_the_run_before_the_weights_take_them(tmp_path, monkeypatch):
     """A planted NaN gradient under a finite loss (d/dz of 0 * sqrt(z) at z = 0 is 0 * inf): the run stops at that
