@@ -87,7 +87,8 @@ def test_disk_key_names_caption_models_and_settings(images):
     with SafetensorsReader(entry) as reader:
         key = json.loads(reader.metadata["cache_key"])
     assert key["caption"] == (images / entry.name.replace("_te_outputs.safetensors", ".caption")).read_text().strip()
-    assert key["encoding"] == {"max_token_length": None, "clip_skip": None, "weighted": False, "pad_to_longest": False}
+    assert key["encoding"] == {"max_token_length": None, "clip_skip": None, "weighted": False, "pad_to_longest": False,
+                               "weight_normalization": "original"}
     assert len(key["encoders"]) == 2 and key["dtype"] == "torch.float32" and key["conditioner"] == "SDXLTextConditioner"
     # Another model (one weight changed) makes every entry stale.
     other = fresh_tiny_models("sdxl")
