@@ -21,10 +21,12 @@ kohya's flags --ddp_timeout (minutes), --ddp_gradient_as_bucket_view and --ddp_s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -108,3 +110,57 @@ def prepare_trained_forward(accelerator, module: TrainedForward, *, unused: list
     accelerator.ddp_handler = dataclasses.replace(handler, find_unused_parameters=bool(unused)
                                                   and not handler.static_graph)
     return accelerator.prepare_model(module, device_placement=False)
+
+
+class DataParallelEngine:
+    """The loop's view of one process or accelerate's DDP: the optimizer was prepared by accelerate on its own
+    (training_setup.build_optimization); DDP averages gradients in the last micro-batch's backward (the others run
+    under `no_sync`); the loop clips and steps. The other engine with this interface is
+    deepspeed_engine.DeepSpeedTrainingEngine."""
+
+    steps_in_backward = False
+    scales_loss_for_accumulation = False  # the loop divides each micro-batch's loss by the accumulation steps
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def prepare(self, module: TrainedForward, optimizer, *, unused: list[UnusedParameters]):
+        return prepare_trained_forward(self.accelerator, module, unused=unused), optimizer
+
+    def micro_batch(self, model, *, last: bool):
+        # DDP averages the gradients once per optimizer step, in the last micro-batch's backward pass; the others
+        # only accumulate (no_sync: no communication).
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        del last
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    # State: the optimizer's whole state, written by the main process.
+
+    def optimizer_state_files(self) -> tuple[str, ...]:
+        return ("optimizer.pt",)
+
+    def stage_optimizer_state(self, staging: Path) -> None:
+        del staging  # every process holds the whole state; the main process writes it in `adopt_optimizer_state`
+
+    def adopt_optimizer_state(self, staging: Path | None, folder: Path, optimizer) -> None:
+        del staging
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load_optimizer_state(self, folder: Path, optimizer) -> None:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+
+
+def training_engine(accelerator):
+    """The engine for this accelerator: DeepSpeed's when the run uses it (--deepspeed), else DDP's / one process."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from library.deepspeed_engine import DeepSpeedTrainingEngine
+
+        return DeepSpeedTrainingEngine(accelerator)
+    return DataParallelEngine(accelerator)

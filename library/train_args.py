@@ -162,6 +162,27 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ddp_static_graph", action="store_true",
                    help="the same parameters get gradients in every step: DDP finds them once instead of searching "
                         "after each forward; refused with gradient accumulation and where that changes mid-run")
+    add_deepspeed_arguments(p)
+
+
+def add_deepspeed_arguments(p: argparse.ArgumentParser) -> None:
+    """kohya's DeepSpeed flags (library/deepspeed_engine.py); deepspeed itself is an optional install."""
+    g = p.add_argument_group("DeepSpeed ZeRO (pip install deepspeed; accelerate launch --num_processes N ...)")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="train with DeepSpeed ZeRO: optimizer state (and gradients) split over the processes")
+    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3],
+                   help="1: optimizer state split; 2: also the gradients (default); 3 is not supported yet")
+    g.add_argument("--offload_optimizer_device", default=None, choices=[None, "cpu", "nvme"],
+                   help="keep the optimizer state and step on the CPU (DeepSpeed's CPU Adam; AdamW / Adam only)")
+    g.add_argument("--offload_optimizer_nvme_path", default=None, help="with --offload_optimizer_device nvme")
+    g.add_argument("--offload_param_device", default=None, choices=[None, "cpu", "nvme"],
+                   help="ZeRO stage 3 only (not supported yet)")
+    g.add_argument("--offload_param_nvme_path", default=None, help="ZeRO stage 3 only (not supported yet)")
+    g.add_argument("--zero3_init_flag", action="store_true", help="ZeRO stage 3 only (not supported yet)")
+    g.add_argument("--zero3_save_16bit_model", action="store_true", help="ZeRO stage 3 only (not supported yet)")
+    g.add_argument("--fp16_master_weights_and_gradients", action="store_true",
+                   help="fp16 master weights and gradients (DeepSpeed: --mixed_precision fp16, --zero_stage 2, "
+                        "--offload_optimizer_device cpu); --full_fp16 with --deepspeed means the same")
 
 
 def add_objective_arguments(p: argparse.ArgumentParser) -> None:
@@ -270,7 +291,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 # kohya flags users may bring that this suite does not implement yet. Setting one is an error that says so,
 # never a silent no-op (kohya's own dead flags, e.g. train_db's --no_token_padding, are a known trap).
 NOT_YET_IMPLEMENTED = (
-    "--face_crop_aug_range", "--torch_compile", "--fp8_base", "--deepspeed",
+    "--face_crop_aug_range", "--torch_compile", "--fp8_base",
     "--cache_text_encoder_outputs", "--dataset_class", "--fused_optimizer_groups",
 )
 
@@ -625,6 +646,54 @@ def ddp_settings(args: argparse.Namespace) -> DDPSettings:
                        static_graph=args.ddp_static_graph)
 
 
+def deepspeed_settings(args: argparse.Namespace):
+    """kohya's DeepSpeed flags as typed settings; None without --deepspeed."""
+    if not getattr(args, "deepspeed", False):  # the cache tools have no DeepSpeed flags
+        return None
+    from library.deepspeed_engine import DeepSpeedSettings
+
+    return DeepSpeedSettings(
+        zero_stage=args.zero_stage, offload_optimizer_device=args.offload_optimizer_device,
+        offload_optimizer_nvme_path=args.offload_optimizer_nvme_path, offload_param_device=args.offload_param_device,
+        offload_param_nvme_path=args.offload_param_nvme_path, zero3_init_flag=args.zero3_init_flag,
+        zero3_save_16bit_model=args.zero3_save_16bit_model,
+        fp16_master_weights_and_gradients=args.fp16_master_weights_and_gradients or args.full_fp16)
+
+
+def check_deepspeed(args: argparse.Namespace) -> list[str]:
+    settings = deepspeed_settings(args)
+    if settings is None:
+        given = [flag for flag, value in (("--zero_stage", args.zero_stage != 2),
+                                           ("--offload_optimizer_device", args.offload_optimizer_device),
+                                           ("--offload_optimizer_nvme_path", args.offload_optimizer_nvme_path),
+                                           ("--offload_param_device", args.offload_param_device),
+                                           ("--offload_param_nvme_path", args.offload_param_nvme_path),
+                                           ("--zero3_init_flag", args.zero3_init_flag),
+                                           ("--zero3_save_16bit_model", args.zero3_save_16bit_model),
+                                           ("--fp16_master_weights_and_gradients",
+                                            args.fp16_master_weights_and_gradients)) if value]
+        return [f"{', '.join(given)}: DeepSpeed options; add --deepspeed (or drop them)"] if given else []
+    from library.deepspeed_engine import check_deepspeed_flags
+
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:  # an optional dependency
+        return ["--deepspeed: the deepspeed package is not installed; install it with "
+                "`DS_BUILD_OPS=0 pip install deepspeed` (its ops build when first used), or drop --deepspeed"]
+    fused = "--fused_backward_pass" if getattr(args, "fused_backward_pass", False) else (
+        "--fused_optimizer_groups" if getattr(args, "fused_optimizer_groups", None) else None)
+    from library.optimizers import resolve_optimizer_type
+
+    try:
+        optimizer_type = resolve_optimizer_type(args.optimizer_type, use_8bit_adam=args.use_8bit_adam,
+                                                use_lion_optimizer=args.use_lion_optimizer)
+    except ValueError as e:
+        return [str(e)]
+    return check_deepspeed_flags(settings, optimizer_type=optimizer_type,
+                                 mixed_precision=args.mixed_precision, full_bf16=args.full_bf16,
+                                 fused_step_flag=fused)
+
+
 def check_training_flags(args: argparse.Namespace, *, control_images: bool = False) -> None:
     """kohya's cross-flag rules (verify_training_args), with the flags named. `control_images`: the trainer reads
     --conditioning_data_dir as ControlNet conditions, not as --masked_loss masks."""
@@ -642,6 +711,7 @@ def check_training_flags(args: argparse.Namespace, *, control_images: bool = Fal
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be >= 1")
     problems += check_ddp_flags(ddp_settings(args), gradient_accumulation_steps=args.gradient_accumulation_steps)
+    problems += check_deepspeed(args)
     thumbnail = getattr(args, "metadata_thumbnail", None)
     if thumbnail and not Path(thumbnail).is_file():
         problems.append(f"--metadata_thumbnail {thumbnail}: no such image file")

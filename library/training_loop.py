@@ -11,7 +11,6 @@ continues counting instead of over-training (kohya #2171).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from library.atomic_files import atomic_directory
-from library.data_parallel import TrainedForward, prepare_trained_forward
+from library.data_parallel import TrainedForward, training_engine
 from library.diffusion_objective import DiffusionObjective
 from library.extra_inputs import feeder_for
 from library.hub_upload import HubSettings, HubUploader
@@ -37,7 +36,7 @@ from library.train_dataset import EpochBatches, SampleKey, TrainingDataset, coll
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
-STATE_TENSOR_FILES = ("trainable.pt", "optimizer.pt", "scheduler.pt")
+STATE_TENSOR_FILES = ("trainable.pt", "scheduler.pt")  # + the engine's optimizer state (`optimizer_state_files`)
 
 
 class TrainingTask(Protocol):
@@ -177,14 +176,24 @@ class Trainer:
         self._persistent_batches: _CurrentBatches | None = None  # --persistent_data_loader_workers
         self._persistent_loader: torch.utils.data.DataLoader | None = None
         self.model = None  # the step's model computation as accelerate prepared it (run: `_prepare_model`)
+        # How the processes train together: DDP (or one process), or DeepSpeed ZeRO (--deepspeed).
+        self.engine = training_engine(accelerator)
 
     # ------------------------------------------------------------------------------------------------------
     # Resume
 
+    def _staging(self, folder: Path) -> Path:
+        return folder.with_name(f".{folder.name}.optimizer-staging")
+
+    def stage_state(self, folder: Path) -> None:
+        """Every process, before the main one writes `folder` (`save_state`): an engine whose optimizer state is
+        split over the processes (DeepSpeed) has each write its share beside the folder first."""
+        self.engine.stage_optimizer_state(self._staging(folder))
+
     def save_state(self, folder: Path) -> None:
         with atomic_directory(folder) as tmp:
             torch.save(self.task.trainable_state(), tmp / "trainable.pt")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            self.engine.adopt_optimizer_state(self._staging(folder), tmp, self.optimizer)
             torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
             if self.accelerator.scaler is not None:  # fp16 loss scaling: its scale is part of the exact state
                 torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
@@ -202,7 +211,8 @@ class Trainer:
         except (ValueError, TypeError) as e:  # not JSON, not an object, or unknown / missing fields
             raise ValueError(f"--resume {folder}: {STATE_FILE} is damaged or from another version of this suite "
                              f"({e}); resume from another state folder, or start a new run") from None
-        missing = [name for name in STATE_TENSOR_FILES if not (folder / name).is_file()]
+        missing = [name for name in (*STATE_TENSOR_FILES, *self.engine.optimizer_state_files())
+                   if not (folder / name).exists()]
         if missing:
             raise ValueError(f"--resume {folder}: incomplete state folder (no {', '.join(missing)}); resume from "
                              "another state folder, or start a new run")
@@ -215,7 +225,7 @@ class Trainer:
                              "Resume with the original settings, or start a new run.")
         try:
             self.task.load_trainable_state(torch.load(folder / "trainable.pt", weights_only=True))
-            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            self.engine.load_optimizer_state(folder, self.optimizer)
             self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
             if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
                 self.accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
@@ -275,8 +285,10 @@ class Trainer:
         """`_predict` as a module over the trained parameters, prepared by accelerate: with several processes DDP
         averages their gradients during the backward pass (library/data_parallel.py)."""
         unused_of = getattr(self.task, "unused_parameters", None)
-        return prepare_trained_forward(self.accelerator, TrainedForward(self.trainable_parameters, self._predict),
-                                       unused=unused_of(self.text_conditioner) if unused_of else [])
+        model, self.optimizer = self.engine.prepare(TrainedForward(self.trainable_parameters, self._predict),
+                                                    self.optimizer,
+                                                    unused=unused_of(self.text_conditioner) if unused_of else [])
+        return model
 
     # ------------------------------------------------------------------------------------------------------
     # The loop
@@ -294,6 +306,7 @@ class Trainer:
         return max(1, epochs // c.save_n_epoch_ratio)
 
     def run(self, resume: Path | None = None) -> TrainState:
+        self.model = self._prepare_model()  # before a resume: DeepSpeed loads its state into the prepared engine
         if resume:
             self.load_state(resume)
         elif self.config.initial_step or (self.config.initial_epoch or 1) > 1:
@@ -304,7 +317,6 @@ class Trainer:
                     raise ValueError(f"--initial_epoch {self.config.initial_epoch}: the run has only "
                                      f"{self.config.max_train_steps} steps ({self.steps_per_epoch()} per epoch)")
             self._start_at(step, skip_data=self.config.skip_until_initial_step)
-        self.model = self._prepare_model()
         if self.config.log and self.accelerator.is_main_process:
             self.run_log = RunLog(self.config.log)
         if self.config.hub is not None and self.accelerator.is_main_process:
@@ -380,6 +392,8 @@ class Trainer:
                 if self.validator is not None and self.validator.due_after_epoch(finished):
                     self._validate("epoch", bar)
         bar.close()
+        if c.save_state or c.save_state_on_train_end:
+            self.stage_state(c.output_dir / f"{c.output_name}-state")
         if self.accelerator.is_main_process:  # every process holds the same weights: one writes
             self._write(c.output_name, epoch=self._saved_epoch(final=True),
                         state=c.save_state or c.save_state_on_train_end)
@@ -412,17 +426,17 @@ class Trainer:
             before(step)
         total = 0.0
         for micro, batch in enumerate(micro_batches):
-            # DDP averages the gradients once per optimizer step, in the last micro-batch's backward pass; the
-            # others only accumulate (no_sync: no communication).
+            # Gradients are averaged over the processes once per optimizer step, in the last micro-batch's backward.
             last = micro == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                total += self._micro_step(batch, step, micro)
+            with self.engine.micro_batch(self.model, last=last):
+                total += self._micro_step(batch, step, micro, last=last)
         norm = None
         if self.config.max_grad_norm:
-            norm = self.accelerator.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
-        if self.accelerator.scaler is None:  # fp16's loss scaler skips such steps itself (and lowers its scale)
+            norm = self.engine.clip_grad_norm(self.trainable_parameters, self.config.max_grad_norm)
+        if self.accelerator.scaler is None and not self.engine.steps_in_backward:
+            # fp16's loss scaler skips such steps itself (and lowers its scale); DeepSpeed has stepped already.
             self._check_gradients_are_finite(norm, step)
-        self.optimizer.step()
+        self.optimizer.step()  # DeepSpeed: a no-op (its engine stepped in the last backward)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         after = getattr(self.task, "after_optimizer_step", None)
@@ -432,7 +446,7 @@ class Trainer:
             mean_loss = self.accelerator.reduce(mean_loss, reduction="mean")
         return mean_loss.item()
 
-    def _micro_step(self, batch: dict, step: int, micro: int) -> float:
+    def _micro_step(self, batch: dict, step: int, micro: int, *, last: bool) -> float:
         """Forward and backward of one micro-batch; its loss."""
         torch.manual_seed(micro_step_seed(self.config.seed, step, micro, f"process{self.accelerator.process_index}"))
         # ^ LoRA / network dropout draws from torch's global generator. Noise and timesteps come from one
@@ -445,8 +459,10 @@ class Trainer:
                 f"loss became {loss.item()} at step {step + 1} (epoch {self.state.epoch}, images "
                 f"{', '.join(batch['path'][:3])}); stopping. The last saved model/state is intact. Lower the "
                 "learning rate, use --no_half_vae, or train in fp32/bf16.")
-        # Scaled so that accumulated gradients are a mean over the micro-batches (as accelerate does).
-        self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
+        # Scaled so that accumulated gradients are a mean over the micro-batches (as accelerate does; DeepSpeed
+        # scales it itself).
+        accumulation = 1 if self.engine.scales_loss_for_accumulation else self.config.gradient_accumulation_steps
+        self.engine.backward(loss / accumulation, last=last)
         return loss.item()
 
     def _check_gradients_are_finite(self, norm: torch.Tensor | None, step: int) -> None:
@@ -511,6 +527,8 @@ class Trainer:
         return self.state.epoch - 1 + (1 if final and self.state.batch_in_epoch > 0 else 0)
 
     def _save(self, stem: str, kind: str) -> None:
+        if self.config.save_state:
+            self.stage_state(self.config.output_dir / f"{stem}-state")
         if self.accelerator.is_main_process:
             self._write(stem, epoch=self._saved_epoch(), state=self.config.save_state)
             if self.hub is not None:

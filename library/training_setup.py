@@ -107,8 +107,23 @@ def make_accelerator(args: argparse.Namespace):
 
     from library.data_parallel import kwargs_handlers
 
+    plugin = None
+    deepspeed = train_args.deepspeed_settings(args)
+    if deepspeed is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise SystemExit("error: accelerate launch is set up for DeepSpeed (--use_deepspeed or its config file) but "
+                         "the trainer was not given --deepspeed: add --deepspeed (with kohya's --zero_stage / "
+                         "--offload_optimizer_device flags: the trainer builds DeepSpeed's configuration from them), "
+                         "or launch without DeepSpeed")
+    if deepspeed is not None:
+        from library.deepspeed_engine import deepspeed_plugin, start_process_group, world_size_from_environment
+
+        start_process_group()
+        plugin = deepspeed_plugin(deepspeed, batch_size=args.train_batch_size,
+                                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                  num_processes=world_size_from_environment(),
+                                  max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision)
     try:
-        accelerator = Accelerator(mixed_precision=args.mixed_precision,
+        accelerator = Accelerator(mixed_precision=args.mixed_precision, deepspeed_plugin=plugin,
                                   kwargs_handlers=kwargs_handlers(train_args.ddp_settings(args)))
         check_device_supports(args.mixed_precision, accelerator.device)
     except ValueError as e:
@@ -309,10 +324,16 @@ def build_optimization(args: argparse.Namespace, opt_config: OptimizerConfig, pa
         given = f" with --optimizer_args {' '.join(args.optimizer_args)}" if args.optimizer_args else ""
         raise SystemExit(f"error: --optimizer_type {opt_config.optimizer_type}{given}: the optimizer refused its "
                          f"arguments ({e}); check the argument names and values (and --learning_rate)") from None
+    if getattr(args, "deepspeed", False) and args.offload_optimizer_device:
+        from library.deepspeed_engine import cpu_adam_for
+
+        optimizer = cpu_adam_for(optimizer)
     try:
         lr_scheduler = build_scheduler(opt_config, optimizer, max_train_steps)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if getattr(args, "deepspeed", False):
+        return optimizer, lr_scheduler  # prepared together with the model by the DeepSpeed engine (Trainer.run)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     if args.full_fp16 and accelerator.scaler is not None:
         allow_fp16_gradient_unscaling(accelerator.scaler)

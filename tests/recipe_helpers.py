@@ -14,12 +14,14 @@ def run_script(script: str, argv: list[str], stop_after: int | None = None) -> N
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # several runs per test (see conftest)
+    environment = dict(os.environ)  # a DeepSpeed run sets accelerate's and torch.distributed's variables
     if stop_after:
         os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(stop_after)
     try:
         assert importlib.import_module(script).main(argv) == 0
     finally:
-        os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 def tiny_workspace(root: Path, *, images: int, folder: str, prefix: str = "sks shape, ",

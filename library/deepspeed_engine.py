@@ -1,0 +1,210 @@
+"""DeepSpeed ZeRO training through accelerate's DeepSpeed plugin (kohya's `--deepspeed` flags).
+
+ZeRO splits the optimizer's state (stage 1) and also the gradients (stage 2) over the processes, so each holds about
+1/N of them; `--offload_optimizer_device cpu` moves the optimizer state and step to the CPU (DeepSpeed's CPU Adam),
+leaving the GPU only the model and one micro-batch's activations and gradients.
+
+The same `TrainedForward` module DDP wraps (data_parallel.py) becomes DeepSpeed's engine module: its parameters are
+exactly the trained ones, shared with the models, so the engine's reduction, partitioning and optimizer cover the
+trained weights and never a frozen base model. kohya wraps the trained models in a ModuleDict instead; the effect for
+stages 1 and 2 is the same.
+
+What DeepSpeed owns once it is on:
+- the optimizer step, gradient clipping (`gradient_clipping` = --max_grad_norm) and gradient accumulation: the
+  engine steps inside the last micro-batch's backward (`DeepSpeedEngine`'s boundary), so the loop's own
+  `optimizer.step()` is accelerate's no-op wrapper;
+- mixed precision: bf16 / fp16 engines keep fp32 master weights in the optimizer and the trained module's weights in
+  half precision (no autocast); fp16 has DeepSpeed's own dynamic loss scaling;
+- the optimizer state: sharded per process, saved and loaded by the engine's own checkpoint (`save_state`), so a
+  resume needs the same number of processes.
+
+Not yet: ZeRO stage 3 (it partitions the parameters themselves and gathers them in the forward hooks of the
+modules that own them; the trained parameters here are used by the U-Net's modules, not by `TrainedForward`), and so
+--offload_param_device / --zero3_* too. They are refused by name.
+
+accelerate 1.15 does not set the process count of a DeepSpeed run on a machine without a GPU (its state says one
+process though DeepSpeed's process group has N); `start_process_group` corrects that, so tests run ZeRO with gloo on
+CPUs, and a one-process run without `accelerate launch` gets the environment torch.distributed needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "zero"  # the engine checkpoint's sub-folder inside a state folder's "deepspeed/"
+STATE_SUBFOLDER = "deepspeed"
+OFFLOAD_OPTIMIZERS = ("adamw", "adam")  # optimizer types DeepSpeed's CPU Adam replaces with the same update
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """kohya's DeepSpeed flags (library/train_args.py `deepspeed_settings`)."""
+
+    zero_stage: int = 2  # --zero_stage
+    offload_optimizer_device: str | None = None  # --offload_optimizer_device cpu / nvme
+    offload_optimizer_nvme_path: str | None = None
+    offload_param_device: str | None = None  # stage 3 only
+    offload_param_nvme_path: str | None = None
+    zero3_init_flag: bool = False
+    zero3_save_16bit_model: bool = False
+    fp16_master_weights_and_gradients: bool = False  # kohya: also set by --full_fp16
+
+
+def check_deepspeed_flags(s: DeepSpeedSettings, *, optimizer_type: str, mixed_precision: str, full_bf16: bool,
+                          fused_step_flag: str | None) -> list[str]:
+    """The problems of these settings (each naming its flag), for the trainers' flag check."""
+    problems = []
+    if s.zero_stage not in (0, 1, 2):
+        problems.append(f"--zero_stage {s.zero_stage}: stage 3 (partitioned parameters) is not supported here yet; "
+                        "use --zero_stage 2 (optimizer state and gradients partitioned), with "
+                        "--offload_optimizer_device cpu for the least GPU memory")
+    for flag, given in (("--offload_param_device", s.offload_param_device),
+                        ("--offload_param_nvme_path", s.offload_param_nvme_path),
+                        ("--zero3_init_flag", s.zero3_init_flag), ("--zero3_save_16bit_model", s.zero3_save_16bit_model)):
+        if given:
+            problems.append(f"{flag}: a ZeRO stage 3 option, and stage 3 is not supported here yet; drop it")
+    if s.offload_optimizer_device not in (None, "none", "cpu", "nvme"):
+        problems.append(f"--offload_optimizer_device {s.offload_optimizer_device}: give cpu or nvme")
+    offload = s.offload_optimizer_device not in (None, "none")
+    if offload and s.zero_stage < 1:
+        problems.append("--offload_optimizer_device needs --zero_stage 1 or 2")
+    if s.offload_optimizer_device == "nvme" and not s.offload_optimizer_nvme_path:
+        problems.append("--offload_optimizer_device nvme needs --offload_optimizer_nvme_path (a folder on the NVMe "
+                        "drive)")
+    if offload and optimizer_type.lower() not in OFFLOAD_OPTIMIZERS:
+        problems.append(f"--offload_optimizer_device with --optimizer_type {optimizer_type}: the offloaded step is "
+                        "DeepSpeed's CPU Adam, which computes AdamW / Adam only; use --optimizer_type AdamW (or drop "
+                        "the offload)")
+    if full_bf16:
+        problems.append("--full_bf16 with --deepspeed: DeepSpeed's bf16 engine already keeps the trained weights in "
+                        "bf16 (with fp32 master weights in the optimizer); drop --full_bf16")
+    if s.fp16_master_weights_and_gradients and not (mixed_precision == "fp16" and s.zero_stage == 2
+                                                    and s.offload_optimizer_device == "cpu"):
+        problems.append("--fp16_master_weights_and_gradients (or --full_fp16) with --deepspeed: DeepSpeed keeps fp16 "
+                        "master weights and gradients only with "
+                        "--mixed_precision fp16 --zero_stage 2 --offload_optimizer_device cpu; drop the flag or use "
+                        "those")
+    if fused_step_flag:
+        problems.append(f"{fused_step_flag} with --deepspeed: DeepSpeed owns the optimizer step (after the "
+                        "gradients are reduced); drop one of them")
+    return problems
+
+
+def deepspeed_plugin(s: DeepSpeedSettings, *, batch_size: int, gradient_accumulation_steps: int,
+                     num_processes: int, max_grad_norm: float, mixed_precision: str):
+    """accelerate's DeepSpeedPlugin for these settings, its configuration complete (no "auto" left)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    offload = s.offload_optimizer_device if s.offload_optimizer_device not in (None, "none") else None
+    plugin = DeepSpeedPlugin(zero_stage=s.zero_stage, gradient_accumulation_steps=gradient_accumulation_steps,
+                             gradient_clipping=max_grad_norm or 0.0, offload_optimizer_device=offload,
+                             offload_optimizer_nvme_path=s.offload_optimizer_nvme_path)
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    config["train_batch_size"] = batch_size * gradient_accumulation_steps * num_processes
+    config["gradient_clipping"] = max_grad_norm or 0.0  # 0: none (the plugin leaves the key out, "auto" to fill)
+    plugin.set_mixed_precision(mixed_precision)
+    if mixed_precision == "fp16" and s.fp16_master_weights_and_gradients:
+        config["fp16"]["fp16_master_weights_and_grads"] = True
+    return plugin
+
+
+def world_size_from_environment() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_process_group() -> None:
+    """torch.distributed for DeepSpeed, before the Accelerator is made. A one-process run started without
+    `accelerate launch` / torchrun gets the environment variables a launcher would set. accelerate's state is then
+    corrected where it counts one process for a multi-process DeepSpeed run on CPUs (see the module docstring)."""
+    from accelerate.state import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch --use_deepspeed` sets
+    if "LOCAL_RANK" not in os.environ:  # not launched by accelerate / torchrun: one process
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    state = PartialState()
+    if torch.distributed.is_initialized() and state.num_processes != torch.distributed.get_world_size():
+        state.num_processes = torch.distributed.get_world_size()
+        state.process_index = torch.distributed.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", state.process_index))
+
+
+def cpu_adam_for(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam with the same parameters, groups and hyperparameters, for --offload_optimizer_device
+    (the offloaded step runs on the CPU). Made before the LR scheduler, so that the scheduler drives this
+    optimizer's learning rates (accelerate would otherwise swap it in later, behind the scheduler's back)."""
+    from accelerate.utils.deepspeed import map_pytorch_optim_to_deepspeed
+
+    return map_pytorch_optim_to_deepspeed(optimizer)
+
+
+class DeepSpeedTrainingEngine:
+    """The loop's view of a DeepSpeed run: prepare the model and optimizer together, run each micro-batch's backward
+    through the engine (which reduces, clips and steps at the last one), save and load the sharded state."""
+
+    steps_in_backward = True  # the optimizer has stepped when the last micro-batch's backward returns
+    scales_loss_for_accumulation = True  # DeepSpeed divides each micro-batch's loss by the accumulation steps
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.engine = None
+
+    def prepare(self, module: torch.nn.Module, optimizer, *, unused) -> tuple[object, object]:
+        del unused  # checked by tests/test_deepspeed.py with LoRA module dropout (parameters without gradients)
+        model, optimizer = self.accelerator.prepare(module, optimizer)
+        self.engine = model
+        return model, optimizer
+
+    def micro_batch(self, model, *, last: bool):
+        del model, last
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(is_boundary=last)
+        self.engine.backward(loss)
+        if last:
+            self.engine.step()  # reduce (stage 2: already during backward), clip, step, zero the gradients
+
+    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor | None:
+        del parameters, max_norm  # clipped by the engine in its step; this is the norm it measured
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(float(norm))
+
+    # State: the engine's own checkpoint (each process writes its share of the optimizer state).
+
+    def optimizer_state_files(self) -> tuple[str, ...]:
+        return (STATE_SUBFOLDER,)
+
+    def stage_optimizer_state(self, staging: Path) -> None:
+        """Every process: write the engine checkpoint into `staging` (collective); the main process then moves it
+        into the atomically written state folder (`adopt_optimizer_state`)."""
+        if self.accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self.engine.save_checkpoint(str(staging), tag=CHECKPOINT_TAG)
+        self.accelerator.wait_for_everyone()
+
+    def adopt_optimizer_state(self, staging: Path | None, folder: Path, optimizer) -> None:
+        del optimizer
+        os.replace(staging, folder / STATE_SUBFOLDER)
+
+    def load_optimizer_state(self, folder: Path, optimizer) -> None:
+        del optimizer
+        path, _ = self.engine.load_checkpoint(str(folder / STATE_SUBFOLDER), tag=CHECKPOINT_TAG,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"{folder / STATE_SUBFOLDER}: DeepSpeed found no checkpoint '{CHECKPOINT_TAG}' there")

@@ -1,0 +1,195 @@
+"""DeepSpeed ZeRO through accelerate (library/deepspeed_engine.py): kohya's flags as DeepSpeed's configuration, the
+refused combinations named, and real runs on CPUs (DeepSpeed's CPU accelerator, gloo): one process trains as without
+DeepSpeed and resumes exactly from the engine's own checkpoint; two processes with ZeRO-2 equal one process at the
+same global batch and each holds its half of the optimizer state."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from library import train_args
+from library.deepspeed_engine import DeepSpeedSettings, check_deepspeed_flags, deepspeed_plugin
+from library.safetensors_io import SafetensorsReader
+from tests.numerics import assert_process_split_close, training_deviation
+from tests.recipe_helpers import logged_losses, run_script, tiny_workspace, with_batch
+
+pytest.importorskip("deepspeed")
+
+
+def parsed(*flags: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    train_args.add_common_training_arguments(p)
+    return train_args.parse_args(p, ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", "out",
+                                     *flags])
+
+
+def test_kohya_flags_become_the_deepspeed_configuration():
+    args = parsed("--deepspeed", "--zero_stage", "1", "--offload_optimizer_device", "cpu", "--max_grad_norm", "0.5",
+                  "--gradient_accumulation_steps", "3", "--train_batch_size", "2", "--mixed_precision", "bf16")
+    settings = train_args.deepspeed_settings(args)
+    assert settings == DeepSpeedSettings(zero_stage=1, offload_optimizer_device="cpu")
+    plugin = deepspeed_plugin(settings, batch_size=2, gradient_accumulation_steps=3, num_processes=4,
+                              max_grad_norm=0.5, mixed_precision="bf16")
+    config = plugin.deepspeed_config
+    assert config["zero_optimization"]["stage"] == 1
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["zero_optimization"]["offload_param"]["device"] == "none"
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (2, 3, 2 * 3 * 4)
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"] == {"enabled": True} and config["fp16"]["enabled"] is False
+    assert "auto" not in repr(config)  # every value decided here, none left to accelerate's guesses
+    # --max_grad_norm 0: no clipping; fp16 with kohya's --full_fp16 -> fp16 master weights (stage 2 + CPU offload).
+    fp16 = deepspeed_plugin(train_args.deepspeed_settings(parsed("--deepspeed", "--mixed_precision", "fp16",
+                                                                 "--full_fp16", "--offload_optimizer_device", "cpu")),
+                            batch_size=1, gradient_accumulation_steps=1, num_processes=1, max_grad_norm=0,
+                            mixed_precision="fp16").deepspeed_config
+    assert fp16["gradient_clipping"] == 0 and fp16["zero_optimization"]["stage"] == 2
+    assert fp16["fp16"]["enabled"] is True and fp16["fp16"]["fp16_master_weights_and_grads"] is True
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--zero_stage", "3"], "--zero_stage 3: stage 3 (partitioned parameters) is not supported here yet"),
+    (["--offload_param_device", "cpu"], "--offload_param_device: a ZeRO stage 3 option"),
+    (["--zero3_init_flag"], "--zero3_init_flag: a ZeRO stage 3 option"),
+    (["--offload_optimizer_device", "cpu", "--optimizer_type", "Lion"],
+     "--offload_optimizer_device with --optimizer_type Lion: the offloaded step is DeepSpeed's CPU Adam"),
+    (["--offload_optimizer_device", "nvme"], "--offload_optimizer_device nvme needs --offload_optimizer_nvme_path"),
+    (["--offload_optimizer_device", "cpu", "--zero_stage", "0"], "--offload_optimizer_device needs --zero_stage 1"),
+    (["--mixed_precision", "bf16", "--full_bf16"], "--full_bf16 with --deepspeed"),
+    (["--mixed_precision", "fp16", "--full_fp16"], "--fp16_master_weights_and_gradients (or --full_fp16) with"),
+])
+def test_refused_deepspeed_settings_are_named(flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train_args.check_training_flags(parsed("--deepspeed", *flags))
+
+
+def test_deepspeed_options_without_deepspeed_are_refused():
+    with pytest.raises(SystemExit, match=re.escape("--zero_stage, --offload_optimizer_device: DeepSpeed options; "
+                                                   "add --deepspeed")):
+        train_args.check_training_flags(parsed("--zero_stage", "1", "--offload_optimizer_device", "cpu"))
+    train_args.check_training_flags(parsed())  # kohya's default --zero_stage 2 alone is no request
+
+
+def test_a_fused_optimizer_step_is_refused():
+    assert check_deepspeed_flags(DeepSpeedSettings(), optimizer_type="AdamW", mixed_precision="no", full_bf16=False,
+                                 fused_step_flag="--fused_backward_pass") == [
+        "--fused_backward_pass with --deepspeed: DeepSpeed owns the optimizer step (after the gradients are reduced); "
+        "drop one of them"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tiny_workspace(tmp_path_factory.mktemp("deepspeed"), images=4, folder="2_sks shape")
+
+
+def lora_args(root: Path, out: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(root / "sd1.safetensors"), "--train_data_dir", str(root / "data"),
+            "--output_dir", str(root / out), "--output_name", "lora", "--resolution", "64",
+            "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2", "--seed", "7",
+            "--train_batch_size", "2", "--max_data_loader_n_workers", "0", "--cache_latents",
+            "--logging_dir", str(root / out / "logs"), "--save_precision", "float"]
+
+
+def read(path: Path) -> dict[str, torch.Tensor]:
+    with SafetensorsReader(path) as reader:
+        return {k: reader.read(k) for k in reader.keys()}
+
+
+def launch_two_processes(script: str, argv: list[str]) -> None:
+    """`accelerate launch` with 2 processes on this CPU: DeepSpeed's CPU accelerator, gloo (no ACCELERATE_USE_CPU:
+    accelerate's CPU mode turns DeepSpeed off)."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    root = Path(__file__).resolve().parent.parent
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", f"{script}.py", *argv]
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=900, cwd=root)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+# One process: DeepSpeed's ZeRO-2 engine runs torch's own AdamW over its flat fp32 copy of the trained weights, so
+# each weight gets the same arithmetic as without DeepSpeed (measured bit-equal on an AMD EPYC, AVX-512 and AVX2
+# kernels). The bound allows one unit in the last place of fp32 per step where another CPU's elementwise kernels
+# would round differently; a real defect (a step not taken, the loss scaled twice for accumulation) moves the
+# weights by the size of a step, 1e3 x more (the learning rate is 1e-3 on weights of order 1).
+SAME_ARITHMETIC_ABS = 1e-6
+
+
+@pytest.mark.numbers
+def test_one_process_trains_as_without_deepspeed_and_resumes_exactly(workspace):
+    root = workspace
+    common = ["--max_train_steps", "3", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2",
+              "--train_batch_size", "1"]
+    run_script("train_network", lora_args(root, "plain") + common)
+    run_script("train_network", lora_args(root, "zero2") + common + [
+        "--deepspeed", "--save_every_n_steps", "1", "--save_state"])
+    plain, zero2 = read(root / "plain" / "lora.safetensors"), read(root / "zero2" / "lora.safetensors")
+    assert sorted(plain) == sorted(zero2)
+    worst = max((plain[k] - zero2[k]).abs().max().item() for k in plain)
+    assert worst <= SAME_ARITHMETIC_ABS, f"DeepSpeed's weights differ by {worst}"
+    assert logged_losses(root / "zero2" / "logs") == pytest.approx(logged_losses(root / "plain" / "logs"), abs=1e-6)
+    # The state holds DeepSpeed's own checkpoint (its share of the optimizer state per process), no optimizer.pt.
+    state = root / "zero2" / "lora-step00000002-state"
+    assert not (state / "optimizer.pt").exists()
+    assert list((state / "deepspeed" / "zero").glob("*optim_states.pt"))
+    run_script("train_network", lora_args(root, "resumed") + common + ["--deepspeed", "--resume", str(state)])
+    resumed = read(root / "resumed" / "lora.safetensors")
+    assert all(torch.equal(resumed[k], zero2[k]) for k in zero2), "resume is not exact"
+
+
+def test_two_processes_split_the_optimizer_state_and_match_one_process(workspace):
+    """2 processes x batch 1 with ZeRO-2 == 1 process x batch 2 without DeepSpeed (PROCESS_SPLIT_REL, as DDP's
+    test), with gradient accumulation, the text encoder's LoRA training and 2 SGD steps; each process saved its own
+    half of the optimizer's flat fp32 weights."""
+    root = workspace
+    common = ["--max_train_steps", "2", "--save_every_n_steps", "1", "--gradient_accumulation_steps", "2",
+              "--flip_aug", "--shuffle_caption", "--optimizer_type", "SGD", "--learning_rate", "0.01",
+              "--max_grad_norm", "0"]
+    run_script("train_network", with_batch(lora_args(root, "one") + common, 2))
+    launch_two_processes("train_network", with_batch(lora_args(root, "two") + common + ["--deepspeed", "--save_state"],
+                                                     1))
+    one, one_step1, two = (read(root / run / name) for run, name in (
+        ("one", "lora.safetensors"), ("one", "lora-step00000001.safetensors"), ("two", "lora.safetensors")))
+    keys = [k for k in one if k.endswith(("lora_up.weight", "lora_down.weight"))]
+    deviation = training_deviation(*({k: d[k] for k in keys} for d in (two, one, one_step1)))
+    assert_process_split_close(deviation, what="train_network ZeRO-2, 2 processes")
+    assert logged_losses(root / "two" / "logs") == pytest.approx(logged_losses(root / "one" / "logs"), rel=1e-5)
+    shards = sorted((root / "two" / "lora-state" / "deepspeed" / "zero").glob("*optim_states.pt"))
+    assert len(shards) == 2
+    halves = [torch.load(p, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+              for p in shards]
+    sizes = [sum(t.numel() for t in h) for h in halves]
+    trained = sum(one[k].numel() for k in keys)
+    assert sum(sizes) >= trained and max(sizes) <= trained // 2 + 64, (sizes, trained)  # padding: a few values
+
+
+@pytest.mark.slow
+def test_optimizer_offload_to_the_cpu(workspace):
+    """--offload_optimizer_device cpu: DeepSpeed's CPU Adam (built on first use: minutes) takes the AdamW step.
+    Its own vectorised kernel rounds differently from torch's AdamW, and Adam's first steps divide gradients by
+    their own size, so weights whose gradient is nearly zero move by rounding noise; the losses (measured within
+    2e-5 relative over 3 steps) and the deviation over all weights are compared."""
+    root = workspace
+    common = ["--max_train_steps", "3", "--learning_rate", "1e-3", "--save_every_n_steps", "2"]
+    run_script("train_network", lora_args(root, "adamw") + common)
+    run_script("train_network", lora_args(root, "offload") + common + ["--deepspeed", "--offload_optimizer_device",
+                                                                       "cpu"])
+    assert logged_losses(root / "offload" / "logs") == pytest.approx(logged_losses(root / "adamw" / "logs"),
+                                                                     rel=1e-4)
+    want, before, got = (read(root / run / name) for run, name in (
+        ("adamw", "lora.safetensors"), ("adamw", "lora-step00000002.safetensors"), ("offload", "lora.safetensors")))
+    keys = [k for k in want if k.endswith(("lora_up.weight", "lora_down.weight"))]
+    assert training_deviation(*({k: d[k] for k in keys} for d in (got, want, before))) < 0.1
