@@ -10,6 +10,10 @@
 #     imagesize==2.0.1 ftfy==6.3.1 wcwidth==0.9.4 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 \
 #     regex==2026.11.15 peft==0.21.2 anyio==4.16.0 idna==3.20 typing_extensions==4.16.0
 # (huggingface-hub 2.4 needs httpx2; transformers refuses an older regex; diffusers imports peft at start-up.)
+# Stage D also needs DeepSpeed and what the image lacks of its needs (~5 MB more):
+#   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8 -w .whl    (built here: DeepSpeed ships no wheel)
+#   python3 -m pip download ... (as above) hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+#     annotated-types==0.8.0 typing-inspection==0.4.5
 #
 # Stages, cheap correctness first, expensive last (a failing stage is reported and the next one runs):
 #   A  tiny random-weight models on CUDA (tools/make_tiny_model.py + tools/make_synthetic_dataset.py, as README.md):
@@ -20,6 +24,10 @@
 #      A6 train_db.py, README's DreamBooth try-it (class images generated first), fp16 mixed precision.
 #      Each trains 4 steps and saves; its outputs are then read back (benchmarks/cuda_peak.py --check): every
 #      tensor finite, LoRAs through diffusers' lora_state_dict, models through library.sd_checkpoint.
+#   D  DeepSpeed (issue 15): full-size SD 1.5 with random weights (built in the background), train_db.py full
+#      fine-tune at 512 px, AdamW, bf16, grad checkpointing, cached latents, 5 steps: D1 without DeepSpeed, D2 with
+#      --deepspeed --zero_stage 2 --offload_optimizer_device cpu (DeepSpeed's CPU Adam is compiled on first use, inside
+#      D2's time). Peak CUDA memory side by side. GPU_CHECK_STAGES=D runs only setup + D (default: A D B).
 #   B  full-size SDXL with random weights (library.tiny_models.build_random_models, ModelSize.FULL, perturb=False),
 #      written once as an fp16 .safetensors (built in the background while stage A runs), 4 synthetic captioned
 #      images trained at 1024x1024 (no bucketing: each image is resized / cropped to 1024x1024):
@@ -56,8 +64,10 @@ TEE_PID=$!
 # smoke run on a CPU runs those stages in bf16.
 if [[ $SMOKE == 1 ]]; then
   BUDGET=${GPU_CHECK_BUDGET_S:-3600}; CAP_SCALE=4; B_SIZE=tiny; B_RES=64; B_STEPS_LORA=3; B_STEPS_FT=3; FP16=bf16
+  D_RES=64
 else
   BUDGET=${GPU_CHECK_BUDGET_S:-500}; CAP_SCALE=1; B_SIZE=full; B_RES=1024; B_STEPS_LORA=10; B_STEPS_FT=6; FP16=fp16
+  D_RES=512
 fi
 
 echo "=== gpu_check_sdxl.sh  $(date -u +%FT%TZ)  smoke=$SMOKE  python=$PY  budget=${BUDGET}s  work=$WORK  out=$OUT"
@@ -135,15 +145,15 @@ from library.families import FAMILIES, ModelSize
 from library.model_loading import checkpoint_from_models
 from library.tiny_models import build_random_models
 
-size, dest = ModelSize(os.environ["SIZE"]), os.environ["DEST"]
+size, dest, family = ModelSize(os.environ["SIZE"]), os.environ["DEST"], os.environ.get("FAMILY", "sdxl")
 
 
 def build(device: str) -> None:
     t0 = time.perf_counter()
     with torch.device(device):
-        models = build_random_models(FAMILIES["sdxl"], size, seed=0, perturb=False)
+        models = build_random_models(FAMILIES[family], size, seed=0, perturb=False)
     params = {c: sum(p.numel() for p in models.component(c).parameters()) for c in models.family.components}
-    print(f"built {size.value} SDXL on {device} in {time.perf_counter() - t0:.1f} s: "
+    print(f"built {size.value} {family} on {device} in {time.perf_counter() - t0:.1f} s: "
           + ", ".join(f"{c} {n / 1e6:.0f}M" for c, n in params.items()), flush=True)
     t0 = time.perf_counter()
     save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS, dtype=torch.float16)
@@ -168,6 +178,7 @@ setup() {
   timeout "$t" "$PY" tools/make_tiny_model.py --family sdxl "$W/tiny_sdxl.safetensors" & pids+=($!)
   timeout "$t" "$PY" tools/make_synthetic_dataset.py "$W/data" --images 4 --size 64 --reg & pids+=($!)
   timeout "$t" "$PY" tools/make_synthetic_dataset.py "$W/data_b" --images 4 --size "$B_RES" & pids+=($!)
+  timeout "$t" "$PY" tools/make_synthetic_dataset.py "$W/data_d" --images 4 --size "$D_RES" & pids+=($!)
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
   printf 'sks shape, red circle --n blurry --d 1 --s 4\n' >"$W/prompts.txt"
   return $rc
@@ -176,13 +187,27 @@ setup() {
 B_MODEL=$W/sdxl_$B_SIZE.safetensors
 B0_START=$SECONDS
 echo "=== [B0] building the $B_SIZE SDXL model in the background from +${SECONDS}s (log: $W/build.log)"
-SIZE=$B_SIZE DEST=$B_MODEL timeout --kill-after=15 $((360 * CAP_SCALE)) "$PY" "$W/build_model.py" \
-  >"$W/build.log" 2>&1 &
-BUILD_PID=$!
+STAGES=${GPU_CHECK_STAGES:-A D B}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+BUILD_PID=
+if has B; then
+  SIZE=$B_SIZE DEST=$B_MODEL FAMILY=sdxl timeout --kill-after=15 $((360 * CAP_SCALE)) "$PY" "$W/build_model.py" \
+    >"$W/build.log" 2>&1 &
+  BUILD_PID=$!
+fi
+D_MODEL=$W/sd15_$B_SIZE.safetensors
+D_BUILD_PID=
+if has D; then
+  echo "=== [D0] building the $B_SIZE SD 1.5 model in the background from +${SECONDS}s (log: $W/build_d.log)"
+  SIZE=$B_SIZE DEST=$D_MODEL FAMILY=sd1 timeout --kill-after=15 $((240 * CAP_SCALE)) "$PY" "$W/build_model.py" \
+    >"$W/build_d.log" 2>&1 &
+  D_BUILD_PID=$!
+fi
 stage A0 "setup: tiny SD 1.x + SDXL models (tools/make_tiny_model.py), synthetic data" 60 setup
 
 # --- stage A: tiny models, every trainer users run -------------------------------------------------------------------
-((SMOKE == 1)) || RESERVE=240  # stage B's share of the budget
+if has A; then
+((SMOKE == 1)) || { has D && RESERVE=220 || RESERVE=240; }  # stage D's / B's share of the budget
 tn_headline() {  # ID PRECISION: README's headline train_network.py command, tiny-sized (AdamW for AdamW8bit, 4 steps)
   local o=$W/a_tn_$2
   wrap --tag "$1" --check "$o/sks_dog.safetensors" train_network.py \
@@ -248,8 +273,39 @@ xl_controlnet() {  # sdxl_train_control_net.py: Canny edges of the data as condi
     --validation_prompt "sks shape" --validation_steps 4 --num_validation_images 1 --seed 0
 }
 stage A7 "sdxl_train_control_net.py bf16, cached TE outputs, validation grid" 75 xl_controlnet
+fi
+
+# --- stage D: DeepSpeed ZeRO-2 with the optimizer on the CPU, full-size SD 1.5 --------------------------------------
+wait_build_d() {
+  local rc deadline=$((SECONDS + STAGE_LIMIT))
+  while kill -0 "$D_BUILD_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 1; done
+  kill -0 "$D_BUILD_PID" 2>/dev/null && kill "$D_BUILD_PID"
+  wait "$D_BUILD_PID"
+  rc=$?
+  cat "$W/build_d.log"
+  ((rc == 0)) && [[ -s $D_MODEL ]]
+}
+ft_d() (  # ID [flags]: train_db.py full fine-tune of the U-Net, final save skipped
+  id=$1; shift
+  [[ -s $D_MODEL ]] || { echo "no stage-D model (D0 failed)"; exit 2; }
+  export SDTRAIN_STOP_AFTER_STEPS=5
+  wrap --tag "$id" --logging-dir "$W/$id/logs" train_db.py --pretrained_model_name_or_path "$D_MODEL" \
+    --train_data_dir "$W/data_d" --output_dir "$W/$id" --output_name db --logging_dir "$W/$id/logs" \
+    --resolution "$D_RES" --train_batch_size 1 --mixed_precision bf16 --cache_latents --gradient_checkpointing \
+    --optimizer_type AdamW --learning_rate 1e-6 --max_train_steps 5 --max_data_loader_n_workers 0 \
+    --stop_text_encoder_training 0 --seed 0 "$@"
+)
+if has D; then
+  RESERVE=0
+  ((SMOKE == 1)) || { has B && RESERVE=100; }
+  stage D0 "$B_SIZE SD 1.5, random weights -> fp16 .safetensors (wait for the background build)" 120 wait_build_d
+  stage D1 "train_db.py full fine-tune, $D_RES px, AdamW, bf16, grad ckpt, 5 steps, without DeepSpeed" 90 ft_d D1
+  stage D2 "train_db.py as D1 with --deepspeed --zero_stage 2 --offload_optimizer_device cpu" 200 \
+    ft_d D2 --deepspeed --zero_stage 2 --offload_optimizer_device cpu
+fi
 
 # --- stage B: full-size SDXL -----------------------------------------------------------------------------------------
+if has B; then
 wait_build() {
   local rc deadline=$((SECONDS + STAGE_LIMIT))
   while kill -0 "$BUILD_PID" 2>/dev/null && ((SECONDS < deadline)); do sleep 1; done
@@ -295,9 +351,10 @@ stage B2 "sdxl_train_network.py U-Net LoRA dim 16, $B_RES px, bf16, no grad chec
   lora_b B2
 RESERVE=0
 stage B3 "sdxl_train.py full fine-tune, Adafactor fused, --full_bf16, grad ckpt, $B_RES px, $B_STEPS_FT steps" 200 ft_b
+fi
 
 # --- summary ---------------------------------------------------------------------------------------------------------
-kill "$BUILD_PID" 2>/dev/null && echo "(stopped the background model build: stage B0 did not run)"
+[[ -n $BUILD_PID ]] && kill "$BUILD_PID" 2>/dev/null && echo "(stopped the background model build: stage B0 did not run)"
 echo
 echo "=================================================================================================="
 echo "=== summary (total ${SECONDS}s)"
