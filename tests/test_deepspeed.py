@@ -150,10 +150,39 @@ def test_one_process_trains_as_without_deepspeed_and_resumes_exactly(workspace):
     assert all(torch.equal(resumed[k], zero2[k]) for k in zero2), "resume is not exact"
 
 
+@pytest.mark.numbers
+@pytest.mark.parametrize("script,extra,output", [
+    ("train_db", [], "model.safetensors"),  # the U-Net and the text encoder train
+    ("train_controlnet", ["--conditioning_data_dir", "cond"], "model.safetensors"),
+])
+def test_full_model_trainers_train_as_without_deepspeed(workspace, script, extra, output):
+    """One process, fp32, AdamW: the trained model is the one trained without DeepSpeed (SAME_ARITHMETIC_ABS)."""
+    import shutil
+
+    root = workspace
+    if "cond" in extra and not (root / "cond").exists():  # the photos as their own control images (same stems)
+        shutil.copytree(root / "data" / "2_sks shape", root / "cond", ignore=shutil.ignore_patterns("*.caption"))
+    extra = [str(root / a) if a == "cond" else a for a in extra]
+    for out, flags in ((f"{script}_plain", []), (f"{script}_zero2", ["--deepspeed"])):
+        run_script(script, ["--pretrained_model_name_or_path", str(root / "sd1.safetensors"), "--train_data_dir",
+                            str(root / "data"), "--output_dir", str(root / out), "--output_name", "model",
+                            "--resolution", "64", "--seed", "3", "--train_batch_size", "2", "--max_train_steps", "2",
+                            "--learning_rate", "1e-4", "--max_data_loader_n_workers", "0", "--save_precision", "float",
+                            "--save_model_as", "safetensors", *extra, *flags])
+    plain, zero2 = (read(root / out / output) for out in (f"{script}_plain", f"{script}_zero2"))
+    base = read(root / "sd1.safetensors") if script == "train_db" else None
+    assert sorted(plain) == sorted(zero2)
+    worst = max((plain[k].float() - zero2[k].float()).abs().max().item() for k in plain)
+    assert worst <= SAME_ARITHMETIC_ABS, f"{script}: DeepSpeed's weights differ by {worst}"
+    if base is not None:  # the comparison is of trained weights, not of an untouched copy
+        assert any(not torch.equal(plain[k].float(), base[k].float()) for k in plain if k in base)
+
+
 def test_two_processes_split_the_optimizer_state_and_match_one_process(workspace):
     """2 processes x batch 1 with ZeRO-2 == 1 process x batch 2 without DeepSpeed (PROCESS_SPLIT_REL, as DDP's
     test), with gradient accumulation, the text encoder's LoRA training and 2 SGD steps; each process saved its own
-    half of the optimizer's flat fp32 weights."""
+    half of the optimizer's flat fp32 weights, and resuming from them is exact. A planted defect (the loss divided
+    by the accumulation steps twice) gives a deviation of 0.8, 40x the tolerance."""
     root = workspace
     common = ["--max_train_steps", "2", "--save_every_n_steps", "1", "--gradient_accumulation_steps", "2",
               "--flip_aug", "--shuffle_caption", "--optimizer_type", "SGD", "--learning_rate", "0.01",
@@ -174,6 +203,11 @@ def test_two_processes_split_the_optimizer_state_and_match_one_process(workspace
     sizes = [sum(t.numel() for t in h) for h in halves]
     trained = sum(one[k].numel() for k in keys)
     assert sum(sizes) >= trained and max(sizes) <= trained // 2 + 64, (sizes, trained)  # padding: a few values
+    # Resumed in 2 processes from the step-1 state (each process loads its own share): the same final weights.
+    launch_two_processes("train_network", with_batch(lora_args(root, "two_resumed") + common + [
+        "--deepspeed", "--resume", str(root / "two" / "lora-step00000001-state")], 1))
+    resumed = read(root / "two_resumed" / "lora.safetensors")
+    assert all(torch.equal(resumed[k], two[k]) for k in two), "a 2-process resume is not exact"
 
 
 @pytest.mark.slow
