@@ -282,8 +282,9 @@ class Trainer:
             return self.unet(noisy, timesteps, **cond.to(self.weight_dtype).unet_kwargs()).sample
 
     def _prepare_model(self):
-        """`_predict` as a module over the trained parameters, prepared by accelerate: with several processes DDP
-        averages their gradients during the backward pass (library/data_parallel.py)."""
+        """`_predict` as a module over the trained parameters, prepared by the engine (with the optimizer): with
+        several processes DDP averages their gradients during the backward pass (library/data_parallel.py), or
+        DeepSpeed reduces and steps (library/deepspeed_engine.py)."""
         unused_of = getattr(self.task, "unused_parameters", None)
         model, self.optimizer = self.engine.prepare(TrainedForward(self.trainable_parameters, self._predict),
                                                     self.optimizer,

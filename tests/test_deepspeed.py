@@ -131,8 +131,9 @@ SAME_ARITHMETIC_ABS = 1e-6
 @pytest.mark.numbers
 def test_one_process_trains_as_without_deepspeed_and_resumes_exactly(workspace):
     root = workspace
+    # A schedule that changes the learning rate every step: DeepSpeed's optimizer must follow the scheduler.
     common = ["--max_train_steps", "3", "--learning_rate", "1e-3", "--gradient_accumulation_steps", "2",
-              "--train_batch_size", "1"]
+              "--train_batch_size", "1", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"]
     run_script("train_network", lora_args(root, "plain") + common)
     run_script("train_network", lora_args(root, "zero2") + common + [
         "--deepspeed", "--save_every_n_steps", "1", "--save_state"])
