@@ -192,7 +192,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
         print("\n".join(describe_samples(dataset, batches)))
         return start.output_dir / start.output_name
     max_train_steps = setup.count_steps(args, dataset, batches)
-    setup.cache_latents(args, dataset, models.vae, precision)
+    setup.cache_latents(args, dataset, models.vae, precision, accelerator)
     # The text encoders are frozen: their outputs can be cached; validation images still need them.
     text_conditioner = setup.cache_text_encoder_outputs(args, dataset, setup.text_conditioner(args, models), models,
                                                         accelerator, keep_encoders=bool(pairs))

@@ -314,7 +314,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
         return start.output_dir / (start.output_name + "." + args.save_model_as)
     setup.check_pivotal_token(args, dataset)
     max_train_steps = setup.count_steps(args, dataset, batches)
-    setup.cache_latents(args, dataset, vae, precision)
+    setup.cache_latents(args, dataset, vae, precision, accelerator)
 
     if args.base_weights:
         merge_base_weights(args, text_encoders, unet)

@@ -128,7 +128,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     max_train_steps = setup.count_steps(args, dataset, batches)
-    setup.cache_latents(args, dataset, models.vae, precision)
+    setup.cache_latents(args, dataset, models.vae, precision, accelerator)
 
     param_groups = [{"params": word.parameters, "lr": args.learning_rate}]  # kohya: one group, every encoder
     optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,

@@ -338,7 +338,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
         return start.output_dir / (start.output_name + ("" if fmt.is_diffusers else "." + fmt.value))
     setup.check_pivotal_token(args, dataset)
     max_train_steps = setup.count_steps(args, dataset, batches)
-    setup.cache_latents(args, dataset, models.vae, precision)
+    setup.cache_latents(args, dataset, models.vae, precision, accelerator)
 
     # What trains: every U-Net weight (by block, with --block_lr), and each text encoder with a learning rate
     # (until the stop step), each in its own parameter group.

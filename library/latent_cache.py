@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from library.cache_split import SINGLE_PROCESS, ProcessShare
 from library.safetensors_io import SafetensorsFormatError, SafetensorsReader, save_tensors
 from library.train_dataset import Item, TrainingDataset, file_fingerprint, tensor_fingerprint
 
@@ -44,6 +45,7 @@ class LatentCache:
         self.vae_id = tensor_fingerprint(vae)
         self._latents: dict[tuple[tuple[str, int], bool], torch.Tensor] = {}
         self._masks: dict[tuple[tuple[str, int], bool], torch.Tensor] = {}
+        self.encoded = 0  # entries this process encoded in its last build (the others read or received)
 
     def key(self, dataset: TrainingDataset, item: Item) -> dict:
         plan = dataset.plan(item, None)
@@ -57,16 +59,18 @@ class LatentCache:
                 key["mask_file"] = file_fingerprint(dataset.mask_source(item))
         return key
 
-    def build(self, dataset: TrainingDataset) -> None:
-        """Fill the cache for every image of the dataset (and its flip when flip_aug is on)."""
+    def build(self, dataset: TrainingDataset, share: ProcessShare = SINGLE_PROCESS) -> None:
+        """Fill the cache for every image of the dataset (and its flip when flip_aug is on). With several processes
+        (`share`) each encodes its share of the batches and every process then holds every entry (cache_split.py)."""
         for item in dataset.items:
             if item.record.subset.random_crop or item.record.subset.color_aug:
                 raise ValueError(f"{item.record.subset.image_dir}: --cache_latents cannot be used with random_crop "
                                  "or color_aug (each epoch needs new pixels); turn one of them off")
         unique = {item.cache_id: item for item in dataset.items}
+        keys = {cache_id: self.key(dataset, item) for cache_id, item in unique.items()}
         todo, reused, stale = [], 0, 0
-        for path, item in unique.items():
-            key = self.key(dataset, item)
+        for cache_id, item in unique.items():
+            key = keys[cache_id]
             wants_mask = dataset.wants_mask(item)
             loaded = self._load_disk(item, key, wants_mask=wants_mask) if self.settings.to_disk else None
             if loaded == "stale":
@@ -75,7 +79,7 @@ class LatentCache:
                 reused += 1
                 self._store(item, loaded)
             else:
-                todo.append((item, key))
+                todo.append(cache_id)
         if stale:
             logger.info("latent cache: %d entries were stale (image, resolution, VAE or dtype changed) and are "
                         "recomputed", stale)
@@ -83,12 +87,26 @@ class LatentCache:
             logger.warning("--skip_cache_check: reused %d cached latents without checking the image files", reused)
         if self.settings.to_disk:
             logger.info("latent cache: %d of %d entries read from disk, %d to encode", reused, len(unique), len(todo))
-        self._compute(dataset, todo)
+        todo = share.agreed(todo, list(unique))  # the same list on every process (see cache_split.py)
+        batches = self._batches([(unique[cache_id], keys[cache_id]) for cache_id in todo])
+        mine = share.mine(batches)
+        share.run_together(lambda: self._compute(dataset, mine))
+        self.encoded = sum(len(batch) for batch in mine)
+        if share.count > 1:
+            logger.info("latent cache: this process encoded %d of the %d entries to encode (%d processes)",
+                        self.encoded, len(todo), share.count)
+            if self.settings.to_disk:
+                share.barrier()  # every process has written its entries
+                self._read_others(dataset, share.others(batches), share)
+            else:
+                for entries in share.exchange_rounds(mine, self._entries_of):
+                    for cache_id, entry in entries.items():
+                        self._store(unique[cache_id], entry)
         dataset.latent_cache = self
 
-    def _compute(self, dataset: TrainingDataset, todo: list[tuple[Item, dict]]) -> None:
-        # Encode images of the same bucket together, --vae_batch_size at a time.
-        todo.sort(key=lambda entry: (entry[0].bucket, str(entry[0].record.path)))
+    def _batches(self, todo: list[tuple[Item, dict]]) -> list[list[tuple[Item, dict]]]:
+        """Images of the same bucket encoded together, --vae_batch_size at a time."""
+        todo = sorted(todo, key=lambda entry: (entry[0].bucket, str(entry[0].record.path)))
         batches, current = [], []
         for entry in todo:
             if current and (current[-1][0].bucket != entry[0].bucket or len(current) == self.settings.batch_size):
@@ -97,9 +115,12 @@ class LatentCache:
             current.append(entry)
         if current:
             batches.append(current)
+        return batches
+
+    def _compute(self, dataset: TrainingDataset, batches: list[list[tuple[Item, dict]]]) -> None:
         device = next(self.vae.parameters()).device
-        with torch.no_grad(), tqdm(total=len(todo), desc="caching latents", unit="image",
-                                   disable=not todo) as bar:
+        total = sum(len(batch) for batch in batches)
+        with torch.no_grad(), tqdm(total=total, desc="caching latents", unit="image", disable=not total) as bar:
             for batch in batches:
                 pixels, masks, flips = [], [], []
                 for item, _ in batch:
@@ -120,6 +141,43 @@ class LatentCache:
                     if self.settings.to_disk:
                         self._save_disk(item, key, entry)
                 bar.update(len(batch))
+
+    def _entries_of(self, batch: list[tuple[Item, dict]]) -> dict:
+        """A computed batch's entries by cache id, for another process to store. Cloned: a stored entry is a view
+        of its whole VAE batch, and pickling a view sends the batch."""
+        entries = {}
+        for item, _ in batch:
+            cache_id = item.cache_id
+            entry = {"latents": self._latents[(cache_id, False)].clone()}
+            if (cache_id, True) in self._latents:
+                entry["latents_flipped"] = self._latents[(cache_id, True)].clone()
+            if (cache_id, False) in self._masks:
+                entry["alpha_mask"] = self._masks[(cache_id, False)].clone()
+            entries[cache_id] = entry
+        return entries
+
+    def _read_others(self, dataset: TrainingDataset, batches: list[list[tuple[Item, dict]]],
+                     share: ProcessShare) -> None:
+        """The entries the other processes wrote, read from disk with the usual key check. One that this process
+        cannot read (a machine with its own copy of the dataset) stops every process: the entries would be missing
+        here at training time."""
+        unreadable = []
+        for batch in batches:
+            for item, key in batch:
+                loaded = self._load_disk(item, key, wants_mask=dataset.wants_mask(item))
+                if isinstance(loaded, dict):
+                    self._store(item, loaded)
+                else:
+                    unreadable.append(str(self.disk_path(item)))
+        unreadable = sorted(set().union(*share.gather(set(unreadable))))
+        if unreadable:
+            more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+            raise ValueError(f"{unreadable[0]}{more}: another process wrote this latent cache entry, but not every "
+                             f"process can read it back. With --cache_latents_to_disk "
+                             "the processes share their entries through the dataset folder: put the dataset on "
+                             "storage every machine shares, or fill each copy's cache before training "
+                             "(tools/cache_latents.py, one process per machine), or cache in memory (--cache_latents "
+                             "without --cache_latents_to_disk)")
 
     def _encode(self, pixels: torch.Tensor, variant: str) -> torch.Tensor:
         dist = self.vae.encode(pixels).latent_dist

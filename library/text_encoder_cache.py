@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from library.cache_split import SINGLE_PROCESS, ProcessShare
 from library.captions import per_step_caption_options
 from library.safetensors_io import SafetensorsFormatError, SafetensorsReader, save_tensors
 from library.text_conditioning import SizeConditioning, TextConditioner, TextConditioning
@@ -66,6 +67,7 @@ class TextEncoderOutputCache:
         self.autocast = autocast  # the training step's autocast, so cached outputs equal uncached ones
         self.entries: dict[str, dict[str, torch.Tensor]] = {}  # caption -> {"hidden_states", ["pooled"]}
         self._settings_key: dict | None = None
+        self.encoded = 0  # captions this process encoded in its last build (the others read or received)
 
     def settings_key(self) -> dict:
         """Everything but the caption that determines an entry (the encoder digests are computed once)."""
@@ -79,8 +81,10 @@ class TextEncoderOutputCache:
     def key(self, caption: str) -> dict:
         return {"caption": caption, **self.settings_key()}
 
-    def build(self, dataset: TrainingDataset) -> None:
-        """Encode every distinct caption of the dataset (reading valid disk entries instead, with to_disk)."""
+    def build(self, dataset: TrainingDataset, share: ProcessShare = SINGLE_PROCESS) -> None:
+        """Encode every distinct caption of the dataset (reading valid disk entries instead, with to_disk). With
+        several processes (`share`) each encodes its share of the caption chunks and every process then holds every
+        entry (cache_split.py)."""
         check_captions_are_fixed(dataset)
         first_items: dict[str, Item] = {}  # image file -> an item showing it (repeats share the caption)
         for item in dataset.items:
@@ -100,16 +104,41 @@ class TextEncoderOutputCache:
                         "recomputed", stale)
         if reused:
             logger.info("text-encoder cache: reused %d entries from disk", reused)
-        self._compute(list(dict.fromkeys(c for c in by_image.values() if c not in self.entries)))
+        # The same lists on every process (see cache_split.py), in dataset order.
+        captions = list(dict.fromkeys(by_image.values()))
+        to_encode = share.agreed([c for c in captions if c not in self.entries], captions)
+        to_write = share.agreed(to_write, list(by_image))
+        chunks = [to_encode[start:start + self.batch_size] for start in range(0, len(to_encode), self.batch_size)]
+        mine = share.mine(chunks)
+        my_captions, encoded_by_someone = {c for chunk in mine for c in chunk}, set(to_encode)
+        # An image's file is written by the process that encoded its caption; one whose caption was read from
+        # another image's valid file, by position.
+        my_images = [image for i, image in enumerate(to_write) if by_image[image] in my_captions
+                     or (by_image[image] not in encoded_by_someone and share.owns(i))]
+        share.run_together(lambda: self._compute_and_write(mine, my_images, by_image))
+        self.encoded = len(my_captions)
+        if share.count > 1:
+            logger.info("text-encoder cache: this process encoded %d of the %d captions to encode (%d processes)",
+                        self.encoded, len(to_encode), share.count)
+            if self.to_disk:
+                share.barrier()  # every process has written its entries
+                self._read_others(share.others(chunks), to_write, by_image, share)
+            else:
+                for entries in share.exchange_rounds(mine, self._entries_of):
+                    self.entries.update(entries)
+
+    def _compute_and_write(self, chunks: list[list[str]], images: list[Path], by_image: dict[Path, str]) -> None:
+        self._compute(chunks)
         if self.to_disk:
-            for image in to_write:
+            for image in images:
                 self._save_disk(image, by_image[image])
 
-    def _compute(self, captions: list[str]) -> None:
-        with torch.no_grad(), self.autocast(), tqdm(total=len(captions), desc="caching text encoder outputs",
-                                                   unit="caption", disable=not captions) as bar:
-            for start in range(0, len(captions), self.batch_size):
-                chunk = captions[start:start + self.batch_size]
+    def _compute(self, chunks: list[list[str]]) -> None:
+        """Encode each chunk of captions in one text-encoder call."""
+        total = sum(len(chunk) for chunk in chunks)
+        with torch.no_grad(), self.autocast(), tqdm(total=total, desc="caching text encoder outputs",
+                                                   unit="caption", disable=not total) as bar:
+            for chunk in chunks:
                 text = self.conditioner.encode_text(chunk)
                 for i, caption in enumerate(chunk):
                     entry = {"hidden_states": text.hidden_states[i].cpu()}
@@ -117,6 +146,36 @@ class TextEncoderOutputCache:
                         entry["pooled"] = text.pooled[i].cpu()
                     self.entries[caption] = entry
                 bar.update(len(chunk))
+
+    def _entries_of(self, chunk: list[str]) -> dict:
+        """A computed chunk's entries by caption, for another process to store (cloned: each is a view of its
+        chunk's output, and pickling a view sends the whole chunk)."""
+        return {caption: {name: t.clone() for name, t in self.entries[caption].items()} for caption in chunk}
+
+    def _read_others(self, chunks: list[list[str]], to_write: list[Path], by_image: dict[Path, str],
+                     share: ProcessShare) -> None:
+        """The captions the other processes encoded, read (with the usual key check) from the first file each wrote
+        for it. One that this process cannot read stops every process (see LatentCache._read_others)."""
+        first_image = {}
+        for image in to_write:
+            first_image.setdefault(by_image[image], image)
+        unreadable = []
+        for chunk in chunks:
+            for caption in chunk:
+                loaded = self._load_disk(first_image[caption], caption)
+                if isinstance(loaded, dict):
+                    self.entries[caption] = loaded
+                else:
+                    unreadable.append(str(self.disk_path(first_image[caption])))
+        unreadable = sorted(set().union(*share.gather(set(unreadable))))
+        if unreadable:
+            more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+            raise ValueError(f"{unreadable[0]}{more}: another process wrote this text-encoder cache entry, but not "
+                             "every process can read it back. With --cache_text_encoder_outputs_to_disk the "
+                             "processes share their entries through the dataset folder: put the dataset on storage "
+                             "every machine shares, or fill each copy's cache before training "
+                             "(tools/cache_text_encoder_outputs.py, one process per machine), or cache in memory "
+                             f"({FLAG} without --cache_text_encoder_outputs_to_disk)")
 
     def conditioner_for_training(self, device: torch.device | str) -> "CachedTextConditioner":
         return CachedTextConditioner(self.conditioner, self.entries, device)

@@ -24,6 +24,7 @@ from library.dataset_config import DatasetConfigError, build_training_dataset
 from library.dataset_sources import ConditioningUse, DatasetError
 from library.extra_inputs import MaskSettings, condition_images_for
 from library.families import INPAINTING, TEXT_TO_IMAGE, UNetInputs
+from library.cache_split import ProcessShare
 from library.images import ImageError
 from library.latent_cache import CacheSettings, LatentCache
 from library.model_loading import SDModels, instantiate_models, replace_vae
@@ -257,13 +258,14 @@ def count_steps(args: argparse.Namespace, dataset: TrainingDataset, batches: Epo
     return max_train_steps
 
 
-def cache_latents(args: argparse.Namespace, dataset: TrainingDataset, vae, precision: Precision) -> None:
+def cache_latents(args: argparse.Namespace, dataset: TrainingDataset, vae, precision: Precision, accelerator) -> None:
+    """--cache_latents / --cache_latents_to_disk: every image encoded now, each process its share (cache_split.py)."""
     if not (args.cache_latents or args.cache_latents_to_disk):
         return
     cache = LatentCache(vae, CacheSettings(to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
                                            skip_cache_check=args.skip_cache_check), dtype=precision.vae_dtype)
     try:
-        cache.build(dataset)
+        cache.build(dataset, ProcessShare.of(accelerator))
     except (ValueError, OSError, ImageError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -402,9 +404,9 @@ def wants_text_encoder_cache(args: argparse.Namespace) -> bool:
 
 def cache_text_encoder_outputs(args: argparse.Namespace, dataset: TrainingDataset, conditioner: TextConditioner,
                                models: SDModels, accelerator, *, keep_encoders: bool, batch_size: int | None = None):
-    """--cache_text_encoder_outputs / --cache_text_encoder_outputs_to_disk: every caption encoded now; the
-    conditioner the training step then uses answers from the cache. The text encoders are released afterwards
-    unless `keep_encoders` (sample prompts still need them). Without the flags: `conditioner` itself.
+    """--cache_text_encoder_outputs / --cache_text_encoder_outputs_to_disk: every caption encoded now, each process
+    its share (cache_split.py); the conditioner the training step then uses answers from the cache. The text
+    encoders are released afterwards unless `keep_encoders` (sample prompts still need them). Without the flags: `conditioner` itself.
     `batch_size`: captions per encoder call (tools/cache_text_encoder_outputs.py's --text_encoder_batch_size)."""
     if not wants_text_encoder_cache(args):
         return conditioner
@@ -413,8 +415,8 @@ def cache_text_encoder_outputs(args: argparse.Namespace, dataset: TrainingDatase
     try:
         cache = TextEncoderOutputCache(conditioner, to_disk=args.cache_text_encoder_outputs_to_disk,
                                        autocast=accelerator.autocast, batch_size=batch_size or ENCODE_BATCH)
-        cache.build(dataset)
-    except ValueError as e:
+        cache.build(dataset, ProcessShare.of(accelerator))
+    except (ValueError, OSError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     if keep_encoders:
         logger.info("text-encoder outputs cached; the text encoders stay in memory for the sample prompts")

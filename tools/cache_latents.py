@@ -12,8 +12,9 @@ trainers' (see library/cache_tools.py): the dataset comes from --train_data_dir 
 (--mixed_precision, --no_half_vae). Only the VAE is loaded. Entries that are already valid are kept; stale ones
 (edited image, other bucket, VAE or precision) are recomputed.
 
-Differs from kohya: one process (`accelerate launch` over several GPUs is not implemented yet);
-kohya's .npz files are not read or written (the trainers here keep their own keyed format); --skip_existing is
+Several GPUs or machines, as kohya: `accelerate launch --num_processes N tools/cache_latents.py ...`; each process
+encodes its share of the images and writes its own files (the same bytes one process writes;
+library/cache_split.py). Differs from kohya: kohya's .npz files are not read or written (the trainers here keep their own keyed format); --skip_existing is
 implied; --sdxl is checked against the weights; kohya's FLUX / SD3 options are refused by name.
 """
 
@@ -48,7 +49,7 @@ def cache(argv: list[str] | None = None) -> int:
     dataset = cache_tools.build_dataset(args, checkpoint)  # before the VAE loads: a dataset error fails at once
     models, precision = setup.load_models(args, checkpoint, accelerator, components=("vae",))
     setup.cache_latents(cache_tools.with_flags(args, cache_latents=True, cache_latents_to_disk=True), dataset,
-                        models.vae, precision)
+                        models.vae, precision, accelerator)
     return len({item.cache_id for item in dataset.items})
 
 

@@ -16,8 +16,10 @@ text encoders in the training precision with --textual_inversion_embeddings adde
 Every family works (kohya's tool: SDXL and FLUX). Refused by name, as the trainers refuse them with the cache:
 caption options that change a caption per step (shuffle, dropout, wildcards, token warmup), --pivotal_token
 (the word trains, so its outputs change), and train_network.py's --base_weights (merged into the text encoders
-before caching; this tool does not merge them). Differs from kohya: one process; kohya's .npz files are not read
-or written; --skip_existing is implied; --sdxl is checked against the weights; FLUX / SD3 options are refused.
+before caching; this tool does not merge them). Several GPUs or machines: `accelerate launch --num_processes N
+tools/cache_text_encoder_outputs.py ...`; each process encodes its share of the captions and writes its images'
+files (the same bytes one process writes; library/cache_split.py). Differs from kohya: kohya's .npz files are not
+read or written; --skip_existing is implied; --sdxl is checked against the weights; FLUX / SD3 options are refused.
 """
 
 from __future__ import annotations
