@@ -9,6 +9,10 @@ possible) and records its options (find_unused_parameters, static_graph, gradien
 hand-written gradient averaging would show up here). Each process writes REPORT_PREFIX.<rank>.json: per run, those
 counts and the number of trained values DDP holds.
 
+Every latent and text-encoder cache built is reported too (`caches`, a list per run in build order, each entry a
+list by process, gathered so that both reports are the same): how many entries that process encoded, and a digest
+of every entry it holds afterwards (`entry_digest`, by cache file name for latents, by caption for text).
+
 A run's "fault" plants a defect in the averaging, so a test can show that its tolerance catches it:
   sum    the gradients are summed across processes, not averaged (x N)
   twice  divided by the process count twice (/ N after the mean)
@@ -17,6 +21,7 @@ A run's "fault" plants a defect in the averaging, so a test can show that its to
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -29,6 +34,47 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+
+def entry_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The exact bytes, dtype and shape of a cache entry's tensors (by name)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def watch_caches(caches: list) -> None:
+    """Report each cache build (see the module docstring) into `caches`."""
+    from library.latent_cache import LatentCache
+    from library.text_encoder_cache import TextEncoderOutputCache
+
+    def latent_digests(cache, dataset):
+        digests = {}
+        for item in {item.cache_id: item for item in dataset.items}.values():
+            entry = {"latents": cache.get(item, False)}
+            if item.record.subset.flip_aug:
+                entry["latents_flipped"] = cache.get(item, True)
+            digests[cache.disk_path(item).name] = entry_digest(entry)
+        return digests
+
+    def text_digests(cache, dataset):
+        return {caption: entry_digest(entry) for caption, entry in cache.entries.items()}
+
+    for cls, kind, digests in ((LatentCache, "latents", latent_digests), (TextEncoderOutputCache, "text", text_digests)):
+        original = cls.build
+
+        def build(self, dataset, *args, _original=original, _kind=kind, _digests=digests, **kwargs):
+            _original(self, dataset, *args, **kwargs)
+            mine = {"kind": _kind, "encoded": self.encoded, "digests": _digests(self, dataset)}
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+            caches.append({"kind": _kind, "encoded": [g["encoded"] for g in gathered],
+                           "digests": [g["digests"] for g in gathered]})
+
+        cls.build = build
 
 
 def main() -> int:
@@ -67,6 +113,8 @@ def main() -> int:
 
     DistributedDataParallel.__init__ = init
     dist.all_reduce = all_reduce
+    caches = []
+    watch_caches(caches)
 
     from accelerate.state import AcceleratorState
 
@@ -74,6 +122,7 @@ def main() -> int:
     for run in runs:
         fault = run.get("fault", "none")
         counts.update(dict.fromkeys(counts, 0), ddp_options=None)
+        caches.clear()
         AcceleratorState._reset_state(reset_partial_state=True)  # a new Accelerator per run, as in recipe_helpers
         if run.get("stop_after"):
             os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(run["stop_after"])
@@ -81,7 +130,7 @@ def main() -> int:
             assert importlib.import_module(run["script"]).main(run["argv"]) == 0
         finally:
             os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
-        reports.append(dict(counts))
+        reports.append(dict(counts, caches=list(caches)))
     Path(f"{prefix}.{dist.get_rank()}.json").write_text(json.dumps(reports))
     return 0
 

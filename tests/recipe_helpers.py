@@ -56,28 +56,70 @@ def with_batch(argv: list[str], batch: int) -> list[str]:
     return argv
 
 
-def two_processes(runs: list[dict]) -> list[dict]:
-    """Each run ({"script", "argv"}, optionally "stop_after": end after N steps as if killed, "fault": a defect
-    planted in DDP's averaging) in turn in one `accelerate launch` with 2 CPU processes (gloo), through
-    tests/ddp_probe.py; returns the counts of each run's gradient communication (its docstring), the same on both
-    processes."""
+# How the tests launch their processes: on CPU with gloo (ACCELERATE_USE_CPU); accelerate's own `--cpu` would start
+# one process only, as it starts several CPU processes only through mpirun.
+LAUNCH_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
+          "--dynamo_backend", "no"]
+
+
+def _probe_reports(launches: list[list[dict]], machine_flags: list[list[str]]) -> list[dict]:
+    """Launch tests/ddp_probe.py once per entry of `machine_flags` (each with its own list of runs), all at once;
+    the reports of each run (the same on every process)."""
+    import signal
     import subprocess
     import sys
     import tempfile
+    import time
 
     root = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix="ddp_probe_") as tmp:
-        (Path(tmp) / "runs.json").write_text(json.dumps(runs))
-        env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  str(root / "ddp_probe.py"), str(Path(tmp) / "runs.json"), str(Path(tmp) / "report")]
-        result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300 * len(runs),
-                                cwd=root.parent)
-        assert result.returncode == 0, result.stderr[-3000:]
+        processes = []
+        for m, (runs, flags) in enumerate(zip(launches, machine_flags)):
+            (Path(tmp) / f"runs{m}.json").write_text(json.dumps(runs))
+            command = [sys.executable, *LAUNCH, *flags, str(root / "ddp_probe.py"), str(Path(tmp) / f"runs{m}.json"),
+                       str(Path(tmp) / "report")]
+            # Output to files, not pipes: a launch blocked on a full pipe would stall the other at a collective.
+            with open(Path(tmp) / f"launch{m}.log", "w") as log:
+                processes.append(subprocess.Popen(command, env=dict(os.environ, **LAUNCH_ENV), cwd=root.parent,
+                                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + 300 * len(launches[0])
+        try:  # until all end, one fails (the other would wait for it at a collective), or the time is up
+            while any(p.poll() is None for p in processes) and time.monotonic() < deadline \
+                    and not any(p.poll() for p in processes):
+                time.sleep(0.5)
+        finally:
+            for p in processes:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)  # the launcher and the workers it started
+                    p.wait()
+        for m, p in enumerate(processes):
+            assert p.returncode == 0, (Path(tmp) / f"launch{m}.log").read_text()[-3000:]
         reports = [json.loads((Path(tmp) / f"report.{rank}.json").read_text()) for rank in (0, 1)]
     assert reports[0] == reports[1], reports
     return reports[0]
+
+
+def two_processes(runs: list[dict]) -> list[dict]:
+    """Each run ({"script", "argv"}, optionally "stop_after": end after N steps as if killed, "fault": a defect
+    planted in DDP's averaging) in turn in one `accelerate launch` with 2 CPU processes (gloo), through
+    tests/ddp_probe.py; returns the counts of each run's gradient communication and caches (its docstring), the same
+    on both processes."""
+    return _probe_reports([runs], [["--num_machines", "1"]])
+
+
+def two_machines(machine0_runs: list[dict], machine1_runs: list[dict]) -> list[dict]:
+    """As `two_processes`, but as two "machines" on this host: two `accelerate launch --num_machines 2` (one
+    process each, ranks 0 and 1, meeting at a free port of 127.0.0.1), each with its own runs (the same runs, with
+    per-machine paths where a test wants to see what each writes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [["--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+              "--main_process_port", str(port)] for rank in (0, 1)]
+    return _probe_reports([machine0_runs, machine1_runs], flags)
 
 
 def one_and_two_processes(script: str, one_process_argv: list[str], two_process_argv: list[str]) -> dict:

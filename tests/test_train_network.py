@@ -18,8 +18,8 @@ from library.safetensors_io import SafetensorsReader
 from tests.numerics import (CACHE_MIXES_IMAGES, FAMILY_CASE, FP32_OUTPUT_REL, PROCESS_SPLIT_REL, assert_outputs_close,
                             assert_process_split_close, check_golden_losses, golden_case_args, relative_deviation,
                             training_deviation)
-from tests.recipe_helpers import (assert_averaged_once, logged_losses, one_and_two_processes, run_script, two_processes,
-                                  with_batch)
+from tests.recipe_helpers import (assert_averaged_once, logged_losses, one_and_two_processes, run_script, two_machines,
+                                  two_processes, with_batch)
 
 
 def run(argv: list[str], stop_after: int | None = None) -> None:
@@ -329,6 +329,36 @@ def test_a_fault_in_the_gradient_averaging_is_far_outside_the_tolerance(workspac
     for fault in faults:
         deviations = split_deviations(root, f"fault_{fault}", "one_process")
         assert all(d > 10 * PROCESS_SPLIT_REL for d in deviations.values()), (fault, deviations)
+
+
+def test_two_machines_train_together_as_one_process(workspace):
+    """Two "machines" on this host: two `accelerate launch --num_machines 2 --machine_rank 0/1 --main_process_ip
+    127.0.0.1` of one process each (gloo) train together as 2 processes of one launch do: equal to 1 process x batch
+    2 within PROCESS_SPLIT_REL (the same computation; only how the processes meet differs), DDP averaging every
+    trained value once per optimizer step. Only the main process writes: machine 1 is given its own output and
+    logging folders, and nothing is written there. Then both resume from the state machine 0 saved after step 1
+    (machine 1 reads it from machine 0's folder, as from shared storage) and end with the uninterrupted run's
+    weights, bit for bit."""
+    root = workspace
+    one = base_args(root, "one_process") + SPLIT_ARGS
+    if not (root / "one_process" / "lora.safetensors").exists():  # (written by the 2-process test when it ran)
+        run(with_batch(one, 2))
+    state = root / "machine0" / "lora-step00000001-state"
+    straight, resumed = ([{"script": "train_network", "argv": with_batch(base_args(root, f"{out}{m}") + SPLIT_ARGS
+                                                                         + extra, 1)} for m in (0, 1)]
+                         for out, extra in (("machine", ["--save_state"]), ("resumed_machine", ["--resume", str(state)])))
+    runs = two_machines([straight[0], resumed[0]], [straight[1], resumed[1]])
+    assert_averaged_once(runs[0], optimizer_steps=2)
+    assert_averaged_once(runs[1], optimizer_steps=1)
+    for part, deviation in split_deviations(root, "machine0", "one_process").items():
+        assert_process_split_close(deviation, what=f"train_network on two machines {part}")
+    assert logged_losses(root / "machine0" / "logs") == pytest.approx(logged_losses(root / "one_process" / "logs"),
+                                                                       rel=1e-5)
+    assert (root / "machine0" / "lora-step00000001.safetensors").exists() and state.is_dir()
+    for out in ("machine1", "resumed_machine1"):
+        assert [p for p in (root / out).rglob("*") if not p.is_dir()] == [], out
+    want, got = (read_lora(root / out / "lora.safetensors") for out in ("machine0", "resumed_machine0"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_two_processes_resume_exactly(workspace):
