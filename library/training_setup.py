@@ -129,7 +129,22 @@ def make_accelerator(args: argparse.Namespace):
         check_device_supports(args.mixed_precision, accelerator.device)
     except ValueError as e:
         raise SystemExit(f"error: --mixed_precision {args.mixed_precision}: {e}") from None
+    check_every_process_started(accelerator.num_processes, os.environ)
     return accelerator
+
+
+def check_every_process_started(num_processes: int, environ) -> None:
+    """Refuse the launch that asked for several processes and started one: `accelerate launch --cpu` with
+    --num_processes or --num_machines above 1 starts several CPU processes only through mpirun (--mpirun_hostfile);
+    otherwise it starts one on each machine, with the main process's address (MASTER_ADDR) but no rank, and each
+    would train alone as the main process, all writing the outputs."""
+    if num_processes == 1 and "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ \
+            and environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1"):
+        raise SystemExit("error: accelerate launch --cpu was asked for several processes (--num_processes or "
+                         "--num_machines above 1) but started this one alone: without mpirun (--mpirun_hostfile) "
+                         "accelerate starts one CPU process per machine, each working alone as the main process. Launch with "
+                         "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ...` instead (see the README, "
+                         "\"Training on several machines\"), or, for one process, unset MASTER_ADDR")
 
 
 def load_models(args: argparse.Namespace, checkpoint: SDCheckpoint, accelerator, *,

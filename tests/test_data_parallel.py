@@ -161,3 +161,23 @@ def test_which_conditionings_skip_a_text_encoder_s_last_layer(family, clip_skip,
     conditioner = conditioner_for(models.family, models.tokenizers, models.text_encoders,
                                   CaptionEncoding(clip_skip=clip_skip))
     assert conditioner.skips_last_layer is skips
+
+
+@pytest.mark.parametrize("processes,environ,refused", [
+    # accelerate launch --cpu --num_processes 2 (or --num_machines 2) without mpirun: one process, an address, no rank
+    (1, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}, True),
+    (1, {"ACCELERATE_USE_CPU": "True"}, False),  # accelerate launch --cpu, one process
+    (2, {"ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}, False),  # --multi_gpu on CPU
+    (1, {"MASTER_ADDR": "10.0.0.1"}, False),  # python train_network.py with MASTER_ADDR left in the shell
+])
+def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(processes, environ, refused):
+    """accelerate launch --cpu asked for several processes starts one per machine (measured with accelerate 1.15:
+    each a 1-process run, main process on every machine); training would go on alone on each."""
+    from library.training_setup import check_every_process_started
+
+    if refused:
+        with pytest.raises(SystemExit, match=r"--cpu was asked for several processes.*ACCELERATE_USE_CPU=true "
+                                             r"accelerate launch --multi_gpu"):
+            check_every_process_started(processes, environ)
+    else:
+        check_every_process_started(processes, environ)
