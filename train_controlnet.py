@@ -164,6 +164,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     checkpoint = setup.read_base_model(args, trains)
     family, prediction = checkpoint.family, checkpoint.prediction_type
     accelerator = setup.make_accelerator(args)
+    start = setup.same_seed_everywhere(start, accelerator)
     setup.check_fused_step(args, start, accelerator)
     with checkpoint:
         controlnet = initial_controlnet(args, checkpoint, family)

@@ -296,6 +296,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
+    start = setup.same_seed_everywhere(start, accelerator)
     models, precision = setup.load_models(args, checkpoint, accelerator)
     unet, text_encoders, vae = models.unet, models.text_encoders, models.vae
     added_tokens, pivot = setup.add_embeddings(args, models, precision)

@@ -99,6 +99,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
+    start = setup.same_seed_everywhere(start, accelerator)
     models, precision = setup.load_models(args, checkpoint, accelerator)
     try:
         word = ti.add_word(models, token_string=args.token_string, num_vectors=args.num_vectors_per_token,

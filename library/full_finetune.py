@@ -316,6 +316,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     family, prediction = checkpoint.family, checkpoint.prediction_type
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
+    start = setup.same_seed_everywhere(start, accelerator)
     setup.check_fused_step(args, start, accelerator)  # before the models load (it depends on the process count)
     with checkpoint:
         extras = carried_extras(checkpoint)

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -131,6 +131,20 @@ def make_accelerator(args: argparse.Namespace):
         raise SystemExit(f"error: --mixed_precision {args.mixed_precision}: {e}") from None
     check_every_process_started(accelerator.num_processes, os.environ)
     return accelerator
+
+
+def same_seed_everywhere(start: RunStart, accelerator) -> RunStart:
+    """The main process's seed on every process. Without --seed each process draws its own, but the processes train
+    one run: they share out the global batches of one seeded data order, and a sample's noise comes from the seed
+    and its slot."""
+    if accelerator.num_processes == 1:
+        return start
+    from accelerate.utils import broadcast_object_list
+
+    seed = broadcast_object_list([start.seed], from_process=0)[0]
+    if seed != start.seed:
+        logger.info("seed %d (the main process's)", seed)
+    return replace(start, seed=seed)
 
 
 def check_every_process_started(num_processes: int, environ) -> None:

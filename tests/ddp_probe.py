@@ -11,7 +11,8 @@ counts and the number of trained values DDP holds.
 
 Every latent and text-encoder cache built is reported too (`caches`, a list per run in build order, each entry a
 list by process, gathered so that both reports are the same): how many entries that process encoded, and a digest
-of every entry it holds afterwards (`entry_digest`, by cache file name for latents, by caption for text).
+of every entry it holds afterwards (`entry_digest`, by cache file name for latents, by caption for text). And
+`seeds`: the seed each process orders the epochs' batches by (training_setup.epoch_batches), by process.
 
 A run's "fault" plants a defect in the averaging, so a test can show that its tolerance catches it:
   sum    the gradients are summed across processes, not averaged (x N)
@@ -77,6 +78,21 @@ def watch_caches(caches: list) -> None:
         cls.build = build
 
 
+def watch_seeds(seeds: list) -> None:
+    """Record into `seeds` the seed each process's batches come from, gathered (see the module docstring)."""
+    from library import training_setup
+
+    original = training_setup.epoch_batches
+
+    def epoch_batches(dataset, seed, accelerator):
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, seed)
+        seeds[:] = gathered
+        return original(dataset, seed, accelerator)
+
+    training_setup.epoch_batches = epoch_batches
+
+
 def main() -> int:
     runs = json.loads(Path(sys.argv[1]).read_text())
     prefix = sys.argv[2]
@@ -113,8 +129,9 @@ def main() -> int:
 
     DistributedDataParallel.__init__ = init
     dist.all_reduce = all_reduce
-    caches = []
+    caches, seeds = [], []
     watch_caches(caches)
+    watch_seeds(seeds)
 
     from accelerate.state import AcceleratorState
 
@@ -123,6 +140,7 @@ def main() -> int:
         fault = run.get("fault", "none")
         counts.update(dict.fromkeys(counts, 0), ddp_options=None)
         caches.clear()
+        seeds.clear()
         AcceleratorState._reset_state(reset_partial_state=True)  # a new Accelerator per run, as in recipe_helpers
         if run.get("stop_after"):
             os.environ["SDTRAIN_STOP_AFTER_STEPS"] = str(run["stop_after"])
@@ -130,7 +148,7 @@ def main() -> int:
             assert importlib.import_module(run["script"]).main(run["argv"]) == 0
         finally:
             os.environ.pop("SDTRAIN_STOP_AFTER_STEPS", None)
-        reports.append(dict(counts, caches=list(caches)))
+        reports.append(dict(counts, caches=list(caches), seeds=list(seeds)))
     Path(f"{prefix}.{dist.get_rank()}.json").write_text(json.dumps(reports))
     return 0
 

@@ -338,18 +338,30 @@ def test_two_machines_train_together_as_one_process(workspace):
     trained value once per optimizer step. Only the main process writes: machine 1 is given its own output and
     logging folders, and nothing is written there. Then both resume from the state machine 0 saved after step 1
     (machine 1 reads it from machine 0's folder, as from shared storage) and end with the uninterrupted run's
-    weights, bit for bit."""
+    weights, bit for bit. A run without --seed trains with machine 0's seed on both."""
     root = workspace
     one = base_args(root, "one_process") + SPLIT_ARGS
     if not (root / "one_process" / "lora.safetensors").exists():  # (written by the 2-process test when it ran)
         run(with_batch(one, 2))
     state = root / "machine0" / "lora-step00000001-state"
-    straight, resumed = ([{"script": "train_network", "argv": with_batch(base_args(root, f"{out}{m}") + SPLIT_ARGS
-                                                                         + extra, 1)} for m in (0, 1)]
-                         for out, extra in (("machine", ["--save_state"]), ("resumed_machine", ["--resume", str(state)])))
-    runs = two_machines([straight[0], resumed[0]], [straight[1], resumed[1]])
+
+    def both_machines(out: str, extra: list[str]) -> list[dict]:
+        """The same run on machine 0 and machine 1, each writing (if at all) into its own folder <out>0 / <out>1."""
+        return [{"script": "train_network", "argv": with_batch(base_args(root, f"{out}{m}") + SPLIT_ARGS + extra, 1)}
+                for m in (0, 1)]
+
+    straight = both_machines("machine", ["--save_state"])
+    resumed = both_machines("resumed_machine", ["--resume", str(state)])
+    unseeded = both_machines("unseeded_machine", ["--max_train_steps", "1"])
+    for run_ in unseeded:
+        seed = run_["argv"].index("--seed")
+        del run_["argv"][seed:seed + 2]
+    runs = two_machines([straight[0], resumed[0], unseeded[0]], [straight[1], resumed[1], unseeded[1]])
     assert_averaged_once(runs[0], optimizer_steps=2)
     assert_averaged_once(runs[1], optimizer_steps=1)
+    assert runs[0]["seeds"] == [7, 7]
+    # Without --seed each process draws one; machine 0's is used everywhere (one data order, one noise per slot).
+    assert runs[2]["seeds"][0] == runs[2]["seeds"][1]
     for part, deviation in split_deviations(root, "machine0", "one_process").items():
         assert_process_split_close(deviation, what=f"train_network on two machines {part}")
     assert logged_losses(root / "machine0" / "logs") == pytest.approx(logged_losses(root / "one_process" / "logs"),
