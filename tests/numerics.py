@@ -68,7 +68,9 @@ FP64_OUTPUT_REL = 2e-5
 # the split by 2.8e-4; a full model after 2 steps 2.6e-3 / 1.1e-2, so its test takes 1 step, which moves every
 # weight). 2e-2 is 14x the largest. A fault in the
 # averaging moves the LoRA by 0.87 and more (divided twice 0.87-1.0, summed 1.5-1.9, not averaged 1.2-1.3:
-# tests/test_train_network.py, planted through tests/ddp_probe.py), 40x the tolerance.
+# tests/test_train_network.py, planted through tests/ddp_probe.py), 40x the tolerance. The same tolerance holds two
+# "machines" (two launches with --num_machines 2: the same two processes, meeting through another rendezvous) and a
+# run on caches filled by 2 processes (the same cache bytes: tests/test_cache_split.py).
 PROCESS_SPLIT_REL = 2e-2
 
 # 8-bit images from our generation and diffusers' pipeline with the same models, prompts and seeds (and one image

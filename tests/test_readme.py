@@ -44,6 +44,15 @@ BLOCK_TIMEOUT_S = 300
 SKIP = {
     "bash quickstart.sh": "fresh-machine command: installs .venv and runs the whole quickstart (run by hand / CI)",
     "bash scripts/run_tests.sh": "fresh-machine command: runs this whole test suite",
+    # Two machines, each waiting for the other: run on one host by
+    # tests/test_train_network.py::test_two_machines_train_together_as_one_process.
+    "# on machine 0 (address 10.0.0.1)\n"
+    "accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\\n"
+    "  --main_process_ip 10.0.0.1 --main_process_port 29500 train_network.py --config_file my_lora.toml\n"
+    "# on machine 1\n"
+    "accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 1 \\\n"
+    "  --main_process_ip 10.0.0.1 --main_process_port 29500 train_network.py --config_file my_lora.toml":
+        "several machines: each command waits for the other machine's",
 }
 
 # The GPU-sized examples' flags that are shrunk here; nothing else in a block is changed.
