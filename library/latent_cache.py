@@ -9,6 +9,7 @@ rewritten, never reused.
 
 Latents are stored unscaled (the VAE's sample); the training step multiplies by the family's scale factor.
 The sample is drawn with a generator seeded from the pixels, so a cache rebuilt from the same inputs is identical.
+With several processes each encodes its share and all then hold the whole cache (library/cache_split.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ is an error, never encoded silently with encoders that may be gone.
 On disk each image gets `<stem>_te_outputs.safetensors` beside it (kohya: `<stem>_te_outputs.npz`), its key in the
 metadata: the caption text, a digest of each text encoder's weights, the encoding settings (token length, clip skip,
 weighted captions), the family and the dtype. An entry whose key differs (edited caption, other model, other
-settings) is recomputed and rewritten, never reused.
+settings) is recomputed and rewritten, never reused. With several processes each encodes its share of the captions
+and all then hold the whole cache (library/cache_split.py).
 """
 
 from __future__ import annotations
