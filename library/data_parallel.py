@@ -156,11 +156,16 @@ class DataParallelEngine:
 
 
 def training_engine(accelerator):
-    """The engine for this accelerator: DeepSpeed's when the run uses it (--deepspeed), else DDP's / one process."""
+    """The engine for this accelerator: DeepSpeed's when the run uses it (--deepspeed), FSDP2's when accelerate was
+    launched with --use_fsdp (library/fsdp_engine.py), else DDP's / one process."""
     from accelerate.utils import DistributedType
+
+    from library.fsdp_engine import FSDPTrainingEngine, fsdp_requested
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         from library.deepspeed_engine import DeepSpeedTrainingEngine
 
         return DeepSpeedTrainingEngine(accelerator)
+    if fsdp_requested():  # never DDP instead: accelerate on CPUs would not shard (fsdp_engine.py)
+        return FSDPTrainingEngine(accelerator)
     return DataParallelEngine(accelerator)

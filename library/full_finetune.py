@@ -133,6 +133,13 @@ class FullModelTask:
         self.save_as, self.save_dtype = save_as, save_dtype
         self.extras, self.source_metadata, self.metadata = extras, source_metadata, metadata
         self.ema = ema
+        # The trained models' full weights while a sharding engine (FSDP) saves: name -> state dict (set by the
+        # Trainer on the main process around a save; the modules then hold only this process's share).
+        self.gathered_weights: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """The trained models by component name: what FSDP shards."""
+        return self._modules()
 
     def _modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.models.unet,
@@ -201,7 +208,9 @@ class FullModelTask:
         return {"ema/decay": self.ema.update()}
 
     def trainable_state(self) -> dict:
-        state = {"models": {name: {k: v.detach() for k, v in module.state_dict().items()}
+        gathered = self.gathered_weights or {}
+        state = {"models": {name: {k: v.detach() for k, v in (gathered[name] if name in gathered
+                                                              else module.state_dict()).items()}
                             for name, module in self._modules().items()}}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -228,7 +237,7 @@ class FullModelTask:
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), \
                 original_token_embedding(self.models.text_encoders), self._source() as source:
             checkpoint = checkpoint_from_models(self.models, extras=self.extras,
-                                                metadata=self.source_metadata)
+                                                metadata=self.source_metadata, state_dicts=self.gathered_weights)
             if source is not None:
                 take_untrained_from_source(checkpoint, source, self.untrained_components())
             save_checkpoint(checkpoint, path, self.save_as, dtype=self.save_dtype, epoch=epoch,

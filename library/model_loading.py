@@ -133,8 +133,11 @@ def instantiate_component(checkpoint: SDCheckpoint, component: str, dtype: torch
 
 
 def checkpoint_from_models(models: SDModels, *, extras: dict[str, torch.Tensor] | None = None,
-                           metadata: dict[str, str] | None = None) -> SDCheckpoint:
-    """The inverse of `instantiate_models`: wrap live models so the writers can save them."""
+                           metadata: dict[str, str] | None = None,
+                           state_dicts: dict[str, dict[str, torch.Tensor]] | None = None) -> SDCheckpoint:
+    """The inverse of `instantiate_models`: wrap live models so the writers can save them. `state_dicts`: the
+    weights of some components (name -> state dict) instead of their modules' own (FSDP: the full weights gathered
+    from the shards)."""
     from library.families import ModelConfigs
 
     slots = models.family.text_encoders
@@ -144,7 +147,9 @@ def checkpoint_from_models(models: SDModels, *, extras: dict[str, torch.Tensor] 
         text_encoders={slot.component: _text_encoder_config(model) for slot, model in zip(slots, models.text_encoders)},
         scheduler=dict(models.scheduler_config, prediction_type=models.prediction_type.value),
     )
-    tensors = {component: {k: LazyTensor.of(v) for k, v in models.component(component).state_dict().items()
+    given = state_dicts or {}
+    tensors = {component: {k: LazyTensor.of(v) for k, v in (given[component] if component in given else
+                                                             models.component(component).state_dict()).items()
                            if not k.endswith("position_ids")}  # a buffer transformers recreates
                for component in models.family.components}
     return SDCheckpoint(models.family, models.prediction_type, configs, tensors,

@@ -11,6 +11,7 @@ continues counting instead of over-training (kohya #2171).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -224,7 +225,12 @@ class Trainer:
             raise ValueError(f"--resume {folder}: the state comes from a different run configuration ({shown}). "
                              "Resume with the original settings, or start a new run.")
         try:
-            self.task.load_trainable_state(torch.load(folder / "trainable.pt", weights_only=True))
+            trained = torch.load(folder / "trainable.pt", weights_only=True)
+            load_into_shards = getattr(self.engine, "load_trained_weights", None)  # FSDP: the full weights, sharded
+            if load_into_shards is not None:
+                load_into_shards(self.task, trained)
+            else:
+                self.task.load_trainable_state(trained)
             self.engine.load_optimizer_state(folder, self.optimizer)
             self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
             if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
@@ -286,9 +292,16 @@ class Trainer:
         several processes DDP averages their gradients during the backward pass (library/data_parallel.py), or
         DeepSpeed reduces and steps (library/deepspeed_engine.py)."""
         unused_of = getattr(self.task, "unused_parameters", None)
+        shards = {}
+        if getattr(self.engine, "trained_parameters", None) is not None:  # FSDP shards the trained models
+            trained_modules = getattr(self.task, "trained_modules", None)
+            shards = {"modules": trained_modules() if trained_modules else None}
         model, self.optimizer = self.engine.prepare(TrainedForward(self.trainable_parameters, self._predict),
                                                     self.optimizer,
-                                                    unused=unused_of(self.text_conditioner) if unused_of else [])
+                                                    unused=unused_of(self.text_conditioner) if unused_of else [],
+                                                    **shards)
+        if shards:  # sharding replaced the parameters (DTensors): clip and check the new ones
+            self.trainable_parameters = self.engine.trained_parameters(self.trainable_parameters)
         return model
 
     # ------------------------------------------------------------------------------------------------------
@@ -395,9 +408,10 @@ class Trainer:
         bar.close()
         if c.save_state or c.save_state_on_train_end:
             self.stage_state(c.output_dir / f"{c.output_name}-state")
-        if self.accelerator.is_main_process:  # every process holds the same weights: one writes
-            self._write(c.output_name, epoch=self._saved_epoch(final=True),
-                        state=c.save_state or c.save_state_on_train_end)
+        with self._gathered_weights():
+            if self.accelerator.is_main_process:  # every process holds the same weights: one writes
+                self._write(c.output_name, epoch=self._saved_epoch(final=True),
+                            state=c.save_state or c.save_state_on_train_end)
         self.accelerator.wait_for_everyone()
         logger.info("trained %d steps in %.1f s", steps_this_run, time.perf_counter() - started)
         return self.state
@@ -473,6 +487,7 @@ class Trainer:
         if norm is None:
             grads = [p.grad for p in self.trainable_parameters if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded gradients (FSDP)
         if not torch.isfinite(norm):
             raise NonFiniteLossError(
                 f"gradients became {norm.item()} at step {step + 1} (epoch {self.state.epoch}) although the loss "
@@ -530,12 +545,27 @@ class Trainer:
     def _save(self, stem: str, kind: str) -> None:
         if self.config.save_state:
             self.stage_state(self.config.output_dir / f"{stem}-state")
-        if self.accelerator.is_main_process:
-            self._write(stem, epoch=self._saved_epoch(), state=self.config.save_state)
-            if self.hub is not None:
-                self.hub.wait()  # a background upload must not lose its file to the pruning below
-            self._prune(kind)
+        with self._gathered_weights():
+            if self.accelerator.is_main_process:
+                self._write(stem, epoch=self._saved_epoch(), state=self.config.save_state)
+                if self.hub is not None:
+                    self.hub.wait()  # a background upload must not lose its file to the pruning below
+                self._prune(kind)
         self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _gathered_weights(self):
+        """Every process, around the main process's writing: an engine that shards the trained models (FSDP)
+        gathers their full weights (collective), which the task then saves instead of its live (sharded) modules."""
+        gather = getattr(self.engine, "gathered_weights", None)
+        if gather is None:
+            yield
+            return
+        self.task.gathered_weights = gather()
+        try:
+            yield
+        finally:
+            self.task.gathered_weights = None
 
     def _write(self, stem: str, *, epoch: int, state: bool) -> None:
         """The model file (and the training state), each uploaded after it is written (--huggingface_repo_id)."""

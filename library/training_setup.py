@@ -107,6 +107,8 @@ def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
 
     from library.data_parallel import kwargs_handlers
+    from library.fsdp_engine import accelerator_kwargs as fsdp_accelerator_kwargs
+    from library.fsdp_engine import check_fsdp_flags, fsdp_requested, settings_from_environment
 
     plugin = None
     deepspeed = train_args.deepspeed_settings(args)
@@ -115,6 +117,13 @@ def make_accelerator(args: argparse.Namespace):
                          "the trainer was not given --deepspeed: add --deepspeed (with kohya's --zero_stage / "
                          "--offload_optimizer_device flags: the trainer builds DeepSpeed's configuration from them), "
                          "or launch without DeepSpeed")
+    extra = {}
+    if fsdp_requested():
+        settings = settings_from_environment()
+        problems = check_fsdp_flags(settings, args)
+        if problems:
+            raise SystemExit("error: " + "\n  ".join(problems))
+        extra = fsdp_accelerator_kwargs()  # on CPUs: gloo processes, sharded by the engine (fsdp_engine.py)
     if deepspeed is not None:
         from library.deepspeed_engine import deepspeed_plugin, start_process_group, world_size_from_environment
 
@@ -125,7 +134,7 @@ def make_accelerator(args: argparse.Namespace):
                                   max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision)
     try:
         accelerator = Accelerator(mixed_precision=args.mixed_precision, deepspeed_plugin=plugin,
-                                  kwargs_handlers=kwargs_handlers(train_args.ddp_settings(args)))
+                                  kwargs_handlers=kwargs_handlers(train_args.ddp_settings(args)), **extra)
         check_device_supports(args.mixed_precision, accelerator.device)
     except ValueError as e:
         raise SystemExit(f"error: --mixed_precision {args.mixed_precision}: {e}") from None

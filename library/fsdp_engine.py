@@ -1,0 +1,254 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for the full-model trainers: parameters, gradients and optimizer state
+split over the processes, each holding about 1/N of them.
+
+How a user asks for it: `accelerate launch --use_fsdp --fsdp_version 2 --num_processes N train_db.py ...` (or an
+accelerate config file saying the same). The launcher only sets environment variables (ACCELERATE_USE_FSDP,
+FSDP_VERSION, FSDP_RESHARD_AFTER_FORWARD, ...), which accelerate's FullyShardedDataParallelPlugin reads back.
+
+What accelerate 1.15 does with them on a machine without an accelerator (measured): the Accelerator's state says
+DistributedType.NO and *one* process in each of the N processes (each would train alone on its own share of the
+data, saving the same files), and with `cpu=True` it is plain multi-process CPU (gloo) without FSDP. So the trainer
+never leaves FSDP to accelerate: `make_accelerator` builds a gloo Accelerator on CPUs (`accelerator_kwargs`), and
+this engine applies `fully_shard` itself, on CPUs and GPUs alike. There is a second reason: accelerate's own FSDP2
+preparation wraps the module it is given (with its auto-wrap policy); the loop's module is `TrainedForward`, whose
+parameters are shared with the models and whose forward calls them, so the blocks that should become shards are not
+its children. Here the shards are the models' own blocks:
+
+- U-Net: each down / mid / up block, then the root (conv_in, time embedding, conv_out);
+- CLIP text encoder (when trained): each transformer layer, the final layer norm (the conditioning calls it on its
+  own for --clip_skip), then the root (embeddings).
+
+`fully_shard` replaces every parameter of a sharded module by a new DTensor parameter holding this process's share;
+the optimizer (built before, over the old parameters) is re-pointed at the new ones, and so are the loop's trained
+parameters (clipping). Gradients are reduce-scattered (averaged) at the last micro-batch only
+(`set_requires_gradient_sync(False)` on the others), the loss divided by the accumulation steps by the loop as for
+DDP; torch.nn.utils.clip_grad_norm_ takes the DTensor gradients and returns the global norm.
+
+Saving: every process gathers the full weights (`get_model_state_dict(full_state_dict=True, cpu_offload=True)`,
+collective; only the main process keeps them), then the main process writes the model in any layout and the
+training state's `trainable.pt` from them (the same file as without FSDP). The optimizer state stays sharded:
+torch.distributed.checkpoint writes each process's share beside the state folder (`fsdp_optimizer/`), which the main
+process moves in. A resume loads `trainable.pt` into the shards (`set_model_state_dict(full_state_dict=True)`) and
+each process its optimizer share: exact, with the same number of processes.
+
+Not yet (refused by name in `check_fsdp_flags`): mixed precision policies (--mixed_precision / --full_bf16),
+--use_ema, --pivotal_token, fused optimizer steps, sampling and validation during training (they run the model on the
+main process alone; FSDP needs every process for each forward), LoRA-type trainers, sdxl_train / fine_tune /
+ControlNet wiring (the engine shards by module shape; their tests are to come), FSDP1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+STATE_SUBFOLDER = "fsdp_optimizer"  # torch.distributed.checkpoint of the optimizer's shards, in a state folder
+
+
+@dataclass(frozen=True)
+class FSDPSettings:
+    """accelerate's FSDP plugin settings this engine uses (from `accelerate launch --use_fsdp ...`)."""
+
+    version: int = 2
+    reshard_after_forward: bool = True  # FULL_SHARD (True) / SHARD_GRAD_OP (False): parameters freed after forward
+    offload_params: bool = False  # FSDP_OFFLOAD_PARAMS: CPUOffloadPolicy
+
+
+def fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def settings_from_environment() -> FSDPSettings:
+    """What `accelerate launch --use_fsdp --fsdp_version 2 ...` (or its config file) asked for, as accelerate's
+    FullyShardedDataParallelPlugin reads it from the environment."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default is FSDP1
+    if version != 2:
+        return FSDPSettings(version=version)
+    plugin = FullyShardedDataParallelPlugin()
+    offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
+    return FSDPSettings(version=2, reshard_after_forward=bool(plugin.reshard_after_forward), offload_params=offload)
+
+
+def check_fsdp_flags(settings: FSDPSettings, args) -> list[str]:
+    """The problems of an FSDP run with these trainer flags (each naming its flag)."""
+    problems = []
+    if settings.version != 2:
+        problems.append(f"accelerate launch --use_fsdp with --fsdp_version {settings.version}: only FSDP2 is "
+                        "supported (FSDP1 refuses a machine without an accelerator); add --fsdp_version 2")
+    refused = [("--deepspeed", "DeepSpeed and FSDP are two engines; use one"),
+               ("--use_ema", "the EMA copy is not sharded yet"),
+               ("--pivotal_token", "a word trained with the model is not sharded yet"),
+               ("--fused_backward_pass", "the optimizer steps after the gradients are reduce-scattered"),
+               ("--fused_optimizer_groups", "the optimizer steps after the gradients are reduce-scattered"),
+               ("--full_bf16", "FSDP's mixed-precision policies are not wired yet"),
+               ("--full_fp16", "FSDP's mixed-precision policies are not wired yet"),
+               ("--sample_prompts", "sampling runs the model on the main process alone, and a sharded model needs "
+                                    "every process for each forward"),
+               ("--validation_split", "the validation loss is not computed over a sharded model yet"),
+               ("--network_module", "FSDP shards full models (train_db); LoRA trainers use DDP")]
+    for flag, why in refused:
+        if getattr(args, flag[2:], None):
+            problems.append(f"{flag} with FSDP (accelerate launch --use_fsdp): {why}")
+    if getattr(args, "mixed_precision", "no") not in (None, "no"):
+        problems.append(f"--mixed_precision {args.mixed_precision} with FSDP: mixed-precision policies are not wired "
+                        "yet; train in fp32 (--mixed_precision no)")
+    return problems
+
+
+def accelerator_kwargs() -> dict:
+    """The Accelerator's arguments for an FSDP run: on a machine without CUDA accelerate would count one process per
+    process (see the module docstring), so it is told to run on CPUs (gloo, N processes)."""
+    return {"cpu": not torch.cuda.is_available()}
+
+
+def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The sub-modules that become their own shards, before the root: a U-Net's blocks, a CLIP text encoder's layers
+    and final layer norm."""
+    if hasattr(module, "down_blocks") and hasattr(module, "up_blocks"):  # diffusers U-Net / ControlNet
+        units = [*module.down_blocks, *([module.mid_block] if getattr(module, "mid_block", None) is not None else []),
+                 *module.up_blocks]
+        return units
+    text_model = getattr(module, "text_model", module)  # transformers 4.x / CLIPTextModelWithProjection
+    encoder = getattr(text_model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "layers"):
+        return [*encoder.layers, text_model.final_layer_norm]
+    return []
+
+
+def local_numel(parameters) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in parameters)
+
+
+class FSDPTrainingEngine:
+    """The loop's view of an FSDP2 run: shard the trained models, re-point the optimizer, reduce at the last
+    micro-batch, clip over DTensors, gather the full weights for saving, keep the optimizer state sharded."""
+
+    steps_in_backward = False
+    scales_loss_for_accumulation = False  # the loop divides each micro-batch's loss by the accumulation steps
+
+    def __init__(self, accelerator, settings: FSDPSettings | None = None):
+        self.accelerator = accelerator
+        self.settings = settings or settings_from_environment()
+        self.modules: dict[str, torch.nn.Module] = {}  # name (e.g. "unet", "text_encoder") -> sharded root
+        self.container: torch.nn.ModuleDict | None = None
+        self._new_parameter: dict[int, torch.nn.Parameter] = {}
+        self.optimizer = None
+
+    def prepare(self, module, optimizer, *, unused, modules: dict[str, torch.nn.Module] | None = None):
+        del unused  # FSDP2 reduces the gradients there are; a parameter without one keeps none
+        if not modules:
+            raise ValueError("FSDP (accelerate launch --use_fsdp) shards full models: this trainer names no trained "
+                             "models; launch it without --use_fsdp")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        device_type = self.accelerator.device.type
+        mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+        options = {"mesh": mesh, "reshard_after_forward": self.settings.reshard_after_forward,
+                   "offload_policy": CPUOffloadPolicy() if self.settings.offload_params else OffloadPolicy()}
+        before = {name: dict(m.named_parameters()) for name, m in modules.items()}
+        for m in modules.values():
+            for unit in shard_units(m):
+                fully_shard(unit, **options)
+            fully_shard(m, **options)
+        for name, m in modules.items():
+            after = dict(m.named_parameters())
+            self._new_parameter.update({id(p): after[fqn] for fqn, p in before[name].items()})
+        for group in optimizer.param_groups:
+            group["params"] = self.trained_parameters(group["params"])
+        self.modules = dict(modules)
+        self.optimizer = optimizer
+        self.container = torch.nn.ModuleDict(self.modules)
+        held = local_numel(self.container.parameters())
+        total = sum(p.numel() for p in self.container.parameters())
+        logger.info("FSDP: process %d holds %d of the %d trained model values (%s)", self.accelerator.process_index,
+                    held, total, ", ".join(self.modules))
+        # The step's computation, without the TrainedForward module: its parameter list would keep the unsharded
+        # weights alive.
+        return module._forward, optimizer
+
+    def trained_parameters(self, parameters: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """`parameters` as they are after sharding (the same order)."""
+        return [self._new_parameter.get(id(p), p) for p in parameters]
+
+    @contextlib.contextmanager
+    def micro_batch(self, model, *, last: bool):
+        del model
+        # Gradients are reduce-scattered once per optimizer step, in the last micro-batch's backward; the others
+        # accumulate the unsharded gradients.
+        for m in self.modules.values():
+            m.set_requires_gradient_sync(last)
+        yield
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        del last
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, parameters, max_norm: float) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    # Saving: the full weights gathered on every process, kept by the main one.
+
+    def gathered_weights(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """Every process (collective): the trained models' full state dicts on the CPU, on the main process; None on
+        the others."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = {name: get_model_state_dict(m, options=options) for name, m in self.modules.items()}
+        return weights if self.accelerator.is_main_process else None
+
+    def load_trained_weights(self, task, state: dict) -> None:
+        """Resume: the full weights of `trainable.pt` (read by every process) into each process's shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        for name, m in self.modules.items():
+            set_model_state_dict(m, state["models"][name], options=StateDictOptions(full_state_dict=True))
+        del task
+
+    # State: the optimizer's shards (torch.distributed.checkpoint, one file per process).
+
+    def _optimizer(self, optimizer):
+        return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+
+    def optimizer_state_files(self) -> tuple[str, ...]:
+        return (STATE_SUBFOLDER,)
+
+    def stage_optimizer_state(self, staging: Path) -> None:
+        """Every process: write its share of the optimizer state into `staging` (collective); the main process then
+        moves it into the atomically written state folder (`adopt_optimizer_state`)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        if self.accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        state = get_optimizer_state_dict(self.container, self._optimizer(self.optimizer))
+        dcp.save({"optimizer": state}, checkpoint_id=str(staging))
+        self.accelerator.wait_for_everyone()
+
+    def adopt_optimizer_state(self, staging: Path | None, folder: Path, optimizer) -> None:
+        del optimizer
+        os.replace(staging, folder / STATE_SUBFOLDER)
+
+    def load_optimizer_state(self, folder: Path, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        inner = self._optimizer(optimizer)
+        state = {"optimizer": get_optimizer_state_dict(self.container, inner)}
+        dcp.load(state, checkpoint_id=str(folder / STATE_SUBFOLDER))
+        set_optimizer_state_dict(self.container, inner, state["optimizer"])
