@@ -125,6 +125,19 @@ def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
+def keep_output_capture(module: torch.nn.Module, original_class: type) -> None:
+    """fully_shard gives a sharded module a new class (FSDP<Class>, a subclass). transformers 5 looks up which
+    layers' outputs a model records (`output_hidden_states`, used for --clip_skip) by the model's class name, so the
+    sharded CLIP text encoder would return no hidden states; register the new class under the original's entry."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers 4.x returns hidden states without a registry
+        return
+    entry = dict.get(_CAN_RECORD_REGISTRY, str(original_class))
+    if entry is not None and type(module) is not original_class:
+        dict.__setitem__(_CAN_RECORD_REGISTRY, str(type(module)), entry)
+
+
 def local_numel(parameters) -> int:
     from torch.distributed.tensor import DTensor
 
@@ -160,9 +173,11 @@ class FSDPTrainingEngine:
                    "offload_policy": CPUOffloadPolicy() if self.settings.offload_params else OffloadPolicy()}
         before = {name: dict(m.named_parameters()) for name, m in modules.items()}
         for m in modules.values():
+            original_class = type(m)
             for unit in shard_units(m):
                 fully_shard(unit, **options)
             fully_shard(m, **options)
+            keep_output_capture(m, original_class)
         for name, m in modules.items():
             after = dict(m.named_parameters())
             self._new_parameter.update({id(p): after[fqn] for fqn, p in before[name].items()})

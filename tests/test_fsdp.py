@@ -82,7 +82,8 @@ def db_args(root: Path, out: str) -> list[str]:
             "--output_dir", str(root / out), "--output_name", "model", "--resolution", "64", "--seed", "3",
             "--train_batch_size", "2", "--max_data_loader_n_workers", "0", "--logging_dir", str(root / out / "logs"),
             "--save_model_as", "safetensors", "--save_every_n_steps", "1", "--gradient_accumulation_steps", "2",
-            "--max_train_steps", "2", "--optimizer_type", "AdamW", "--learning_rate", "1e-3"]
+            "--max_train_steps", "2", "--optimizer_type", "AdamW", "--learning_rate", "1e-3",
+            "--clip_skip", "2"]  # the text encoder's last layer gets no gradient; its output is read by hidden state
 
 
 def launch_fsdp(argv: list[str]) -> str:
@@ -118,6 +119,12 @@ def test_two_processes_with_fsdp_match_one_process(workspace, fsdp_run):
         assert_process_split_close(training_deviation(*({k: d[k] for k in keys} for d in (two, one, base))),
                                    what=f"train_db FSDP {part}")
     assert logged_losses(root / "fsdp" / "logs") == pytest.approx(logged_losses(root / "one" / "logs"), rel=1e-4)
+    # --clip_skip 2: the sharded text encoder returns its hidden states (transformers finds the sharded class's
+    # recorded outputs: fsdp_engine.keep_output_capture), and its unused last layer stays as loaded.
+    layers = "cond_stage_model.transformer.text_model.encoder.layers."
+    last = max(int(k[len(layers):].split(".")[0]) for k in base if k.startswith(layers))
+    last_layer = [k for k in base if k.startswith(f"{layers}{last}.")]
+    assert last_layer and all(torch.equal(two[k], base[k]) for k in last_layer)
 
 
 def test_each_process_holds_half_of_the_weights_and_optimizer_state(fsdp_run, workspace):
