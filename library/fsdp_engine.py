@@ -31,7 +31,10 @@ torch.distributed.checkpoint writes each process's share beside the state folder
 process moves in. A resume loads `trainable.pt` into the shards (`set_model_state_dict(full_state_dict=True)`) and
 each process its optimizer share: exact, with the same number of processes.
 
-Not yet (refused by name in `check_fsdp_flags`): mixed precision policies (--mixed_precision / --full_bf16),
+Mixed precision: --mixed_precision bf16 is FSDP's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) under the
+loop's autocast (`mixed_precision_policy`).
+
+Not yet (refused by name in `check_fsdp_flags`): --mixed_precision fp16 (ShardedGradScaler), --full_bf16 / --full_fp16,
 --use_ema, --pivotal_token, fused optimizer steps, sampling and validation during training (they run the model on the
 main process alone; FSDP needs every process for each forward), LoRA-type trainers, sdxl_train / fine_tune /
 ControlNet wiring (the engine shards by module shape; their tests are to come), FSDP1.
@@ -90,8 +93,8 @@ def check_fsdp_flags(settings: FSDPSettings, args) -> list[str]:
                ("--pivotal_token", "a word trained with the model is not sharded yet"),
                ("--fused_backward_pass", "the optimizer steps after the gradients are reduce-scattered"),
                ("--fused_optimizer_groups", "the optimizer steps after the gradients are reduce-scattered"),
-               ("--full_bf16", "FSDP's mixed-precision policies are not wired yet"),
-               ("--full_fp16", "FSDP's mixed-precision policies are not wired yet"),
+               ("--full_bf16", "bf16 trained weights are not sharded yet (--mixed_precision bf16 is)"),
+               ("--full_fp16", "fp16 trained weights are not sharded yet"),
                ("--sample_prompts", "sampling runs the model on the main process alone, and a sharded model needs "
                                     "every process for each forward"),
                ("--validation_split", "the validation loss is not computed over a sharded model yet"),
@@ -99,9 +102,9 @@ def check_fsdp_flags(settings: FSDPSettings, args) -> list[str]:
     for flag, why in refused:
         if getattr(args, flag[2:], None):
             problems.append(f"{flag} with FSDP (accelerate launch --use_fsdp): {why}")
-    if getattr(args, "mixed_precision", "no") not in (None, "no"):
-        problems.append(f"--mixed_precision {args.mixed_precision} with FSDP: mixed-precision policies are not wired "
-                        "yet; train in fp32 (--mixed_precision no)")
+    if getattr(args, "mixed_precision", "no") == "fp16":
+        problems.append("--mixed_precision fp16 with FSDP: fp16 loss scaling over shards (ShardedGradScaler) is not "
+                        "wired yet; use --mixed_precision bf16 or no")
     return problems
 
 
@@ -123,6 +126,17 @@ def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
     if encoder is not None and hasattr(encoder, "layers"):
         return [*encoder.layers, text_model.final_layer_norm]
     return []
+
+
+def mixed_precision_policy(mixed_precision: str):
+    """FSDP's policy for --mixed_precision: bf16 gathers the weights in bf16 for the forward and backward (what
+    autocast would round them to for matmuls and convolutions; autocast still runs) and reduces the gradients in
+    fp32; the shards and the optimizer keep fp32 weights, as the trained weights are fp32 without FSDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mixed_precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def keep_output_capture(module: torch.nn.Module, original_class: type) -> None:
@@ -170,7 +184,8 @@ class FSDPTrainingEngine:
         device_type = self.accelerator.device.type
         mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
         options = {"mesh": mesh, "reshard_after_forward": self.settings.reshard_after_forward,
-                   "offload_policy": CPUOffloadPolicy() if self.settings.offload_params else OffloadPolicy()}
+                   "offload_policy": CPUOffloadPolicy() if self.settings.offload_params else OffloadPolicy(),
+                   "mp_policy": mixed_precision_policy(self.accelerator.mixed_precision)}
         before = {name: dict(m.named_parameters()) for name, m in modules.items()}
         for m in modules.values():
             original_class = type(m)
@@ -263,7 +278,26 @@ class FSDPTrainingEngine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
         inner = self._optimizer(optimizer)
-        state = {"optimizer": get_optimizer_state_dict(self.container, inner)}
-        dcp.load(state, checkpoint_id=str(folder / STATE_SUBFOLDER))
-        set_optimizer_state_dict(self.container, inner, state["optimizer"])
+        path = str(folder / STATE_SUBFOLDER)
+        # Parameters that never had a gradient (a layer --clip_skip leaves unused, a text encoder stopped before the
+        # first step) have no optimizer state in the checkpoint. get_optimizer_state_dict makes one for every
+        # parameter (a step with zero gradients and lr 0); those are left out of the load and dropped after it, so
+        # the optimizer's state is what the saving run's was.
+        prefix = "optimizer.state."
+        saved = {key[len(prefix):].rsplit(".", 1)[0]
+                 for key in FileSystemReader(path).read_metadata().state_dict_metadata if key.startswith(prefix)}
+        state = get_optimizer_state_dict(self.container, inner)
+        without = [fqn for fqn in state["state"] if fqn not in saved]
+        for fqn in without:
+            del state["state"][fqn]
+        loaded = {"optimizer": state}
+        dcp.load(loaded, checkpoint_id=path)
+        set_optimizer_state_dict(self.container, inner, loaded["optimizer"],
+                                 options=StateDictOptions(strict=not without))
+        parameters = dict(self.container.named_parameters())
+        for fqn in without:
+            inner.state.pop(parameters[fqn], None)
