@@ -82,8 +82,8 @@ def db_args(root: Path, out: str) -> list[str]:
             "--output_dir", str(root / out), "--output_name", "model", "--resolution", "64", "--seed", "3",
             "--train_batch_size", "2", "--max_data_loader_n_workers", "0", "--logging_dir", str(root / out / "logs"),
             "--save_model_as", "safetensors", "--save_every_n_steps", "1", "--gradient_accumulation_steps", "2",
-            "--max_train_steps", "2", "--optimizer_type", "AdamW", "--learning_rate", "1e-3",
-            "--clip_skip", "2"]  # the text encoder's last layer gets no gradient; its output is read by hidden state
+            "--max_train_steps", "2", "--optimizer_type", "SGD", "--optimizer_args", "momentum=0.9",
+            "--learning_rate", "0.01", "--clip_skip", "2"]  # the text encoder's last layer gets no gradient; its output is read by hidden state
 
 
 def launch_fsdp(argv: list[str]) -> str:
@@ -100,14 +100,17 @@ def launch_fsdp(argv: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def fsdp_run(workspace):
-    """2 steps of 2 processes x batch 1 with FSDP (gradient accumulation 2, AdamW, clipping at 1), saving the model
+    """2 steps of 2 processes x batch 1 with FSDP (gradient accumulation 2, SGD with momentum, clipping at 1), saving the model
     and the state after each step; its output."""
     return launch_fsdp(with_batch(db_args(workspace, "fsdp"), 1) + ["--save_state"])
 
 
+@pytest.mark.numbers
 def test_two_processes_with_fsdp_match_one_process(workspace, fsdp_run):
     """1 process x batch 2 without FSDP against 2 FSDP processes x batch 1, after the first step (as DDP's test,
-    tests/test_train_db.py: one step moves every weight; the second grows the first's float noise). The saved
+    tests/test_train_db.py: one step moves every weight; the second grows the first's float noise). SGD, not Adam:
+    Adam's first step divides each gradient by its own size, so weights with nearly no gradient move by rounding
+    noise (AdamW measured 7.5e-3 under AVX2 kernels, too near the tolerance to tell anything). The saved
     file is the whole model (every key of the 1-process save). Tolerance: PROCESS_SPLIT_REL."""
     root = workspace
     run_script("train_db", db_args(root, "one"))
@@ -134,7 +137,7 @@ def test_each_process_holds_half_of_the_weights_and_optimizer_state(fsdp_run, wo
     total = held[0][1]
     assert sum(n for n, _ in held.values()) == total
     assert all(abs(n - total / 2) < 0.01 * total for n, _ in held.values()), held  # FSDP pads each tensor's dim 0
-    # The optimizer state on disk: each process wrote its own share (AdamW: exp_avg and exp_avg_sq, fp32).
+    # The optimizer state on disk: each process wrote its own share (SGD's momentum buffers, fp32).
     from torch.distributed.checkpoint import FileSystemReader
 
     folder = workspace / "fsdp" / "model-state" / "fsdp_optimizer"
@@ -143,7 +146,7 @@ def test_each_process_holds_half_of_the_weights_and_optimizer_state(fsdp_run, wo
     for info in metadata.storage_data.values():
         written[info.relative_path] = written.get(info.relative_path, 0) + info.length
     assert len(written) == 2, written
-    moments = 2 * 4 * total  # bytes of AdamW's two moments over the whole model
+    moments = 4 * total  # bytes of the momentum buffers over the whole model
     assert all(0.45 * moments < n < 0.6 * moments for n in written.values()), (written, moments)
     assert not (folder.parent / "optimizer.pt").exists()
 
@@ -170,6 +173,7 @@ def test_resume_from_the_sharded_state_is_exact(workspace, fsdp_run):
 BF16_PROCESS_SPLIT_REL = 0.2
 
 
+@pytest.mark.numbers
 def test_bf16_with_fsdp_matches_one_process_in_bf16(workspace):
     root = workspace
     argv = db_args(root, "bf16_one")
