@@ -1,4 +1,4 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard) for the full-model trainers: parameters, gradients and optimizer state
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for the full-model trainers (train_db, fine_tune, sdxl_train): parameters, gradients and optimizer state
 split over the processes, each holding about 1/N of them.
 
 How a user asks for it: `accelerate launch --use_fsdp --fsdp_version 2 --num_processes N train_db.py ...` (or an
@@ -36,8 +36,9 @@ loop's autocast (`mixed_precision_policy`).
 
 Not yet (refused by name in `check_fsdp_flags`): --mixed_precision fp16 (ShardedGradScaler), --full_bf16 / --full_fp16,
 --use_ema, --pivotal_token, fused optimizer steps, sampling and validation during training (they run the model on the
-main process alone; FSDP needs every process for each forward), LoRA-type trainers, sdxl_train / fine_tune /
-ControlNet wiring (the engine shards by module shape; their tests are to come), FSDP1.
+main process alone; FSDP needs every process for each forward), LoRA-type trainers and the ControlNet trainers (their
+tasks name no trained models to shard: refused when the engine prepares), FSDP1. Tested (tests/test_fsdp.py):
+train_db, fine_tune and sdxl_train (both text encoders).
 """
 
 from __future__ import annotations
