@@ -1,5 +1,5 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard) for the full-model trainers (train_db, fine_tune, sdxl_train): parameters, gradients and optimizer state
-split over the processes, each holding about 1/N of them.
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for the full-model trainers (train_db, fine_tune, sdxl_train):
+parameters, gradients and optimizer state split over the processes, each holding about 1/N of them.
 
 How a user asks for it: `accelerate launch --use_fsdp --fsdp_version 2 --num_processes N train_db.py ...` (or an
 accelerate config file saying the same). The launcher only sets environment variables (ACCELERATE_USE_FSDP,

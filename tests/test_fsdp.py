@@ -83,7 +83,8 @@ def db_args(root: Path, out: str) -> list[str]:
             "--train_batch_size", "2", "--max_data_loader_n_workers", "0", "--logging_dir", str(root / out / "logs"),
             "--save_model_as", "safetensors", "--save_every_n_steps", "1", "--gradient_accumulation_steps", "2",
             "--max_train_steps", "2", "--optimizer_type", "SGD", "--optimizer_args", "momentum=0.9",
-            "--learning_rate", "0.01", "--clip_skip", "2"]  # the text encoder's last layer gets no gradient; its output is read by hidden state
+            "--learning_rate", "0.01",
+            "--clip_skip", "2"]  # the text encoder's last layer gets no gradient; its output is read by hidden state
 
 
 def launch_fsdp(argv: list[str], script: str = "train_db.py") -> str:
@@ -100,8 +101,8 @@ def launch_fsdp(argv: list[str], script: str = "train_db.py") -> str:
 
 @pytest.fixture(scope="module")
 def fsdp_run(workspace):
-    """2 steps of 2 processes x batch 1 with FSDP (gradient accumulation 2, SGD with momentum, clipping at 1), saving the model
-    and the state after each step; its output."""
+    """2 steps of 2 processes x batch 1 with FSDP (gradient accumulation 2, SGD with momentum, clipping at 1),
+    saving the model and the state after each step; its output."""
     return launch_fsdp(with_batch(db_args(workspace, "fsdp"), 1) + ["--save_state"])
 
 
