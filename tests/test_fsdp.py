@@ -259,3 +259,21 @@ def test_sdxl_train_with_fsdp_matches_one_process(workspace):
         keys = [k for k in one if k.startswith(part) and one[k].is_floating_point()]
         assert_process_split_close(training_deviation(*({k: d[k] for k in keys} for d in (two, one, base))),
                                    what=f"sdxl_train FSDP {part}")
+
+
+def test_gradients_are_reduced_once_at_the_last_micro_batch(tmp_path):
+    """The engine on a small model in 2 processes (tests/fsdp_probe.py): after the first micro-batch no shard holds
+    a gradient (nothing was reduce-scattered), after the last each does, equal to the mean over both processes'
+    micro-batches computed in one process; the optimizer steps the sharded parameters."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), FSDP_PROBE_OUT=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "tests/fsdp_probe.py"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for report in reports:
+        first, last = report["held"]
+        assert not any(first) and all(last), report
+        assert report["mean"] and report["optimizer"], report
