@@ -50,6 +50,9 @@ def main() -> None:
                                      for g in optimizer.param_groups for p in g["params"])
     out = Path(os.environ["FSDP_PROBE_OUT"]) / f"rank{rank}.json"
     out.write_text(json.dumps({"rank": rank, "held": held, "mean": mean_ok, "optimizer": optimizer_points_at_shards}))
+    # Both processes done before either tears the group down: a rank leaving while gloo still serves the other
+    # aborted it once ("terminate called without an active exception") on a loaded machine.
+    dist.barrier()
     dist.destroy_process_group()
 
 
