@@ -217,10 +217,12 @@ class Trainer:
         if missing:
             raise ValueError(f"--resume {folder}: incomplete state folder (no {', '.join(missing)}); resume from "
                              "another state folder, or start a new run")
-        differences = {k: (saved.run_fingerprint or {}).get(k, "<missing>") for k, v in self.run_fingerprint.items()
-                       if (saved.run_fingerprint or {}).get(k, "<missing>") != v}
+        # Both ways: a setting recorded only when in use (e.g. a fused step) differs when either side lacks it.
+        theirs, ours = saved.run_fingerprint or {}, self.run_fingerprint
+        differences = {k: theirs.get(k, "<missing>") for k in {**theirs, **ours}
+                       if theirs.get(k, "<missing>") != ours.get(k, "<missing>")}
         if differences:
-            shown = "; ".join(f"{k}: state has {v!r}, this run {self.run_fingerprint[k]!r}"
+            shown = "; ".join(f"{k}: state has {v!r}, this run {ours.get(k, '<missing>')!r}"
                               for k, v in differences.items())
             raise ValueError(f"--resume {folder}: the state comes from a different run configuration ({shown}). "
                              "Resume with the original settings, or start a new run.")
