@@ -211,9 +211,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                                  max_train_steps=max_train_steps, resolution=metadata["modelspec.resolution"]))
     task = ControlNetTask(controlnet, models.unet, family=family, save_as=args.save_model_as,
                           save_dtype=setup.SAVE_DTYPES.get(args.save_precision), metadata=metadata)
-    fused = setup.fused_step_flag(args)
-    config = setup.loop_config(args, start, family, max_train_steps, default_project=Path(trains.script).stem,
-                               max_grad_norm=0.0 if fused else None)  # clipped inside backward when fused
+    config = setup.loop_config(args, start, family, max_train_steps, default_project=Path(trains.script).stem)
     validator = None
     if pairs:
         validator = ControlNetValidator(pairs, models=models, controlnet=controlnet, output_dir=start.output_dir,
@@ -226,7 +224,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
                    "optimizer_type": start.optimizer.optimizer_type,
                    "learning_rates": [group["lr"] for group in param_groups],
-                   **({"fused_step": fused, "fused_optimizer_groups": args.fused_optimizer_groups} if fused else {}),
+                   **setup.fused_step_fingerprint(args),
                    "dataset_items": hashlib.sha256("\n".join(f"{i.record.path}|{i.record.conditioning}|{i.bucket}"
                                                              for i in dataset.items).encode()).hexdigest()[:16]}
     trainer = Trainer(task=task, unet=models.unet, vae=models.vae, text_conditioner=text_conditioner,

@@ -47,8 +47,12 @@ logger = logging.getLogger("train_network")
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,))
+    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,
+                                                             train_args.FUSED_OPTIMIZER_GROUPS_FLAG,
+                                                             train_args.FP8_BASE_FLAG))
     train_args.add_embedding_arguments(p)
+    train_args.add_fused_step_arguments(p)
+    train_args.add_fp8_base_arguments(p)
     g = p.add_argument_group("network")
     g.add_argument("--network_module", default="networks.lora",
                    help="networks.lora (LoRA / LoCon), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA), "
@@ -247,7 +251,9 @@ def lora_metadata(args, family, prediction_type, dataset: TrainingDataset, seed:
     base.update(run_metadata(args, dataset=dataset, data_summary=data_summary, seed=seed,
                              max_train_steps=max_train_steps, resolution=resolution))
     base.update({"ss_unet_lr": str(args.unet_lr), "ss_text_encoder_lr": str(args.text_encoder_lr),
-                 "ss_network_dropout": str(args.network_dropout)})
+                 "ss_network_dropout": str(args.network_dropout),
+                 "ss_fp8_base": str(bool(getattr(args, "fp8_base", False))),
+                 "ss_fp8_base_unet": str(bool(getattr(args, "fp8_base_unet", False)))})
     return base
 
 
@@ -297,6 +303,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
     start = setup.same_seed_everywhere(start, accelerator)
+    setup.check_fused_step(args, start, accelerator)  # before the models load (it depends on the process count)
     models, precision = setup.load_models(args, checkpoint, accelerator)
     unet, text_encoders, vae = models.unet, models.text_encoders, models.vae
     added_tokens, pivot = setup.add_embeddings(args, models, precision)
@@ -321,6 +328,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS, *,
         merge_base_weights(args, text_encoders, unet)
     text_conditioner = setup.cache_text_encoder_outputs(args, dataset, setup.text_conditioner(args, models), models,
                                                         accelerator, keep_encoders=bool(prompts))
+    setup.store_base_in_float8(args, models, precision)  # the base is final; the network wraps it next
 
     # Network (its initial weights come from torch's global generator: seed it so runs repeat exactly)
     torch.manual_seed(start.seed)
@@ -488,7 +496,8 @@ def run_fingerprint(args, family, dataset: TrainingDataset, seed: int) -> dict:
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "network_module": args.network_module,
             "network_dim": args.network_dim, "network_alpha": args.network_alpha,
             "network_args": args.network_args or [], "optimizer_type": args.optimizer_type or "AdamW",
-            "learning_rate": args.learning_rate, **_embedding_fingerprint(args)}
+            "learning_rate": args.learning_rate, **_embedding_fingerprint(args), **setup.fused_step_fingerprint(args),
+            **({"fp8_base": list(setup.float8_base_models(args))} if setup.float8_base_models(args) else {})}
 
 
 def _embedding_fingerprint(args) -> dict:

@@ -41,7 +41,8 @@ logger = logging.getLogger("train_textual_inversion")
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p)
+    train_args.add_common_training_arguments(p, implemented=(train_args.FUSED_OPTIMIZER_GROUPS_FLAG,))
+    train_args.add_fused_step_arguments(p)
     g = p.add_argument_group("textual inversion")
     g.add_argument("--token_string", required=True, help="the new word, e.g. mychar (a made-up word is best)")
     g.add_argument("--init_word", default=None, help="start from this word's embedding (default: the table mean)")
@@ -100,6 +101,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     prompts = setup.load_sample_prompts(args, family)
     accelerator = setup.make_accelerator(args)
     start = setup.same_seed_everywhere(start, accelerator)
+    setup.check_fused_step(args, start, accelerator)  # before the models load (it depends on the process count)
     models, precision = setup.load_models(args, checkpoint, accelerator)
     try:
         word = ti.add_word(models, token_string=args.token_string, num_vectors=args.num_vectors_per_token,
@@ -148,6 +150,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                    "num_vectors": args.num_vectors_per_token, "templates": bool(templates),
                    "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate,
                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                   **setup.fused_step_fingerprint(args),
                    "dataset_items": hashlib.sha256("\n".join(f"{i.record.path}|{i.bucket}" for i in dataset.items)
                                                    .encode()).hexdigest()[:16]}
     trainer = Trainer(task=task, unet=models.unet, vae=models.vae, text_conditioner=setup.text_conditioner(args, models),

@@ -390,7 +390,6 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
     # Optimizer
     optimizer, lr_scheduler = setup.build_optimization(args, start.optimizer, param_groups, max_train_steps,
                                                        accelerator)
-    max_grad_norm = 0.0 if setup.fused_step_flag(args) else None  # clipped inside backward (per parameter / share)
 
     metadata = checkpoint_metadata(args, recipe, family, prediction, dataset, data_summary, start.seed,
                                    max_train_steps)
@@ -398,8 +397,7 @@ def train_full_model(args: argparse.Namespace, recipe: FullModelRecipe) -> Path:
                          save_as=fmt, save_dtype=setup.SAVE_DTYPES.get(args.save_precision), extras=extras,
                          source_metadata=source_metadata, metadata=metadata, ema=ema, pivot=pivot,
                          open_source=lambda: setup.open_base_model(args))
-    config = setup.loop_config(args, start, family, max_train_steps, default_project=recipe.name,
-                               max_grad_norm=max_grad_norm)
+    config = setup.loop_config(args, start, family, max_train_steps, default_project=recipe.name)
     conditioner = setup.text_conditioner(args, models, pad_to_longest=recipe.pad_captions_to_longest)
     if setup.wants_text_encoder_cache(args):
         if trained_encoders or pivot is not None:

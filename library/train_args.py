@@ -320,7 +320,7 @@ def refuse_not_yet_implemented(args: argparse.Namespace, parser: argparse.Argume
 
 
 TEXT_ENCODER_CACHE_FLAG = "--cache_text_encoder_outputs"
-FUSED_OPTIMIZER_GROUPS_FLAG = "--fused_optimizer_groups"  # the full-model trainers implement it
+FUSED_OPTIMIZER_GROUPS_FLAG = "--fused_optimizer_groups"  # the trainers with add_fused_step_arguments implement it
 
 
 def add_text_encoder_cache_arguments(p: argparse.ArgumentParser) -> None:
@@ -367,8 +367,10 @@ MODELSPEC_FLAGS = {
 
 
 def add_fused_step_arguments(p: argparse.ArgumentParser) -> None:
-    """The optimizer step inside backward (library/fused_backward.py), for trainers of big models; they also pass
-    implemented=(FUSED_OPTIMIZER_GROUPS_FLAG,) to add_common_training_arguments."""
+    """The optimizer step inside backward (library/fused_backward.py); a trainer that adds these also passes
+    implemented=(FUSED_OPTIMIZER_GROUPS_FLAG,) to add_common_training_arguments. What it saves is the trained
+    parameters' gradients: a full U-Net's in the full-model trainers, a LoRA's or an embedding's (small) in the
+    others."""
     g = p.add_argument_group("optimizer step inside backward (memory)")
     g.add_argument("--fused_backward_pass", action="store_true",
                    help="step the optimizer inside the backward pass, parameter by parameter (no full gradient "
@@ -377,6 +379,21 @@ def add_fused_step_arguments(p: argparse.ArgumentParser) -> None:
                    help="kohya's variant: step the optimizer inside the backward pass in N shares of the parameters, "
                         "each as soon as its gradients are ready (about 1/N of the gradients in memory; "
                         "--max_grad_norm clips each share by its own norm); same conditions")
+
+
+FP8_BASE_FLAG = "--fp8_base"  # refused (NOT_YET_IMPLEMENTED) by the trainers without add_fp8_base_arguments
+
+
+def add_fp8_base_arguments(p: argparse.ArgumentParser) -> None:
+    """kohya's float8 base model (library/fp8_weights.py), for trainers whose base model stays frozen; they also pass
+    implemented=(FP8_BASE_FLAG,) to add_common_training_arguments."""
+    g = p.add_argument_group("float8 base model (memory)")
+    g.add_argument(FP8_BASE_FLAG, action="store_true",
+                   help="store the frozen U-Net's and text encoders' Linear / Conv2d weights in float8_e4m3fn (half "
+                        "of bf16 / fp16), upcast to the weight dtype for each use; the trained network keeps its dtype. "
+                        "Trains exactly as on a base model rounded to float8")
+    g.add_argument("--fp8_base_unet", action="store_true",
+                   help="the same for the U-Net only: the text encoders keep the weight dtype (also with --fp8_base)")
 
 
 def add_modelspec_arguments(p: argparse.ArgumentParser) -> None:

@@ -308,6 +308,35 @@ def cache_latents(args: argparse.Namespace, dataset: TrainingDataset, vae, preci
         raise SystemExit(f"error: {e}") from None
 
 
+def float8_base_models(args: argparse.Namespace) -> tuple[str, ...]:
+    """The frozen models --fp8_base / --fp8_base_unet store in float8: ("unet", "text_encoders"), ("unet",) or ().
+    kohya's rule: --fp8_base_unet keeps the text encoders in the weight dtype, also beside --fp8_base."""
+    if getattr(args, "fp8_base_unet", False):
+        return ("unet",)
+    return ("unet", "text_encoders") if getattr(args, "fp8_base", False) else ()
+
+
+def store_base_in_float8(args: argparse.Namespace, models: SDModels, precision: Precision) -> None:
+    """--fp8_base / --fp8_base_unet (library/fp8_weights.py). Call it once the base model is final (--base_weights
+    merged, text-encoder outputs cached) and before a network wraps its layers."""
+    which = float8_base_models(args)
+    if not which:
+        return
+    from library.fp8_weights import store_in_float8
+
+    flag = "--fp8_base_unet" if args.fp8_base_unet else "--fp8_base"
+    targets = [("U-Net", models.unet)]
+    if "text_encoders" in which:
+        # Encoders released after caching their outputs hold no weights any more (meta tensors): nothing to store.
+        targets += [(f"text encoder {i + 1}", encoder) for i, encoder in enumerate(models.text_encoders)
+                    if not next(encoder.parameters()).is_meta]
+    try:
+        for what, model in targets:
+            store_in_float8(model, precision.weight_dtype, what=what)
+    except ValueError as e:
+        raise SystemExit(f"error: {flag}: {e}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Optimization, loop, samples
 
@@ -380,13 +409,23 @@ def build_optimization(args: argparse.Namespace, opt_config: OptimizerConfig, pa
     return optimizer, lr_scheduler
 
 
-def loop_config(args: argparse.Namespace, start: RunStart, family, max_train_steps: int, *, default_project: str,
-                max_grad_norm: float | None = None) -> LoopConfig:
+def fused_step_fingerprint(args: argparse.Namespace) -> dict:
+    """The fused step in a resume fingerprint (its per-parameter clipping differs from the normal step's), only when
+    one is asked for, so that states of runs without it keep their fingerprint."""
+    flag = fused_step_flag(args)
+    if not flag:
+        return {}
+    return {"fused_step": flag, "fused_optimizer_groups": args.fused_optimizer_groups}
+
+
+def loop_config(args: argparse.Namespace, start: RunStart, family, max_train_steps: int, *,
+                default_project: str) -> LoopConfig:
     return LoopConfig(
         output_dir=start.output_dir, output_name=start.output_name, max_train_steps=max_train_steps,
         batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         seed=start.seed,
-        max_grad_norm=start.optimizer.max_grad_norm if max_grad_norm is None else max_grad_norm,
+        # A fused step clips inside backward (per parameter / share): no gradients are left for the loop to clip.
+        max_grad_norm=0.0 if fused_step_flag(args) else start.optimizer.max_grad_norm,
         vae_scale_factor=family.vae_scale_factor,
         save_every_n_steps=args.save_every_n_steps, save_every_n_epochs=args.save_every_n_epochs,
         save_last_n_steps=args.save_last_n_steps, save_last_n_epochs=args.save_last_n_epochs,
