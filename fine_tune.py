@@ -27,7 +27,7 @@ logger = logging.getLogger("fine_tune")
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p, implemented=(train_args.FUSED_OPTIMIZER_GROUPS_FLAG,))
+    train_args.add_common_training_arguments(p)
     add_full_model_arguments(p)
     p.add_argument("--train_text_encoder", action="store_true", help="train the text encoder too")
     p.add_argument("--diffusers_xformers", dest="xformers", action="store_true", help="kohya's alias of --xformers")

@@ -31,8 +31,7 @@ logger = logging.getLogger("sdxl_train")
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,
-                                                             train_args.FUSED_OPTIMIZER_GROUPS_FLAG))
+    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,))
     add_full_model_arguments(p)
     g = p.add_argument_group("SDXL")
     g.add_argument("--train_text_encoder", action="store_true", help="train the text encoders too")

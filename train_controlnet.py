@@ -46,9 +46,10 @@ def setup_parser(*, control_net_lr: float | None = None) -> argparse.ArgumentPar
     """`control_net_lr`: the default of --control_net_lr (sdxl_train_control_net.py: kohya's 1e-4)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,
-                                                             train_args.FUSED_OPTIMIZER_GROUPS_FLAG))
+                                                             train_args.FP8_BASE_FLAG))
     train_args.add_text_encoder_cache_arguments(p)
     train_args.add_fused_step_arguments(p)  # a ControlNet is a third of an SD U-Net, half an SDXL one
+    train_args.add_fp8_base_arguments(p)  # the base U-Net (and text encoders) stay frozen
     g = p.add_argument_group("ControlNet")
     g.add_argument("--controlnet_model_name_or_path", default=None,
                    help="start from this ControlNet (diffusers folder or original-layout file) instead of the U-Net")
@@ -176,6 +177,8 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     controlnet.train()
     if args.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
+    if (compile_settings := setup.compile_settings(args)) is not None:  # --torch_compile, as load_models' models
+        compile_settings.apply(controlnet, what="ControlNet")
 
     # Data: the conditioning image of each photo, aligned with it
     extra = {}
@@ -197,6 +200,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
     # The text encoders are frozen: their outputs can be cached; validation images still need them.
     text_conditioner = setup.cache_text_encoder_outputs(args, dataset, setup.text_conditioner(args, models), models,
                                                         accelerator, keep_encoders=bool(pairs))
+    setup.store_base_in_float8(args, models, precision)  # after caching: the cache holds full-precision outputs
 
     # Optimizer
     param_groups, lr_names = controlnet_param_groups(controlnet, learning_rate=args.learning_rate,
@@ -224,7 +228,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
                    "optimizer_type": start.optimizer.optimizer_type,
                    "learning_rates": [group["lr"] for group in param_groups],
-                   **setup.fused_step_fingerprint(args),
+                   **setup.fused_step_fingerprint(args), **setup.float8_fingerprint(args),
                    "dataset_items": hashlib.sha256("\n".join(f"{i.record.path}|{i.record.conditioning}|{i.bucket}"
                                                              for i in dataset.items).encode()).hexdigest()[:16]}
     trainer = Trainer(task=task, unet=models.unet, vae=models.vae, text_conditioner=text_conditioner,

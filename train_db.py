@@ -30,7 +30,7 @@ logger = logging.getLogger("train_db")
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p, implemented=(train_args.FUSED_OPTIMIZER_GROUPS_FLAG,))
+    train_args.add_common_training_arguments(p)
     add_full_model_arguments(p)
     g = p.add_argument_group("DreamBooth")
     g.add_argument("--stop_text_encoder_training", type=int, default=None,

@@ -48,7 +48,6 @@ logger = logging.getLogger("train_network")
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,
-                                                             train_args.FUSED_OPTIMIZER_GROUPS_FLAG,
                                                              train_args.FP8_BASE_FLAG))
     train_args.add_embedding_arguments(p)
     train_args.add_fused_step_arguments(p)
@@ -497,7 +496,7 @@ def run_fingerprint(args, family, dataset: TrainingDataset, seed: int) -> dict:
             "network_dim": args.network_dim, "network_alpha": args.network_alpha,
             "network_args": args.network_args or [], "optimizer_type": args.optimizer_type or "AdamW",
             "learning_rate": args.learning_rate, **_embedding_fingerprint(args), **setup.fused_step_fingerprint(args),
-            **({"fp8_base": list(setup.float8_base_models(args))} if setup.float8_base_models(args) else {})}
+            **setup.float8_fingerprint(args)}
 
 
 def _embedding_fingerprint(args) -> dict:

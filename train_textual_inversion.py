@@ -41,8 +41,9 @@ logger = logging.getLogger("train_textual_inversion")
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p, implemented=(train_args.FUSED_OPTIMIZER_GROUPS_FLAG,))
+    train_args.add_common_training_arguments(p, implemented=(train_args.FP8_BASE_FLAG,))
     train_args.add_fused_step_arguments(p)
+    train_args.add_fp8_base_arguments(p)
     g = p.add_argument_group("textual inversion")
     g.add_argument("--token_string", required=True, help="the new word, e.g. mychar (a made-up word is best)")
     g.add_argument("--init_word", default=None, help="start from this word's embedding (default: the table mean)")
@@ -108,6 +109,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                            init_word=args.init_word, weights=args.weights, dtype=precision.trained_dtype)
     except ValueError as e:  # EmbeddingFileError too
         raise SystemExit(f"error: {e}") from None
+    setup.store_base_in_float8(args, models, precision)  # the new word's rows are an embedding: they keep their dtype
     new_tokens = word.tokens
     logger.info("new tokens %s (ids %s)", " ".join(new_tokens.tokens), ", ".join(map(str, new_tokens.ids)))
     if args.gradient_checkpointing:
@@ -150,7 +152,7 @@ def train(args: argparse.Namespace, trains: setup.TrainedArchs = TRAINS) -> Path
                    "num_vectors": args.num_vectors_per_token, "templates": bool(templates),
                    "train_batch_size": args.train_batch_size, "learning_rate": args.learning_rate,
                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                   **setup.fused_step_fingerprint(args),
+                   **setup.fused_step_fingerprint(args), **setup.float8_fingerprint(args),
                    "dataset_items": hashlib.sha256("\n".join(f"{i.record.path}|{i.bucket}" for i in dataset.items)
                                                    .encode()).hexdigest()[:16]}
     trainer = Trainer(task=task, unet=models.unet, vae=models.vae, text_conditioner=setup.text_conditioner(args, models),

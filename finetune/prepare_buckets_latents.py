@@ -58,6 +58,9 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("model_name_or_path", help="Stable Diffusion checkpoint or diffusers folder (its VAE is used)")
     p.add_argument("--v2", action="store_true", help="the model is SD 2.x (checked against the weights)")
     p.add_argument("--batch_size", type=int, default=1, help="images per VAE batch")
+    p.add_argument("--max_data_loader_n_workers", type=int, default=None,
+                   help="read and resize the images in this many worker processes while the VAE encodes (kohya's "
+                        "DataLoader option; default: in this process). The latents are the same either way")
     p.add_argument("--max_resolution", default="512,512", help="training resolution 'width,height' (--resolution)")
     p.add_argument("--min_bucket_reso", type=int, default=256)
     p.add_argument("--max_bucket_reso", type=int, default=1024)
@@ -100,6 +103,8 @@ def prepare(args: argparse.Namespace) -> None:
         raise ValueError(f"train_data_dir {train_dir}: no such folder")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.max_data_loader_n_workers is not None and args.max_data_loader_n_workers < 0:
+        raise ValueError(f"--max_data_loader_n_workers must be 0 or more, got {args.max_data_loader_n_workers}")
     buckets = BucketConfig(parse_size(args.max_resolution, "--max_resolution"), enable_bucket=True,
                            min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
                            bucket_reso_steps=args.bucket_reso_steps, bucket_no_upscale=args.bucket_no_upscale)
@@ -114,7 +119,8 @@ def prepare(args: argparse.Namespace) -> None:
                                          flip_aug=args.flip_aug, alpha_mask=args.alpha_mask)
         vae = instantiate_component(checkpoint, "vae", dtype)
     vae.to("cuda" if torch.cuda.is_available() else "cpu")
-    LatentCache(vae, CacheSettings(to_disk=True, batch_size=args.batch_size), dtype=dtype).build(dataset)
+    settings = CacheSettings(to_disk=True, batch_size=args.batch_size, image_workers=args.max_data_loader_n_workers or 0)
+    LatentCache(vae, settings, dtype=dtype).build(dataset)
     write_metadata(out_json, with_bucket_sizes(metadata, dataset, train_dir, in_json.parent))
     logger.info("wrote %s (%d entries); the latents are beside the images. Train with the same settings: %s",
                 out_json, len(metadata), " ".join(training_flags(args, buckets)))

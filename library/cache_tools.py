@@ -39,7 +39,8 @@ DIT_FLAGS = ("--flux", "--ae", "--clip_l", "--t5xxl", "--t5xxl_dtype", "--t5xxl_
 
 def setup_parser(description: str, *, text_encoder_tool: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,))
+    train_args.add_common_training_arguments(p, implemented=(train_args.TEXT_ENCODER_CACHE_FLAG,
+                                                             train_args.FP8_BASE_FLAG))
     train_args.add_text_encoder_cache_arguments(p)
     train_args.add_embedding_arguments(p)
     for action in p._actions:
@@ -47,6 +48,9 @@ def setup_parser(description: str, *, text_encoder_tool: bool) -> argparse.Argum
             action.required = False  # nothing is written there; a training command's value is accepted
     g = p.add_argument_group("cache tool (kohya's flags)")
     g.add_argument("--sdxl", action="store_true", help="the model is SDXL (detected from the weights; checked)")
+    g.add_argument(train_args.FP8_BASE_FLAG, action="store_true",
+                   help="accepted, changes nothing here: the entries do not depend on it (the trainers fill their "
+                        "caches before storing the base model in float8)")
     g.add_argument("--skip_existing", action="store_true",
                    help="implied: valid entries are always kept, stale ones recomputed (kohya: deprecated)")
     g.add_argument("--text_encoder_batch_size", type=int, default=None,
@@ -58,7 +62,8 @@ def setup_parser(description: str, *, text_encoder_tool: bool) -> argparse.Argum
         g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("FLUX / SD3 options of kohya's tools (refused: this suite has no such models)")
     for flag in DIT_FLAGS:
-        g.add_argument(flag, default=None, nargs="?", const=True, help=argparse.SUPPRESS)
+        g.add_argument(flag, default=None, nargs="?", const=True,
+                       help="refused: an option of kohya's FLUX / SD3 models; this suite has none")
     return p
 
 
@@ -83,6 +88,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     if given:
         raise SystemExit(f"error: {', '.join(given)}: FLUX / SD3 options; this suite trains and caches for SD 1.x, "
                          "2.x and SDXL models only. Remove the flag(s)")
+    if args.fp8_base:
+        logger.info("--fp8_base: nothing to change; the trainers fill their caches before storing the base model in "
+                    "float8, so the entries are the same with or without it")
     if args.text_encoder_batch_size is not None and args.text_encoder_batch_size < 1:
         raise SystemExit(f"error: --text_encoder_batch_size must be at least 1, got {args.text_encoder_batch_size}")
     return args

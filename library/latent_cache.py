@@ -15,6 +15,7 @@ With several processes each encodes its share and all then hold the whole cache 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -36,6 +37,26 @@ class CacheSettings:
     to_disk: bool = False
     batch_size: int = 1  # --vae_batch_size
     skip_cache_check: bool = False
+    # Processes that read and resize the images while the VAE encodes (0: this process). The entries do not
+    # depend on it: images come back in order, and each latent's noise is seeded from its own pixels.
+    image_workers: int = 0
+
+
+class _PixelsOf(torch.utils.data.Dataset):
+    """The pixels (and alpha mask) of the items to encode, by position: what image workers compute."""
+
+    def __init__(self, dataset: TrainingDataset, items: list[Item]):
+        self.dataset, self.items = dataset, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.dataset.load_pixels(self.items[index], None, flip=False)
+
+
+def _as_list(batch: list) -> list:
+    return batch
 
 
 class LatentCache:
@@ -120,15 +141,17 @@ class LatentCache:
 
     def _compute(self, dataset: TrainingDataset, batches: list[list[tuple[Item, dict]]]) -> None:
         device = next(self.vae.parameters()).device
+        ends = list(itertools.accumulate(len(batch) for batch in batches))
+        loaded = torch.utils.data.DataLoader(  # the images of each batch, in order, read by the workers if any
+            _PixelsOf(dataset, [item for batch in batches for item, _ in batch]), collate_fn=_as_list,
+            batch_sampler=[list(range(end - len(batch), end)) for end, batch in zip(ends, batches)],
+            num_workers=self.settings.image_workers)
         total = sum(len(batch) for batch in batches)
         with torch.no_grad(), tqdm(total=total, desc="caching latents", unit="image", disable=not total) as bar:
-            for batch in batches:
-                pixels, masks, flips = [], [], []
-                for item, _ in batch:
-                    image, mask = dataset.load_pixels(item, None, flip=False)
-                    pixels.append(image)
-                    masks.append(mask)
-                    flips.append(item.record.subset.flip_aug)
+            for batch, images in zip(batches, loaded):
+                pixels = [image for image, _ in images]
+                masks = [mask for _, mask in images]
+                flips = [item.record.subset.flip_aug for item, _ in batch]
                 stack = torch.stack(pixels).to(device, self.dtype)
                 plain = self._encode(stack, "plain")
                 flipped = self._encode(stack.flip(-1), "flipped") if any(flips) else None

@@ -20,7 +20,7 @@ import tomllib
 
 import toml  # writes --output_config; reading uses the strict tomllib (toml.loads reads "x = [4" as x = [])
 
-from library import run_logging
+from library import compilation, run_logging
 from library.data_parallel import DDPSettings, check_ddp_flags
 from library.hub_upload import add_hub_arguments
 
@@ -39,9 +39,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="load .ckpt files that need arbitrary Python objects (runs code from the file)")
     g.add_argument("--tokenizer_cache_dir", default=None, help="accepted for compatibility; tokenizers are shipped")
     g.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                   help="kohya's switch away from memory-mapped loading (slow on some file systems): this suite always "
-                        "reads .safetensors tensor by tensor without mmap (library/safetensors_io.py), so it is the "
-                        "behaviour with or without the flag")
+                   help="accepted, changes nothing: kohya's switch away from memory-mapped loading (slow on some "
+                        "file systems); this suite always reads .safetensors tensor by tensor without mmap "
+                        "(library/safetensors_io.py)")
 
 
 def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,17 +129,28 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--cpu_offload_checkpointing", action="store_true",
-                   help="kohya's flag for its FLUX / SD3 transformers (refused: SD and SDXL U-Nets do not offload "
-                        "checkpointed activations, in kohya's scripts either)")
+                   help="refused: kohya's flag for its FLUX / SD3 transformers; SD and SDXL U-Nets do not offload "
+                        "checkpointed activations (kohya's SD scripts fail with it too)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--full_fp16", action="store_true")
     g.add_argument("--full_bf16", action="store_true")
     g.add_argument("--no_half_vae", action="store_true")
     g.add_argument("--clip_skip", type=int, default=None)
-    g.add_argument("--xformers", action="store_true")
-    g.add_argument("--sdpa", action="store_true")
-    g.add_argument("--mem_eff_attn", action="store_true")
+    g.add_argument("--xformers", action="store_true",
+                   help="accepted, not used: attention runs through PyTorch SDPA (the same memory savings; xformers "
+                        "cannot run on CPU); a warning says so")
+    g.add_argument("--sdpa", action="store_true", help="accepted: PyTorch SDPA is the attention here anyway")
+    g.add_argument("--mem_eff_attn", action="store_true",
+                   help="accepted: PyTorch SDPA, the attention here anyway, is memory-efficient (kohya's own "
+                        "chunked attention is not needed)")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="compile the models each step runs (U-Net, text encoders; a cache tool's VAE encoder or text "
+                        "encoders) with torch.compile: slower start, faster steps. accelerate launch's --dynamo_mode / "
+                        "--dynamo_use_fullgraph / --dynamo_use_dynamic / --dynamo_use_regional_compilation apply")
+    g.add_argument("--dynamo_backend", choices=compilation.KOHYA_BACKENDS, default=None,
+                   help="torch.compile's backend with --torch_compile (default inductor; kohya's list: those the "
+                        "installed torch lacks are refused by name)")
     g.add_argument("--logging_dir", default=None)
     g.add_argument("--log_with", choices=["tensorboard", "wandb", "all"], default=None)
     g.add_argument("--log_prefix", default=None)
@@ -288,16 +299,24 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="ddim, pndm, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver, dpmsolver++, dpmsingle, k_*")
 
 
-# kohya flags users may bring that this suite does not implement yet. Setting one is an error that says so,
-# never a silent no-op (kohya's own dead flags, e.g. train_db's --no_token_padding, are a known trap).
-NOT_YET_IMPLEMENTED = (
-    "--face_crop_aug_range", "--torch_compile", "--fp8_base",
-    "--cache_text_encoder_outputs", "--dataset_class", "--fused_optimizer_groups",
-)
+# kohya flags a trainer here does not implement, and why (flag -> reason, shown in --help and in the error, and in
+# the README's list of refused flags). Setting one is an error that says so, never a silent no-op (kohya's own dead
+# flags, e.g. train_db's --no_token_padding, are a known trap). A trainer that implements one adds it itself
+# (`implemented` of add_common_training_arguments).
+NOT_YET_IMPLEMENTED = {
+    "--face_crop_aug_range": "not implemented: kohya's crop augmentation around a face whose box the image's file name "
+                             "gives (<name>_<cx>_<cy>_<w>_<h>); crop such images beforehand",
+    "--fp8_base": "this trainer trains the U-Net itself, and float8 storage is for a frozen base model (the LoRA, "
+                  "textual-inversion and ControlNet trainers have it; kohya's full-model scripts ignore it)",
+    "--cache_text_encoder_outputs": "this trainer has no text-encoder output cache (its text encoders take part in "
+                                    "what trains); the LoRA, SDXL and ControlNet trainers have it",
+    "--dataset_class": "not implemented: kohya's hook for a Python dataset class of your own; datasets here come from "
+                       "folders, a dataset TOML, metadata files or a local Hugging Face dataset",
+}
 
 
 class _NotYetImplemented(argparse.Action):
-    """A flag parsed only to be refused by name (`refuse_not_yet_implemented`)."""
+    """A flag parsed only to be refused by name, with the reason (`refuse_not_yet_implemented`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
@@ -305,10 +324,10 @@ class _NotYetImplemented(argparse.Action):
 
 def add_not_yet_implemented(p: argparse.ArgumentParser, implemented: tuple[str, ...] = ()) -> None:
     """The refused flags, except those this parser's trainer implements itself (`implemented`)."""
-    g = p.add_argument_group("not implemented yet (refused when given)")
-    for flag in NOT_YET_IMPLEMENTED:
+    g = p.add_argument_group("kohya flags not available here (refused with the reason when given)")
+    for flag, reason in NOT_YET_IMPLEMENTED.items():
         if flag not in implemented:
-            g.add_argument(flag, default=None, nargs="?", const=True, help=argparse.SUPPRESS,
+            g.add_argument(flag, default=None, nargs="?", const=True, help=f"refused: {reason}",
                            action=_NotYetImplemented)
 
 
@@ -316,11 +335,12 @@ def refuse_not_yet_implemented(args: argparse.Namespace, parser: argparse.Argume
     given = [action.option_strings[0] for action in parser._actions if isinstance(action, _NotYetImplemented)
              and getattr(args, action.dest, None) not in (None, False)]
     if given:
-        raise SystemExit(f"error: {', '.join(given)}: not implemented in this suite yet; remove the flag(s)")
+        raise SystemExit("error: " + "\n       ".join(f"{flag}: {NOT_YET_IMPLEMENTED[flag]}; remove the flag"
+                                                      for flag in given))
 
 
 TEXT_ENCODER_CACHE_FLAG = "--cache_text_encoder_outputs"
-FUSED_OPTIMIZER_GROUPS_FLAG = "--fused_optimizer_groups"  # the trainers with add_fused_step_arguments implement it
+FUSED_OPTIMIZER_GROUPS_FLAG = "--fused_optimizer_groups"
 
 
 def add_text_encoder_cache_arguments(p: argparse.ArgumentParser) -> None:
@@ -367,10 +387,8 @@ MODELSPEC_FLAGS = {
 
 
 def add_fused_step_arguments(p: argparse.ArgumentParser) -> None:
-    """The optimizer step inside backward (library/fused_backward.py); a trainer that adds these also passes
-    implemented=(FUSED_OPTIMIZER_GROUPS_FLAG,) to add_common_training_arguments. What it saves is the trained
-    parameters' gradients: a full U-Net's in the full-model trainers, a LoRA's or an embedding's (small) in the
-    others."""
+    """The optimizer step inside backward (library/fused_backward.py). What it saves is the trained parameters'
+    gradients: a full U-Net's in the full-model trainers, a LoRA's or an embedding's (small) in the others."""
     g = p.add_argument_group("optimizer step inside backward (memory)")
     g.add_argument("--fused_backward_pass", action="store_true",
                    help="step the optimizer inside the backward pass, parameter by parameter (no full gradient "
@@ -729,6 +747,7 @@ def check_training_flags(args: argparse.Namespace, *, control_images: bool = Fal
         problems.append("--gradient_accumulation_steps must be >= 1")
     problems += check_ddp_flags(ddp_settings(args), gradient_accumulation_steps=args.gradient_accumulation_steps)
     problems += check_deepspeed(args)
+    problems += compilation.check_compile_flags(args.torch_compile, args.dynamo_backend)
     thumbnail = getattr(args, "metadata_thumbnail", None)
     if thumbnail and not Path(thumbnail).is_file():
         problems.append(f"--metadata_thumbnail {thumbnail}: no such image file")

@@ -106,6 +106,7 @@ def open_base_model(args: argparse.Namespace, trains: TrainedArchs | None = None
 def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
 
+    from library.compilation import accelerate_launch_backend
     from library.data_parallel import kwargs_handlers
     from library.fsdp_engine import accelerator_kwargs as fsdp_accelerator_kwargs
     from library.fsdp_engine import check_fsdp_flags, fsdp_requested, settings_from_environment
@@ -132,8 +133,15 @@ def make_accelerator(args: argparse.Namespace):
                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
                                   num_processes=world_size_from_environment(),
                                   max_grad_norm=args.max_grad_norm, mixed_precision=args.mixed_precision)
+    launch_backend = accelerate_launch_backend()
+    if launch_backend and not getattr(args, "torch_compile", False):
+        logger.warning("accelerate launch --dynamo_backend %s (or accelerate's config) is not used: as in kohya's "
+                       "scripts, models are compiled only with --torch_compile (add --torch_compile --dynamo_backend "
+                       "%s)", launch_backend, launch_backend)
     try:
-        accelerator = Accelerator(mixed_precision=args.mixed_precision, deepspeed_plugin=plugin,
+        # accelerate never compiles here: what it prepares wraps the whole step; the models themselves are compiled
+        # in load_models (library/compilation.py).
+        accelerator = Accelerator(mixed_precision=args.mixed_precision, deepspeed_plugin=plugin, dynamo_backend="no",
                                   kwargs_handlers=kwargs_handlers(train_args.ddp_settings(args)), **extra)
         check_device_supports(args.mixed_precision, accelerator.device)
     except ValueError as e:
@@ -186,7 +194,31 @@ def load_models(args: argparse.Namespace, checkpoint: SDCheckpoint, accelerator,
     if args.gradient_checkpointing and models.unet is not None:
         models.unet.enable_gradient_checkpointing()
         models.unet.train()  # diffusers only checkpoints in training mode; dropout is 0 in SD's UNet
+    compile_models(args, models, tool=components is not None)
     return models, precision
+
+
+def compile_settings(args: argparse.Namespace):
+    """--torch_compile / --dynamo_backend as library.compilation.CompileSettings, or None without --torch_compile."""
+    from library.compilation import CompileSettings
+
+    return CompileSettings.from_flags(getattr(args, "torch_compile", False), getattr(args, "dynamo_backend", None))
+
+
+def compile_models(args: argparse.Namespace, models: SDModels, *, tool: bool) -> None:
+    """--torch_compile: the models a run calls each step, compiled in place (traced at their first call). A trainer's
+    U-Net and text encoders; a cache tool (`tool`) the ones it loaded: the VAE's encoder (what caching runs), or the
+    text encoders."""
+    settings = compile_settings(args)
+    if settings is None:
+        return
+    if models.unet is not None:
+        settings.apply(models.unet, what="U-Net")
+    for i, encoder in enumerate(models.text_encoders):
+        if encoder is not None:
+            settings.apply(encoder, what=f"text encoder {i + 1}")
+    if tool and models.vae is not None:
+        settings.apply(models.vae.encoder, what="VAE encoder")
 
 
 def add_embeddings(args: argparse.Namespace, models: SDModels, precision: Precision):
@@ -314,6 +346,12 @@ def float8_base_models(args: argparse.Namespace) -> tuple[str, ...]:
     if getattr(args, "fp8_base_unet", False):
         return ("unet",)
     return ("unet", "text_encoders") if getattr(args, "fp8_base", False) else ()
+
+
+def float8_fingerprint(args: argparse.Namespace) -> dict:
+    """--fp8_base / --fp8_base_unet in a resume fingerprint (they change the numbers), only when given."""
+    which = float8_base_models(args)
+    return {"fp8_base": list(which)} if which else {}
 
 
 def store_base_in_float8(args: argparse.Namespace, models: SDModels, precision: Precision) -> None:

@@ -66,7 +66,8 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for the SVD, e.g. cuda (default cpu)")
     p.add_argument("--no_metadata", action="store_true", help="write only the essential ss_* metadata")
     for flag in ("--load_original_model_to", "--load_tuned_model_to"):  # kohya's SDXL flags: refused, see main
-        p.add_argument(flag, default=None, help=argparse.SUPPRESS)
+        p.add_argument(flag, default=None, help="refused: kohya places whole models on devices with it; this tool "
+                                                "reads both models tensor by tensor (--device: where the SVD runs)")
     return p
 
 

@@ -295,6 +295,39 @@ def test_prepare_buckets_latents_feeds_the_trainer_cache(tmp_path, sd1_file, cou
     assert torch.equal(cache.get(wide, False), file_tensors(files["wide_80x48"])["latents"])  # rewritten
 
 
+def test_image_workers_read_the_images_and_change_no_latent(tmp_path, sd1_file, monkeypatch):
+    """kohya's --max_data_loader_n_workers: the images are read in worker processes (their process ids are
+    recorded), and every latent equals the one read in this process."""
+    import shutil
+
+    from library import latent_cache
+
+    folder = images(tmp_path / "imgs", {"a.png": (64, 64), "b.png": (96, 64), "c.jpg": (64, 96), "d.png": (64, 64)})
+    in_json = write(tmp_path / "meta.json", json.dumps({name: {"caption": name} for name in "abcd"}))
+    readers = tmp_path / "readers.txt"
+    original = latent_cache._PixelsOf.__getitem__
+
+    def recording(self, index):  # runs in the worker process (forked with this patch)
+        with open(readers, "a") as out:
+            out.write(f"{os.getpid()}\n")
+        return original(self, index)
+
+    monkeypatch.setattr(latent_cache._PixelsOf, "__getitem__", recording)
+    latents = {}
+    for workers in ("0", "2"):
+        copy = tmp_path / f"imgs_{workers}"
+        shutil.copytree(folder, copy)
+        readers.unlink(missing_ok=True)
+        assert prepare_buckets_latents.main([str(copy), str(in_json), str(tmp_path / f"out_{workers}.json"),
+                                             str(sd1_file), "--max_resolution", "64,64", *BUCKET_FLAGS,
+                                             "--batch_size", "2", "--max_data_loader_n_workers", workers]) == 0
+        pids = set(readers.read_text().split())
+        assert (pids == {str(os.getpid())}) if workers == "0" else (len(pids) == 2 and str(os.getpid()) not in pids)
+        latents[workers] = {p.name: file_tensors(p)["latents"] for p in sorted(copy.glob("*_sd_latents.safetensors"))}
+    assert len(latents["0"]) == 4 and latents["0"].keys() == latents["2"].keys()
+    assert all(torch.equal(latents["0"][name], latents["2"][name]) for name in latents["0"])
+
+
 def test_prepare_errors_name_the_problem(tmp_path, sd1_file, capsys):
     folder = images(tmp_path / "imgs", {"a.png": (64, 64)})
     in_json = write(tmp_path / "meta.json", json.dumps({"a": {"caption": "x"}, "ghost": {"caption": "y"}}))
@@ -312,6 +345,7 @@ def test_prepare_errors_name_the_problem(tmp_path, sd1_file, capsys):
     assert "--min_bucket_reso 96 is larger" in error("--min_bucket_reso", "96")
     assert "--v2" in error("--v2")  # checked against the weights, which are SD 1.x
     assert "--batch_size" in error("--batch_size", "0")
+    assert "--max_data_loader_n_workers must be 0 or more" in error("--max_data_loader_n_workers", "-1")
     assert "no such metadata file" in error(metadata=tmp_path / "missing.json")
 
 

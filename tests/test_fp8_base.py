@@ -16,7 +16,7 @@ from torch import nn
 
 from library.fp8_weights import FP8_DTYPE, Float8Conv2d, Float8Linear, store_in_float8
 from library.safetensors_io import SafetensorsReader
-from tests.recipe_helpers import logged_losses, run_script, tiny_workspace
+from tests.recipe_helpers import logged_losses, run_script
 
 
 def rounded(weight: torch.Tensor) -> torch.Tensor:
@@ -132,8 +132,13 @@ def test_refusals_name_the_layer():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tiny_workspace(tmp_path_factory.mktemp("fp8_base"), images=4, folder="2_zwxq shape",
-                          prefix="zwxq shape, ")
+    from tools.make_synthetic_dataset import write_dataset
+    from tools.make_tiny_model import main as make_model
+
+    root = tmp_path_factory.mktemp("fp8_base")
+    write_dataset(root / "data", images=4, size=64, seed=0, folder="2_zwxq shape", prefix="zwxq shape, ",
+                  companions={"edge_maps": root / "cond"})
+    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
     write_rounded_model(root / "sd1.safetensors", root / "sd1_rounded_all.safetensors", text_encoders=True)
     write_rounded_model(root / "sd1.safetensors", root / "sd1_rounded_unet.safetensors", text_encoders=False)
     return root
@@ -186,3 +191,52 @@ def test_a_lora_trains_exactly_as_on_the_rounded_model(workspace, flag, rounded_
         assert logged_losses(root / "plain" / "logs") != logged_losses(root / name / "logs")
     assert (metadata["ss_fp8_base"], metadata["ss_fp8_base_unet"]) == (str(flag == "--fp8_base"),
                                                                        str(flag == "--fp8_base_unet"))
+
+
+def common(root: Path, out: str, model: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(root / model), "--train_data_dir", str(root / "data"),
+            "--output_dir", str(root / out), "--resolution", "64", "--seed", "3", "--train_batch_size", "2",
+            "--max_data_loader_n_workers", "0", "--max_train_steps", "2", "--logging_dir", str(root / out / "logs")]
+
+
+def test_textual_inversion_trains_exactly_as_on_the_rounded_model(workspace):
+    """The U-Net and the text encoder in float8; the new word's vectors (an embedding) keep their dtype."""
+    root = workspace
+    ti = ["--output_name", "emb", "--token_string", "zwxq", "--init_word", "shape", "--learning_rate", "5e-2",
+          "--save_model_as", "safetensors"]
+    run_script("train_textual_inversion", common(root, "ti_fp8", "sd1.safetensors") + ti + ["--fp8_base"])
+    run_script("train_textual_inversion", common(root, "ti_reference", "sd1_rounded_all.safetensors") + ti)
+    got, _ = read_file(root / "ti_fp8" / "emb.safetensors")
+    want, _ = read_file(root / "ti_reference" / "emb.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert logged_losses(root / "ti_fp8" / "logs") == logged_losses(root / "ti_reference" / "logs")
+
+
+def test_controlnet_trains_exactly_as_on_the_rounded_model(workspace):
+    """The frozen base (U-Net and text encoder) in float8, the ControlNet trained in its own dtype. Both runs start
+    from the same ControlNet (made from the unrounded U-Net), since by default it is copied from the base."""
+    from diffusers import ControlNetModel
+
+    from library.model_loading import instantiate_component
+    from library.sd_checkpoint import read_checkpoint
+
+    root = workspace
+    with read_checkpoint(root / "sd1.safetensors") as checkpoint:
+        unet = instantiate_component(checkpoint, "unet", torch.float32)
+    torch.manual_seed(0)
+    ControlNetModel.from_unet(unet).save_pretrained(root / "cn_start")
+    cn = ["--output_name", "cn", "--conditioning_data_dir", str(root / "cond"), "--learning_rate", "1e-3",
+          "--controlnet_model_name_or_path", str(root / "cn_start")]
+    run_script("train_controlnet", common(root, "cn_fp8", "sd1.safetensors") + cn + ["--fp8_base"])
+    run_script("train_controlnet", common(root, "cn_reference", "sd1_rounded_all.safetensors") + cn)
+    got, _ = read_file(root / "cn_fp8" / "cn.safetensors")
+    want, _ = read_file(root / "cn_reference" / "cn.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert logged_losses(root / "cn_fp8" / "logs") == logged_losses(root / "cn_reference" / "logs")
+
+
+@pytest.mark.parametrize("script", ["train_db", "fine_tune", "sdxl_train"])
+def test_the_full_model_trainers_refuse_it_by_name(workspace, script):
+    with pytest.raises(SystemExit) as info:
+        run_script(script, common(workspace, "refused", "sd1.safetensors") + ["--fp8_base"])
+    assert "--fp8_base: this trainer trains the U-Net itself" in str(info.value.code)

@@ -76,10 +76,8 @@ def test_unimplemented_kohya_flags_are_refused_by_name():
     assert args.cache_text_encoder_outputs is True
     with pytest.raises(SystemExit, match="--deepspeed: not implemented"):
         train_args.parse_args(train_network.setup_parser(), REQUIRED + ["--deepspeed"])
-    from tools import cache_latents
-
-    with pytest.raises(SystemExit, match="--fused_optimizer_groups: not implemented"):  # a trainer's flag
-        train_args.parse_args(cache_latents.setup_parser(), REQUIRED + ["--fused_optimizer_groups", "4"])
+    with pytest.raises(SystemExit, match="--fp8_base: this trainer trains the U-Net itself"):
+        train_args.parse_args(parser(), REQUIRED + ["--fp8_base"])
     import sdxl_train
 
     args = train_args.parse_args(sdxl_train.setup_parser(), REQUIRED + ["--fused_optimizer_groups", "4"])
