@@ -25,13 +25,14 @@ def run_script(script: str, argv: list[str], stop_after: int | None = None) -> N
 
 
 def tiny_workspace(root: Path, *, images: int, folder: str, prefix: str = "sks shape, ",
-                   models: dict[str, str] | None = None) -> Path:
+                   models: dict[str, str] | None = None, companions: dict[str, Path] | None = None) -> Path:
     """A recipe test's workspace: `images` synthetic 64 px images with captions under root/data/<folder> (seed 0),
-    and tiny models (family name -> file name; default: SD 1.x as sd1.safetensors)."""
+    and tiny models (family name -> file name; default: SD 1.x as sd1.safetensors). `companions`: same-stem images
+    beside them (make_synthetic_dataset's kinds, e.g. {"edge_maps": root / "cond"})."""
     from tools.make_synthetic_dataset import write_dataset
     from tools.make_tiny_model import main as make_model
 
-    write_dataset(root / "data", images=images, size=64, seed=0, folder=folder, prefix=prefix)
+    write_dataset(root / "data", images=images, size=64, seed=0, folder=folder, prefix=prefix, companions=companions)
     for family, name in (models or {"sd1": "sd1.safetensors"}).items():
         assert make_model(["--family", family, str(root / name)]) == 0
     return root
@@ -47,6 +48,24 @@ def logged_losses(log_root: Path, tag: str = "loss/current") -> list[float]:
         events.Reload()
         values.update({e.step: e.value for e in events.Scalars(tag)})
     return [values[s] for s in sorted(values)]
+
+
+def file_tensors(path: Path) -> dict:
+    """Every tensor of a .safetensors file, read independently of the code under test's loaders."""
+    from library.safetensors_io import SafetensorsReader
+
+    with SafetensorsReader(path) as reader:
+        return {k: reader.read(k) for k in reader.keys()}
+
+
+def assert_same_training(root: Path, a: str, b: str, file: str) -> None:
+    """Runs root/a and root/b trained the same: `file` bit-identical tensor by tensor, every logged loss equal."""
+    import torch
+
+    x, y = file_tensors(root / a / file), file_tensors(root / b / file)
+    assert x.keys() == y.keys()
+    assert all(torch.equal(x[k], y[k]) for k in x), [k for k in x if not torch.equal(x[k], y[k])]
+    assert logged_losses(root / a / "logs") == logged_losses(root / b / "logs")
 
 
 def with_batch(argv: list[str], batch: int) -> list[str]:

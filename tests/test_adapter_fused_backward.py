@@ -9,10 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from library.safetensors_io import SafetensorsReader
-from tests.recipe_helpers import logged_losses, run_script, tiny_workspace
+from tests.recipe_helpers import assert_same_training, file_tensors, run_script, tiny_workspace
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +38,6 @@ def ti_args(root: Path, out: str) -> list[str]:
                                 "--save_model_as", "safetensors"]
 
 
-def file_tensors(path: Path) -> dict[str, torch.Tensor]:
-    with SafetensorsReader(path) as reader:
-        return {k: reader.read(k) for k in reader.keys()}
-
-
-def assert_same_run(root: Path, a: str, b: str, file: str) -> None:
-    x, y = file_tensors(root / a / file), file_tensors(root / b / file)
-    assert x.keys() == y.keys()
-    assert all(torch.equal(x[k], y[k]) for k in x), [k for k in x if not torch.equal(x[k], y[k])]
-    assert logged_losses(root / a / "logs") == logged_losses(root / b / "logs")
-
-
 @pytest.mark.parametrize("optimizer", [["--optimizer_type", "AdamW"],
                                        ["--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",
                                         "scale_parameter=False", "warmup_init=False"]])
@@ -62,15 +48,15 @@ def test_lora_fused_steps_equal_the_normal_step(workspace, optimizer):
     run_script("train_network", lora_args(root, f"{name}_groups") + optimizer + ["--fused_optimizer_groups", "3"])
     initial = file_tensors(root / f"{name}_unfused" / "lora.safetensors")
     assert any(k.startswith("lora_te_") for k in initial) and any(k.startswith("lora_unet_") for k in initial)
-    assert_same_run(root, f"{name}_unfused", f"{name}_fused", "lora.safetensors")
-    assert_same_run(root, f"{name}_unfused", f"{name}_groups", "lora.safetensors")
+    assert_same_training(root, f"{name}_unfused", f"{name}_fused", "lora.safetensors")
+    assert_same_training(root, f"{name}_unfused", f"{name}_groups", "lora.safetensors")
 
 
 def test_textual_inversion_fused_step_equals_the_normal_step(workspace):
     root = workspace
     run_script("train_textual_inversion", ti_args(root, "ti_unfused"))
     run_script("train_textual_inversion", ti_args(root, "ti_fused") + ["--fused_backward_pass"])
-    assert_same_run(root, "ti_unfused", "ti_fused", "emb.safetensors")
+    assert_same_training(root, "ti_unfused", "ti_fused", "emb.safetensors")
 
 
 def test_a_state_saved_fused_does_not_resume_unfused(workspace):

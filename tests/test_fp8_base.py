@@ -16,7 +16,7 @@ from torch import nn
 
 from library.fp8_weights import FP8_DTYPE, Float8Conv2d, Float8Linear, store_in_float8
 from library.safetensors_io import SafetensorsReader
-from tests.recipe_helpers import logged_losses, run_script
+from tests.recipe_helpers import assert_same_training, logged_losses, run_script, tiny_workspace
 
 
 def rounded(weight: torch.Tensor) -> torch.Tensor:
@@ -132,13 +132,9 @@ def test_refusals_name_the_layer():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tools.make_synthetic_dataset import write_dataset
-    from tools.make_tiny_model import main as make_model
-
     root = tmp_path_factory.mktemp("fp8_base")
-    write_dataset(root / "data", images=4, size=64, seed=0, folder="2_zwxq shape", prefix="zwxq shape, ",
-                  companions={"edge_maps": root / "cond"})
-    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
+    tiny_workspace(root, images=4, folder="2_zwxq shape", prefix="zwxq shape, ",
+                   companions={"edge_maps": root / "cond"})
     write_rounded_model(root / "sd1.safetensors", root / "sd1_rounded_all.safetensors", text_encoders=True)
     write_rounded_model(root / "sd1.safetensors", root / "sd1_rounded_unet.safetensors", text_encoders=False)
     return root
@@ -170,9 +166,9 @@ def lora_args(root: Path, out: str, model: str = "sd1.safetensors") -> list[str]
             "--logging_dir", str(root / out / "logs")]
 
 
-def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def file_metadata(path: Path) -> dict[str, str]:
     with SafetensorsReader(path) as reader:
-        return {k: reader.read(k) for k in reader.keys()}, dict(reader.metadata)
+        return dict(reader.metadata)
 
 
 @pytest.mark.parametrize("flag,rounded_model", [("--fp8_base", "sd1_rounded_all.safetensors"),
@@ -182,10 +178,8 @@ def test_a_lora_trains_exactly_as_on_the_rounded_model(workspace, flag, rounded_
     root, name = workspace, flag[2:]
     run_script("train_network", lora_args(root, name) + [flag])
     run_script("train_network", lora_args(root, f"{name}_reference", rounded_model))
-    got, metadata = read_file(root / name / "lora.safetensors")
-    want, _ = read_file(root / f"{name}_reference" / "lora.safetensors")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
-    assert logged_losses(root / name / "logs") == logged_losses(root / f"{name}_reference" / "logs")
+    assert_same_training(root, name, f"{name}_reference", "lora.safetensors")
+    metadata = file_metadata(root / name / "lora.safetensors")
     if flag == "--fp8_base":  # and the rounding is not a no-op: the unrounded base trains another LoRA
         run_script("train_network", lora_args(root, "plain"))
         assert logged_losses(root / "plain" / "logs") != logged_losses(root / name / "logs")
@@ -206,10 +200,7 @@ def test_textual_inversion_trains_exactly_as_on_the_rounded_model(workspace):
           "--save_model_as", "safetensors"]
     run_script("train_textual_inversion", common(root, "ti_fp8", "sd1.safetensors") + ti + ["--fp8_base"])
     run_script("train_textual_inversion", common(root, "ti_reference", "sd1_rounded_all.safetensors") + ti)
-    got, _ = read_file(root / "ti_fp8" / "emb.safetensors")
-    want, _ = read_file(root / "ti_reference" / "emb.safetensors")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
-    assert logged_losses(root / "ti_fp8" / "logs") == logged_losses(root / "ti_reference" / "logs")
+    assert_same_training(root, "ti_fp8", "ti_reference", "emb.safetensors")
 
 
 def test_controlnet_trains_exactly_as_on_the_rounded_model(workspace):
@@ -229,10 +220,7 @@ def test_controlnet_trains_exactly_as_on_the_rounded_model(workspace):
           "--controlnet_model_name_or_path", str(root / "cn_start")]
     run_script("train_controlnet", common(root, "cn_fp8", "sd1.safetensors") + cn + ["--fp8_base"])
     run_script("train_controlnet", common(root, "cn_reference", "sd1_rounded_all.safetensors") + cn)
-    got, _ = read_file(root / "cn_fp8" / "cn.safetensors")
-    want, _ = read_file(root / "cn_reference" / "cn.safetensors")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
-    assert logged_losses(root / "cn_fp8" / "logs") == logged_losses(root / "cn_reference" / "logs")
+    assert_same_training(root, "cn_fp8", "cn_reference", "cn.safetensors")
 
 
 @pytest.mark.parametrize("script", ["train_db", "fine_tune", "sdxl_train"])

@@ -17,7 +17,7 @@ import torch
 
 from library import train_args
 from library import training_setup as setup
-from tests.recipe_helpers import logged_losses, run_script
+from tests.recipe_helpers import assert_same_training, run_script, tiny_workspace
 
 
 @pytest.fixture
@@ -36,14 +36,9 @@ def compile_calls(monkeypatch):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tools.make_synthetic_dataset import write_dataset
-    from tools.make_tiny_model import main as make_model
-
     root = tmp_path_factory.mktemp("torch_compile")
-    write_dataset(root / "data", images=4, size=64, seed=0, folder="2_zwxq shape", prefix="zwxq shape, ",
-                  companions={"edge_maps": root / "cond"})
-    assert make_model(["--family", "sd1", str(root / "sd1.safetensors")]) == 0
-    return root
+    return tiny_workspace(root, images=4, folder="2_zwxq shape", prefix="zwxq shape, ",
+                          companions={"edge_maps": root / "cond"})
 
 
 def common(root: Path, out: str) -> list[str]:
@@ -173,15 +168,7 @@ def test_a_compiled_lora_run_equals_the_uncompiled_one(workspace):
     run_script("train_network", lora_args(root, "eager_run") + extra)
     run_script("train_network", lora_args(root, "compiled_run") + extra + ["--torch_compile", "--dynamo_backend",
                                                                            "eager"])
-    from library.safetensors_io import SafetensorsReader
-
-    def read(path):
-        with SafetensorsReader(path) as reader:
-            return {k: reader.read(k) for k in reader.keys()}
-
-    a, b = read(root / "eager_run" / "lora.safetensors"), read(root / "compiled_run" / "lora.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert logged_losses(root / "eager_run" / "logs") == logged_losses(root / "compiled_run" / "logs")
+    assert_same_training(root, "eager_run", "compiled_run", "lora.safetensors")
 
 
 class _Block(torch.nn.Module):
