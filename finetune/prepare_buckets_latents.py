@@ -119,7 +119,8 @@ def prepare(args: argparse.Namespace) -> None:
                                          flip_aug=args.flip_aug, alpha_mask=args.alpha_mask)
         vae = instantiate_component(checkpoint, "vae", dtype)
     vae.to("cuda" if torch.cuda.is_available() else "cpu")
-    settings = CacheSettings(to_disk=True, batch_size=args.batch_size, image_workers=args.max_data_loader_n_workers or 0)
+    settings = CacheSettings(to_disk=True, batch_size=args.batch_size,
+                             image_workers=args.max_data_loader_n_workers or 0)
     LatentCache(vae, settings, dtype=dtype).build(dataset)
     write_metadata(out_json, with_bucket_sizes(metadata, dataset, train_dir, in_json.parent))
     logger.info("wrote %s (%d entries); the latents are beside the images. Train with the same settings: %s",

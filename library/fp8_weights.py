@@ -88,7 +88,7 @@ class Float8Linear(nn.Linear):
 
 
 class Float8Conv2d(nn.Conv2d):
-    """A frozen nn.Conv2d (zero padding) whose weight is stored in float8 and upcast to `compute_dtype` for each call."""
+    """A frozen nn.Conv2d (zero padding) whose weight is stored in float8, upcast to `compute_dtype` for each call."""
 
     compute_dtype: torch.dtype
 

@@ -408,8 +408,8 @@ def add_fp8_base_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("float8 base model (memory)")
     g.add_argument(FP8_BASE_FLAG, action="store_true",
                    help="store the frozen U-Net's and text encoders' Linear / Conv2d weights in float8_e4m3fn (half "
-                        "of bf16 / fp16), upcast to the weight dtype for each use; the trained network keeps its dtype. "
-                        "Trains exactly as on a base model rounded to float8")
+                        "of bf16 / fp16), upcast to the weight dtype for each use; the trained network keeps its "
+                        "dtype. Trains exactly as on a base model rounded to float8")
     g.add_argument("--fp8_base_unet", action="store_true",
                    help="the same for the U-Net only: the text encoders keep the weight dtype (also with --fp8_base)")
 

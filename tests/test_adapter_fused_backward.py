@@ -1,8 +1,9 @@
-"""--fused_backward_pass / --fused_optimizer_groups in the adapter trainers (train_network.py, train_textual_inversion.py
-and their SDXL scripts, which run the same recipes): the optimizer steps the LoRA's (or the new word's) parameters
-inside the backward pass, with the same arithmetic as the normal step. With clipping off (--max_grad_norm 0: the
-fused step clips each parameter by its own norm, library/fused_backward.py) the trained files and the logged losses
-are bit-identical to the normal step's; what cannot work is refused by name before any model loads."""
+"""--fused_backward_pass / --fused_optimizer_groups in the adapter trainers (train_network.py,
+train_textual_inversion.py and their SDXL scripts, which run the same recipes): the optimizer steps the LoRA's (or
+the new word's) parameters inside the backward pass, with the same arithmetic as the normal step. With clipping off
+(--max_grad_norm 0: the fused step clips each parameter by its own norm, library/fused_backward.py) the trained files
+and the logged losses are bit-identical to the normal step's; what cannot work is refused by name before any model
+loads."""
 
 from __future__ import annotations
 

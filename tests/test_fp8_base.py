@@ -140,9 +140,11 @@ def workspace(tmp_path_factory):
     return root
 
 
-def write_rounded_model(source: Path, dest: Path, *, text_encoders: bool) -> None:
+def write_rounded_model(source: Path, dest: Path, *, text_encoders: bool, through: torch.dtype | None = None) -> None:
     """The base model with its U-Net's (and text encoders') Linear / Conv2d weights rounded to float8 and back, all
-    but the U-Net's conv_in (the layer of its first parameter, which the flags keep)."""
+    but the U-Net's conv_in (the layer of its first parameter, which the flags keep). `through`: the weight dtype a
+    run loads the model in (bf16 / fp16 mixed precision), which the flags round from: fp32 -> bf16 -> float8 is not
+    always fp32 -> float8 (a bf16 value can land on a midpoint between two float8 values and then rounds to even)."""
     from library.checkpoint_writer import SaveFormat, save_checkpoint
     from library.model_loading import checkpoint_from_models, instantiate_models
     from library.sd_checkpoint import read_checkpoint
@@ -154,7 +156,8 @@ def write_rounded_model(source: Path, dest: Path, *, text_encoders: bool) -> Non
         for model in rounded_models:
             for module in model.modules():
                 if type(module) in (nn.Linear, nn.Conv2d) and module is not models.unet.conv_in:
-                    module.weight.copy_(rounded(module.weight))
+                    loaded = module.weight if through is None else module.weight.to(through)
+                    module.weight.copy_(rounded(loaded))
     save_checkpoint(checkpoint_from_models(models), dest, SaveFormat.SAFETENSORS)
 
 
