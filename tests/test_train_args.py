@@ -74,8 +74,8 @@ def test_unimplemented_kohya_flags_are_refused_by_name():
 
     args = train_args.parse_args(train_network.setup_parser(), REQUIRED + ["--cache_text_encoder_outputs"])
     assert args.cache_text_encoder_outputs is True
-    with pytest.raises(SystemExit, match="--deepspeed: not implemented"):
-        train_args.parse_args(train_network.setup_parser(), REQUIRED + ["--deepspeed"])
+    with pytest.raises(SystemExit, match="--dataset_class: not implemented: kohya's hook for a Python dataset class"):
+        train_args.parse_args(train_network.setup_parser(), REQUIRED + ["--dataset_class", "my.Dataset"])
     with pytest.raises(SystemExit, match="--fp8_base: this trainer trains the U-Net itself"):
         train_args.parse_args(parser(), REQUIRED + ["--fp8_base"])
     import sdxl_train
