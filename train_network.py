@@ -133,13 +133,15 @@ class LoRATask:
                                            "(--clip_skip; SDXL: the penultimate layer)", same_every_step=True))
         if not isinstance(self.network, AdapterNetwork):
             unused.append(UnusedParameters("an external --network_module's modules may skip themselves (module "
-                                           "dropout)", same_every_step=False))
+                                           "dropout)", same_every_step=False,
+                                           same_on_every_process=False))
         elif getattr(self.network, "begin_step", None) is not None:
             unused.append(UnusedParameters("networks.dylora: a step trains only the unit of ranks it draws (the "
-                                           "others have no gradient that step)", same_every_step=False))
+                                           "others have no gradient that step)", same_every_step=False,
+                                           same_on_every_process=False))
         elif any(getattr(lora, "module_dropout", None) for lora in self.network.loras):  # OFT: none
             unused.append(UnusedParameters("--network_args module_dropout: a dropped module gets no gradient",
-                                           same_every_step=False))
+                                           same_every_step=False, same_on_every_process=False))
         if self.pivot is not None and self.pivot.train_steps is not None:
             unused.append(UnusedParameters("--pivotal_steps: the word stops training mid-run", same_every_step=False))
         return unused

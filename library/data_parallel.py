@@ -87,6 +87,9 @@ class UnusedParameters:
 
     reason: str  # what leaves them out, naming the flag where one does
     same_every_step: bool  # True: a fixed set (found once by --ddp_static_graph); False: it changes between steps
+    # False: drawn per process (module dropout, DyLoRA's rank unit), so the processes' sets differ in one step;
+    # DeepSpeed's ZeRO reduction cannot take that (its collectives would not match).
+    same_on_every_process: bool = True
 
 
 def prepare_trained_forward(accelerator, module: TrainedForward, *, unused: list[UnusedParameters]):
@@ -120,12 +123,23 @@ class DataParallelEngine:
 
     steps_in_backward = False
     scales_loss_for_accumulation = False  # the loop divides each micro-batch's loss by the accumulation steps
+    shards_models = False  # every process holds the whole trained models (FSDP's engine: only its shards)
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
 
-    def prepare(self, module: TrainedForward, optimizer, *, unused: list[UnusedParameters]):
+    def prepare(self, module: TrainedForward, optimizer, *, unused: list[UnusedParameters], modules=None):
+        del modules  # what a sharding engine would shard
         return prepare_trained_forward(self.accelerator, module, unused=unused), optimizer
+
+    def trained_parameters(self, parameters: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        return parameters  # unchanged by `prepare`
+
+    def gathered_weights(self):
+        return None  # nothing to gather: the task saves its modules
+
+    def load_trained_weights(self, task, state: dict) -> None:
+        task.load_trainable_state(state)
 
     def micro_batch(self, model, *, last: bool):
         # DDP averages the gradients once per optimizer step, in the last micro-batch's backward pass; the others

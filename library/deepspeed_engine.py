@@ -158,16 +158,34 @@ class DeepSpeedTrainingEngine:
 
     steps_in_backward = True  # the optimizer has stepped when the last micro-batch's backward returns
     scales_loss_for_accumulation = True  # DeepSpeed divides each micro-batch's loss by the accumulation steps
+    shards_models = False  # ZeRO 1 / 2: every process holds the whole trained weights
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.engine = None
 
-    def prepare(self, module: torch.nn.Module, optimizer, *, unused) -> tuple[object, object]:
-        del unused  # checked by tests/test_deepspeed.py with LoRA module dropout (parameters without gradients)
+    def prepare(self, module: torch.nn.Module, optimizer, *, unused, modules=None) -> tuple[object, object]:
+        # ZeRO needs no list of the parameters that go without gradients while every process leaves out the same
+        # ones (--clip_skip's unused layer, a text encoder that stops training); where each process draws its own
+        # (module dropout), the processes' reductions no longer match (gloo: "collective mismatch", measured).
+        del modules
+        drawn = [u.reason for u in unused if not u.same_on_every_process]
+        if drawn and self.accelerator.num_processes > 1:
+            raise ValueError(f"--deepspeed with {self.accelerator.num_processes} processes: {'; '.join(drawn)}, "
+                             "drawn by each process on its own, and DeepSpeed's ZeRO needs the same parameters to "
+                             "have gradients on every process; drop that option, or --deepspeed (DDP handles it)")
         model, optimizer = self.accelerator.prepare(module, optimizer)
         self.engine = model
         return model, optimizer
+
+    def trained_parameters(self, parameters: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        return parameters  # the same Parameter objects (the engine's flat fp32 copy lives in the optimizer)
+
+    def gathered_weights(self):
+        return None
+
+    def load_trained_weights(self, task, state: dict) -> None:
+        task.load_trainable_state(state)  # then load_optimizer_state restores the engine's own checkpoint
 
     def micro_batch(self, model, *, last: bool):
         del model, last

@@ -165,6 +165,7 @@ class FSDPTrainingEngine:
 
     steps_in_backward = False
     scales_loss_for_accumulation = False  # the loop divides each micro-batch's loss by the accumulation steps
+    shards_models = True  # prepare needs the trained models; saves gather them
 
     def __init__(self, accelerator, settings: FSDPSettings | None = None):
         self.accelerator = accelerator

@@ -227,12 +227,8 @@ class Trainer:
             raise ValueError(f"--resume {folder}: the state comes from a different run configuration ({shown}). "
                              "Resume with the original settings, or start a new run.")
         try:
-            trained = torch.load(folder / "trainable.pt", weights_only=True)
-            load_into_shards = getattr(self.engine, "load_trained_weights", None)  # FSDP: the full weights, sharded
-            if load_into_shards is not None:
-                load_into_shards(self.task, trained)
-            else:
-                self.task.load_trainable_state(trained)
+            # FSDP loads the full weights into each process's shards; the other engines hand them to the task.
+            self.engine.load_trained_weights(self.task, torch.load(folder / "trainable.pt", weights_only=True))
             self.engine.load_optimizer_state(folder, self.optimizer)
             self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
             if self.accelerator.scaler is not None and (folder / "scaler.pt").is_file():
@@ -294,16 +290,14 @@ class Trainer:
         several processes DDP averages their gradients during the backward pass (library/data_parallel.py), or
         DeepSpeed reduces and steps (library/deepspeed_engine.py)."""
         unused_of = getattr(self.task, "unused_parameters", None)
-        shards = {}
-        if getattr(self.engine, "trained_parameters", None) is not None:  # FSDP shards the trained models
-            trained_modules = getattr(self.task, "trained_modules", None)
-            shards = {"modules": trained_modules() if trained_modules else None}
+        trained_modules = getattr(self.task, "trained_modules", None)  # full-model tasks: what FSDP shards
         model, self.optimizer = self.engine.prepare(TrainedForward(self.trainable_parameters, self._predict),
                                                     self.optimizer,
                                                     unused=unused_of(self.text_conditioner) if unused_of else [],
-                                                    **shards)
-        if shards:  # sharding replaced the parameters (DTensors): clip and check the new ones
-            self.trainable_parameters = self.engine.trained_parameters(self.trainable_parameters)
+                                                    modules=trained_modules() if self.engine.shards_models
+                                                    and trained_modules else None)
+        # Sharding replaces the parameters (FSDP: DTensors): clip and check the new ones.
+        self.trainable_parameters = self.engine.trained_parameters(self.trainable_parameters)
         return model
 
     # ------------------------------------------------------------------------------------------------------
@@ -559,11 +553,10 @@ class Trainer:
     def _gathered_weights(self):
         """Every process, around the main process's writing: an engine that shards the trained models (FSDP)
         gathers their full weights (collective), which the task then saves instead of its live (sharded) modules."""
-        gather = getattr(self.engine, "gathered_weights", None)
-        if gather is None:
+        if not self.engine.shards_models:
             yield
             return
-        self.task.gathered_weights = gather()
+        self.task.gathered_weights = self.engine.gathered_weights()
         try:
             yield
         finally:

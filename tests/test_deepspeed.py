@@ -228,3 +228,27 @@ def test_optimizer_offload_to_the_cpu(workspace):
         ("adamw", "lora.safetensors"), ("adamw", "lora-step00000002.safetensors"), ("offload", "lora.safetensors")))
     keys = [k for k in want if k.endswith(("lora_up.weight", "lora_down.weight"))]
     assert training_deviation(*({k: d[k] for k in keys} for d in (got, want, before))) < 0.1
+
+
+def test_parameters_each_process_drops_on_its_own_are_refused_with_several_processes():
+    """ZeRO's reduction needs every process to leave out the same parameters: module dropout (drawn per process) made
+    a 2-process run fail in gloo ("collective mismatch", measured); refused by name instead. One process, and a
+    set every process shares (--clip_skip's unused layer, measured to train), are fine."""
+    from types import SimpleNamespace
+
+    from library.data_parallel import UnusedParameters
+    from library.deepspeed_engine import DeepSpeedTrainingEngine
+
+    dropout = UnusedParameters("--network_args module_dropout: a dropped module gets no gradient",
+                               same_every_step=False, same_on_every_process=False)
+    skipped = UnusedParameters("a text encoder's last layer (--clip_skip)", same_every_step=True)
+    for processes, unused, refused in ((2, [skipped, dropout], True), (1, [dropout], False), (2, [skipped], False)):
+        accelerator = SimpleNamespace(num_processes=processes, prepare=lambda model, optimizer: (model, optimizer))
+        engine = DeepSpeedTrainingEngine(accelerator)
+        if refused:
+            with pytest.raises(ValueError, match=re.escape("--deepspeed with 2 processes: --network_args "
+                                                           "module_dropout: a dropped module gets no gradient, drawn "
+                                                           "by each process on its own")):
+                engine.prepare("module", "optimizer", unused=unused)
+        else:
+            assert engine.prepare("module", "optimizer", unused=unused) == ("module", "optimizer")
