@@ -59,7 +59,10 @@ class TrainingTask(Protocol):
     #   logged with the step;
     # - `unused_parameters(text_conditioner) -> list[data_parallel.UnusedParameters]`: why some trained parameters
     #   can get no gradient in a step (LoRA module dropout, a text encoder layer the conditioning skips, training
-    #   that stops at a step); DDP must know (default: none).
+    #   that stops at a step); DDP must know (default: none);
+    # - `trained_modules() -> dict[str, nn.Module]` and a `gathered_weights` attribute: the whole models a full-model
+    #   task trains, which FSDP shards, and the full weights gathered from the shards that its save then writes
+    #   (library/fsdp_engine.py; set by the loop around each save).
 
 
 @dataclass(frozen=True)
