@@ -18,9 +18,11 @@ What DeepSpeed owns once it is on:
 - the optimizer state: sharded per process, saved and loaded by the engine's own checkpoint (`save_state`), so a
   resume needs the same number of processes.
 
-Not yet: ZeRO stage 3 (it partitions the parameters themselves and gathers them in the forward hooks of the
-modules that own them; the trained parameters here are used by the U-Net's modules, not by `TrainedForward`), and so
---offload_param_device / --zero3_* too. They are refused by name.
+ZeRO stage 3 partitions the parameters themselves and gathers them in the forward hooks of the modules that own
+them, so for it the engine module holds the trained models (`_ModelsStep`: the full-model trainers' `trained_modules`;
+adapter trainers are refused), saves gather the full weights on every process (`gathered_weights`, as FSDP's engine),
+and a resume takes each process's partition from the engine's checkpoint. --zero3_init_flag is refused (the models
+are built whole before training).
 
 accelerate 1.15 does not set the process count of a DeepSpeed run on a machine without a GPU (its state says one
 process though DeepSpeed's process group has N); `start_process_group` corrects that, so tests run ZeRO with gloo on
@@ -64,15 +66,20 @@ def check_deepspeed_flags(s: DeepSpeedSettings, *, optimizer_type: str, mixed_pr
                           fused_step_flag: str | None) -> list[str]:
     """The problems of these settings (each naming its flag), for the trainers' flag check."""
     problems = []
-    if s.zero_stage not in (0, 1, 2):
-        problems.append(f"--zero_stage {s.zero_stage}: stage 3 (partitioned parameters) is not supported here yet; "
-                        "use --zero_stage 2 (optimizer state and gradients partitioned), with "
-                        "--offload_optimizer_device cpu for the least GPU memory")
-    for flag, given in (("--offload_param_device", s.offload_param_device),
-                        ("--offload_param_nvme_path", s.offload_param_nvme_path),
-                        ("--zero3_init_flag", s.zero3_init_flag), ("--zero3_save_16bit_model", s.zero3_save_16bit_model)):
-        if given:
-            problems.append(f"{flag}: a ZeRO stage 3 option, and stage 3 is not supported here yet; drop it")
+    if s.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"--zero_stage {s.zero_stage}: give 0, 1, 2 or 3")
+    if s.zero_stage != 3:
+        for flag, given in (("--offload_param_device", s.offload_param_device),
+                            ("--offload_param_nvme_path", s.offload_param_nvme_path),
+                            ("--zero3_init_flag", s.zero3_init_flag),
+                            ("--zero3_save_16bit_model", s.zero3_save_16bit_model)):
+            if given:
+                problems.append(f"{flag}: a ZeRO stage 3 option; add --zero_stage 3 or drop it")
+    if s.zero3_init_flag:
+        problems.append("--zero3_init_flag: the models are loaded whole before training here (deepspeed.zero.Init "
+                        "would have to build them); drop it (stage 3 partitions them when training starts)")
+    if s.offload_param_device == "nvme" and not s.offload_param_nvme_path:
+        problems.append("--offload_param_device nvme needs --offload_param_nvme_path")
     if s.offload_optimizer_device not in (None, "none", "cpu", "nvme"):
         problems.append(f"--offload_optimizer_device {s.offload_optimizer_device}: give cpu or nvme")
     offload = s.offload_optimizer_device not in (None, "none")
@@ -106,9 +113,12 @@ def deepspeed_plugin(s: DeepSpeedSettings, *, batch_size: int, gradient_accumula
     from accelerate.utils import DeepSpeedPlugin
 
     offload = s.offload_optimizer_device if s.offload_optimizer_device not in (None, "none") else None
+    offload_param = s.offload_param_device if s.offload_param_device not in (None, "none") else None
     plugin = DeepSpeedPlugin(zero_stage=s.zero_stage, gradient_accumulation_steps=gradient_accumulation_steps,
                              gradient_clipping=max_grad_norm or 0.0, offload_optimizer_device=offload,
-                             offload_optimizer_nvme_path=s.offload_optimizer_nvme_path)
+                             offload_optimizer_nvme_path=s.offload_optimizer_nvme_path,
+                             offload_param_device=offload_param, offload_param_nvme_path=s.offload_param_nvme_path,
+                             zero3_save_16bit_model=s.zero3_save_16bit_model)
     config = plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = batch_size
     config["train_batch_size"] = batch_size * gradient_accumulation_steps * num_processes
@@ -163,17 +173,27 @@ class DeepSpeedTrainingEngine:
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.engine = None
+        plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+        # ZeRO-3 partitions the parameters themselves: it needs the trained models as modules (their forward hooks
+        # gather the weights) and saves gather them back (`gathered_weights`), as FSDP's engine does.
+        self.shards_models = plugin is not None and plugin.zero_stage == 3
+        self.modules: dict[str, torch.nn.Module] = {}
 
-    def prepare(self, module: torch.nn.Module, optimizer, *, unused, modules=None) -> tuple[object, object]:
+    def prepare(self, module, optimizer, *, unused, modules=None) -> tuple[object, object]:
         # ZeRO needs no list of the parameters that go without gradients while every process leaves out the same
         # ones (--clip_skip's unused layer, a text encoder that stops training); where each process draws its own
         # (module dropout), the processes' reductions no longer match (gloo: "collective mismatch", measured).
-        del modules
         drawn = [u.reason for u in unused if not u.same_on_every_process]
         if drawn and self.accelerator.num_processes > 1:
             raise ValueError(f"--deepspeed with {self.accelerator.num_processes} processes: {'; '.join(drawn)}, "
                              "drawn by each process on its own, and DeepSpeed's ZeRO needs the same parameters to "
                              "have gradients on every process; drop that option, or --deepspeed (DDP handles it)")
+        if self.shards_models:
+            if not modules:
+                raise ValueError("--zero_stage 3 partitions whole trained models: this trainer trains an adapter; use "
+                                 "--zero_stage 2")
+            self.modules = dict(modules)
+            module = _ModelsStep(self.modules, module._forward)
         model, optimizer = self.accelerator.prepare(module, optimizer)
         self.engine = model
         return model, optimizer
@@ -182,9 +202,22 @@ class DeepSpeedTrainingEngine:
         return parameters  # the same Parameter objects (the engine's flat fp32 copy lives in the optimizer)
 
     def gathered_weights(self):
-        return None
+        """ZeRO-3, every process (collective): the trained models' full weights on the CPU, kept by the main
+        process (None elsewhere, and with stages 0-2, where every process holds them)."""
+        if not self.shards_models:
+            return None
+        import deepspeed
+
+        weights = {}
+        for name, m in self.modules.items():
+            with deepspeed.zero.GatheredParameters(list(m.parameters()), modifier_rank=None):
+                if self.accelerator.is_main_process:
+                    weights[name] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+        return weights if self.accelerator.is_main_process else None
 
     def load_trained_weights(self, task, state: dict) -> None:
+        if self.shards_models:
+            return  # the engine's checkpoint (load_optimizer_state) holds each process's partition of the weights
         task.load_trainable_state(state)  # then load_optimizer_state restores the engine's own checkpoint
 
     def micro_batch(self, model, *, last: bool):
@@ -226,3 +259,16 @@ class DeepSpeedTrainingEngine:
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise ValueError(f"{folder / STATE_SUBFOLDER}: DeepSpeed found no checkpoint '{CHECKPOINT_TAG}' there")
+
+
+class _ModelsStep(torch.nn.Module):
+    """ZeRO-3's engine module: the trained models as submodules (DeepSpeed partitions their parameters and gathers
+    them in their forward hooks), the step's computation as its forward."""
+
+    def __init__(self, models: dict[str, torch.nn.Module], forward):
+        super().__init__()
+        self.models = torch.nn.ModuleDict(models)
+        self._step = forward
+
+    def forward(self, *args, **kwargs):
+        return self._step(*args, **kwargs)

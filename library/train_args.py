@@ -182,16 +182,21 @@ def add_deepspeed_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deepspeed", action="store_true",
                    help="train with DeepSpeed ZeRO: optimizer state (and gradients) split over the processes")
     g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3],
-                   help="1: optimizer state split; 2: also the gradients (default); 3 is not supported yet")
+                   help="1: optimizer state split; 2: also the gradients (default); 3: also the weights themselves "
+                        "(full-model trainers)")
     g.add_argument("--offload_optimizer_device", default=None, choices=[None, "cpu", "nvme"],
                    help="keep the optimizer state and step on the CPU (DeepSpeed's CPU Adam; AdamW / Adam only)")
     g.add_argument("--offload_optimizer_nvme_path", default=None, help="with --offload_optimizer_device nvme")
+    g.add_argument("--offload_param_device", default=None, choices=[None, "cpu", "nvme"],
+                   help="--zero_stage 3: keep the partitioned weights on the CPU (or NVMe) between uses")
+    g.add_argument("--offload_param_nvme_path", default=None, help="with --offload_param_device nvme")
     # "refused: ..." is the README's mark of a flag always refused (tests/test_kohya_flags.py lists them from it).
-    stage3 = "refused: a ZeRO stage 3 option, and stage 3 (partitioned parameters) is not supported here yet"
-    g.add_argument("--offload_param_device", default=None, choices=[None, "cpu", "nvme"], help=stage3)
-    g.add_argument("--offload_param_nvme_path", default=None, help=stage3)
-    g.add_argument("--zero3_init_flag", action="store_true", help=stage3)
-    g.add_argument("--zero3_save_16bit_model", action="store_true", help=stage3)
+    g.add_argument("--zero3_init_flag", action="store_true",
+                   help="refused: the models are loaded whole before training (deepspeed.zero.Init would have to "
+                        "build them); stage 3 partitions them when training starts")
+    g.add_argument("--zero3_save_16bit_model", action="store_true",
+                   help="accepted: a stage 3 save always gathers the full weights (in --save_precision), so "
+                        "DeepSpeed's 16-bit gathering switch changes nothing")
     g.add_argument("--fp16_master_weights_and_gradients", action="store_true",
                    help="fp16 master weights and gradients (DeepSpeed: --mixed_precision fp16, --zero_stage 2, "
                         "--offload_optimizer_device cpu); --full_fp16 with --deepspeed means the same")

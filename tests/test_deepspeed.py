@@ -57,9 +57,8 @@ def test_kohya_flags_become_the_deepspeed_configuration():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--zero_stage", "3"], "--zero_stage 3: stage 3 (partitioned parameters) is not supported here yet"),
-    (["--offload_param_device", "cpu"], "--offload_param_device: a ZeRO stage 3 option"),
-    (["--zero3_init_flag"], "--zero3_init_flag: a ZeRO stage 3 option"),
+    (["--offload_param_device", "cpu"], "--offload_param_device: a ZeRO stage 3 option; add --zero_stage 3"),
+    (["--zero_stage", "3", "--zero3_init_flag"], "--zero3_init_flag: the models are loaded whole before training"),
     (["--offload_optimizer_device", "cpu", "--optimizer_type", "Lion"],
      "--offload_optimizer_device with --optimizer_type Lion: the offloaded step is DeepSpeed's CPU Adam"),
     (["--offload_optimizer_device", "nvme"], "--offload_optimizer_device nvme needs --offload_optimizer_nvme_path"),
@@ -270,3 +269,35 @@ def test_bf16_trains_with_the_trained_weights_in_bf16(workspace):
     assert all(torch.isfinite(t).all() for t in trained.values())
     assert any(trained[k].abs().max() > 0 for k in ups)  # lora_up starts at zero: the steps were taken
     assert all(torch.equal(trained[k], trained[k].bfloat16().float()) for k in ups)  # bf16 values, saved as float
+
+
+def test_zero3_partitions_the_model_and_matches_one_process(workspace):
+    """--zero_stage 3 (train_db, U-Net and text encoder): 2 processes x batch 1 partition the weights themselves
+    and train as 1 process x batch 2 without DeepSpeed (PROCESS_SPLIT_REL); the saved model is gathered whole (every
+    key, the 1-process shapes); resuming from the step-1 state (each process its partition) is exact."""
+    root = workspace
+    common = ["--pretrained_model_name_or_path", str(root / "sd1.safetensors"), "--train_data_dir", str(root / "data"),
+              "--output_name", "model", "--resolution", "64", "--seed", "3", "--max_train_steps", "2",
+              "--save_every_n_steps", "1", "--gradient_accumulation_steps", "2", "--optimizer_type", "SGD",
+              "--learning_rate", "0.01", "--max_grad_norm", "0", "--max_data_loader_n_workers", "0",
+              "--save_precision", "float", "--save_model_as", "safetensors", "--train_batch_size", "2"]
+    run_script("train_db", common + ["--output_dir", str(root / "z3_one")])
+    launch_two_processes("train_db", with_batch(common + ["--output_dir", str(root / "z3_two"), "--deepspeed",
+                                                          "--zero_stage", "3", "--save_state"], 1))
+    one, one_step1, two = (read(root / run / name) for run, name in (
+        ("z3_one", "model.safetensors"), ("z3_one", "model-step00000001.safetensors"), ("z3_two", "model.safetensors")))
+    assert sorted(one) == sorted(two) and all(one[k].shape == two[k].shape for k in one)
+    unet = [k for k in one if k.startswith("model.diffusion_model.")]
+    deviation = training_deviation(*({k: d[k] for k in unet} for d in (two, one, one_step1)))
+    assert_process_split_close(deviation, what="train_db ZeRO-3, 2 processes")
+    # Each process held half of the trained weights' fp32 values (the U-Net and the text encoder), and no more.
+    trained = sum(one[k].numel() for k in one if k.startswith(("model.diffusion_model.", "cond_stage_model.")))
+    shards = sorted((root / "z3_two" / "model-state" / "deepspeed" / "zero").glob("*optim_states.pt"))
+    held = [sum(t.numel() for t in torch.load(p, weights_only=False)["optimizer_state_dict"]["fp32_flat_groups"])
+            for p in shards]
+    assert len(held) == 2 and all(trained // 2 <= h <= trained // 2 + 4096 for h in held), (held, trained)
+    launch_two_processes("train_db", with_batch(common + ["--output_dir", str(root / "z3_resumed"), "--deepspeed",
+                                                          "--zero_stage", "3", "--resume",
+                                                          str(root / "z3_two" / "model-step00000001-state")], 1))
+    resumed = read(root / "z3_resumed" / "model.safetensors")
+    assert all(torch.equal(resumed[k], two[k]) for k in two), "a ZeRO-3 resume is not exact"
