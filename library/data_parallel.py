@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -113,6 +114,18 @@ def prepare_trained_forward(accelerator, module: TrainedForward, *, unused: list
     accelerator.ddp_handler = dataclasses.replace(handler, find_unused_parameters=bool(unused)
                                                   and not handler.static_graph)
     return accelerator.prepare_model(module, device_placement=False)
+
+
+@contextlib.contextmanager
+def written_by_every_process(accelerator, staging: Path):
+    """Around every process writing its share of a sharded training state into `staging` (collective; DeepSpeed's
+    and FSDP's engines): what an interrupted save left there goes first, and no process leaves before all have
+    written, so the main process can then move the whole folder into the state folder."""
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    yield
+    accelerator.wait_for_everyone()
 
 
 class DataParallelEngine:

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from library.data_parallel import written_by_every_process
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +244,8 @@ class DeepSpeedTrainingEngine:
     def stage_optimizer_state(self, staging: Path) -> None:
         """Every process: write the engine checkpoint into `staging` (collective); the main process then moves it
         into the atomically written state folder (`adopt_optimizer_state`)."""
-        if self.accelerator.is_main_process and staging.exists():
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        self.engine.save_checkpoint(str(staging), tag=CHECKPOINT_TAG)
-        self.accelerator.wait_for_everyone()
+        with written_by_every_process(self.accelerator, staging):
+            self.engine.save_checkpoint(str(staging), tag=CHECKPOINT_TAG)
 
     def adopt_optimizer_state(self, staging: Path | None, folder: Path, optimizer) -> None:
         del optimizer

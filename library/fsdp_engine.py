@@ -46,11 +46,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from library.data_parallel import written_by_every_process
 
 logger = logging.getLogger(__name__)
 
@@ -265,12 +266,9 @@ class FSDPTrainingEngine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        if self.accelerator.is_main_process and staging.exists():
-            shutil.rmtree(staging)
-        self.accelerator.wait_for_everyone()
-        state = get_optimizer_state_dict(self.container, self._optimizer(self.optimizer))
-        dcp.save({"optimizer": state}, checkpoint_id=str(staging))
-        self.accelerator.wait_for_everyone()
+        with written_by_every_process(self.accelerator, staging):
+            state = get_optimizer_state_dict(self.container, self._optimizer(self.optimizer))
+            dcp.save({"optimizer": state}, checkpoint_id=str(staging))
 
     def adopt_optimizer_state(self, staging: Path | None, folder: Path, optimizer) -> None:
         del optimizer

@@ -122,7 +122,26 @@ def inpainting_pipeline_class(family: ModelFamily) -> str:
                          "with a text-to-image model) needs SD 1.x, SD 2.x or SDXL base") from None
 
 
-class ConditionChannelsUNet(torch.nn.Module):
+class UNetStandIn(torch.nn.Module):
+    """A module diffusers' pipelines take as their U-Net while it wraps the real one (`self.unet`): the dtype and
+    device they read, and every other attribute (SDXL: add_embedding's width) are the wrapped model's."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("unet"), name)
+
+
+class ConditionChannelsUNet(UNetStandIn):
     """An extra-channel model's U-Net as diffusers' text-to-image and img2img pipelines expect a U-Net: its config
     says 4 input channels (the pipelines read `unet.config.in_channels` to shape the latents they make), and each
     call appends the condition channels after the latents, as the training step feeds them. `condition`: [B, N, h, w]
@@ -142,21 +161,6 @@ class ConditionChannelsUNet(torch.nn.Module):
         """From the conditions at the image's size ([N, H, W] each), box-averaged to `latent_size` (h, w)."""
         condition = ChannelsFeeder()({"condition": torch.stack(conditions)}, [], latent_size)
         return cls(unet, condition)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    def __getattr__(self, name: str):
-        # What pipelines read of the U-Net besides its config (SDXL: add_embedding's width) is the wrapped model's.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("unet"), name)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args, **kwargs):
         condition = self.condition.to(sample.device, sample.dtype)

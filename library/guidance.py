@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from library.generation_inputs import UNetStandIn
+
 # kohya's canny preprocessor thresholds when "canny" comes without them (tools/original_control_net.py)
 CANNY_DEFAULT_THRESHOLDS = (63, 191)
 
@@ -150,7 +152,7 @@ class ControlNetRun:
             tuple(guide_image(images[k], size, self.preps[k]) for images in sources) for k in range(len(self.guides))))
 
 
-class NegativeScaleUNet(torch.nn.Module):
+class NegativeScaleUNet(UNetStandIn):
     """kohya's negative scale (gen_img --negative_scale, prompt option --nl) through diffusers' pipelines. kohya
     guides with three predictions, the prompt's T, the negative prompt's N and the unconditional (empty prompt) U:
 
@@ -168,21 +170,6 @@ class NegativeScaleUNet(torch.nn.Module):
         self.uncond = uncond
         self.scale, self.negative_scale = scale, negative_scale
         self.config = unet.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    def __getattr__(self, name: str):
-        # What pipelines read of the U-Net besides its config is the wrapped model's (as ConditionChannelsUNet).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("unet"), name)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args,
                 added_cond_kwargs: dict | None = None, return_dict: bool = True, **kwargs):

@@ -37,7 +37,7 @@ from library.safetensors_io import save_tensors  # noqa: E402
 from library.tensor_files import CheckpointError, open_tensor_file  # noqa: E402
 from library.textual_inversion import split_bundled  # noqa: E402
 from networks.lora import PREFIX_UNET  # noqa: E402
-from networks.lora_files import check_lora_output_path  # noqa: E402
+from networks.lora_files import check_lora_output_path, run_file_tool  # noqa: E402
 from networks.oft import PREFIX_UNET as OFT_PREFIX  # noqa: E402
 from networks.oft import dims_from_weights  # noqa: E402
 
@@ -114,14 +114,7 @@ def convert(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    args = setup_parser().parse_args(argv)
-    try:
-        convert(args)
-    except ValueError as e:  # not an OFT file, CheckpointError, OutputPathError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_file_tool(convert, setup_parser, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from library.atomic_files import check_writable_output  # noqa: E402
 from networks.lora_files import (LoRAFactors, LoRAFileError, LoRAFile, check_lora_output_path,  # noqa: E402
                                  lora_metadata, read_lora_file, short_list, write_lora_file)
+from networks.lora_files import run_file_tool  # noqa: E402
 
 logger = logging.getLogger("extract_lora_from_dylora")
 
@@ -114,14 +115,7 @@ def extract(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    args = setup_parser().parse_args(argv)
-    try:
-        extract(args)
-    except ValueError as e:  # LoRAFileError, CheckpointError, OutputPathError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_file_tool(extract, setup_parser, argv)
 
 
 if __name__ == "__main__":

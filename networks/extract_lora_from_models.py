@@ -38,6 +38,7 @@ from library.sd_checkpoint import FamilyHints, SDCheckpoint, read_checkpoint  # 
 from networks.lora_checkpoint import check_same_structure, lora_layers, weight_difference  # noqa: E402
 from networks.lora_files import (LoRAFactors, LoRAFileError, check_lora_output_path, lora_metadata,  # noqa: E402
                                  write_lora_file)
+from networks.lora_files import run_file_tool  # noqa: E402
 from networks.lora_math import check_rank_fits, svd_of_matrix  # noqa: E402
 
 logger = logging.getLogger("extract_lora")
@@ -154,21 +155,17 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    args = setup_parser().parse_args(argv)
+    return run_file_tool(refuse_placement_then_run, setup_parser, argv)
+
+
+def refuse_placement_then_run(args: argparse.Namespace) -> None:
     placed = [flag for flag in ("--load_original_model_to", "--load_tuned_model_to") if getattr(args, flag[2:])]
     if placed:
         # kohya loads both whole models, on these devices, to fit SDXL in memory; here both are read tensor by
         # tensor (a few tensors in memory at once), so there is no model to place.
-        print(f"error: {', '.join(placed)}: this tool reads both models tensor by tensor, never a whole model, so "
-              "there is nothing to place; drop the flag(s) (--device chooses where the SVD runs)", file=sys.stderr)
-        return 2
-    try:
-        run(args)
-    except ValueError as e:  # LoRAFileError, CheckpointError, OutputPathError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        raise ValueError(f"{', '.join(placed)}: this tool reads both models tensor by tensor, never a whole model, "
+                         "so there is nothing to place; drop the flag(s) (--device chooses where the SVD runs)")
+    run(args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -431,3 +432,16 @@ def write_lora_file(path: str | Path, modules: dict[str, LoRAFactors], metadata:
     logger.info("wrote %s (%d modules%s)", path, len(modules),
                 f", bundled embedding(s) {', '.join(bundled_words(bundled))}" if bundled else "")
     return path
+
+
+def run_file_tool(action, setup_parser, argv: list[str] | None) -> int:
+    """The exit status of a LoRA file tool's `main`: `action(args)` on the parsed arguments; a ValueError (our
+    LoRAFileError, CheckpointError, OutputPathError) is a bad input, printed as "error: ..." with status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    args = setup_parser().parse_args(argv)
+    try:
+        action(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -33,6 +33,7 @@ from library.atomic_files import check_writable_output  # noqa: E402
 from library.checkpoint_writer import parse_save_precision  # noqa: E402
 from networks.lora_files import (LoRAFactors, check_lora_output_path, lora_metadata, read_lora_file,  # noqa: E402
                                  write_lora_file)
+from networks.lora_files import run_file_tool  # noqa: E402
 from networks.lora_math import RankRule, Retention, check_rank_fits, rank_rule, svd_of_factors  # noqa: E402
 
 logger = logging.getLogger("resize_lora")
@@ -111,14 +112,7 @@ def resize(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    args = setup_parser().parse_args(argv)
-    try:
-        resize(args)
-    except ValueError as e:  # LoRAFileError, CheckpointError, OutputPathError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_file_tool(resize, setup_parser, argv)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from networks.lora_block_weights import (add_lbws_argument, module_block_weights
 from networks.lora_files import (LoRAFactors, LoRAFile, LoRAFileError, bundles_of,  # noqa: E402
                                  check_lora_output_path, check_same_layers, identity_metadata, lora_metadata,
                                  read_lora_files, write_lora_file)
+from networks.lora_files import run_file_tool  # noqa: E402
 from networks.lora_math import Retention, check_rank_fits, svd_of_factors  # noqa: E402
 
 logger = logging.getLogger("svd_merge_lora")
@@ -119,14 +120,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    args = setup_parser().parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:  # LoRAFileError, CheckpointError, OutputPathError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_file_tool(run, setup_parser, argv)
 
 
 if __name__ == "__main__":
