@@ -77,7 +77,7 @@ CASES = {
                                 "--max_token_length", "150", "--clip_skip", "2", "--max_train_steps", "3"],
     # The network types act on the losses only through their updates: at 1e-3 a LoRA-FA, DyLoRA or OFT run's losses
     # stay within 0.3 % of a LoRA's, so these two train at 1e-1 (see tests/golden/README.md; LoRA-FA has no case).
-    "sd1_dylora_high_lr": ["--cache_latents", "--max_train_steps", "5", "--learning_rate", "1e-1",
+    "sd1_dylora_high_lr": ["--cache_latents", "--max_train_steps", "5", "--learning_rate", "5e-2",
                            "--network_module", "networks.dylora", "--network_args", "unit=2"],
     "sd1_oft_high_lr": ["--cache_latents", "--max_train_steps", "5", "--learning_rate", "1e-1",
                         "--network_train_unet_only", "--network_module", "networks.oft", "--network_alpha", "1e-2"],
