@@ -11,10 +11,18 @@ depends on: what is asked, the component, the config, the installed diffusers an
 builds the model) and the source file of the function that computes it (so editing our code cannot leave an old
 answer in use), so an entry made under other inputs is never read. An unreadable entry is rebuilt; a folder that
 cannot be written only means the fact is computed again next time.
+
+The facts of the released models (every family at full size, read from a single file or from the diffusers folder
+we write) also ship with the code, in `model_configs/meta_facts.json.gz` (`library/meta_facts_bundle.py` builds it),
+so that a user's first conversion is as fast as the later ones. Those entries are named without our code's digest
+(an edit must not turn them all off); `tests/test_meta_model_cache.py` rebuilds the file and fails when it differs,
+which is what keeps them true.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import json
 import os
@@ -30,16 +38,43 @@ def cache_folder() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdtrain" / "meta_models"
 
 
+BUNDLE = Path(__file__).parent / "model_configs" / "meta_facts.json.gz"
+
+
 def entry_name(inputs: dict, compute: Callable[[], Any]) -> str:
     """The file name of the entry for these inputs (JSON-able), with the library versions and a digest of the
     source file that defines `compute` added."""
     code = hashlib.sha256(Path(compute.__code__.co_filename).read_bytes()).hexdigest()
-    keyed = dict(inputs, diffusers=version("diffusers"), transformers=version("transformers"), code=code)
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:32] + ".json"
+    return _digest(dict(inputs, code=code)) + ".json"
+
+
+def bundle_name(inputs: dict) -> str:
+    """The name of these inputs' entry in the shipped bundle: the inputs and the library versions."""
+    return _digest(inputs)
+
+
+def _digest(inputs: dict) -> str:
+    keyed = dict(inputs, diffusers=version("diffusers"), transformers=version("transformers"))
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled() -> dict[str, Any]:
+    if os.environ.get("SDTRAIN_META_BUNDLE") == "0":  # (how the bundle is rebuilt: from the models themselves)
+        return {}
+    try:
+        with gzip.open(BUNDLE, "rt", encoding="utf-8") as f:
+            return json.load(f)["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def cached(inputs: dict, compute: Callable[[], Any]) -> Any:
-    """`compute()` (a JSON-able value), or the value a previous call with the same inputs stored."""
+    """`compute()` (a JSON-able value), or the value shipped in the bundle or stored by a previous call with the
+    same inputs."""
+    bundled = _bundled().get(bundle_name(inputs))
+    if bundled is not None:
+        return bundled
     folder = cache_folder()
     if folder is None:
         return compute()

@@ -378,6 +378,24 @@ def _load_json(path: Path) -> dict:
 
 
 def _read_diffusers(path: Path, hints: FamilyHints, variant: str | None = None) -> SDCheckpoint:
+    checkpoint = diffusers_folder_configs(path, hints)
+    try:
+        for component, table in checkpoint.tables().items():
+            source = _open_component(path / component, component, variant)
+            checkpoint._open.append(source)
+            checkpoint.tensors[component] = _validated_component(source, table)
+        if (path / EXTRAS_FILE).is_file():
+            extras = open_tensor_file(path / EXTRAS_FILE)
+            checkpoint._open.append(extras)
+            checkpoint.extras.update(extras.tensors)
+    except Exception:
+        checkpoint.close()
+        raise
+    return checkpoint
+
+
+def diffusers_folder_configs(path: Path, hints: FamilyHints = FamilyHints()) -> SDCheckpoint:
+    """A pipeline folder's family and configs, checked, without its tensors (no weight file is opened)."""
     if not (path / "model_index.json").is_file():
         names = set(weight_files("unet") + weight_files("text_encoder"))
         if (path / "config.json").is_file() and any((path / name).is_file() for name in names):
@@ -417,20 +435,7 @@ def _read_diffusers(path: Path, hints: FamilyHints, variant: str | None = None) 
                               f"{' + '.join(map(str, widths))}")
     model_configs = _with_prediction(ModelConfigs(unet=unet, vae=config("vae/config.json"), text_encoders=text_encoders,
                                                   scheduler=scheduler), prediction)
-    checkpoint = SDCheckpoint(family, prediction, model_configs, {}, source=path)
-    try:
-        for component, table in checkpoint.tables().items():
-            source = _open_component(path / component, component, variant)
-            checkpoint._open.append(source)
-            checkpoint.tensors[component] = _validated_component(source, table)
-        if (path / EXTRAS_FILE).is_file():
-            extras = open_tensor_file(path / EXTRAS_FILE)
-            checkpoint._open.append(extras)
-            checkpoint.extras.update(extras.tensors)
-    except Exception:
-        checkpoint.close()
-        raise
-    return checkpoint
+    return SDCheckpoint(family, prediction, model_configs, {}, source=path)
 
 
 def _pipeline_classes(archs: tuple[str, ...]) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """The on-disk cache of meta-model facts (library/meta_model_cache.py): what it returns equals what building the
 model gives, its entries are named by every input (library versions and our code included), a damaged entry is
-rebuilt, and with a warm cache a conversion does not import diffusers (the point of the cache: ~8 s per run)."""
+rebuilt, and with a warm cache a conversion does not import diffusers (the point of the cache: ~8 s per run); the
+facts of the released families ship with the code, so a first conversion of those needs no cache either."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from library import key_maps, meta_model_cache
+from library import key_maps, meta_facts_bundle, meta_model_cache
 from library.checkpoint_writer import _complete_config
 from library.families import FAMILIES, ModelSize
 from library.safetensors_io import SafetensorsReader
@@ -115,3 +116,43 @@ def test_warm_conversion_does_not_import_diffusers(tmp_path, tiny_files):
         for key in cold.keys():  # ...with the same bytes (the metadata differ by their timestamp)
             a, b = cold.read(key), warm.read(key)
             assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), key
+
+
+def test_the_shipped_bundle_is_what_the_code_computes_now():
+    """The bundled facts are named without our code's digest, so nothing but this test notices when they go out of
+    date (new diffusers or transformers, an edited model config or key map): it rebuilds them from the models."""
+    shipped = meta_facts_bundle.read_bundle()
+    rebuilt = meta_facts_bundle.build_entries()
+    assert shipped == rebuilt, ("library/model_configs/meta_facts.json.gz is out of date: run "
+                                "`python -m library.meta_facts_bundle` and commit the file")
+
+
+def test_a_first_conversion_of_a_released_model_does_not_import_diffusers(tmp_path):
+    """With an empty cache, reading a full-size SD 1.5 single file, writing its diffusers configs and reading that
+    folder back take every fact from the bundle (the file is sparse: its header lists every tensor, its data is a
+    hole, and nothing reads it)."""
+    from library.families import SD1
+
+    single = tmp_path / "sd1.safetensors"
+    meta_facts_bundle.write_sparse_original_file(SD1, single)
+    script = ("import sys\n"
+              "from pathlib import Path\n"
+              "from library.checkpoint_writer import write_config_folder\n"
+              "from library.sd_checkpoint import diffusers_folder_configs, read_checkpoint\n"
+              "with read_checkpoint(sys.argv[1]) as checkpoint:\n"
+              "    tables = checkpoint.tables()\n"
+              "    write_config_folder(checkpoint, Path(sys.argv[2]))\n"
+              "back = diffusers_folder_configs(Path(sys.argv[2])).tables()\n"
+              "assert [t.mappings for t in back.values()] == [t.mappings for t in tables.values()]\n"
+              "print('FAMILY', checkpoint.family.name, 'TENSORS', sum(len(t.mappings) for t in tables.values()))\n"
+              "print('DIFFUSERS', any(m.startswith('diffusers') for m in sys.modules))\n")
+    env = {**os.environ, "SDTRAIN_META_CACHE": str(tmp_path / "empty_cache"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script, str(single), str(tmp_path / "folder")], cwd=ROOT,
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "FAMILY sd1 TENSORS" in result.stdout and "DIFFUSERS False" in result.stdout, result.stdout
+    assert not (tmp_path / "empty_cache").exists()  # nothing had to be computed
+    # Without the bundle the same run builds the models (what the bundle saves a user's first conversion).
+    result = subprocess.run([sys.executable, "-c", script, str(single), str(tmp_path / "folder2")], cwd=ROOT,
+                            capture_output=True, text=True, env={**env, "SDTRAIN_META_BUNDLE": "0"})
+    assert result.returncode == 0 and "DIFFUSERS True" in result.stdout, result.stderr[-2000:]
