@@ -76,9 +76,11 @@ CASES = {
     "sd1_weighted_color_long": ["--weighted_captions", "--caption_prefix", "(sks:1.3)", "--color_aug",
                                 "--max_token_length", "150", "--clip_skip", "2", "--max_train_steps", "3"],
     # The network types act on the losses only through their updates: at 1e-3 a LoRA-FA, DyLoRA or OFT run's losses
-    # stay within 0.3 % of a LoRA's, so these two train at 1e-1 (see tests/golden/README.md; LoRA-FA has no case).
-    "sd1_dylora_high_lr": ["--cache_latents", "--max_train_steps", "5", "--learning_rate", "5e-2",
-                           "--network_module", "networks.dylora", "--network_args", "unit=2"],
+    # stay within 0.3 % of a LoRA's, so these two train at high rates (see tests/golden/README.md; LoRA-FA has no
+    # case). DyLoRA at 1e-1 drifted 2.4 % under the AVX2 kernels; at 5e-2 with unit=1 (ranks 1-4 drawn, the most
+    # unlike a LoRA) it needs 10 steps to move 11.8x its tolerance, and spreads 5e-4 across kernels (tolerance 1e-2).
+    "sd1_dylora_high_lr": ["--cache_latents", "--max_train_steps", "10", "--learning_rate", "5e-2",
+                           "--network_module", "networks.dylora", "--network_args", "unit=1"],
     "sd1_oft_high_lr": ["--cache_latents", "--max_train_steps", "5", "--learning_rate", "1e-1",
                         "--network_train_unet_only", "--network_module", "networks.oft", "--network_alpha", "1e-2"],
 }
@@ -90,7 +92,7 @@ COVERS = {
     "sd2v_unet_only": FAMILY_CASE,
     "sd1_masked_loss_cached": ["--masked_loss", "--conditioning_data_dir", "{root}/masks"],
     "sd1_weighted_color_long": ["--weighted_captions"],
-    "sd1_dylora_high_lr": ["--network_module", "networks.dylora", "--network_args", "unit=2"],
+    "sd1_dylora_high_lr": ["--network_module", "networks.dylora", "--network_args", "unit=1"],
     "sd1_oft_high_lr": ["--network_module", "networks.oft", "--network_alpha", "1e-2"],
 }
 
