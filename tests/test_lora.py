@@ -491,7 +491,7 @@ def test_dropouts_keep_the_expected_update(kind, layer):
 
 
 def test_unet_block_indices_follow_kohya():
-    from networks.lora import unet_block_index
+    from networks.lora_blocks import unet_block_index
 
     cases = {"lora_unet_down_blocks_0_attentions_0_proj_in": 1, "lora_unet_down_blocks_0_resnets_1_conv1": 2,
              "lora_unet_down_blocks_0_downsamplers_0_conv": 3, "lora_unet_down_blocks_3_resnets_1_conv2": 11,
@@ -504,7 +504,8 @@ def test_unet_block_indices_follow_kohya():
 def test_block_dims_lr_weights_and_loraplus():
     from library.families import SD1
     from library.tiny_models import build_tiny_models
-    from networks.lora import create_network, unet_block_index
+    from networks.lora import create_network
+    from networks.lora_blocks import unet_block_index
 
     m = build_tiny_models(SD1, seed=9)
     dims = ",".join(str(d) for d in [0] + [2] * 11 + [3] + [4] * 12)

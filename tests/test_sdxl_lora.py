@@ -373,7 +373,7 @@ def test_a_zero_learning_rate_drops_locon_modules_too(family, option, blocks):
 
 def test_sdxl_lr_weight_presets_are_kohyas_over_nine_values():
     """kohya's presets, evaluated over SDXL's 9 down / up values (golden numbers: sin(pi k / 16), k / 8)."""
-    from networks.lora import SDXL_BLOCKS
+    from networks.lora_blocks import SDXL_BLOCKS
     cosine = [1.0, 0.9807853, 0.9238795, 0.8314696, 0.7071068, 0.5555702, 0.3826834, 0.1950903, 0.0]
     linear = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
     cases = {("cosine", None, "linear"): [1.0] + cosine + [1.0] * 3 + linear + [1.0],
