@@ -109,10 +109,13 @@ def make_scheduler(name: str, prediction_type: str, *, zero_terminal_snr: bool =
     import diffusers
 
     class_name, extra = SAMPLERS[sampler_name(name)]
+    # steps_offset 1 as in SD's own scheduler config: diffusers' SD pipelines set it anyway, with a FutureWarning
+    # ("the configuration file of this scheduler is outdated") for each; it moves only "leading" spacings' steps
+    # (DDIM, PNDM), and every sampler but those spaces its steps otherwise.
     config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-              "beta_schedule": "scaled_linear", "prediction_type": prediction_type, **extra}
+              "beta_schedule": "scaled_linear", "prediction_type": prediction_type, "steps_offset": 1, **extra}
     if class_name in ("DDIMScheduler", "PNDMScheduler"):
-        config.update(set_alpha_to_one=False, steps_offset=1)
+        config["set_alpha_to_one"] = False
     if class_name == "DDIMScheduler":
         config["clip_sample"] = False
     if zero_terminal_snr:
