@@ -33,10 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from library import blip_captioning as blip  # noqa: E402
-from library.atomic_files import atomic_file  # noqa: E402
-from library.captions import caption_path_for  # noqa: E402
-from library.images import IMAGE_EXTENSIONS, list_images  # noqa: E402
-from library.ordered_prefetch import ordered_map  # noqa: E402
+from library import folder_captioning as captioning  # noqa: E402
 
 logger = logging.getLogger("make_captions")
 
@@ -65,23 +62,19 @@ def setup_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> blip.Decoding:
-    problems = []
-    if args.batch_size < 1:
-        problems.append(f"--batch_size must be at least 1, got {args.batch_size}")
+    problems = captioning.batching_problems(args.batch_size, args.max_data_loader_n_workers)
     if args.num_beams < 1:
         problems.append(f"--num_beams must be at least 1, got {args.num_beams}")
     if not 0 < args.top_p <= 1:
         problems.append(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.min_length < 0 or args.max_length < 1 or args.min_length > args.max_length:
         problems.append(f"--min_length {args.min_length} / --max_length {args.max_length}: need 0 <= min <= max")
-    if args.max_data_loader_n_workers is not None and args.max_data_loader_n_workers < 0:
-        problems.append(f"--max_data_loader_n_workers must be 0 or more, got {args.max_data_loader_n_workers}")
     if args.num_beams > 1 and not args.beam_search:
         logger.warning("--num_beams %d without --beam_search: beams are only used by beam search; this run samples "
                        "(nucleus sampling, --top_p) as kohya's does. Add --beam_search to use the beams",
                        args.num_beams)
     if problems:
-        raise blip.CaptionModelError("\n       ".join(problems))
+        raise captioning.CaptioningError("\n       ".join(problems))
     return blip.Decoding(beam_search=args.beam_search, num_beams=args.num_beams, top_p=args.top_p,
                          max_length=args.max_length, min_length=args.min_length)
 
@@ -89,46 +82,18 @@ def check_args(args: argparse.Namespace) -> blip.Decoding:
 def run(args: argparse.Namespace) -> list[str]:
     """Caption the folder; returns the problems with single images (the others are written)."""
     import torch
-    from tqdm import tqdm
 
     decoding = check_args(args)
-    folder = Path(args.train_data_dir)
-    if not folder.is_dir():
-        raise blip.CaptionModelError(f"train_data_dir {folder}: no such folder")
-    caption_path_for(folder / "x.png", args.caption_extension)  # an empty extension fails now, not per image
-    images = list_images(folder, recursive=args.recursive)
-    if not images:
-        raise blip.CaptionModelError(f"train_data_dir {folder}: no images ({', '.join(IMAGE_EXTENSIONS)})"
-                                     + ("" if args.recursive else "; add --recursive to include subfolders"))
+    images = captioning.images_to_caption(Path(args.train_data_dir), recursive=args.recursive,
+                                          caption_extension=args.caption_extension)
     model_folder = blip.model_folder(args.model_dir, None if args.model_dir else args.caption_weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = blip.load_model(model_folder, device)
     logger.info("loaded BLIP from %s on %s; %d image(s)", model_folder, device, len(images))
     torch.manual_seed(args.seed)  # once, as kohya: sampling draws from the global generator from here on
-
-    problems: list[str] = []
-
-    def caption(batch: list) -> None:
-        for (path, _), text in zip(batch, blip.caption_batch(model, processor, [im for _, im in batch], decoding)):
-            with atomic_file(caption_path_for(path, args.caption_extension)) as tmp:
-                tmp.write_bytes((text + "\n").encode("utf-8"))
-            if args.debug:
-                logger.info("%s: %s", path, text)
-
-    batch: list = []
-    loaded = ordered_map(blip.load_rgb, images, workers=args.max_data_loader_n_workers)
-    for path, (image, error) in tqdm(zip(images, loaded), total=len(images), desc="captioning", unit="image",
-                                     smoothing=0.0):
-        if image is None:
-            problems.append(error)
-            continue
-        batch.append((path, image))
-        if len(batch) == args.batch_size:
-            caption(batch)
-            batch = []
-    if batch:
-        caption(batch)
-    return problems
+    return captioning.write_captions(images, lambda batch: blip.caption_batch(model, processor, batch, decoding),
+                                     batch_size=args.batch_size, workers=args.max_data_loader_n_workers,
+                                     caption_extension=args.caption_extension, debug=args.debug)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,16 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
     if args.caption_extention:
         args.caption_extension = args.caption_extention
-    try:
-        problems = run(args)
-    except (blip.CaptionModelError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if problems:
-        print(f"error: {len(problems)} image(s) were not captioned (the others were):\n  " + "\n  ".join(problems),
-              file=sys.stderr)
-        return 1
-    return 0
+    return captioning.exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -54,10 +54,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from library import wd14_tagger as wd  # noqa: E402
-from library.atomic_files import OutputPathError, atomic_file, check_writable_output  # noqa: E402
+from library.atomic_files import atomic_file, check_writable_output  # noqa: E402
 from library.captions import CaptionFileError, caption_path_for, read_caption_file  # noqa: E402
+from library.folder_captioning import exit_status  # noqa: E402
 from library.images import IMAGE_EXTENSIONS, list_images  # noqa: E402
-from library.metadata_files import MetadataError, write_metadata  # noqa: E402
+from library.metadata_files import write_metadata  # noqa: E402
 from library.ordered_prefetch import ordered_map  # noqa: E402
 
 logger = logging.getLogger("wd14_tagger")
@@ -273,16 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
     if args.caption_extention:
         args.caption_extension = args.caption_extention
-    try:
-        problems = run(args)
-    except (wd.TaggerError, OutputPathError, MetadataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if problems:
-        print(f"error: {len(problems)} image(s) were not tagged (the others were):\n  " + "\n  ".join(problems),
-              file=sys.stderr)
-        return 1
-    return 0
+    return exit_status(lambda: run(args), done="tagged")
 
 
 if __name__ == "__main__":

@@ -14,48 +14,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.folder_captioning import CaptioningError, download_hint, load_pretrained, local_model_folder
+
 PROMPT = "a picture of "  # kohya's (and Salesforce BLIP's) captioning prompt
 KOHYA_DEFAULT_WEIGHTS = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large_caption.pth"
 TRANSFORMERS_EQUIVALENT = "Salesforce/blip-image-captioning-large"
 
 
-class CaptionModelError(ValueError):
-    """A captioning model location that cannot be used; the message says why and what to do."""
-
-
 def model_folder(model_dir: str | None, caption_weights: str | None) -> Path:
     """The local transformers folder of the BLIP model: --model_dir, or --caption_weights when it names a folder.
     Nothing is downloaded: a URL or kohya's original .pth file is refused with what to use instead."""
-    how = (f"download {TRANSFORMERS_EQUIVALENT} on a machine with internet access (`huggingface-cli download "
-           f"{TRANSFORMERS_EQUIVALENT} --local-dir blip-large`), copy the folder here and give --model_dir blip-large")
+    how = download_hint(TRANSFORMERS_EQUIVALENT, "--model_dir")
     given = model_dir or caption_weights
     flag = "--model_dir" if model_dir else "--caption_weights"
     if not given or given == KOHYA_DEFAULT_WEIGHTS or "://" in given:
-        raise CaptionModelError(f"{flag} {given or '(none)'}: nothing is downloaded here; {how}")
-    path = Path(given)
-    if path.is_file():
-        raise CaptionModelError(f"{flag} {path}: a single weights file (kohya's original BLIP checkpoint, "
-                                "model_large_caption.pth) is not read here; this tool runs transformers' BLIP from "
-                                f"a model folder (config.json, weights, processor files): {how}")
-    if not path.is_dir():
-        raise CaptionModelError(f"{flag} {path}: no such folder; {how}")
-    if not (path / "config.json").is_file():
-        raise CaptionModelError(f"{flag} {path}: no config.json, so not a transformers model folder; {how}")
-    return path
+        raise CaptioningError(f"{flag} {given or '(none)'}: nothing is downloaded here; {how}")
+    if Path(given).is_file():
+        raise CaptioningError(f"{flag} {given}: a single weights file (kohya's original BLIP checkpoint, "
+                              "model_large_caption.pth) is not read here; this tool runs transformers' BLIP from "
+                              f"a model folder (config.json, weights, processor files): {how}")
+    return local_model_folder(given, flag, "blip", how)
 
 
 def load_model(folder: Path, device):
     """(model in eval mode on `device`, processor), from local files only."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    try:
-        processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
-        model = BlipForConditionalGeneration.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CaptionModelError(f"{folder}: not a BLIP captioning model with its processor files "
-                                f"(BlipForConditionalGeneration + BlipProcessor, as {TRANSFORMERS_EQUIVALENT}): "
-                                f"{e}") from None
-    return model.to(device).eval(), processor
+    return load_pretrained(folder, BlipForConditionalGeneration, BlipProcessor, device,
+                           f"a BLIP captioning model (BlipForConditionalGeneration + BlipProcessor, as "
+                           f"{TRANSFORMERS_EQUIVALENT})")
 
 
 @dataclass(frozen=True)
@@ -98,12 +85,3 @@ def strip_prompt(text: str) -> str:
     head = PROMPT.strip()
     return text[len(head):].strip() if text.startswith(head) else text.strip()
 
-
-def load_rgb(path: Path):
-    """(PIL RGB image, None) or (None, message); module-level so worker processes can run it."""
-    from library.images import ImageError, load_image
-
-    try:
-        return load_image(path).rgb, None
-    except ImageError as e:
-        return None, str(e)
