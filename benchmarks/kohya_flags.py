@@ -32,7 +32,8 @@ SCRIPTS = ["train_network", "sdxl_train_network", "train_db", "fine_tune", "sdxl
            "tools.convert_diffusers20_original_sd", "tools.cache_latents", "tools.cache_text_encoder_outputs",
            "tools.resize_images_to_resolution", "finetune.merge_captions_to_metadata",
            "finetune.merge_dd_tags_to_metadata", "finetune.prepare_buckets_latents", "finetune.clean_captions_and_tags",
-           "finetune.tag_images_by_wd14_tagger", "finetune.make_captions"]
+           "finetune.tag_images_by_wd14_tagger", "finetune.make_captions",
+           "finetune.make_captions_by_git"]
 NOT_INSTALLED = {"torchvision", "cv2", "timm", "fairscale"}
 
 
