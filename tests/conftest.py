@@ -103,3 +103,22 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
+
+
+@pytest.fixture
+def images(tmp_path):
+    """A folder of images for the captioning tools (make_captions.py, make_captions_by_git.py): three noise PNGs of
+    different sizes at the top, a JPEG in a subfolder (for --recursive)."""
+    import numpy as np
+    from PIL import Image
+
+    def noise(width: int, height: int, seed: int) -> Image.Image:
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        noise(24 + 8 * i, 20, seed=i).save(folder / f"img{i}.png")
+    (folder / "sub").mkdir()
+    noise(16, 16, seed=3).save(folder / "sub" / "deep.jpg")
+    return folder

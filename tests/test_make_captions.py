@@ -6,7 +6,6 @@ the model folder rules (nothing downloaded; kohya's URL and .pth refused with wh
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -40,21 +39,6 @@ def blip_dir(tmp_path_factory):
         model.text_decoder.bert.encoder.layer[0].crossattention.output.dense.weight.mul_(50)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    return folder
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-@pytest.fixture
-def images(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(3):
-        noise(24 + 8 * i, 20, seed=i).save(folder / f"img{i}.png")
-    (folder / "sub").mkdir()
-    noise(16, 16, seed=3).save(folder / "sub" / "deep.jpg")
     return folder
 
 

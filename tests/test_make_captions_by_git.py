@@ -15,7 +15,6 @@ from PIL import Image
 
 from finetune.make_captions_by_git import main
 from library import git_captioning as git
-from tests.test_make_captions import images  # noqa: F401  (the BLIP captioner's image folder fixture)
 
 WORDS = ["a", "man", "cat", "dog", "red", "blue", "sign", "on", "the", "table", "sitting", "with", "small", "large",
          "bird", "tree", "##s", "in", "sky", "that", "says", "words", "stop"]
