@@ -294,13 +294,15 @@ def instantiate_controlnet(checkpoint: ControlNetCheckpoint, *, dtype: torch.dty
     return model
 
 
-def controlnet_checkpoint(model, *, family: ModelFamily | None = None,
-                          metadata: dict[str, str] | None = None) -> ControlNetCheckpoint:
-    """The inverse of `instantiate_controlnet`: wrap a live ControlNetModel so the writers can save it."""
+def controlnet_checkpoint(model, *, family: ModelFamily | None = None, metadata: dict[str, str] | None = None,
+                          state_dict: dict[str, torch.Tensor] | None = None) -> ControlNetCheckpoint:
+    """The inverse of `instantiate_controlnet`: wrap a live ControlNetModel so the writers can save it. `state_dict`:
+    its weights, when the module holds only a share of them (FSDP: the full weights gathered from the shards)."""
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.config).items()
               if not k.startswith("_")}
     config["_class_name"] = "ControlNetModel"
-    tensors = {k: LazyTensor.of(v.detach()) for k, v in model.state_dict().items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: LazyTensor.of(v.detach()) for k, v in weights.items()}
     # A wrapped model (DDP, torch.compile) names its tensors differently: unwrap it first (accelerator.unwrap_model).
     where = Path(f"<{type(model).__name__} in memory>")
     tensors = _validated(TensorSource(where, tensors, {}, {}), _controlnet_shapes(config))

@@ -27,6 +27,17 @@ class ControlNetTask:
         self.controlnet, self.unet, self.family = controlnet, unet, family
         self.save_as, self.save_dtype, self.metadata = save_as, save_dtype, metadata
         self.train_text_encoder = False
+        # The ControlNet's full weights while a sharding engine (FSDP) saves ({"controlnet": state dict}, set by the
+        # Trainer on the main process around a save; the module then holds only this process's share).
+        self.gathered_weights: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """What FSDP shards: the ControlNet (the frozen U-Net stays whole on every process)."""
+        return {"controlnet": self.controlnet}
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        gathered = (self.gathered_weights or {}).get("controlnet")
+        return self.controlnet.state_dict() if gathered is None else gathered
 
     def denoise(self, noisy_latents, timesteps, text_conditioning, batch):
         control = batch["control"].to(noisy_latents.device, self.controlnet.dtype)
@@ -38,11 +49,14 @@ class ControlNetTask:
                          down_block_additional_residuals=[d.to(dtype) for d in down],
                          mid_block_additional_residual=mid.to(dtype)).sample
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.controlnet.state_dict().items()}
+    def trainable_state(self) -> dict:
+        # {"models": {name: state dict}}, as the full-model tasks': what FSDP's resume loads into the shards.
+        return {"models": {"controlnet": {k: v.detach() for k, v in self._weights().items()}}}
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.controlnet.load_state_dict(state)
+    def load_trainable_state(self, state: dict) -> None:
+        # A state written before the ControlNet could be sharded holds the state dict itself (no ControlNet key is
+        # "models").
+        self.controlnet.load_state_dict(state["models"]["controlnet"] if "models" in state else state)
 
     def model_file_suffix(self) -> str:
         return "" if self.save_as == "diffusers" else ".safetensors"
@@ -58,18 +72,18 @@ class ControlNetTask:
         return paths
 
     def save_model(self, path_stem: Path, *, epoch: int, global_step: int) -> Path:
-        from library.controlnet_checkpoint import save_controlnet_diffusers, save_controlnet_file
+        from library.controlnet_checkpoint import controlnet_checkpoint, save_controlnet_diffusers, save_controlnet_file
 
         metadata = dict(self.metadata, ss_epoch=str(epoch), ss_steps=str(global_step),
                         ss_training_finished_at=str(time.time()))
         metadata.setdefault("modelspec.title", path_stem.name)  # --metadata_title wins
         paths = self.model_paths(path_stem)
+        checkpoint = controlnet_checkpoint(self.controlnet, family=self.family, state_dict=self._weights())
         for path in paths:
             if path.suffix == ".safetensors":
-                save_controlnet_file(self.controlnet, path, family=self.family, dtype=self.save_dtype,
-                                     metadata=metadata)
+                save_controlnet_file(checkpoint, path, family=self.family, dtype=self.save_dtype, metadata=metadata)
             else:
-                save_controlnet_diffusers(self.controlnet, path, dtype=self.save_dtype)
+                save_controlnet_diffusers(checkpoint, path, dtype=self.save_dtype)
             logger.info("saved %s", path)
         return paths[0]
 

@@ -1,5 +1,6 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard) for the full-model trainers (train_db, fine_tune, sdxl_train):
-parameters, gradients and optimizer state split over the processes, each holding about 1/N of them.
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for the full-model trainers (train_db, fine_tune, sdxl_train) and the
+ControlNet trainers (train_controlnet, sdxl_train_control_net): parameters, gradients and optimizer state of the
+trained models split over the processes, each holding about 1/N of them.
 
 How a user asks for it: `accelerate launch --use_fsdp --fsdp_version 2 --num_processes N train_db.py ...` (or an
 accelerate config file saying the same). The launcher only sets environment variables (ACCELERATE_USE_FSDP,
@@ -12,9 +13,12 @@ never leaves FSDP to accelerate: `make_accelerator` builds a gloo Accelerator on
 this engine applies `fully_shard` itself, on CPUs and GPUs alike. There is a second reason: accelerate's own FSDP2
 preparation wraps the module it is given (with its auto-wrap policy); the loop's module is `TrainedForward`, whose
 parameters are shared with the models and whose forward calls them, so the blocks that should become shards are not
-its children. Here the shards are the models' own blocks:
+its children. Here the shards are the trained models' own blocks (the task's `trained_modules()`):
 
 - U-Net: each down / mid / up block, then the root (conv_in, time embedding, conv_out);
+- ControlNet: each down block and the mid block, then the root (conv_in, time / added embeddings, the
+  conditioning-image encoder, the zero convolutions). The frozen U-Net it feeds stays whole on every process (it
+  has no gradients or optimizer state to split, and FSDP would gather each of its blocks twice per step);
 - CLIP text encoder (when trained): each transformer layer, the final layer norm (the conditioning calls it on its
   own for --clip_skip), then the root (embeddings).
 
@@ -26,19 +30,21 @@ DDP; torch.nn.utils.clip_grad_norm_ takes the DTensor gradients and returns the 
 
 Saving: every process gathers the full weights (`get_model_state_dict(full_state_dict=True, cpu_offload=True)`,
 collective; only the main process keeps them), then the main process writes the model in any layout and the
-training state's `trainable.pt` from them (the same file as without FSDP). The optimizer state stays sharded:
-torch.distributed.checkpoint writes each process's share beside the state folder (`fsdp_optimizer/`), which the main
-process moves in. A resume loads `trainable.pt` into the shards (`set_model_state_dict(full_state_dict=True)`) and
-each process its optimizer share: exact, with the same number of processes.
+training state's `trainable.pt` from them (the same file as without FSDP: {"models": {name: state dict}}). The
+optimizer state stays sharded: torch.distributed.checkpoint writes each process's share beside the state folder
+(`fsdp_optimizer/`), which the main process moves in. A resume loads `trainable.pt` into the shards
+(`set_model_state_dict(full_state_dict=True)`) and each process its optimizer share: exact, with the same number of
+processes.
 
-Mixed precision: --mixed_precision bf16 is FSDP's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) under the
-loop's autocast (`mixed_precision_policy`).
+Mixed precision (`mixed_precision_policy`): --mixed_precision bf16 is FSDP's MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32) under the loop's autocast.
 
-Not yet (refused by name in `check_fsdp_flags`): --mixed_precision fp16 (ShardedGradScaler), --full_bf16 / --full_fp16,
---use_ema, --pivotal_token, fused optimizer steps, sampling and validation during training (they run the model on the
-main process alone; FSDP needs every process for each forward), LoRA-type trainers and the ControlNet trainers (their
-tasks name no trained models to shard: refused when the engine prepares), FSDP1. Tested (tests/test_fsdp.py):
-train_db, fine_tune and sdxl_train (both text encoders).
+Not yet (refused by name in `check_fsdp_flags`): --full_bf16, --mixed_precision fp16 and --full_fp16 (fp16 needs a CUDA GPU in
+every trainer: accelerate 1.15 makes no GradScaler and no fp16 autocast on CPU, so a 2-process run with loss scaling
+over the shards cannot be compared with 1 process here), --use_ema, --pivotal_token, fused optimizer steps, sampling
+and validation during training (--sample_prompts, --validation_image, --validation_split: they run the model on the
+main process alone; FSDP needs every process for each forward), LoRA-type trainers (their tasks name no trained
+models to shard: refused when the engine prepares), FSDP1. Tested (tests/test_fsdp.py): train_db (also bf16), fine_tune, sdxl_train (both text encoders) and train_controlnet.
 """
 
 from __future__ import annotations
@@ -100,13 +106,17 @@ def check_fsdp_flags(settings: FSDPSettings, args) -> list[str]:
                ("--sample_prompts", "sampling runs the model on the main process alone, and a sharded model needs "
                                     "every process for each forward"),
                ("--validation_split", "the validation loss is not computed over a sharded model yet"),
-               ("--network_module", "FSDP shards full models (train_db); LoRA trainers use DDP")]
+               ("--validation_image", "ControlNet validation images run the pipeline on the main process alone, "
+                                      "and a sharded ControlNet needs every process for each forward"),
+               ("--network_module", "FSDP shards full models (train_db, fine_tune, sdxl_train, the ControlNet "
+                                    "trainers); LoRA trainers use DDP")]
     for flag, why in refused:
         if getattr(args, flag[2:], None):
             problems.append(f"{flag} with FSDP (accelerate launch --use_fsdp): {why}")
     if getattr(args, "mixed_precision", "no") == "fp16":
-        problems.append("--mixed_precision fp16 with FSDP: fp16 loss scaling over shards (ShardedGradScaler) is not "
-                        "wired yet; use --mixed_precision bf16 or no")
+        problems.append("--mixed_precision fp16 with FSDP: fp16 loss scaling over the shards is not supported yet "
+                        "(fp16 needs a CUDA GPU, where it is untested with FSDP); use --mixed_precision bf16 "
+                        "or no")
     return problems
 
 
@@ -117,12 +127,11 @@ def accelerator_kwargs() -> dict:
 
 
 def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The sub-modules that become their own shards, before the root: a U-Net's blocks, a CLIP text encoder's layers
-    and final layer norm."""
-    if hasattr(module, "down_blocks") and hasattr(module, "up_blocks"):  # diffusers U-Net / ControlNet
-        units = [*module.down_blocks, *([module.mid_block] if getattr(module, "mid_block", None) is not None else []),
-                 *module.up_blocks]
-        return units
+    """The sub-modules that become their own shards, before the root: a U-Net's or ControlNet's blocks, a CLIP text
+    encoder's layers and final layer norm."""
+    if hasattr(module, "down_blocks") and hasattr(module, "mid_block"):  # diffusers U-Net, ControlNet (no up blocks)
+        return [*module.down_blocks, *([module.mid_block] if module.mid_block is not None else []),
+                *getattr(module, "up_blocks", [])]
     text_model = getattr(module, "text_model", module)  # transformers 4.x / CLIPTextModelWithProjection
     encoder = getattr(text_model, "encoder", None)
     if encoder is not None and hasattr(encoder, "layers"):
@@ -179,8 +188,9 @@ class FSDPTrainingEngine:
     def prepare(self, module, optimizer, *, unused, modules: dict[str, torch.nn.Module] | None = None):
         del unused  # FSDP2 reduces the gradients there are; a parameter without one keeps none
         if not modules:
-            raise ValueError("FSDP (accelerate launch --use_fsdp) shards full models: this trainer names no trained "
-                             "models; launch it without --use_fsdp")
+            raise ValueError("FSDP (accelerate launch --use_fsdp) shards full models (train_db, fine_tune, "
+                             "sdxl_train, the ControlNet trainers): this trainer names no trained models; launch it "
+                             "without --use_fsdp")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 

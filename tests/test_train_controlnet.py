@@ -233,7 +233,7 @@ def saved_controlnets_hold_the_trained_weights(out: Path):
     the trained weights. Returns (from_folder, from_file)."""
     from diffusers import ControlNetModel
 
-    trained = torch.load(out / "cn-state" / "trainable.pt", weights_only=True)
+    trained = torch.load(out / "cn-state" / "trainable.pt", weights_only=True)["models"]["controlnet"]
     from_folder = ControlNetModel.from_pretrained(str(out / "cn_diffusers"), local_files_only=True)
     from_file = ControlNetModel.from_single_file(str(out / "cn.safetensors"), config=str(out / "cn_diffusers"),
                                                  local_files_only=True)
@@ -347,3 +347,29 @@ def test_fused_backward_pass_equals_the_normal_step(workspace):
     a, b = read_file(root / "cn_unfused" / "cn.safetensors"), read_file(root / "cn_fused" / "cn.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert logged_losses(root / "cn_unfused" / "logs") == logged_losses(root / "cn_fused" / "logs")
+
+
+def test_a_state_written_before_the_controlnet_could_be_sharded_still_loads():
+    """A ControlNet run's trainable.pt holds {"models": {"controlnet": state dict}}, as the full-model trainers'
+    (what FSDP's resume loads into the shards); a state written before held the state dict itself and still loads."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from library.controlnet_training import ControlNetTask
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                cross_attention_dim=8, attention_head_dim=2,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    trained = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_()  # no zero convolution left at zero: a load that misses anything shows
+    state = ControlNetTask(trained, unet, family=None, save_as="both", save_dtype=None,
+                           metadata={}).trainable_state()
+    assert list(state) == ["models"] and list(state["models"]) == ["controlnet"]
+    for saved in (state, state["models"]["controlnet"]):
+        fresh = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8))
+        ControlNetTask(fresh, unet, family=None, save_as="both", save_dtype=None,
+                       metadata={}).load_trainable_state(saved)
+        want, got = trained.state_dict(), fresh.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
