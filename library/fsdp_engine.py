@@ -37,14 +37,16 @@ optimizer state stays sharded: torch.distributed.checkpoint writes each process'
 processes.
 
 Mixed precision (`mixed_precision_policy`): --mixed_precision bf16 is FSDP's MixedPrecisionPolicy(param_dtype=bf16,
-reduce_dtype=fp32) under the loop's autocast.
+reduce_dtype=fp32) under the loop's autocast; with --full_bf16 the shards and the optimizer state are bf16 as
+without FSDP, the gradients still averaged in fp32.
 
-Not yet (refused by name in `check_fsdp_flags`): --full_bf16, --mixed_precision fp16 and --full_fp16 (fp16 needs a CUDA GPU in
+Not yet (refused by name in `check_fsdp_flags`): --mixed_precision fp16 and --full_fp16 (fp16 needs a CUDA GPU in
 every trainer: accelerate 1.15 makes no GradScaler and no fp16 autocast on CPU, so a 2-process run with loss scaling
 over the shards cannot be compared with 1 process here), --use_ema, --pivotal_token, fused optimizer steps, sampling
 and validation during training (--sample_prompts, --validation_image, --validation_split: they run the model on the
 main process alone; FSDP needs every process for each forward), LoRA-type trainers (their tasks name no trained
-models to shard: refused when the engine prepares), FSDP1. Tested (tests/test_fsdp.py): train_db (also bf16), fine_tune, sdxl_train (both text encoders) and train_controlnet.
+models to shard: refused when the engine prepares), FSDP1. Tested (tests/test_fsdp.py): train_db (also bf16 and
+--full_bf16), fine_tune, sdxl_train (both text encoders), train_controlnet and sdxl_train_control_net.
 """
 
 from __future__ import annotations
@@ -101,8 +103,7 @@ def check_fsdp_flags(settings: FSDPSettings, args) -> list[str]:
                ("--pivotal_token", "a word trained with the model is not sharded yet"),
                ("--fused_backward_pass", "the optimizer steps after the gradients are reduce-scattered"),
                ("--fused_optimizer_groups", "the optimizer steps after the gradients are reduce-scattered"),
-               ("--full_bf16", "bf16 trained weights are not sharded yet (--mixed_precision bf16 is)"),
-               ("--full_fp16", "fp16 trained weights are not sharded yet"),
+               ("--full_fp16", "fp16 trained weights are not sharded yet (--full_bf16 is)"),
                ("--sample_prompts", "sampling runs the model on the main process alone, and a sharded model needs "
                                     "every process for each forward"),
                ("--validation_split", "the validation loss is not computed over a sharded model yet"),
@@ -116,7 +117,7 @@ def check_fsdp_flags(settings: FSDPSettings, args) -> list[str]:
     if getattr(args, "mixed_precision", "no") == "fp16":
         problems.append("--mixed_precision fp16 with FSDP: fp16 loss scaling over the shards is not supported yet "
                         "(fp16 needs a CUDA GPU, where it is untested with FSDP); use --mixed_precision bf16 "
-                        "or no")
+                        "(optionally --full_bf16) or no")
     return problems
 
 
@@ -142,7 +143,10 @@ def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
 def mixed_precision_policy(mixed_precision: str):
     """FSDP's policy for --mixed_precision: bf16 gathers the weights in bf16 for the forward and backward (what
     autocast would round them to for matmuls and convolutions; autocast still runs) and reduces the gradients in
-    fp32; the shards and the optimizer keep fp32 weights, as the trained weights are fp32 without FSDP."""
+    fp32; the shards and the optimizer keep fp32 weights, as the trained weights are fp32 without FSDP. With
+    --full_bf16 the trained models are bf16 before they are sharded: the shards, the gathered weights and the
+    optimizer state are bf16 as without FSDP, the same policy gathers them uncast (its param_dtype is theirs), and
+    the gradients (computed in bf16) are averaged in fp32, then rounded to bf16 for the shards once."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if mixed_precision == "bf16":
