@@ -22,7 +22,9 @@ ZeRO stage 3 partitions the parameters themselves and gathers them in the forwar
 them, so for it the engine module holds the trained models (`_ModelsStep`: the full-model trainers' `trained_modules`;
 adapter trainers are refused), saves gather the full weights on every process (`gathered_weights`, as FSDP's engine),
 and a resume takes each process's partition from the engine's checkpoint. --zero3_init_flag is refused (the models
-are built whole before training).
+are built whole before training: `models_built_whole`). Tested with 2 processes on CPUs for train_db, fine_tune and
+sdxl_train (U-Net and text encoders trained): as 1 process without DeepSpeed, each holding half of the weights,
+resume exact.
 
 accelerate 1.15 does not set the process count of a DeepSpeed run on a machine without a GPU (its state says one
 process though DeepSpeed's process group has N); `start_process_group` corrects that, so tests run ZeRO with gloo on
@@ -119,7 +121,8 @@ def deepspeed_plugin(s: DeepSpeedSettings, *, batch_size: int, gradient_accumula
                              gradient_clipping=max_grad_norm or 0.0, offload_optimizer_device=offload,
                              offload_optimizer_nvme_path=s.offload_optimizer_nvme_path,
                              offload_param_device=offload_param, offload_param_nvme_path=s.offload_param_nvme_path,
-                             zero3_save_16bit_model=s.zero3_save_16bit_model)
+                             zero3_save_16bit_model=s.zero3_save_16bit_model,
+                             zero3_init_flag=False)  # the models are built whole (see `models_built_whole`)
     config = plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = batch_size
     config["train_batch_size"] = batch_size * gradient_accumulation_steps * num_processes
@@ -128,6 +131,18 @@ def deepspeed_plugin(s: DeepSpeedSettings, *, batch_size: int, gradient_accumula
     if mixed_precision == "fp16" and s.fp16_master_weights_and_gradients:
         config["fp16"]["fp16_master_weights_and_grads"] = True
     return plugin
+
+
+def models_built_whole() -> None:
+    """After the Accelerator is made: with ZeRO-3, accelerate registers DeepSpeed's configuration with transformers
+    (whatever zero3_init_flag says), and transformers then builds each model it constructs through `_from_config`
+    under deepspeed.zero.Init, partitioned as it is built. Here the models are built whole (on the meta device, then
+    loaded) and ZeRO-3 partitions them when training starts, so the registration goes: with it, SDXL's
+    CLIPTextModelWithProjection (whose text model is built through `_from_config`) failed to load ("Cannot copy out
+    of meta tensor", measured); CLIPTextModel and diffusers' models build without it, so SD 1.x / 2.x loaded."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def world_size_from_environment() -> int:

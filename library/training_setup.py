@@ -144,6 +144,10 @@ def make_accelerator(args: argparse.Namespace):
         accelerator = Accelerator(mixed_precision=args.mixed_precision, deepspeed_plugin=plugin, dynamo_backend="no",
                                   kwargs_handlers=kwargs_handlers(train_args.ddp_settings(args)), **extra)
         check_device_supports(args.mixed_precision, accelerator.device)
+        if deepspeed is not None:
+            from library.deepspeed_engine import models_built_whole
+
+            models_built_whole()
     except ValueError as e:
         raise SystemExit(f"error: --mixed_precision {args.mixed_precision}: {e}") from None
     check_every_process_started(accelerator.num_processes, os.environ)
