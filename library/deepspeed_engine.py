@@ -24,7 +24,7 @@ adapter trainers are refused), saves gather the full weights on every process (`
 and a resume takes each process's partition from the engine's checkpoint. --zero3_init_flag is refused (the models
 are built whole before training: `models_built_whole`). Tested with 2 processes on CPUs for train_db, fine_tune and
 sdxl_train (U-Net and text encoders trained): as 1 process without DeepSpeed, each holding half of the weights,
-resume exact.
+resume exact; with bf16 (train_db) DeepSpeed computes with bf16 copies of the partitions, as for stages 0-2.
 
 accelerate 1.15 does not set the process count of a DeepSpeed run on a machine without a GPU (its state says one
 process though DeepSpeed's process group has N); `start_process_group` corrects that, so tests run ZeRO with gloo on
