@@ -25,6 +25,9 @@ and a resume takes each process's partition from the engine's checkpoint. --zero
 are built whole before training: `models_built_whole`). Tested with 2 processes on CPUs for train_db, fine_tune and
 sdxl_train (U-Net and text encoders trained): as 1 process without DeepSpeed, each holding half of the weights,
 resume exact; with bf16 (train_db) DeepSpeed computes with bf16 copies of the partitions, as for stages 0-2.
+--offload_param_device cpu (partitions kept on the CPU between uses) runs on a machine without a GPU too, through
+DeepSpeed's CPU accelerator (measured: the same weights as without it, 1 and 2 processes; it needs no CPU Adam, as
+the optimizer is not offloaded). --offload_param_device nvme needs DeepSpeed's async I/O op (untested here).
 
 accelerate 1.15 does not set the process count of a DeepSpeed run on a machine without a GPU (its state says one
 process though DeepSpeed's process group has N); `start_process_group` corrects that, so tests run ZeRO with gloo on
