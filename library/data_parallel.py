@@ -151,6 +151,11 @@ class DataParallelEngine:
     def gathered_weights(self):
         return None  # nothing to gather: the task saves its modules
 
+    def master_weights_in_place(self):
+        # The trained parameters are the optimizer's own weights: nothing to put in for a save. (An engine that
+        # holds whole models provides this; one that shards them, `gathered_weights`.)
+        return contextlib.nullcontext()
+
     def load_trained_weights(self, task, state: dict) -> None:
         task.load_trainable_state(state)
 

@@ -13,8 +13,10 @@ What DeepSpeed owns once it is on:
 - the optimizer step, gradient clipping (`gradient_clipping` = --max_grad_norm) and gradient accumulation: the
   engine steps inside the last micro-batch's backward (`DeepSpeedEngine`'s boundary), so the loop's own
   `optimizer.step()` is accelerate's no-op wrapper;
-- mixed precision: bf16 / fp16 engines keep fp32 master weights in the optimizer and the trained module's weights in
-  half precision (no autocast); fp16 has DeepSpeed's own dynamic loss scaling;
+- mixed precision: bf16 / fp16 engines keep fp32 master weights in the optimizer and compute with half-precision
+  copies of the trained weights (no autocast); fp16 has DeepSpeed's own dynamic loss scaling. Saves write the fp32
+  master weights (`master_weights_in_place`; ZeRO-3: `gathered_weights`), as a run without DeepSpeed writes its fp32
+  weights, not the half-precision copies;
 - the optimizer state: sharded per process, saved and loaded by the engine's own checkpoint (`save_state`), so a
   resume needs the same number of processes.
 
@@ -36,10 +38,10 @@ CPUs, and a one-process run without `accelerate launch` gets the environment tor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,17 +224,62 @@ class DeepSpeedTrainingEngine:
 
     def gathered_weights(self):
         """ZeRO-3, every process (collective): the trained models' full weights on the CPU, kept by the main
-        process (None elsewhere, and with stages 0-2, where every process holds them)."""
+        process (None elsewhere, and with stages 0-2, where every process holds them). With bf16 / fp16 the trained
+        parameters are DeepSpeed's fp32 master weights (`_fp32_masters`), as a run without DeepSpeed saves them."""
         if not self.shards_models:
             return None
         import deepspeed
 
+        main = self.accelerator.is_main_process
         weights = {}
         for name, m in self.modules.items():
             with deepspeed.zero.GatheredParameters(list(m.parameters()), modifier_rank=None):
-                if self.accelerator.is_main_process:
+                if main:
                     weights[name] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-        return weights if self.accelerator.is_main_process else None
+            masters = self._fp32_masters(m.parameters())
+            if main and masters:
+                # keep_vars: the Parameter objects behind the keys (a tied weight has two keys, one master).
+                for key, value in m.state_dict(keep_vars=True).items():
+                    if id(value) in masters:
+                        weights[name][key] = masters[id(value)]
+        return weights if main else None
+
+    @contextlib.contextmanager
+    def master_weights_in_place(self):
+        """ZeRO 0-2, every process (collective), around the main process's save: with bf16 / fp16 the trained
+        parameters hold DeepSpeed's fp32 master weights (on the CPU) instead of the half-precision copies the
+        engine computes with, so the saved model or LoRA (and the state's trainable.pt) carries the values the
+        optimizer steps, as a run without DeepSpeed saves its fp32 weights; the engine's own copies come back
+        after. ZeRO-3: `gathered_weights` does the same."""
+        masters = {} if self.shards_models else self._fp32_masters(self.engine.module.parameters())
+        held = []
+        try:
+            for parameter in self.engine.module.parameters():
+                if id(parameter) in masters:
+                    held.append((parameter, parameter.data))
+                    parameter.data = masters[id(parameter)]
+            yield
+        finally:
+            for parameter, data in held:  # the engine's tensor itself: a view into its flat half-precision buffer
+                parameter.data = data
+
+    def _fp32_masters(self, parameters) -> dict[int, torch.Tensor]:
+        """Every process (collective: each master is assembled from every process's partition, in the same order
+        everywhere): id(parameter) -> its whole fp32 master weight on the CPU, kept by the main process only.
+        Empty when the engine computes in fp32 (the parameters are then the optimizer's own values). A parameter
+        DeepSpeed keeps no master of (one that stopped training: ZeRO-3 skips parameters without requires_grad;
+        ZeRO-0 fp16's optimizer has none) keeps its half-precision value."""
+        if not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
+            return {}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        main = self.accelerator.is_main_process
+        masters = {}
+        for parameter in parameters:
+            full = safe_get_full_fp32_param(parameter)
+            if main and full is not None:
+                masters[id(parameter)] = full.detach().to("cpu", torch.float32, copy=True)
+        return masters
 
     def load_trained_weights(self, task, state: dict) -> None:
         if self.shards_models:
@@ -241,7 +288,7 @@ class DeepSpeedTrainingEngine:
 
     def micro_batch(self, model, *, last: bool):
         del model, last
-        return nullcontext()
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, *, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(is_boundary=last)

@@ -554,10 +554,13 @@ class Trainer:
 
     @contextlib.contextmanager
     def _gathered_weights(self):
-        """Every process, around the main process's writing: an engine that shards the trained models (FSDP)
-        gathers their full weights (collective), which the task then saves instead of its live (sharded) modules."""
+        """Every process, around the main process's writing: an engine that shards the trained models (FSDP,
+        ZeRO-3) gathers their full weights (collective), which the task then saves instead of its live (sharded)
+        modules; one that holds them whole but computes with half-precision copies of fp32 master weights kept
+        elsewhere (DeepSpeed bf16 / fp16) puts the masters into the trained parameters for the save."""
         if not self.engine.shards_models:
-            yield
+            with self.engine.master_weights_in_place():
+                yield
             return
         self.task.gathered_weights = self.engine.gathered_weights()
         try:

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO through accelerate (library/deepspeed_engine.py): kohya's flags as DeepSpeed's configuration, the
 refused combinations named, and real runs on CPUs (DeepSpeed's CPU accelerator, gloo): one process trains as without
 DeepSpeed and resumes exactly from the engine's own checkpoint; two processes with ZeRO-2 equal one process at the
-same global batch and each holds its half of the optimizer state."""
+same global batch and each holds its half of the optimizer state; ZeRO-3 (train_db, fine_tune, sdxl_train) the same
+with the weights partitioned; with bf16 the saves hold DeepSpeed's fp32 master weights."""
 
 from __future__ import annotations
 
@@ -260,22 +261,45 @@ def test_parameters_each_process_drops_on_its_own_are_refused_with_several_proce
             assert engine.prepare("module", "optimizer", unused=unused) == ("module", "optimizer")
 
 
-def test_bf16_trains_with_the_trained_weights_in_bf16(workspace):
-    """--mixed_precision bf16: DeepSpeed's bf16 engine holds the trained LoRA in bf16 (fp32 master weights in its
-    optimizer) and runs without autocast, so it saves the bf16 values (a bf16 file unless --save_precision says
-    otherwise; here float) and the losses differ from the run without DeepSpeed (fp32 LoRA under autocast) by bf16 rounding: measured 3e-4
-    relative over 3 steps; bound 1e-2. A run that breaks in bf16 (a dtype mismatch, NaN) fails here."""
+def holds_the_same_values(saved: torch.Tensor, flat: torch.Tensor) -> bool:
+    """`saved` (the trained values of a file, flattened) are exactly the values of `flat` (DeepSpeed's flat fp32
+    master weights, in its own order and with zero padding), as multisets: a file written from the bf16 copies, or
+    from any other rounding of the masters, differs."""
+    nonzero = [t[t != 0].sort().values for t in (saved, flat)]
+    return torch.equal(*nonzero) and (saved == 0).sum() <= (flat == 0).sum()
+
+
+def trained_values(tensors: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    return torch.cat([tensors[k].float().flatten() for k in keys])
+
+
+def test_bf16_trains_with_bf16_weights_and_saves_the_fp32_master_weights(workspace):
+    """--mixed_precision bf16 (ZeRO-2): DeepSpeed's bf16 engine computes with bf16 copies of the trained LoRA and
+    steps fp32 master weights in its optimizer, without autocast; the losses differ from the run without DeepSpeed
+    (fp32 LoRA under autocast) by bf16 rounding: measured 3e-4 relative over 3 steps; bound 1e-2. The saved LoRA holds
+    the fp32 master weights, as a run without DeepSpeed saves its fp32 weights: exactly the values of the engine
+    checkpoint's fp32 partition, and the engine's bf16 weights are their rounding (a file written from the bf16
+    copies fails the first check). A run that breaks in bf16 (a dtype mismatch, NaN) fails here."""
     root = workspace
     common = ["--max_train_steps", "3", "--learning_rate", "1e-3", "--mixed_precision", "bf16"]
     run_script("train_network", lora_args(root, "bf16_plain") + common)
-    run_script("train_network", lora_args(root, "bf16_zero2") + common + ["--deepspeed"])
+    run_script("train_network", lora_args(root, "bf16_zero2") + common + ["--deepspeed", "--save_state"])
     assert logged_losses(root / "bf16_zero2" / "logs") == pytest.approx(logged_losses(root / "bf16_plain" / "logs"),
                                                                         rel=1e-2)
     trained = read(root / "bf16_zero2" / "lora.safetensors")
-    ups = [k for k in trained if k.endswith("lora_up.weight")]
+    keys = [k for k in trained if k.endswith(("lora_up.weight", "lora_down.weight"))]
     assert all(torch.isfinite(t).all() for t in trained.values())
-    assert any(trained[k].abs().max() > 0 for k in ups)  # lora_up starts at zero: the steps were taken
-    assert all(torch.equal(trained[k], trained[k].bfloat16().float()) for k in ups)  # bf16 values, saved as float
+    assert any(trained[k].abs().max() > 0 for k in keys if k.endswith("lora_up.weight"))  # lora_up starts at 0
+    values = trained_values(trained, keys)
+    assert not torch.equal(values, values.bfloat16().float()), "the LoRA was saved from its bf16 copy"
+    engine = root / "bf16_zero2" / "lora-state" / "deepspeed" / "zero"
+    (shard,) = engine.glob("*optim_states.pt")
+    masters = torch.cat([t.flatten() for t in torch.load(shard, weights_only=False)["optimizer_state_dict"][
+        "single_partition_of_fp32_groups"]])
+    assert holds_the_same_values(values, masters)
+    (model_states,) = engine.glob("*model_states.pt")
+    held = torch.cat([t.float().flatten() for t in torch.load(model_states, weights_only=False)["module"].values()])
+    assert held.sort().values.equal(values.bfloat16().float().sort().values)  # the engine computed with their bf16
 
 
 # The trainers of whole models, each with its text encoder(s) trained: what ZeRO-3 partitions, and the key prefixes
@@ -360,25 +384,46 @@ def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     return argv
 
 
-def test_zero3_bf16_trains_with_bf16_weights(workspace):
+# ZeRO-3 with --mixed_precision bf16 (2 processes x batch 1) against the 1-process bf16 run without DeepSpeed (batch
+# 2), one SGD step from the same bf16-rounded base (the precision policy loads the base in bf16 before the trained
+# models go back to fp32; DeepSpeed's fp32 masters start from those values): |difference| relative to the step
+# (training_deviation). The two compute differently: DeepSpeed runs the forward and backward with bf16 weights and no
+# autocast, the run without it autocasts over fp32 weights; what is left is bf16 rounding of the gradients.
+# Measured (AMD EPYC): U-Net 0.045, text encoder 0.042; FSDP's bf16 test measured the same kind of deviation at
+# 0.047 natively and 0.071 under AVX2 kernels, and bounds it at 0.2, as here. A save from the engine's bf16 copies
+# instead of the fp32 masters (what the save wrote before) gives 0.71 for the U-Net: 3.6x the bound.
+ZERO3_BF16_REL = 0.2
+
+
+def test_zero3_bf16_trains_as_one_process_in_bf16_and_saves_the_fp32_master_weights(workspace):
     """--zero_stage 3 --mixed_precision bf16 (train_db, the U-Net and the text encoder; 2 processes x batch 1, one
-    SGD step) runs: DeepSpeed's bf16 engine computes with bf16 copies of the partitioned weights (no autocast) and
-    steps fp32 master weights. Compared with the 1-process bf16 run without DeepSpeed (batch 2, autocast over fp32
-    weights): the losses within bf16 rounding (bound 1e-2 relative, as ZeRO-2's bf16 test); the saved model is
-    finite, each model moved from the base, and it holds the engine's bf16 values (saved as float)."""
+    SGD step): DeepSpeed's bf16 engine computes with bf16 copies of the partitioned weights (no autocast) and steps
+    fp32 master weights. Against the 1-process bf16 run without DeepSpeed: the losses within bf16 rounding (1e-2
+    relative, as ZeRO-2's bf16 test), the weights within ZERO3_BF16_REL of the step; the saved model holds the fp32
+    master weights (exactly the values of both processes' fp32 partitions, not bf16 values), as the run without
+    DeepSpeed saves its fp32 weights."""
     root = workspace
     one_argv = with_flag(zero3_args(root, "train_db", "z3_bf16_one"), "--max_train_steps", "1") + [
         "--mixed_precision", "bf16"]
     run_script("train_db", one_argv)
     two_argv = [a.replace("z3_bf16_one", "z3_bf16_two") for a in with_batch(one_argv, 1)]
-    launch_two_processes("train_db", two_argv + ["--deepspeed", "--zero_stage", "3"])
+    launch_two_processes("train_db", two_argv + ["--deepspeed", "--zero_stage", "3", "--save_state"])
     assert logged_losses(root / "z3_bf16_two" / "logs") == pytest.approx(
         logged_losses(root / "z3_bf16_one" / "logs"), rel=1e-2)
-    base, one, two = (read(root / path) for path in ("sd1.safetensors", "z3_bf16_one/model.safetensors",
-                                                     "z3_bf16_two/model.safetensors"))
+    base = {k: v.to(torch.bfloat16).float() if v.is_floating_point() else v
+            for k, v in read(root / "sd1.safetensors").items()}
+    one, two = (read(root / run / "model.safetensors") for run in ("z3_bf16_one", "z3_bf16_two"))
     assert sorted(one) == sorted(two)
-    keys = [k for k in two if k.startswith(ZERO3_TRAINERS["train_db"][1]) and two[k].is_floating_point()]
-    assert all(torch.isfinite(two[k]).all() for k in keys)
-    for part in ZERO3_TRAINERS["train_db"][1]:  # the step was taken (against the base in bf16, as the run loads it)
-        assert any(not torch.equal(two[k], base[k].bfloat16().float()) for k in keys if k.startswith(part)), part
-    assert all(torch.equal(two[k], two[k].bfloat16().float()) for k in keys)  # bf16 values, saved as float
+    parts = ZERO3_TRAINERS["train_db"][1]
+    for part in parts:
+        keys = [k for k in one if k.startswith(part) and one[k].is_floating_point()]
+        deviation = training_deviation(*({k: d[k] for k in keys} for d in (two, one, base)))
+        assert deviation <= ZERO3_BF16_REL, f"train_db ZeRO-3 bf16 {part}: {deviation:.3g}"
+    keys = [k for k in two if k.startswith(parts) and two[k].is_floating_point()]
+    values = trained_values(two, keys)
+    assert not torch.equal(values, values.bfloat16().float()), "the model was saved from its bf16 copies"
+    shards = sorted((root / "z3_bf16_two" / "model-state" / "deepspeed" / "zero").glob("*optim_states.pt"))
+    assert len(shards) == 2
+    masters = torch.cat([t.flatten() for p in shards for t in torch.load(p, weights_only=False)[
+        "optimizer_state_dict"]["fp32_flat_groups"]])
+    assert holds_the_same_values(values, masters)
