@@ -349,8 +349,9 @@ def test_zero3_partitions_the_model_and_matches_one_process(workspace, script):
     """--zero_stage 3 (the U-Net and the text encoder(s) trained): 2 processes x batch 1 partition the weights
     themselves and train as 1 process x batch 2 without DeepSpeed (PROCESS_SPLIT_REL, over the U-Net after the
     second step); the saved model is gathered whole (every key, the 1-process shapes); resuming from the step-1 state
-    (each process its partition) is exact. fine_tune offloads the partitions (ZERO3_FLAGS). The resume is the engine's own checkpoint whatever the trainer, so it is
-    run once (train_db): each 2-process launch costs 30-60 s here."""
+    (each process its partition) is exact. fine_tune offloads the partitions (ZERO3_FLAGS). The resume is the
+    engine's own checkpoint whatever the trainer, so it is run once (train_db): each 2-process launch costs 30-60 s
+    here."""
     root = workspace
     _, parts = ZERO3_TRAINERS[script]
     run_script(script, zero3_args(root, script, f"z3_{script}_one"))
