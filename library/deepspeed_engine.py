@@ -213,6 +213,9 @@ class DeepSpeedTrainingEngine:
             if not modules:
                 raise ValueError("--zero_stage 3 partitions whole trained models: this trainer trains an adapter; use "
                                  "--zero_stage 2")
+            if "controlnet" in modules:  # (its task names the ControlNet since FSDP shards it; ZeRO-3 is untested)
+                raise ValueError("--zero_stage 3 with the ControlNet trainers is not tested yet; use --zero_stage 2, "
+                                 "or FSDP to shard the ControlNet (accelerate launch --use_fsdp --fsdp_version 2)")
             self.modules = dict(modules)
             module = _ModelsStep(self.modules, module._forward)
         model, optimizer = self.accelerator.prepare(module, optimizer)
