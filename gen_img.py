@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from library import sampling  # noqa: E402
 from library import textual_inversion as ti  # noqa: E402
+from library import vae_row_slicing  # noqa: E402
 from library.families import ALL_UNET_INPUTS  # noqa: E402
 from library.gen_img_args import (NetworkSpec, check_args, check_image_inputs, fail, highres_fix,  # noqa: E402
                                   network_specs, read_prompts)
@@ -100,9 +101,11 @@ def read_model(args: argparse.Namespace) -> SDCheckpoint:
 
 
 def load_models(checkpoint: SDCheckpoint, device: torch.device, dtype: torch.dtype, *,
-                no_half_vae: bool = False, channels_last: bool = False) -> SDModels:
+                no_half_vae: bool = False, channels_last: bool = False, vae_slices: int | None = None) -> SDModels:
     """The models on the device. `channels_last` (kohya's --opt_channels_last): the U-Net and VAE in PyTorch's
-    channels-last memory format, which some GPU convolution kernels run faster; the same numbers either way."""
+    channels-last memory format, which some GPU convolution kernels run faster; the same numbers either way.
+    `vae_slices` (kohya's --vae_slices): the VAE encodes and decodes in that many bands of rows
+    (library/vae_row_slicing.py)."""
     with checkpoint:  # --no_half_vae: the VAE stays fp32 (the SDXL VAE overflows in fp16)
         models = instantiate_models(checkpoint, dtype=dtype,
                                     component_dtypes={"vae": torch.float32} if no_half_vae else None)
@@ -113,6 +116,11 @@ def load_models(checkpoint: SDCheckpoint, device: torch.device, dtype: torch.dty
     if channels_last:
         for model in (models.unet, models.vae):
             model.to(memory_format=torch.channels_last)
+    if vae_slices is not None:
+        try:
+            vae_row_slicing.enable(models.vae, vae_slices)
+        except ValueError as e:
+            raise fail(str(e)) from None
     return models
 
 
@@ -213,7 +221,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         checkpoint.close()
         raise
     models = load_models(checkpoint, device, dtype, no_half_vae=args.no_half_vae,
-                         channels_last=args.opt_channels_last)
+                         channels_last=args.opt_channels_last, vae_slices=args.vae_slices)
     try:  # the caption encoding must suit the family (SDXL conditions on fixed layers: no --clip_skip)
         conditioner_for(models.family, models.tokenizers, models.text_encoders, CaptionEncoding(clip_skip=args.clip_skip))
     except ValueError as e:

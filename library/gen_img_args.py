@@ -43,6 +43,10 @@ def setup_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--vae_batch_size", type=float, default=None,
                    help="the VAE decodes (and encodes) at most this many images at a time (memory); below 1: that "
                         "fraction of the batch (kohya's rule)")
+    g.add_argument("--vae_slices", type=int, default=None,
+                   help="the VAE encodes and decodes each image in this many horizontal bands (kohya's; 16 or 32 "
+                        "for large images): less memory (on a GPU the whole activations wait in host memory), "
+                        "slower; the same image to float rounding. At most the latent rows (height / 8)")
     g.add_argument("--xformers", action="store_true", help="accepted for kohya compatibility; PyTorch SDPA is used")
     g.add_argument("--diffusers_xformers", dest="xformers", action="store_true", help="kohya's alias of --xformers")
     g.add_argument("--sdpa", action="store_true", help="accepted for kohya compatibility (the default)")
@@ -186,8 +190,6 @@ def setup_parser(description: str | None = None) -> argparse.ArgumentParser:
 # kohya gen_img flags of features this suite does not have, each refused with the reason when given (none is parsed
 # and ignored): flag -> (argparse settings, why).
 REFUSED = {
-    "--vae_slices": ({"type": int}, "kohya's row-sliced VAE (library/slicing_vae.py, SD 1.x-sized configs hard-coded "
-                                    "in it) is not implemented here; for VAE memory use --vae_batch_size 1"),
     "--control_net_lllite_models": ({"nargs": "*"}, "ControlNet-LLLite is kohya's own network type "
                                                     "(networks/control_net_lllite.py), not implemented here; "
                                                     "--control_net_models takes ControlNets"),
@@ -261,6 +263,9 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     if args.vae_batch_size is not None and args.vae_batch_size <= 0:
         raise fail(f"--vae_batch_size {args.vae_batch_size}: give a count (1, 2, ...) or a fraction of the batch in "
                    "(0, 1)")
+    if args.vae_slices is not None and args.vae_slices < 1:
+        raise fail(f"--vae_slices {args.vae_slices}: give the number of horizontal bands the VAE works in (1 or "
+                   "more), or leave it out")
     for flag in ("W", "H"):
         value = getattr(args, flag)
         if value is not None and (value < 64 or value % 8):

@@ -292,6 +292,9 @@ class Generation:
                 for job in jobs]
         for p in {job.prompt for job in jobs}:
             check_steps(p, self.fix, from_image=bool(init_images))
+            if args.vae_slices is not None:
+                check_vae_slices(p, self.fix, args.vae_slices, vae_factor=2 ** (len(models.vae.config.block_out_channels)
+                                                                                 - 1), from_image=bool(init_images))
         inputs = job_inputs(jobs, self.init_files, self.files, models.family, models.unet.config.in_channels)
         prompts = list({job.prompt: None for job in jobs})
         # (every encoder of a family shares CLIP's vocabulary: one tokenizer counts for all)
@@ -367,6 +370,21 @@ def check_steps(prompt: SamplePrompt, fix: HighresFix | None, *, from_image: boo
         if p.strength is not None and int(p.steps * p.strength) < 1:
             raise fail(f"{where}: {what}img2img with strength {p.strength} and {p.steps} steps runs no denoising "
                        "step (steps x strength < 1); raise the steps or the strength")
+
+
+def check_vae_slices(prompt: SamplePrompt, fix: HighresFix | None, num_slices: int, *, vae_factor: int,
+                     from_image: bool) -> None:
+    """--vae_slices cuts the VAE's work into bands of one latent row or more: no more bands than the latent rows of
+    any image the run decodes or encodes (the highres fix's first stage is the smaller one)."""
+    from library.vae_row_slicing import check_slices
+
+    heights = [prompt.height] + ([fix.first_stage(prompt, from_image=from_image).height] if fix is not None else [])
+    try:
+        check_slices(num_slices, min(heights) // vae_factor)
+    except ValueError as e:
+        where = f"{prompt.where}: " if prompt.where else ""
+        stage = f" (the highres fix's first stage is {min(heights)} px high)" if min(heights) < prompt.height else ""
+        raise fail(f"{where}{e}{stage}") from None
 
 
 @dataclass

@@ -445,7 +445,6 @@ def test_compatibility_flags_are_accepted(files, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--vae_slices", "16"], "--vae_slices: not supported here: kohya's row-sliced VAE"),
     (["--control_net_lllite_models", "x.safetensors"], "--control_net_lllite_models: not supported here"),
     (["--clip_vision_strength", "0.5"], "--clip_vision_strength: .* nothing is downloaded here"),
     (["--network_regional_mask_max_color_codes", "3"], "regional LoRA"),
