@@ -1,9 +1,10 @@
 """kohya's --vae_slices for diffusers' AutoencoderKL: the VAE's encoder and decoder run in horizontal bands of rows,
 so that no full-size intermediate beyond the few each layer's input and output need exists at once.
 
-Why: a VAE decoding a large image holds several full-resolution activations at a time (the 1024x1024 decode of the
-SD VAE: a 256-channel 1024x1024 fp32 tensor is 1 GiB, and a ResNet block keeps its input, its normalised copy and
-its activation at once). Computing every layer band by band leaves only the layer's input and output whole. Where
+Why: a VAE decoding a large image holds several full-resolution activations at a time (in the 1024x1024 decode of
+the SD VAE a 256-channel 1024x1024 fp32 tensor is 1 GiB, and a ResNet block keeps its input, its normalised copy and
+its activation at once). Computed band by band, a layer holds only its input and output whole (a ResNet block also
+its inner activation), plus one band of the rest: docs/benchmarks.md has the memory saved. Where
 the VAE sits on an accelerator, the whole tensors are kept in host memory between layers and only one band at a
 time is on the device, as kohya's library/slicing_vae.py does: that is where the VRAM goes.
 
@@ -18,18 +19,26 @@ What is exact: every layer of the VAE is computed as diffusers computes it, on t
   whole image; normalising each band with its own statistics (what a naive split does) changes the image;
 - the mid-block self-attention, at latent resolution, runs whole (every position attends to all others).
 What is not bit-identical: float rounding. The GroupNorm statistics are summed in another order than torch's kernel
-(and applied as x * scale + shift per channel, the form torch's kernel uses), and a convolution over a band may be
-tiled by the backend differently than over the whole tensor. Measured on the tiny SD 1.x / SDXL VAEs in fp32: the
-decoded pixels differ from diffusers' plain decode by at most ~1e-6 of their magnitude (tests/test_vae_row_slicing.py
-states the bound and shows that per-band GroupNorm statistics exceed it many times over).
+(and applied as x * scale + shift per channel, the form torch's kernel uses; in fp32 for half-precision
+activations, as torch does), and a convolution over a band may be tiled by the backend differently than over the
+whole tensor. Measured against diffusers' plain forward on the tiny SD 1.x / SDXL VAEs (tests/test_vae_row_slicing.py,
+which states the bounds): in fp64 1.8e-14 of the output's magnitude (so the scheme itself is exact), in fp32 1.0e-5
+with 1 band as with 12 (the statistics' rounding, amplified by the random tiny VAE); a gen_img image comes out
+pixel-equal (img2img: 1 level at most). Per-band GroupNorm statistics, or convolutions without their halo rows, move
+the decode by 0.9 .. 1.3 of its magnitude.
 
-How it differs from kohya's: kohya (a modified copy of diffusers' VAE with SD 1.x's sizes written into it) cuts the
-full-resolution layers into N bands and the deeper ones into fewer (N/8 at latent resolution), keeps the GroupNorms
-whole (on the CPU), and does not slice the decoder's first convolution. Here every layer's output rows are cut into
-the same N nearly equal bands (the deep layers are small, so this costs little), the VAE's own modules are used (any
-AutoencoderKL with diffusers' ResNet / up- and down-sampling blocks: SD 1.x, 2.x, SDXL), and the result is the
-plain decode's to float rounding, which kohya's scheme also is apart from its cut of the last band. N must not exceed
-the latent rows (every band at least one latent row): `check_slices`.
+Inference only: the passes run under no_grad and write bands into their own tensors in place.
+
+How it differs from kohya's: kohya's (a modified copy of an older diffusers VAE with SD 1.x's sizes written into it)
+is of the same kind as far as read: halo rows around each band's convolutions, GroupNorms and the mid-block attention
+on whole tensors (the norms on the CPU), whole tensors in host memory. It cuts the full-resolution layers into N
+bands and the deeper ones into fewer (N/8 at latent resolution, none below 2), and leaves the decoder's first
+convolution and the encoder's last layers whole. Here every layer's output rows are cut into the same N nearly equal
+bands (the deep layers are small, so this costs a little time, no memory), using the VAE's own modules (any
+AutoencoderKL built from diffusers' ResNet and up- / down-sampling blocks: SD 1.x, 2.x, SDXL), and the statistics are
+gathered band by band, so no whole normalised copy exists either. kohya's code was not run here (it imports diffusers
+modules that have moved since). N must not exceed the latent rows (every band at least one latent row):
+`check_slices`.
 """
 
 from __future__ import annotations
@@ -154,6 +163,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _on_own_tensor(activation):
+    """The activation applied to a band this pass has just made (a normalised band): SiLU in place, saving a copy
+    of the band (the same values); any other activation as it is."""
+    if type(activation) is nn.SiLU:
+        return lambda t: torch.nn.functional.silu(t, inplace=True)
+    return activation
+
+
 class _Bands:
     """Where whole tensors live (`store`: host memory when computing on an accelerator) and where bands are
     computed (`device`), and how many bands each layer's output rows are cut into."""
@@ -200,9 +217,9 @@ class _Bands:
         n, groups, acc = x.shape[0], norm.num_groups, _accumulation_dtype(x.dtype)
         count, mean, m2 = 0, None, None
         for a, b in self.of(x.shape[2]):
-            band = x[:, :, a:b].to(self.device, acc).reshape(n, groups, -1)
-            var_b, mean_b = torch.var_mean(band, dim=2, correction=0)
-            k = band.shape[2]
+            band = x[:, :, a:b].to(self.device, acc).unflatten(1, (groups, -1))  # a view: no copy of the band
+            var_b, mean_b = torch.var_mean(band, dim=(2, 3, 4), correction=0)
+            k = band[0, 0].numel()
             var_b, mean_b = var_b.cpu().double(), mean_b.cpu().double()
             if mean is None:
                 count, mean, m2 = k, mean_b, var_b * k
@@ -231,8 +248,8 @@ class _Bands:
         """diffusers' ResnetBlock2D (no time embedding): conv1(act(norm1(x))), conv2(dropout(act(norm2(.)))), plus
         the shortcut of x, over the output scale. The output overwrites x's rows band by band when the shapes
         allow (a band's residual reads only its own rows of x, and x is this pass's own tensor)."""
-        norm1 = self.normalise(x, block.norm1)
-        h = self.conv(x, block.conv1, before=lambda t: block.nonlinearity(norm1(t)))
+        norm1, act = self.normalise(x, block.norm1), _on_own_tensor(block.nonlinearity)
+        h = self.conv(x, block.conv1, before=lambda t: act(norm1(t)))
         norm2 = self.normalise(h, block.norm2)
         shortcut = block.conv_shortcut
 
@@ -240,7 +257,7 @@ class _Bands:
             rows = x[:, :, a:b].to(self.device)
             return ((shortcut(rows) if shortcut is not None else rows) + y) / block.output_scale_factor
 
-        return self.conv(h, block.conv2, before=lambda t: block.dropout(block.nonlinearity(norm2(t))),
+        return self.conv(h, block.conv2, before=lambda t: block.dropout(act(norm2(t))),
                          residual=residual, into=x if shortcut is None else None)
 
     def mid(self, x: torch.Tensor, block) -> torch.Tensor:
@@ -262,8 +279,8 @@ class _Bands:
         return self.map(x, x.shape[2] // 2, lambda a, b: (2 * a, 2 * b + 1), lambda lo: lo // 2, downsampler)
 
     def tail(self, x: torch.Tensor, part) -> torch.Tensor:
-        norm = self.normalise(x, part.conv_norm_out)
-        return self.conv(x, part.conv_out, before=lambda t: part.conv_act(norm(t)))
+        norm, act = self.normalise(x, part.conv_norm_out), _on_own_tensor(part.conv_act)
+        return self.conv(x, part.conv_out, before=lambda t: act(norm(t)))
 
 
 @torch.no_grad()  # inference only (gen_img): bands are written in place, so nothing could flow back through them
