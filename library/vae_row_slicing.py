@@ -214,7 +214,7 @@ class _Bands:
     def group_stats(self, x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and 1/std of each (image, group) over the whole tensor, gathered band by band: each band's mean and
         variance, combined by Chan et al.'s pairwise rule in float64 (exact up to rounding, unlike per-band stats)."""
-        n, groups, acc = x.shape[0], norm.num_groups, _accumulation_dtype(x.dtype)
+        groups, acc = norm.num_groups, _accumulation_dtype(x.dtype)
         count, mean, m2 = 0, None, None
         for a, b in self.of(x.shape[2]):
             band = x[:, :, a:b].to(self.device, acc).unflatten(1, (groups, -1))  # a view: no copy of the band
