@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -39,17 +40,10 @@ def write_sparse_original_file(family, dest: Path) -> None:
     entries = [TensorEntry(m.original, _DTYPE, m.original_shape, lambda: None)
                for table in checkpoint.tables().values() for m in table.mappings]
     header = _build_header(entries, {"modelspec.prediction_type": family.prediction_type.modelspec_name})
-    data = sum(_DTYPE.itemsize * _numel(e.shape) for e in entries)
+    data = sum(_DTYPE.itemsize * math.prod(e.shape) for e in entries)
     with open(dest, "wb") as f:
         f.write(header)
         f.truncate(len(header) + data)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 @contextlib.contextmanager
