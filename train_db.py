@@ -52,7 +52,8 @@ def class_image_step(args):
     if not args.class_prompt:
         return None
     from library.class_images import check_writable, generate_class_images, plan_class_images
-    from library.sampling import SamplePrompt, sampler_name
+    from library.prompt_files import SamplePrompt
+    from library.samplers import sampler_name
 
     if not args.reg_data_dir:
         raise SystemExit("error: --class_prompt needs --reg_data_dir (the class images are generated into "

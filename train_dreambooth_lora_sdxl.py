@@ -244,7 +244,7 @@ def class_image_step(ex: argparse.Namespace):
     if not ex.with_prior_preservation:
         return None
     from library.class_images import check_writable, generate_class_images, plan_in_folder
-    from library.sampling import SamplePrompt
+    from library.prompt_files import SamplePrompt
 
     try:
         plan = plan_in_folder(Path(ex.class_data_dir), ex.num_class_images)

@@ -33,7 +33,7 @@ NEGATIVE = "blurry"
 DIFFUSERS_RUN = """
 import sys, time, torch, diffusers
 from library.families import FAMILIES
-from library.sampling import make_scheduler
+from library.samplers import make_scheduler
 folder, family, size, steps = sys.argv[1], FAMILIES[sys.argv[2]], int(sys.argv[3]), int(sys.argv[4])
 pipe = getattr(diffusers, family.pipeline_class).from_pretrained(folder, local_files_only=True)
 pipe.scheduler = make_scheduler("euler", family.prediction_type.value)  # gen_img's --sampler euler

@@ -88,7 +88,8 @@ def generate_class_images(plan: ClassImagePlan, *, prompt, models, sampler_name:
     bar. Each file is written atomically, so an interrupted run leaves only complete images."""
     from tqdm import tqdm
 
-    from library.sampling import generate_batch, make_scheduler, save_png, sampler_name as canonical, webui_parameters
+    from library.samplers import make_scheduler, sampler_name as canonical
+    from library.sampling import generate_batch, save_png, webui_parameters
     from library.text_conditioning import CaptionEncoding
 
     if not plan.to_generate:

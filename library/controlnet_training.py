@@ -174,7 +174,8 @@ class ControlNetValidator:
     def __call__(self, *, epoch: int | None, step: int, run_log=None, trainable=None) -> list[Path]:
         from library.atomic_files import atomic_file
         from library.images import load_image
-        from library.sampling import autocast_if_mixed, family_pipeline, make_scheduler
+        from library.samplers import make_scheduler
+        from library.sampling import autocast_if_mixed, family_pipeline
 
         m = self.models
         pipe = family_pipeline(m, make_scheduler(self.sampler, m.prediction_type.value), controlnet=self.controlnet)

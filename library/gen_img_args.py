@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from library import generation_inputs as gi
-from library import guidance, sampling
+from library import guidance, prompt_files, samplers, sampling
 from library.families import DEPTH, EXTRA_CHANNELS, INPAINTING, TEXT_TO_IMAGE
 from library.highres_fix import HighresFix, load_upscaler
-from library.sampling import PromptFileError, SamplePrompt
+from library.prompt_files import PromptFileError, SamplePrompt
 from library.text_encoding import CHUNK
 from library.train_args import add_console_log_arguments
 
@@ -83,7 +83,7 @@ def setup_parser(description: str | None = None) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", default="ddim",
-                   help=f"one of {', '.join(list(sampling.SAMPLERS) + list(sampling.SAMPLER_ALIASES))}")
+                   help=f"one of {', '.join(list(samplers.SAMPLERS) + list(samplers.SAMPLER_ALIASES))}")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--scale", type=float, default=7.5, help="CFG scale")
     g.add_argument("--negative_scale", type=float, default=None,
@@ -283,7 +283,7 @@ def check_args(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
             args.max_embeddings_multiples * CHUNK != args.max_token_length:
         raise fail("--max_embeddings_multiples and --max_token_length disagree; give one")
     try:
-        sampling.sampler_name(args.sampler)
+        samplers.sampler_name(args.sampler)
     except ValueError as e:
         raise fail(f"--sampler: {e}") from None
     if args.fp16 and args.bf16:
@@ -428,7 +428,7 @@ def prompt_defaults(args: argparse.Namespace, family) -> SamplePrompt:
     """A prompt line's settings before its own options: the flags, and the family's resolution."""
     size = family.default_resolution
     return SamplePrompt("", width=args.W or size, height=args.H or size, scale=args.scale, steps=args.steps,
-                        sampler=sampling.sampler_name(args.sampler), original_width=args.original_width,
+                        sampler=samplers.sampler_name(args.sampler), original_width=args.original_width,
                         original_height=args.original_height, negative_original_width=args.original_width_negative,
                         negative_original_height=args.original_height_negative, crop_top=args.crop_top,
                         crop_left=args.crop_left, negative_scale=args.negative_scale)
@@ -441,9 +441,9 @@ def read_prompts(args: argparse.Namespace, family, applied_networks: int) -> lis
     defaults = prompt_defaults(args, family)
     try:
         if args.prompt is not None:
-            prompts = [sampling.parse_prompt_line(args.prompt, defaults, where="--prompt")]
+            prompts = [prompt_files.parse_prompt_line(args.prompt, defaults, where="--prompt")]
         else:
-            prompts = sampling.load_prompts(args.from_file, defaults)
+            prompts = prompt_files.load_prompts(args.from_file, defaults)
     except (PromptFileError, ValueError) as e:
         raise fail(str(e)) from None
     if not prompts:  # else the run would end "successfully" having written nothing

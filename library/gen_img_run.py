@@ -18,14 +18,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from library import generation_inputs as gi
-from library import guidance, sampling
+from library import guidance, prompt_files, samplers, sampling
 from library import textual_inversion as ti
 from library.families import INPAINTING
 from library.gen_img_args import (INPUT_FLAGS, check_image_inputs, check_prompts, fail, prompt_defaults,
                                   start_noise)
 from library.highres_fix import FIRST_STAGE_MULTIPLE, HighresFix
 from library.model_loading import SDModels
-from library.sampling import ImageJob, PromptFileError, SamplePrompt
+from library.prompt_files import PromptFileError, SamplePrompt
+from library.sampling import ImageJob
 from library.tensor_files import CheckpointError
 from library.text_conditioning import CaptionEncoding
 from library.text_encoding import CHUNK, fitting_token_length, token_count
@@ -211,7 +212,7 @@ def interactive(generation: "Generation", stream) -> list[Path]:
             continue
         number += 1
         try:
-            prompt = sampling.parse_prompt_line(text, prompt_defaults(args, family), where=f"prompt {number}")
+            prompt = prompt_files.parse_prompt_line(text, prompt_defaults(args, family), where=f"prompt {number}")
             check_prompts(args, family, [prompt], len(generation.applied))
             check_image_inputs(args, family, [prompt])
             jobs = sampling.plan_images([prompt], images_per_prompt=args.images_per_prompt, rng=rng, start=start)
@@ -248,7 +249,7 @@ def module_prompts(args: argparse.Namespace, generation: "Generation", applied_c
         for _ in range(args.n_iter):
             lines = []
             while (line := prompter(args, generation.models, seed_random, None, len(lines), global_step)) is not None:
-                lines.append(sampling.parse_prompt_line(str(line), defaults,
+                lines.append(prompt_files.parse_prompt_line(str(line), defaults,
                                                         where=f"{where} prompt {len(lines) + 1}"))
                 global_step += args.images_per_prompt
             if not lines:
@@ -450,7 +451,7 @@ class BatchMaker:
         first = prompts[0]
         return sampling.generate_images(
             prompts, seeds, models=self.models,
-            scheduler=sampling.make_scheduler(first.sampler, self.models.prediction_type.value,
+            scheduler=samplers.make_scheduler(first.sampler, self.models.prediction_type.value,
                                               zero_terminal_snr=self.zero_terminal_snr),
             encoding=CaptionEncoding(clip_skip=self.clip_skip, weighted=True,
                                      max_token_length=self.lengths[first.prompt, first.negative_prompt],
@@ -510,5 +511,5 @@ def png_text(prompt: SamplePrompt, seed: int, args: argparse.Namespace, *, fix: 
         extra["Hires steps"] = prompt.steps
         extra["Hires upscaler"] = (args.highres_fix_upscaler if fix.upscaler is not None else
                                    "Latent (bicubic)" if fix.latents_upscaling else "Lanczos")
-    return sampling.webui_parameters(shown, sampler=sampling.WEBUI_SAMPLER_NAMES.get(prompt.sampler, prompt.sampler),
+    return sampling.webui_parameters(shown, sampler=samplers.WEBUI_SAMPLER_NAMES.get(prompt.sampler, prompt.sampler),
                                      seed=seed, model_name=Path(args.ckpt).stem, extra=extra)

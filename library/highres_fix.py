@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from library.sampling import SamplePrompt
+from library.prompt_files import SamplePrompt
 
 # kohya rounds each first-stage side down to a multiple of 32 (its img2img sizes follow the same rule).
 FIRST_STAGE_MULTIPLE = 32

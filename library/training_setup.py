@@ -552,7 +552,7 @@ def load_sample_prompts(args: argparse.Namespace, family) -> list:
     if not args.sample_prompts:
         return []
     from library.generation_inputs import require_condition_images
-    from library.sampling import PromptFileError, SamplePrompt, load_prompts
+    from library.prompt_files import PromptFileError, SamplePrompt, load_prompts
 
     width, height = train_args.parse_resolution(args.resolution, family.default_resolution)
     try:

@@ -65,7 +65,8 @@ def test_inpainting_inputs_are_what_diffusers_inpaint_pipeline_prepares():
     generator: the same operations on the same bytes, so equal bit for bit."""
     from diffusers import StableDiffusionInpaintPipeline
 
-    from library.sampling import family_pipeline, make_scheduler
+    from library.samplers import make_scheduler
+    from library.sampling import family_pipeline
 
     models = tiny_models("sd1-inpainting")
     pipe = family_pipeline(models, make_scheduler("euler", "epsilon"))
@@ -94,7 +95,8 @@ def test_inpainting_inputs_are_what_diffusers_inpaint_pipeline_prepares():
 
 def test_depth_input_is_what_diffusers_depth2img_prepares():
     """The depth channel against StableDiffusionDepth2ImgPipeline.prepare_depth_map given the same depth map."""
-    from library.sampling import family_pipeline, make_scheduler
+    from library.samplers import make_scheduler
+    from library.sampling import family_pipeline
 
     models = tiny_models("sd2-512-depth")
     pipe = family_pipeline(models, make_scheduler("euler", "epsilon"))

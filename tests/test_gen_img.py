@@ -17,8 +17,9 @@ import gen_img
 from library.checkpoint_writer import SaveFormat, save_checkpoint
 from library.families import SD1, SD2_768_V, SDXL
 from library.model_loading import checkpoint_from_models
-from library.sampling import (SAMPLER_ALIASES, SAMPLERS, SamplePrompt, encode_prompts, generate_images,
-                              make_scheduler, plan_images)
+from library.prompt_files import SamplePrompt
+from library.samplers import SAMPLER_ALIASES, SAMPLERS, make_scheduler
+from library.sampling import encode_prompts, generate_images, plan_images
 from library.tiny_models import build_tiny_models
 from library.text_conditioning import CaptionEncoding, conditioner_for
 from networks.lora import create_network

@@ -23,7 +23,7 @@ from library.controlnet_checkpoint import controlnet_checkpoint, save_controlnet
 from library.families import SD1, SDXL
 from library.guidance import guidance_end, preprocessor, steps_run
 from library.model_loading import checkpoint_from_models
-from library.sampling import make_scheduler
+from library.samplers import make_scheduler
 from library.tiny_models import build_tiny_models
 from tests.numerics import assert_images_close, assert_images_differ
 

@@ -299,7 +299,9 @@ def test_mask_of_another_resolution_is_resized_like_in_training(files, tmp_path)
 def test_inpainting_under_mixed_precision_runs_the_vae_in_the_pipeline():
     """During training the U-Net is fp32 beside a bf16 VAE: the inpainting pipeline encodes the (blank) masked
     image itself, so its VAE runs inside, under autocast (running it apart is refused)."""
-    from library.sampling import SamplePrompt, generate_images, make_scheduler
+    from library.prompt_files import SamplePrompt
+    from library.samplers import make_scheduler
+    from library.sampling import generate_images
 
     models = build_tiny_models(FAMILIES["sd1-inpainting"], seed=5)
     models.vae.to(torch.bfloat16)

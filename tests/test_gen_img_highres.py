@@ -22,7 +22,7 @@ import gen_img
 from library.checkpoint_writer import SaveFormat, save_checkpoint
 from library.families import SD1, SDXL
 from library.model_loading import checkpoint_from_models
-from library.sampling import make_scheduler
+from library.samplers import make_scheduler
 from library.tiny_models import build_tiny_models
 from tests.numerics import assert_images_close, assert_images_differ
 

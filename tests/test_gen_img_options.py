@@ -200,7 +200,8 @@ def test_shuffle_prompts(files, tmp_path):
     --seed here), and the seeds are drawn in the new order."""
     import random
 
-    from library.sampling import SamplePrompt, plan_images
+    from library.prompt_files import SamplePrompt
+    from library.sampling import plan_images
 
     prompts = [SamplePrompt(p) for p in "abcde"]
     jobs = plan_images(prompts, n_iter=2, seed=5, shuffle=random.Random(1))
@@ -313,7 +314,7 @@ def test_noise_offset(files, tmp_path):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils.torch_utils import randn_tensor
 
-    from library.sampling import make_scheduler
+    from library.samplers import make_scheduler
 
     (plain,) = run(files, tmp_path, "--prompt", "a red circle --d 6", outdir="plain")
     (never,) = run(files, tmp_path, "--prompt", "a red circle --d 6", "--noise_offset_prob", 0,
@@ -474,7 +475,7 @@ def test_prompt_line_options_still_refused(files, tmp_path):
 
 def test_nl_with_cfg_off_is_refused_where_the_line_is_read(tmp_path):
     """Also in a trainer's --sample_prompts file, which is read before training (not at the first sample)."""
-    from library.sampling import PromptFileError, SamplePrompt, load_prompts
+    from library.prompt_files import PromptFileError, SamplePrompt, load_prompts
 
     path = tmp_path / "samples.txt"
     path.write_text("a cat --l 1 --nl 3\n")

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from library.families import SD1, SD2_768_V
-from library.sampling import (SAMPLER_ALIASES, SAMPLERS, PromptFileError, SamplePrompt, generate, load_prompts,
-                              make_scheduler, save_png, webui_parameters)
+from library.prompt_files import PromptFileError, SamplePrompt, load_prompts
+from library.samplers import SAMPLER_ALIASES, SAMPLERS, make_scheduler
+from library.sampling import generate, save_png, webui_parameters
 from library.tiny_models import build_tiny_models
 from library.text_conditioning import CaptionEncoding
 from tests.numerics import assert_images_close

@@ -123,7 +123,7 @@ def test_saved_controlnet_is_the_trained_one_in_diffusers_sdxl_pipeline(workspac
     from diffusers import StableDiffusionXLControlNetPipeline
 
     from library.model_loading import instantiate_models
-    from library.sampling import make_scheduler
+    from library.samplers import make_scheduler
     from library.sd_checkpoint import read_checkpoint
 
     root = workspace

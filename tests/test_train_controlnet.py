@@ -205,7 +205,7 @@ def test_saved_controlnet_gives_the_trained_output_in_diffusers(workspace, tmp_p
     from diffusers import StableDiffusionControlNetPipeline
 
     from library.model_loading import instantiate_models
-    from library.sampling import make_scheduler
+    from library.samplers import make_scheduler
     from library.sd_checkpoint import read_checkpoint
 
     root = workspace

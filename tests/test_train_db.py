@@ -263,7 +263,7 @@ def test_class_image_generation_count_determinism_and_resume(workspace, tmp_path
 
     from library.class_images import generate_class_images, plan_class_images
     from library.model_loading import instantiate_models
-    from library.sampling import SamplePrompt
+    from library.prompt_files import SamplePrompt
     from library.sd_checkpoint import read_checkpoint
 
     with read_checkpoint(workspace / "sd1.safetensors") as checkpoint:
