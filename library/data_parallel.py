@@ -186,6 +186,10 @@ class DataParallelEngine:
     def load_optimizer_state(self, folder: Path, optimizer) -> None:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
 
+    def finish(self) -> None:
+        """After the run (the DeepSpeed engine ends its process group here; DDP's is left to the interpreter's exit,
+        as the test probes that run several trainings in one process need)."""
+
 
 def training_engine(accelerator):
     """The engine for this accelerator: DeepSpeed's when the run uses it (--deepspeed), FSDP2's when accelerate was

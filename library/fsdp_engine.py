@@ -298,6 +298,9 @@ class FSDPTrainingEngine:
         del optimizer
         os.replace(staging, folder / STATE_SUBFOLDER)
 
+    def finish(self) -> None:
+        """After the run: nothing (the process group is left to the interpreter's exit, as with DDP)."""
+
     def load_optimizer_state(self, folder: Path, optimizer) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict

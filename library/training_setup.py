@@ -635,6 +635,7 @@ def run_trainer(trainer: Trainer, args: argparse.Namespace) -> None:
         trainer.run(resume=resume_folder(args))
     except (ValueError, FloatingPointError) as e:  # FloatingPointError: NonFiniteLossError (names the step)
         raise SystemExit(f"error: {e}") from None
+    trainer.engine.finish()
 
 
 def stop_after_steps() -> int | None:
